@@ -1,0 +1,175 @@
+"""The one settings module: every path, URI and default the pipeline uses.
+
+Settings come from environment variables named ``WBC_*`` (documented in README.md, "Settings").
+Nothing else in the package reads the environment or hard-codes a path. Per-run choices a user
+makes in the Airflow trigger form (epochs, learning rates, ...) are *params*, not settings: they
+live in :mod:`wbc_tasks.params`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+#: The nine classes, in the order the model's outputs use.
+CLASS_NAMES: tuple[str, ...] = (
+    "bands",
+    "basophils",
+    "blasts",
+    "eosinophils",
+    "lymphocytes",
+    "metamyelocytes",
+    "monocytes",
+    "myelocytes",
+    "neutrophils",
+)
+
+#: Extensions the image finder accepts (compared lower-case).
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"})
+
+#: Name of the marker a step writes last, once its whole output is in place.
+COMPLETE_MARKER = "_COMPLETE.json"
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _env_path(name: str, default: Path) -> Path:
+    value = os.environ.get(name)
+    return Path(value).expanduser().resolve() if value else default
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value in (None, ""):
+        return default
+    try:
+        return int(value)
+    except ValueError as exc:
+        raise ValueError(f"setting {name}={value!r} is not an integer") from exc
+
+
+def _env_float(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    if value in (None, ""):
+        return default
+    try:
+        return float(value)
+    except ValueError as exc:
+        raise ValueError(f"setting {name}={value!r} is not a number") from exc
+
+
+def _env_str(name: str, default: str) -> str:
+    value = os.environ.get(name)
+    return value if value not in (None, "") else default
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where things live and the defaults that are not per-run params."""
+
+    #: Project-local state folder of the embedded default (SQLite files, artifacts, work folders).
+    home: Path
+    #: Labelled images laid out as ``<data_dir>/<class>/<image>``; None = use generated demo data.
+    data_dir: Path | None
+    #: Per-run work folders live under ``<work_dir>/runs/<run id>/<step>/``.
+    work_dir: Path
+    #: Where lab staff drop unlabelled images for the nightly classification.
+    classify_dir: Path
+    #: MLflow tracking URI (``sqlite:///...`` embedded, ``http://mlflow:5000`` in the stack).
+    mlflow_tracking_uri: str
+    #: Artifact root for a file-based/SQLite MLflow; ignored by a server with proxied artifacts.
+    mlflow_artifact_root: Path
+    mlflow_experiment: str
+    #: Registered model name and the aliases promotion uses.
+    model_name: str
+    champion_alias: str
+    rollback_alias: str
+    #: SQLAlchemy URL of the predictions database.
+    predictions_db_url: str
+    #: Explicit path to VGG16 ImageNet no-top weights (.h5); else the Keras cache is searched.
+    vgg16_weights_path: Path | None
+    #: Default image side in pixels (the model's input is side x side x 3).
+    image_size: int
+    seed: int
+    test_fraction: float
+    val_fraction: float
+    #: Decoding refuses images with more pixels than this (decompression bombs).
+    max_image_pixels: int
+    #: Images with a side shorter than this are rejected (nothing to classify at 8x8).
+    min_image_side: int
+    #: Worker processes for decoding/resizing (0 = all cores).
+    workers: int
+    #: Images per chunk when streaming through memory-mapped stores.
+    chunk_size: int
+    #: Side of the reduced copy SMOTE finds neighbours on.
+    smote_neighbour_size: int
+    #: Folders symlinks may point into (labs mount shares that way); others are rejected.
+    allowed_roots: tuple[Path, ...] = field(default_factory=tuple)
+
+    @classmethod
+    def from_env(cls) -> "Settings":
+        """Read every ``WBC_*`` variable, falling back to the embedded defaults."""
+        home = _env_path("WBC_HOME", PROJECT_ROOT / ".wbc")
+        data = os.environ.get("WBC_DATA_DIR")
+        weights = os.environ.get("WBC_VGG16_WEIGHTS")
+        roots = tuple(
+            Path(p).expanduser().resolve()
+            for p in os.environ.get("WBC_ALLOWED_ROOTS", "").split(os.pathsep)
+            if p
+        )
+        return cls(
+            home=home,
+            data_dir=Path(data).expanduser().resolve() if data else None,
+            work_dir=_env_path("WBC_WORK_DIR", home / "work"),
+            classify_dir=_env_path("WBC_CLASSIFY_DIR", home / "classify-images"),
+            mlflow_tracking_uri=_env_str(
+                "WBC_MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow' / 'mlflow.db'}"
+            ),
+            mlflow_artifact_root=_env_path("WBC_MLFLOW_ARTIFACT_ROOT", home / "mlflow" / "artifacts"),
+            mlflow_experiment=_env_str("WBC_MLFLOW_EXPERIMENT", "wbc-training"),
+            model_name=_env_str("WBC_MODEL_NAME", "wbc-classifier"),
+            champion_alias=_env_str("WBC_CHAMPION_ALIAS", "champion"),
+            rollback_alias=_env_str("WBC_ROLLBACK_ALIAS", "previous-champion"),
+            predictions_db_url=_env_str(
+                "WBC_PREDICTIONS_DB_URL", f"sqlite:///{home / 'predictions.db'}"
+            ),
+            vgg16_weights_path=Path(weights).expanduser().resolve() if weights else None,
+            image_size=_env_int("WBC_IMAGE_SIZE", 256),
+            seed=_env_int("WBC_SEED", 42),
+            test_fraction=_env_float("WBC_TEST_FRACTION", 0.2),
+            val_fraction=_env_float("WBC_VAL_FRACTION", 0.1),
+            max_image_pixels=_env_int("WBC_MAX_IMAGE_PIXELS", 40_000_000),
+            min_image_side=_env_int("WBC_MIN_IMAGE_SIDE", 32),
+            workers=_env_int("WBC_WORKERS", 0),
+            chunk_size=_env_int("WBC_CHUNK_SIZE", 256),
+            smote_neighbour_size=_env_int("WBC_SMOTE_NEIGHBOUR_SIZE", 16),
+            allowed_roots=roots,
+        )
+
+    def with_overrides(self, **changes: object) -> "Settings":
+        """A copy with some fields replaced (tests and the CLI use this)."""
+        known = {f.name for f in fields(self)}
+        unknown = set(changes) - known
+        if unknown:
+            raise TypeError(f"unknown settings: {sorted(unknown)}")
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+    def worker_count(self) -> int:
+        """Processes to use for CPU-bound image work."""
+        return self.workers if self.workers > 0 else max(1, os.cpu_count() or 1)
+
+    def run_dir(self, run_id: str) -> Path:
+        """The work folder of one training run."""
+        return self.work_dir / "runs" / safe_name(run_id)
+
+
+def safe_name(text: str) -> str:
+    """A file-system-safe version of an Airflow run id or similar label."""
+    cleaned = "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
+    return cleaned.strip("._") or "run"
+
+
+def get_settings() -> Settings:
+    """Settings from the current environment (read each time: tests change the environment)."""
+    return Settings.from_env()

@@ -1,0 +1,75 @@
+"""Memory-mapped uint8 image stores: the data that moves between pipeline steps.
+
+A store is a folder holding ``images.npy`` (N x S x S x 3 uint8, opened as a memory map, so no
+step holds a whole split in RAM), ``labels.npy`` (N int16 class indices) and ``records.csv``
+(one row per image: where it came from). Steps stream through a store in chunks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+IMAGES_FILE = "images.npy"
+LABELS_FILE = "labels.npy"
+RECORDS_FILE = "records.csv"
+
+
+@dataclass
+class ImageStore:
+    """An opened store. ``images`` is a read-only memory map."""
+
+    path: Path
+    images: np.ndarray
+    labels: np.ndarray
+    records: pd.DataFrame
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.images.shape[1])
+
+    def chunks(self, chunk_size: int) -> Iterator[tuple[int, int]]:
+        """(start, stop) index pairs covering the store."""
+        for start in range(0, len(self), chunk_size):
+            yield start, min(start + chunk_size, len(self))
+
+    def class_counts(self, class_names: tuple[str, ...]) -> dict[str, int]:
+        counts = np.bincount(self.labels.astype(np.int64), minlength=len(class_names))
+        return {name: int(counts[i]) for i, name in enumerate(class_names)}
+
+
+def create_store(path: Path, count: int, size: int) -> np.ndarray:
+    """Create ``images.npy`` for ``count`` images and return it as a writable memory map."""
+    path.mkdir(parents=True, exist_ok=True)
+    shape = (count, size, size, 3)
+    if count == 0:
+        np.save(path / IMAGES_FILE, np.zeros(shape, dtype=np.uint8))
+        return np.load(path / IMAGES_FILE)
+    return np.lib.format.open_memmap(path / IMAGES_FILE, mode="w+", dtype=np.uint8, shape=shape)
+
+
+def finish_store(path: Path, images: np.ndarray, labels: np.ndarray, records: pd.DataFrame) -> None:
+    """Flush the images and write labels and records beside them."""
+    if len(records) != len(labels) or images.shape[0] != len(labels):
+        raise ValueError(
+            f"store {path}: {images.shape[0]} images, {len(labels)} labels, {len(records)} records"
+        )
+    if isinstance(images, np.memmap):
+        images.flush()
+    np.save(path / LABELS_FILE, labels.astype(np.int16))
+    records.to_csv(path / RECORDS_FILE, index=False)
+
+
+def open_store(path: Path) -> ImageStore:
+    """Open a finished store read-only."""
+    images = np.load(path / IMAGES_FILE, mmap_mode="r")
+    labels = np.load(path / LABELS_FILE)
+    records = pd.read_csv(path / RECORDS_FILE, keep_default_na=False)
+    return ImageStore(path=path, images=images, labels=labels, records=records)
