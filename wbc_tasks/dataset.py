@@ -79,13 +79,10 @@ def find_labelled_images(
         label = known.get(entry.name.lower())
         files = sorted(p for p in entry.rglob("*") if not p.is_dir())
         if label is None:
-            rejected.append(
-                Rejection(
-                    str(rel),
-                    f"unknown class folder '{entry.name}' ({len(files)} files not used); "
-                    f"known classes: {', '.join(CLASS_NAMES)}",
-                )
-            )
+            reason = f"unknown class folder '{entry.name}'; known classes: {', '.join(CLASS_NAMES)}"
+            rejected.extend(Rejection(str(p.relative_to(data_dir)), reason) for p in files)
+            if not files:
+                rejected.append(Rejection(str(rel), reason))
             continue
         if not files:
             rejected.append(Rejection(str(rel), "empty class folder", label=label))
