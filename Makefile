@@ -1,0 +1,39 @@
+# Two commands matter: `make demo` (set up, then train end to end) and `make test`.
+UV ?= uv
+PY := .venv/bin/python
+EXTRA ?= cpu
+
+.PHONY: setup demo train test test-fast test-system airflow-ui mlflow-ui bench stack-start stack-stop clean
+
+setup: .venv/.synced
+
+.venv/.synced: pyproject.toml uv.lock
+	@command -v $(UV) >/dev/null || python3 -m pip install --quiet uv
+	$(UV) sync --frozen --extra $(EXTRA)
+	@touch $@
+
+## Train end to end on $WBC_DATA_DIR (or generated demo data when unset), embedded state in .wbc/
+demo: setup
+	$(PY) -m wbc_tasks.cli train --profile cpu
+
+## The whole test suite (what CI runs)
+test: setup
+	$(PY) -m pytest -q --durations=15
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow and not system"
+
+test-system: setup
+	$(PY) -m pytest -q -m system
+
+airflow-ui: setup
+	$(PY) -m wbc_tasks.cli airflow-ui
+
+mlflow-ui: setup
+	$(PY) -m wbc_tasks.cli mlflow-ui
+
+bench: setup
+	$(PY) bench/bench_data_stages.py
+
+clean:
+	rm -rf .wbc .pytest_cache

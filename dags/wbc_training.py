@@ -1,0 +1,83 @@
+"""Train, evaluate and (maybe) promote the white-blood-cell classifier.
+
+split → preprocess → augment → balance (SMOTE) → train (queue ``gpu``) → evaluate → register → promote
+
+Each task is one call of one ``wbc_tasks.steps`` function. Tasks pass only small dicts; the data
+moves through the run's work folder (``$WBC_WORK_DIR/runs/<run id>/<step>/``). Trigger it from
+the Airflow UI: the form shows every param with its description.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import Param, chain, dag, get_current_context, task
+
+from wbc_tasks.params import TRAINING_PARAM_SPECS
+
+DEFAULT_ARGS = {"retries": 2, "retry_delay": timedelta(seconds=30), "retry_exponential_backoff": True}
+
+
+def _form() -> dict[str, Param]:
+    return {
+        name: Param(spec["default"], **{k: v for k, v in spec.items() if k != "default"})
+        for name, spec in TRAINING_PARAM_SPECS.items()
+    }
+
+
+def _run(step: str) -> dict:
+    """Call ``wbc_tasks.steps.<step>`` for this DAG run (imported here: heavy modules stay out of parsing)."""
+    from wbc_tasks import steps
+
+    context = get_current_context()
+    return getattr(steps, step)(context["run_id"], dict(context["params"]))
+
+
+@dag(
+    dag_id="wbc_training",
+    schedule=None,
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    params=_form(),
+    default_args=DEFAULT_ARGS,
+    tags=["wbc", "training"],
+    doc_md=__doc__,
+)
+def wbc_training() -> None:
+    @task
+    def split() -> dict:
+        return _run("split_step")
+
+    @task
+    def preprocess() -> dict:
+        return _run("preprocess_step")
+
+    @task
+    def augment() -> dict:
+        return _run("augment_step")
+
+    @task
+    def balance() -> dict:
+        return _run("balance_step")
+
+    @task(queue="gpu", retry_delay=timedelta(seconds=10))
+    def train_model() -> dict:
+        return _run("train_step")
+
+    @task
+    def evaluate() -> dict:
+        return _run("evaluate_step")
+
+    @task
+    def register() -> dict:
+        return _run("register_step")
+
+    @task
+    def promote() -> dict:
+        return _run("promote_step")
+
+    chain(split(), preprocess(), augment(), balance(), train_model(), evaluate(), register(), promote())
+
+
+wbc_training()

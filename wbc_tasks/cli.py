@@ -1,0 +1,161 @@
+"""The ``wbc`` command: the pipeline for people and scripts, without writing Python.
+
+    wbc train [--profile cpu|demo|gpu] [--param name=value ...]   run wbc_training end to end
+    wbc classify-night [--param ...]                               run wbc_batch_classification once
+    wbc predictions [--format csv|parquet|json] [filters]           fetch the predictions table
+    wbc classify PATH...                                            classify a few images now
+    wbc promote VERSION --why TEXT / wbc rollback --why TEXT        move the champion by hand
+    wbc airflow-ui / wbc mlflow-ui                                  open the UIs on the same state
+    wbc demo-data [--per-class N]                                   write the generated demo set
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from wbc_tasks.config import PROJECT_ROOT, Settings, get_settings
+
+#: Param sets for common machines. "cpu" fits a laptop/CI-class CPU; "gpu" is the production run.
+PROFILES: dict[str, dict[str, Any]] = {
+    "cpu": {
+        "image_size": 64,
+        "weights": "none",
+        "epochs_head": 0,
+        "epochs_finetune": 12,
+        "batch_size": 32,
+        "learning_rate_finetune": 1e-4,
+        "augment_per_class": 150,
+        "early_stopping_patience": 4,
+    },
+    "demo": {
+        "image_size": 48,
+        "weights": "none",
+        "epochs_head": 0,
+        "epochs_finetune": 8,
+        "batch_size": 32,
+        "learning_rate_finetune": 2e-4,
+        "augment_per_class": 60,
+        "early_stopping_patience": 3,
+        "min_metric": 0.3,
+        "min_class_recall": 0.0,
+        "min_blast_recall": 0.0,
+    },
+    "gpu": {"image_size": 256, "weights": "imagenet"},
+}
+
+
+def airflow_environment(settings: Settings) -> dict[str, str]:
+    """Environment for Airflow commands on the embedded state (SQLite under ``WBC_HOME``)."""
+    airflow_home = settings.home / "airflow"
+    env = dict(os.environ)
+    env.setdefault("AIRFLOW_HOME", str(airflow_home))
+    env.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(PROJECT_ROOT / "dags"))
+    env.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+    env.setdefault("WBC_HOME", str(settings.home))
+    return env
+
+
+def _airflow(settings: Settings, *args: str) -> int:
+    env = airflow_environment(settings)
+    airflow = str(Path(sys.executable).with_name("airflow"))
+    if not (Path(env["AIRFLOW_HOME"]) / "airflow.db").exists():
+        Path(env["AIRFLOW_HOME"]).mkdir(parents=True, exist_ok=True)
+        subprocess.run([airflow, "db", "migrate"], env=env, check=True)
+    return subprocess.call([airflow, *args], env=env)
+
+
+def _parse_params(pairs: list[str]) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--param {pair!r}: expected name=value")
+        try:
+            params[name] = json.loads(value)
+        except json.JSONDecodeError:
+            params[name] = value
+    return params
+
+
+def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
+    from wbc_tasks.params import training_params
+
+    conf = {**PROFILES.get(args.profile, {}), **_parse_params(args.param)}
+    if settings.data_dir is None and "data_dir" not in conf and args.profile == "cpu":
+        # No data configured: the demo profile is the one that learns generated images quickly.
+        conf = {**PROFILES["demo"], **_parse_params(args.param)}
+        print("WBC_DATA_DIR is not set: training on generated demo data (profile 'demo').")
+    training_params(conf)  # fail here, with the param named, rather than inside Airflow
+    print(f"wbc_training with {json.dumps(conf, sort_keys=True)}")
+    return _airflow(settings, "dags", "test", "wbc_training", "--conf", json.dumps(conf))
+
+
+def cmd_classify_night(args: argparse.Namespace, settings: Settings) -> int:
+    conf = _parse_params(args.param)
+    return _airflow(settings, "dags", "test", "wbc_batch_classification", "--conf", json.dumps(conf))
+
+
+def cmd_airflow_ui(args: argparse.Namespace, settings: Settings) -> int:
+    print("Starting Airflow standalone on the embedded state; the admin password is printed below "
+          f"and kept in {airflow_environment(settings)['AIRFLOW_HOME']}/simple_auth_manager_passwords.json.generated")
+    return _airflow(settings, "standalone")
+
+
+def cmd_mlflow_ui(args: argparse.Namespace, settings: Settings) -> int:
+    mlflow = str(Path(sys.executable).with_name("mlflow"))
+    return subprocess.call(
+        [mlflow, "server", "--backend-store-uri", settings.mlflow_tracking_uri,
+         "--host", "127.0.0.1", "--port", str(args.port)]
+    )
+
+
+def cmd_demo_data(args: argparse.Namespace, settings: Settings) -> int:
+    from wbc_tasks.demo import generate_demo_dataset
+
+    out = Path(args.out) if args.out else settings.home / "demo-data" / "WBC"
+    summary = generate_demo_dataset(out, per_class=args.per_class, seed=args.seed)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="wbc", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="run the wbc_training DAG end to end (embedded Airflow)")
+    train.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
+    train.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
+    train.set_defaults(func=cmd_train)
+
+    night = sub.add_parser("classify-night", help="run the wbc_batch_classification DAG once")
+    night.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
+    night.set_defaults(func=cmd_classify_night)
+
+    ui = sub.add_parser("airflow-ui", help="Airflow standalone (UI on :8080) on the embedded state")
+    ui.set_defaults(func=cmd_airflow_ui)
+    mlui = sub.add_parser("mlflow-ui", help="MLflow UI on the embedded tracking database")
+    mlui.add_argument("--port", type=int, default=5000)
+    mlui.set_defaults(func=cmd_mlflow_ui)
+
+    demo = sub.add_parser("demo-data", help="write the generated demo image set")
+    demo.add_argument("--out")
+    demo.add_argument("--per-class", type=int, default=40)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=cmd_demo_data)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args, get_settings()) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
