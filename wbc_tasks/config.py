@@ -106,6 +106,34 @@ class Settings:
     smote_neighbour_size: int
     #: Folders symlinks may point into (labs mount shares that way); others are rejected.
     allowed_roots: tuple[Path, ...] = field(default_factory=tuple)
+    #: Keras's own home (env ``KERAS_HOME``, default ``~/.keras``): its ``models/`` cache is where
+    #: pretrained weights are looked for when ``vgg16_weights_path`` is unset.
+    keras_home: Path = field(default_factory=lambda: Path("~/.keras").expanduser())
+    #: Retries (after the first try) of an MLflow call that failed for a passing reason.
+    mlflow_retries: int = 3
+    #: Seconds before the first retry; doubled each time.
+    mlflow_retry_wait: float = 1.0
+    #: Seconds to wait for a shared lock (promotion: another run may be evaluating the champion).
+    lock_timeout: float = 3600.0
+    #: Seconds to wait for a new model version to become READY before promoting it.
+    model_ready_timeout: float = 300.0
+    #: Nightly classification: cron schedule and the timezone it (and start_date) is read in.
+    classify_schedule: str = "0 2 * * *"
+    timezone: str = "UTC"
+    #: Files modified within this many minutes may still be copying; they wait for the next run.
+    settle_minutes: float = 5.0
+    #: Images per classification chunk (one mapped task each) and the cap on chunks per run
+    #: (the chunk size grows so a big backlog never makes more than this many tasks).
+    classify_chunk_size: int = 500
+    max_chunks: int = 32
+    #: Images per model call; the next batch is decoded while the model predicts this one.
+    classify_batch_size: int = 32
+    #: Predictions less confident than this are flagged ``needs_review``.
+    review_threshold: float = 0.7
+    #: If set, classified/rejected files are moved here (after their rows are committed).
+    archive_dir: Path | None = None
+    #: MLflow experiment the nightly run summaries are logged to.
+    classify_experiment: str = "wbc-classification"
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -113,6 +141,7 @@ class Settings:
         home = _env_path("WBC_HOME", PROJECT_ROOT / ".wbc")
         data = os.environ.get("WBC_DATA_DIR")
         weights = os.environ.get("WBC_VGG16_WEIGHTS")
+        archive = os.environ.get("WBC_ARCHIVE_DIR")
         roots = tuple(
             Path(p).expanduser().resolve()
             for p in os.environ.get("WBC_ALLOWED_ROOTS", "").split(os.pathsep)
@@ -145,6 +174,19 @@ class Settings:
             chunk_size=_env_int("WBC_CHUNK_SIZE", 256),
             smote_neighbour_size=_env_int("WBC_SMOTE_NEIGHBOUR_SIZE", 16),
             allowed_roots=roots,
+            mlflow_retries=_env_int("WBC_MLFLOW_RETRIES", 3),
+            mlflow_retry_wait=_env_float("WBC_MLFLOW_RETRY_WAIT", 1.0),
+            lock_timeout=_env_float("WBC_LOCK_TIMEOUT", 3600.0),
+            model_ready_timeout=_env_float("WBC_MODEL_READY_TIMEOUT", 300.0),
+            classify_schedule=_env_str("WBC_CLASSIFY_SCHEDULE", "0 2 * * *"),
+            timezone=_env_str("WBC_TIMEZONE", "UTC"),
+            settle_minutes=_env_float("WBC_SETTLE_MINUTES", 5.0),
+            classify_chunk_size=_env_int("WBC_CLASSIFY_CHUNK_SIZE", 500),
+            max_chunks=_env_int("WBC_MAX_CHUNKS", 32),
+            classify_batch_size=_env_int("WBC_CLASSIFY_BATCH_SIZE", 32),
+            review_threshold=_env_float("WBC_REVIEW_THRESHOLD", 0.7),
+            archive_dir=Path(archive).expanduser().resolve() if archive else None,
+            classify_experiment=_env_str("WBC_CLASSIFY_EXPERIMENT", "wbc-classification"),
         )
 
     def with_overrides(self, **changes: object) -> "Settings":

@@ -1,0 +1,124 @@
+"""Nightly classification of the images lab staff drop into the classify folder.
+
+resolve the model (alias → one fixed version) → find new images → classify (one mapped task per
+chunk file) → summarise
+
+Every task is one call of one ``wbc_tasks.classify`` function. The model is resolved once, at
+the start, so every chunk uses the same version even if a promotion happens mid-run. Tasks pass
+only small dicts and chunk-file paths; the images stay on disk. Results land in the predictions
+database (``WBC_PREDICTIONS_DB_URL``); fetch them with ``wbc predictions``. Runs nightly
+(``WBC_CLASSIFY_SCHEDULE``, in ``WBC_TIMEZONE``) and by hand with the params below.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import Param, dag, get_current_context, task
+
+from wbc_tasks.config import get_settings
+
+SETTINGS = get_settings()
+
+PARAMS = {
+    "drop": Param(
+        "",
+        type="string",
+        title="Drop folder",
+        description="Only this sub-folder of the classify folder (e.g. 2026-11-24); empty: all.",
+    ),
+    "model": Param(
+        SETTINGS.champion_alias,
+        type="string",
+        title="Model alias or version",
+        description="Registry alias (e.g. champion) or version number; resolved once per run.",
+    ),
+    "threshold": Param(
+        SETTINGS.review_threshold,
+        type="number",
+        minimum=0,
+        maximum=1,
+        title="Review threshold",
+        description="Predictions less confident than this are flagged needs_review.",
+    ),
+    "chunk_size": Param(
+        SETTINGS.classify_chunk_size,
+        type="integer",
+        minimum=1,
+        title="Chunk size",
+        description=f"Images per classify task (grown so a run has at most {SETTINGS.max_chunks} chunks).",
+    ),
+    "reclassify": Param(
+        False,
+        type="boolean",
+        title="Reclassify",
+        description="Classify images again with this model version even if an older version "
+        "already classified them (older rows are kept).",
+    ),
+}
+
+
+def _run_id_and_params() -> tuple[str, dict]:
+    context = get_current_context()
+    return context["run_id"], dict(context["params"])
+
+
+@dag(
+    dag_id="wbc_batch_classification",
+    schedule=SETTINGS.classify_schedule,
+    start_date=pendulum.datetime(2026, 1, 1, tz=SETTINGS.timezone),
+    catchup=False,
+    max_active_runs=1,
+    params=PARAMS,
+    tags=["wbc", "classification"],
+    doc_md=__doc__,
+)
+def wbc_batch_classification() -> None:
+    @task
+    def resolve_model() -> dict:
+        from wbc_tasks.classify import resolve_run_model
+
+        _, params = _run_id_and_params()
+        return resolve_run_model(get_settings(), params["model"])
+
+    @task
+    def find_new_images(model: dict) -> dict:
+        from wbc_tasks.classify import find_new_images as find
+
+        run_id, params = _run_id_and_params()
+        return find(
+            get_settings(), run_id=run_id, model=model, drop=params["drop"] or None,
+            reclassify=params["reclassify"], chunk_size=params["chunk_size"],
+        )
+
+    # Airflow maps only over a whole XCom value, not one key of a dict.
+    @task
+    def chunk_files(found: dict) -> list[str]:
+        return found["chunks"]
+
+    @task(retries=2, retry_delay=timedelta(seconds=30))
+    def classify_chunk(chunk: str, model: dict) -> dict:
+        from wbc_tasks.classify import classify_chunk as classify
+
+        run_id, params = _run_id_and_params()
+        return classify(get_settings(), chunk, model, run_id=run_id, threshold=params["threshold"])
+
+    # none_failed: a night with nothing new maps zero chunks (skipped) and still gets a summary.
+    @task(trigger_rule="none_failed")
+    def summarise(model: dict, found: dict, chunks: list[dict] | None) -> dict:
+        from wbc_tasks.classify import summarise_run
+
+        run_id, params = _run_id_and_params()
+        return summarise_run(
+            get_settings(), run_id=run_id, model=model, found=found,
+            chunk_summaries=list(chunks or []), params=params,
+        )
+
+    model = resolve_model()
+    found = find_new_images(model)
+    chunks = classify_chunk.partial(model=model).expand(chunk=chunk_files(found))
+    summarise(model, found, chunks)
+
+
+wbc_batch_classification()
