@@ -102,6 +102,54 @@ def cmd_classify_night(args: argparse.Namespace, settings: Settings) -> int:
     return _airflow(settings, "dags", "test", "wbc_batch_classification", "--conf", json.dumps(conf))
 
 
+def cmd_predictions(args: argparse.Namespace, settings: Settings) -> int:
+    from wbc_tasks.predictions import export_predictions
+
+    review = {"yes": True, "no": False}.get(args.needs_review) if args.needs_review else None
+    rows = export_predictions(
+        settings,
+        drop=args.drop,
+        since=args.since,
+        predicted_class=args.predicted_class,
+        needs_review=review,
+        model_version=args.model_version,
+        latest=args.latest,
+        fmt=args.format,
+        out=args.out,
+    )
+    if args.out:
+        print(f"{rows} rows written to {args.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_classify(args: argparse.Namespace, settings: Settings) -> int:
+    from wbc_tasks.classify import classify_paths
+
+    results = classify_paths(settings, [Path(p) for p in args.paths], model_ref=args.model, record=args.record)
+    print(json.dumps(results, indent=2, default=str))
+    return 0 if all("rejected" not in r for r in results) else 3
+
+
+def _who(args: argparse.Namespace) -> str:
+    return args.who or os.environ.get("WBC_USER") or getpass.getuser()
+
+
+def cmd_promote(args: argparse.Namespace, settings: Settings) -> int:
+    from wbc_tasks.promotion import promote_version
+
+    result = promote_version(settings, str(args.version), who=_who(args), why=args.why)
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace, settings: Settings) -> int:
+    from wbc_tasks.promotion import rollback
+
+    result = rollback(settings, who=_who(args), why=args.why)
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
 def cmd_airflow_ui(args: argparse.Namespace, settings: Settings) -> int:
     print("Starting Airflow standalone on the embedded state; the admin password is printed below "
           f"and kept in {airflow_environment(settings)['AIRFLOW_HOME']}/simple_auth_manager_passwords.json.generated")
@@ -137,6 +185,33 @@ def build_parser() -> argparse.ArgumentParser:
     night = sub.add_parser("classify-night", help="run the wbc_batch_classification DAG once")
     night.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
     night.set_defaults(func=cmd_classify_night)
+
+    preds = sub.add_parser("predictions", help="fetch the predictions table (csv, parquet or json)")
+    preds.add_argument("--format", choices=["csv", "parquet", "json"], default="csv")
+    preds.add_argument("--out", help="file to write (default: standard output; parquet needs --out)")
+    preds.add_argument("--drop", help="only this drop (sub-folder of the classify folder)")
+    preds.add_argument("--since", help="only files seen / predictions made at or after this ISO time")
+    preds.add_argument("--class", dest="predicted_class", help="only this predicted class")
+    preds.add_argument("--needs-review", choices=["yes", "no"], help="only flagged (yes) or unflagged (no)")
+    preds.add_argument("--model-version", help="only predictions of this model version")
+    preds.add_argument("--latest", action="store_true", help="only the newest prediction per file")
+    preds.set_defaults(func=cmd_predictions)
+
+    classify = sub.add_parser("classify", help="classify a few images now, without Airflow")
+    classify.add_argument("paths", nargs="+")
+    classify.add_argument("--model", help="alias or version (default: the champion)")
+    classify.add_argument("--record", action="store_true", help="also store the rows in the predictions database")
+    classify.set_defaults(func=cmd_classify)
+
+    promote = sub.add_parser("promote", help="make VERSION the champion by hand (recorded on the version)")
+    promote.add_argument("version", type=int)
+    promote.add_argument("--why", required=True, help="reason, recorded with who and when")
+    promote.add_argument("--who", help="defaults to $WBC_USER or the login name")
+    promote.set_defaults(func=cmd_promote)
+    back = sub.add_parser("rollback", help="make the previous champion the champion again")
+    back.add_argument("--why", required=True)
+    back.add_argument("--who")
+    back.set_defaults(func=cmd_rollback)
 
     ui = sub.add_parser("airflow-ui", help="Airflow standalone (UI on :8080) on the embedded state")
     ui.set_defaults(func=cmd_airflow_ui)
