@@ -34,6 +34,13 @@ def _run(step: str) -> dict:
     return getattr(steps, step)(context["run_id"], dict(context["params"]))
 
 
+def _on_failure(context) -> None:
+    """Close the run's MLflow run as FAILED so the UI shows it did not finish."""
+    from wbc_tasks import steps
+
+    steps.mark_run_failed(context["run_id"])
+
+
 @dag(
     dag_id="wbc_training",
     schedule=None,
@@ -43,6 +50,7 @@ def _run(step: str) -> dict:
     default_args=DEFAULT_ARGS,
     tags=["wbc", "training"],
     doc_md=__doc__,
+    on_failure_callback=_on_failure,
 )
 def wbc_training() -> None:
     @task

@@ -1,0 +1,107 @@
+"""The training DAG: it parses, wires the steps in order with training on the gpu queue, and
+runs for real under ``dag.test()``."""
+
+from __future__ import annotations
+
+import ast
+import shutil
+from pathlib import Path
+
+import pytest
+
+from wbc_tasks.params import TRAINING_PARAM_SPECS
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DAG_FILE = REPO_ROOT / "dags" / "wbc_training.py"
+ORDER = ["split", "preprocess", "augment", "balance", "train_model", "evaluate", "register", "promote"]
+HEAVY = {"tensorflow", "keras", "mlflow", "pandas", "sqlalchemy", "numpy", "PIL", "sklearn", "imblearn"}
+
+
+def parse_dag():
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=DAG_FILE)
+    assert bag.import_errors == {}
+    return bag.dags["wbc_training"]
+
+
+def test_every_dag_file_imports_without_errors():
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=REPO_ROOT / "dags")
+    assert bag.import_errors == {}
+    assert {"wbc_training", "wbc_batch_classification"} <= set(bag.dag_ids)
+
+
+def test_tasks_chained_in_order_with_training_on_gpu_queue():
+    dag = parse_dag()
+    for upstream, downstream in zip(ORDER, ORDER[1:]):
+        assert dag.get_task(upstream).downstream_task_ids == {downstream}
+    assert dag.get_task("train_model").queue == "gpu"
+    assert {t.queue for t in dag.tasks if t.task_id != "train_model"} == {"default"}
+    assert dag.schedule is None and dag.catchup is False
+
+
+def test_trigger_form_has_every_param_described_and_validated():
+    dag = parse_dag()
+    form = dag.params
+    assert set(form.keys()) == set(TRAINING_PARAM_SPECS)
+    for name, spec in TRAINING_PARAM_SPECS.items():
+        param = form.get_param(name)
+        assert param.description == spec["description"]
+        assert param.schema["type"] == spec["type"]
+    with pytest.raises(Exception):
+        form.get_param("image_size").resolve(8)  # below the minimum: the form refuses it
+
+
+def test_dag_file_keeps_heavy_imports_out_of_parsing():
+    tree = ast.parse(DAG_FILE.read_text())
+    top = set()
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            top.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            top.add((node.module or "").split(".")[0])
+    assert not top & HEAVY
+
+
+@pytest.fixture
+def small_labelled_set(seed_shaped, tmp_path):
+    """Five real images per class (all of them for the rarest): a fast, still imbalanced set."""
+    data = tmp_path / "WBC"
+    for folder in sorted(seed_shaped.iterdir()):
+        for image in sorted(folder.iterdir())[: 5 if folder.name != "neutrophils" else 9]:
+            (data / folder.name).mkdir(parents=True, exist_ok=True)
+            shutil.copy(image, data / folder.name / image.name)
+    return data
+
+
+def isolate(monkeypatch, tmp_path):
+    from wbc_tasks.config import get_settings
+
+    monkeypatch.setenv("WBC_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("WBC_WORKERS", "1")
+    return get_settings()
+
+
+def test_data_stages_run_under_dag_test(airflow_db, small_labelled_set, monkeypatch, tmp_path):
+    from airflow.utils.state import DagRunState
+
+    from wbc_tasks.store import open_store
+
+    settings = isolate(monkeypatch, tmp_path)
+    dag = parse_dag().partial_subset(task_ids=ORDER[:4], include_upstream=True, include_downstream=False)
+    assert sorted(dag.task_ids) == sorted(ORDER[:4])
+    run = dag.test(
+        run_conf={"data_dir": str(small_labelled_set), "image_size": 32, "augment_per_class": 12, "smote_k": 3}
+    )
+    assert run.state == DagRunState.SUCCESS
+    folder = settings.run_dir(run.run_id)
+    for step in ORDER[:4]:
+        assert (folder / step / "_COMPLETE.json").is_file(), f"{step} did not mark its output complete"
+    balanced = open_store(folder / "balance")
+    counts = balanced.class_counts(tuple(sorted(p.name for p in small_labelled_set.iterdir())))
+    assert len(set(counts.values())) == 1, f"classes not balanced: {counts}"
+    assert balanced.images.dtype.name == "uint8" and balanced.image_size == 32
+    test_shas = set(open_store(folder / "preprocess" / "test").records["sha256"])
+    assert not test_shas & set(balanced.records["parents"].str.split("+").explode()), "test images leaked into training"
