@@ -174,6 +174,7 @@ class Settings:
             chunk_size=_env_int("WBC_CHUNK_SIZE", 256),
             smote_neighbour_size=_env_int("WBC_SMOTE_NEIGHBOUR_SIZE", 16),
             allowed_roots=roots,
+            keras_home=_env_path("KERAS_HOME", Path("~/.keras").expanduser()),
             mlflow_retries=_env_int("WBC_MLFLOW_RETRIES", 3),
             mlflow_retry_wait=_env_float("WBC_MLFLOW_RETRY_WAIT", 1.0),
             lock_timeout=_env_float("WBC_LOCK_TIMEOUT", 3600.0),
