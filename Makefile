@@ -16,15 +16,22 @@ setup: .venv/.synced
 demo: setup
 	$(PY) -m wbc_tasks.cli train --profile cpu
 
-## The whole test suite (what CI runs)
+## The whole test suite (what CI runs): unit, DAG and end-to-end tests, then the native-stack system test
 test: setup
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q --durations=20 -m "not system"
+	$(PY) -m pytest -q --durations=10 -m system tests/system
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow and not system"
 
 test-system: setup
-	$(PY) -m pytest -q -m system
+	$(PY) -m pytest -q -m system tests/system
+
+stack-start: setup
+	stack/start
+
+stack-stop:
+	stack/stop
 
 airflow-ui: setup
 	$(PY) -m wbc_tasks.cli airflow-ui

@@ -26,3 +26,16 @@ def test_run_ids_become_safe_folder_names(settings):
     assert folder.parent == settings.work_dir / "runs"
     assert "/" not in folder.name and ":" not in folder.name and "+" not in folder.name
     assert safe_name("../../etc") == "etc"  # no way out of the runs folder
+
+
+def test_every_setting_is_documented_in_the_readme():
+    import re
+
+    from tests.conftest import REPO_ROOT
+
+    source = (REPO_ROOT / "wbc_tasks" / "config.py").read_text()
+    readme = (REPO_ROOT / "README.md").read_text()
+    names = set(re.findall(r'"(WBC_[A-Z0-9_]+)"', source))
+    assert names, "no settings found"
+    missing = sorted(n for n in names if n not in readme)
+    assert not missing, f"settings not documented in README.md: {missing}"
