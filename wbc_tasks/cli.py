@@ -38,7 +38,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "image_size": 32,
         "weights": "none",
         "epochs_head": 0,
-        "epochs_finetune": 5,
+        "epochs_finetune": 4,
         "batch_size": 16,
         "learning_rate_finetune": 1e-4,
         "augment_per_class": 30,

@@ -150,7 +150,7 @@ def evaluate_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
             batch_size=p.batch_size,
         ),
     )
-    log_metrics(settings, run_id, summary["metrics"], prefix="test_")
+    log_metrics(settings, run_id, summary["metrics"], prefix="test")
     _log_artifacts(settings, run_id, run / "evaluate", "evaluation")
     return summary
 
