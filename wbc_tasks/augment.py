@@ -28,7 +28,7 @@ from skimage.color import hed_from_rgb, rgb_from_hed
 from wbc_tasks.config import CLASS_NAMES, Settings
 from wbc_tasks.figures import save_class_counts_plot, save_sample_grid
 from wbc_tasks.parallel import parallel_map
-from wbc_tasks.store import IMAGES_FILE, create_store, finish_store, open_store
+from wbc_tasks.store import IMAGES_FILE, create_store, finish_store, open_store, release_pages
 from wbc_tasks.workdir import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -313,6 +313,7 @@ def copy_images(source: np.ndarray, target: np.ndarray, chunk_size: int) -> None
     for start in range(0, source.shape[0], step):
         stop = min(start + step, source.shape[0])
         target[start:stop] = source[start:stop]
+        release_pages(source, target)
 
 
 def class_rows(labels: np.ndarray) -> dict[int, np.ndarray]:

@@ -66,7 +66,7 @@ from wbc_tasks.augment import (
 )
 from wbc_tasks.config import CLASS_NAMES, Settings
 from wbc_tasks.figures import save_class_counts_plot, save_sample_grid
-from wbc_tasks.store import IMAGES_FILE, LABELS_FILE, RECORDS_FILE, create_store, finish_store, open_store
+from wbc_tasks.store import IMAGES_FILE, LABELS_FILE, RECORDS_FILE, create_store, finish_store, open_store, release_pages
 from wbc_tasks.workdir import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -125,6 +125,7 @@ def reduced_copy(images: np.ndarray, rows: np.ndarray, size: int, chunk_size: in
                     Image.fromarray(image).resize((out_side, out_side), Image.Resampling.BOX)
                 )
             features[start + i] = image.reshape(-1) / np.float32(255.0)
+        release_pages(images)
     return features
 
 
@@ -199,6 +200,7 @@ def write_interpolations(
         np.rint(mixed, out=mixed)
         np.clip(mixed, 0, 255, out=mixed)
         target[first_row + start : first_row + stop] = mixed.astype(np.uint8)
+        release_pages(source, target)
 
 
 def _roots(records: pd.DataFrame) -> np.ndarray:

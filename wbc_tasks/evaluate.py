@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from wbc_tasks.store import ImageStore, open_store
+from wbc_tasks.store import ImageStore, open_store, release_pages
 from wbc_tasks.workdir import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -110,6 +110,7 @@ def predict_store(model, store: ImageStore, batch_size: int = 32) -> np.ndarray:
     parts = []
     for start, stop in store.chunks(PREDICTION_CHUNK):
         parts.append(model.predict(np.asarray(store.images[start:stop]), batch_size=batch_size, verbose=0))
+        release_pages(store.images)
     return np.concatenate(parts).astype(np.float32)
 
 

@@ -13,7 +13,7 @@ from wbc_tasks.config import CLASS_NAMES, Settings
 from wbc_tasks.dataset import REJECTED_COLUMNS, SPLITS, read_manifest
 from wbc_tasks.images import ImageError, load_image
 from wbc_tasks.parallel import parallel_map
-from wbc_tasks.store import create_store, finish_store
+from wbc_tasks.store import create_store, finish_store, release_pages, shrink_store
 from wbc_tasks.workdir import require_complete
 
 log = logging.getLogger(__name__)
@@ -46,13 +46,12 @@ def build_split_store(
             continue
         images[len(kept)] = result
         kept.append(i)
+        if len(kept) % settings.chunk_size == 0:
+            release_pages(images)
     records = table.iloc[kept].reset_index(drop=True)
     if len(kept) < len(table):
-        # A file changed or vanished since validation: rewrite the store without the gap.
-        compact = np.array(images[: len(kept)])
-        del images
-        images = create_store(out_dir, len(kept), size)
-        images[:] = compact
+        # A file changed or vanished since validation: the kept rows are the first ones; drop the rest.
+        images = shrink_store(out_dir, images, len(kept), settings.chunk_size)
     labels = np.array([CLASS_NAMES.index(c) for c in records["class"]], dtype=np.int16)
     records = records.assign(origin="original", parents=records["sha256"])
     finish_store(out_dir, images, labels, records)

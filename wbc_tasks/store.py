@@ -7,6 +7,7 @@ step holds a whole split in RAM), ``labels.npy`` (N int16 class indices) and ``r
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,3 +74,42 @@ def open_store(path: Path) -> ImageStore:
     labels = np.load(path / LABELS_FILE)
     records = pd.read_csv(path / RECORDS_FILE, keep_default_na=False)
     return ImageStore(path=path, images=images, labels=labels, records=records)
+
+
+def release_pages(*arrays: np.ndarray) -> None:
+    """Drop the pages a memory map has touched from this process's resident memory.
+
+    Streaming through a store leaves every page it read or wrote mapped into the process, so its
+    resident size grows with the store (the pages are page cache the kernel could reclaim, but
+    container memory limits count them). ``MADV_DONTNEED`` unmaps them; written data stays in the
+    page cache and reaches the file, and a later read maps the pages again. Arrays that are not
+    memory maps are ignored.
+    """
+    for array in arrays:
+        handle = getattr(array, "_mmap", None)
+        if handle is None and isinstance(getattr(array, "base", None), np.memmap):
+            handle = getattr(array.base, "_mmap", None)
+        if handle is not None and hasattr(mmap, "MADV_DONTNEED"):
+            try:
+                handle.madvise(mmap.MADV_DONTNEED)
+            except (OSError, ValueError):  # closed map, or a platform without madvise: harmless
+                pass
+
+
+def shrink_store(path: Path, images: np.ndarray, count: int, chunk_size: int) -> np.ndarray:
+    """Keep the first ``count`` rows of ``path``'s images (streamed; returns the new memory map)."""
+    partial = path / ("partial-" + IMAGES_FILE)
+    shape = (count, *images.shape[1:])
+    if count == 0:
+        np.save(partial, np.zeros(shape, dtype=np.uint8))
+    else:
+        target = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=shape)
+        for start in range(0, count, max(1, chunk_size)):
+            stop = min(start + max(1, chunk_size), count)
+            target[start:stop] = images[start:stop]
+            release_pages(images, target)
+        target.flush()
+        del target
+    del images
+    partial.replace(path / IMAGES_FILE)
+    return np.load(path / IMAGES_FILE, mmap_mode="r+") if count else np.load(path / IMAGES_FILE)

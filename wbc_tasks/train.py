@@ -30,7 +30,7 @@ import pandas as pd
 
 from wbc_tasks.config import CLASS_NAMES, Settings
 from wbc_tasks.params import TrainingParams
-from wbc_tasks.store import ImageStore, open_store
+from wbc_tasks.store import ImageStore, open_store, release_pages
 from wbc_tasks.workdir import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -115,6 +115,7 @@ def make_dataset(
     def read(epoch: np.int64, number: np.int64, index: np.ndarray):
         index = np.sort(index)  # ascending reads are kinder to the page cache; order is irrelevant
         batch = np.asarray(images[index])
+        release_pages(images)  # resident memory stays at a few batches, whatever the store's size
         if flip_augment:
             rng = np.random.default_rng([seed, int(epoch), int(number), 1])
             batch = batch.copy()
