@@ -1,17 +1,26 @@
 import hashlib
+import re
 import shutil
 
+import numpy as np
 import pandas as pd
 import pytest
 
+from tests.bad_inputs import CASES, build_cases, check_exif_orientation
+from tests.bad_inputs import snapshot as tree_snapshot
 from tests.conftest import write_image
+from wbc_tasks import dataset
 from wbc_tasks.dataset import (
+    SPLITS,
     DatasetError,
     find_labelled_images,
     read_manifest,
     split_dataset,
     split_of,
 )
+from wbc_tasks.images import DISAPPEARED
+from wbc_tasks.preprocess import PREPROCESS_REJECTED_FILE, preprocess_splits
+from wbc_tasks.store import open_store
 from wbc_tasks.workdir import run_step
 
 
@@ -153,3 +162,105 @@ def test_symlink_outside_allowed_roots_rejected(tmp_path, settings):
     allowed = settings.with_overrides(allowed_roots=(outside.parent.resolve(),))
     found, rejected = find_labelled_images(data, allowed)
     assert any(p.name == "link.png" for p, _ in found) and not rejected
+
+
+# ------------------------------------------------------------------ the table of bad inputs (issue 7)
+
+
+def _case_folder(tmp_path, cases):
+    """``WBC/blasts`` holds the cases beside two good images; ``WBC/bands`` three good images."""
+    data = tmp_path / "WBC"
+    build_cases(data / "blasts", tmp_path, cases)
+    for i in range(2):
+        write_image(data / "blasts" / f"good{i}.png", seed=900 + i)
+    for i in range(3):
+        write_image(data / "bands" / f"good{i}.png", seed=950 + i)
+    return data
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_bad_input_table_training_split(case, tmp_path, settings):
+    """Each awkward file is used (and decodes in preprocessing) or rejected with its reason;
+    nothing crashes and nothing under the data folder or the link targets is touched."""
+    settings = settings.with_overrides(allowed_roots=((tmp_path / "share").resolve(),))
+    if case.min_side is not None:
+        settings = settings.with_overrides(min_image_side=case.min_side)
+    data = _case_folder(tmp_path, [case])
+    inputs = (data, tmp_path / "share", tmp_path / "elsewhere")
+    before = tree_snapshot(*inputs)
+
+    summary, out = split(data, settings)
+    stores = settings.run_dir("run") / "preprocess"
+    run_step(stores, lambda d: preprocess_splits(out, d, settings, 32))
+
+    assert tree_snapshot(*inputs) == before
+    manifest = read_manifest(out)
+    rejected = pd.read_csv(out / "rejected.csv", keep_default_na=False)
+    # What passed the split also decodes: preprocessing rejects nothing more.
+    assert pd.read_csv(stores / PREPROCESS_REJECTED_FILE).empty
+    path = f"blasts/{case.name}"
+    good = {f"blasts/good{i}.png" for i in range(2)} | {f"bands/good{i}.png" for i in range(3)}
+    assert good | {f"blasts/{n}" for n in case.also_used} <= set(manifest["path"])
+    if case.reason is None:
+        assert manifest.loc[manifest["path"] == path, "class"].tolist() == ["blasts"]
+        assert path not in set(rejected["path"])
+    else:
+        rows = rejected[rejected["path"] == path]
+        assert len(rows) == 1, rejected
+        assert re.search(case.reason, rows["reason"].iloc[0]), rows["reason"].iloc[0]
+        assert rows["class"].iloc[0] == "blasts"
+        assert path not in set(manifest["path"])
+    # Nothing else was rejected: one row per case at most.
+    assert len(rejected) == (case.reason is not None) and summary["rejected"] == len(rejected)
+    if case.id == "exif_rotated":
+        for name in SPLITS:
+            store = open_store(stores / name)
+            rows = store.records.index[store.records["path"] == path]
+            if len(rows):
+                check_exif_orientation(np.asarray(store.images[rows[0]]))
+                break
+        else:
+            pytest.fail(f"{path} is in no store")
+
+
+def test_symlinked_class_folder_follows_the_allowed_roots(tmp_path, settings):
+    data = tmp_path / "WBC"
+    for i in range(2):
+        write_image(data / "bands" / f"{i}.png", seed=960 + i)
+        write_image(tmp_path / "share" / "blasts" / f"{i}.png", seed=970 + i)
+    (data / "blasts").symlink_to(tmp_path / "share" / "blasts", target_is_directory=True)
+    found, rejected = find_labelled_images(data, settings)
+    assert [r.path for r in rejected] == ["blasts"] and "outside the allowed folders" in rejected[0].reason
+    assert {label for _, label in found} == {"bands"}
+    allowed = settings.with_overrides(allowed_roots=((tmp_path / "share").resolve(),))
+    found, rejected = find_labelled_images(data, allowed)
+    assert not rejected and sorted(str(p.relative_to(data)) for p, _ in found) == [
+        "bands/0.png", "bands/1.png", "blasts/0.png", "blasts/1.png"
+    ]
+
+
+def test_files_vanishing_mid_run_are_rejected_with_a_reason(tmp_path, settings, monkeypatch):
+    """A file gone between listing and validation, or between the split and preprocessing,
+    is listed with the reason; the run goes on."""
+    data = _case_folder(tmp_path, [])
+    for i in range(3):
+        write_image(data / "blasts" / "batch" / f"late{i}.png", seed=980 + i)
+    real_find = dataset.find_labelled_images
+
+    def find_then_lose_one(data_dir, settings_):
+        found = real_find(data_dir, settings_)
+        (data / "blasts" / "good0.png").rename(tmp_path / "moved-away.png")
+        return found
+
+    monkeypatch.setattr(dataset, "find_labelled_images", find_then_lose_one)
+    summary, out = split(data, settings)
+    rejected = pd.read_csv(out / "rejected.csv", keep_default_na=False).set_index("path")["reason"]
+    assert rejected.to_dict() == {"blasts/good0.png": DISAPPEARED}
+    assert "blasts/batch/late0.png" in set(read_manifest(out)["path"])
+
+    (data / "blasts" / "batch").rename(tmp_path / "batch-renamed")  # a whole sub-folder goes
+    stores = settings.run_dir("run") / "preprocess"
+    result = run_step(stores, lambda d: preprocess_splits(out, d, settings, 32))
+    late = pd.read_csv(stores / PREPROCESS_REJECTED_FILE).set_index("path")["reason"]
+    assert late.to_dict() == {f"blasts/batch/late{i}.png": DISAPPEARED for i in range(3)}
+    assert result["rejected"] == 3

@@ -1,11 +1,15 @@
 import io
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
+from tests.bad_inputs import check_exif_orientation, exif_rotated_jpeg, png_declaring
 from tests.conftest import write_image
-from wbc_tasks.images import ImageError, inspect_image, load_image
+from wbc_tasks.images import DISAPPEARED, ImageError, inspect_image, load_image
 
 LIMIT = 10_000_000
 
@@ -104,3 +108,70 @@ def test_inspect_reports_hash_and_size(tmp_path):
     info = inspect_image(path, max_pixels=LIMIT)
     assert (info.width, info.height, info.format) == (50, 30, "PNG")
     assert len(info.sha256) == 64
+
+
+@pytest.mark.parametrize(
+    "width,height", [(100_000, 100_000), (5_000, 4_000)], ids=["beyond-pillow-limit", "beyond-our-limit"]
+)
+def test_declared_huge_dimensions_rejected_from_the_header(tmp_path, monkeypatch, width, height):
+    # A 60-byte PNG declaring 10^10 (Pillow's own bomb error) or 2x10^7 pixels (our limit only).
+    path = tmp_path / "bomb.png"
+    path.write_bytes(png_declaring(width, height))
+
+    def no_decoding(self, *args, **kwargs):
+        raise AssertionError("the pixels were decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    started = time.perf_counter()
+    for check in (lambda: load_image(path, 32, max_pixels=LIMIT), lambda: inspect_image(path, max_pixels=LIMIT)):
+        with pytest.raises(ImageError, match="too large") as info:
+            check()
+        assert info.value.path == str(path)
+    assert time.perf_counter() - started < 1.0
+
+
+def test_declared_huge_dimensions_cost_no_memory(tmp_path):
+    # In a fresh process, so the peak resident size measures this one call.
+    path = tmp_path / "bomb.png"
+    path.write_bytes(png_declaring(100_000, 100_000))
+    code = (
+        "import resource, sys\n"
+        "from wbc_tasks.images import ImageError, load_image\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "try:\n"
+        f"    load_image({str(path)!r}, 32, max_pixels=40_000_000)\n"
+        "except ImageError as exc:\n"
+        "    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before, exc.reason)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    grown_kib, reason = done.stdout.split(" ", 1)
+    assert "too large" in reason, done.stderr
+    assert int(grown_kib) < 20 * 1024  # a decode would need 30 GB
+
+
+def test_exif_orientation_moves_the_corner(tmp_path):
+    # Stored 64x32 with a red top-left block, EXIF orientation 6: shown 32x64, red at top right.
+    exif_rotated_jpeg(tmp_path / "r.jpg")
+    check_exif_orientation(load_image(tmp_path / "r.jpg", 32, max_pixels=LIMIT))
+    # The check can fail: the same picture without the EXIF tag is not accepted by it.
+    with Image.open(tmp_path / "r.jpg") as img:
+        img.save(tmp_path / "plain.jpg", quality=95)
+    with pytest.raises(AssertionError):
+        check_exif_orientation(load_image(tmp_path / "plain.jpg", 32, max_pixels=LIMIT))
+
+
+def test_tiny_image_used_when_the_minimum_allows(tmp_path):
+    write_image(tmp_path / "s.png", size=(8, 8))
+    assert load_image(tmp_path / "s.png", 32, max_pixels=LIMIT, min_side=8).shape == (32, 32, 3)
+
+
+def test_vanished_file_rejected_with_its_own_reason(tmp_path):
+    with pytest.raises(ImageError) as info:
+        load_image(tmp_path / "gone.png", 32, max_pixels=LIMIT)
+    assert info.value.reason == DISAPPEARED
+    (tmp_path / "loop.png").symlink_to("loop.png")
+    with pytest.raises(ImageError, match="symlink loop"):
+        inspect_image(tmp_path / "loop.png", max_pixels=LIMIT)
+    (tmp_path / "broken.png").symlink_to("gone.png")
+    with pytest.raises(ImageError, match="broken symlink"):
+        inspect_image(tmp_path / "broken.png", max_pixels=LIMIT)

@@ -1,8 +1,11 @@
 """Find labelled images, validate them, drop duplicates and split by content hash.
 
-Layout: ``<data dir>/<class>/<images>`` (nested folders inside a class folder are fine). Every
-file found ends up in the manifest or in the rejections, each rejection with its reason; the
-input folder is only read.
+Layout: ``<data dir>/<class>/<images>``. Sub-folders inside a class folder are used: their
+images take the class of the top-level folder (``blasts/2024/a.png`` is a blast). Symlinks (to
+files or folders, at any depth) are followed only when their target lies under the data folder
+or ``settings.allowed_roots``; links out of them, broken links and symlink loops are rejected.
+Every file found ends up in the manifest or in the rejections, each rejection with its reason;
+the input folder is only read.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from wbc_tasks.config import CLASS_NAMES, IMAGE_EXTENSIONS, Settings
-from wbc_tasks.images import ImageError, inspect_image
+from wbc_tasks.images import ImageError, inspect_image, resolve_within
 from wbc_tasks.parallel import parallel_map
 from wbc_tasks.workdir import write_json_atomic
 
@@ -48,13 +51,45 @@ class Rejection:
 
 
 def resolve_inside(path: Path, roots: tuple[Path, ...]) -> Path:
-    """Resolve ``path`` (following links) and insist it lies under one of ``roots``."""
-    target = path.resolve()
-    for root in roots:
-        if target == root or target.is_relative_to(root):
-            return target
-    allowed = ", ".join(str(r) for r in roots) or "(none)"
-    raise ImageError(path, f"symlink points outside the allowed folders ({target} not under {allowed})")
+    """Resolve ``path`` (following links) and insist it lies under one of ``roots`` and exists."""
+    return resolve_within(path, roots)
+
+
+def _walk_class_folder(folder: Path, roots: tuple[Path, ...]) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Files under ``folder`` at any depth (as found: a link's own path) and the entries that
+    cannot be files, with reasons. Folder links are followed into ``roots``, each folder once:
+    ``rglob`` skipped linked folders silently and crashed on a symlink loop (RuntimeError)."""
+    files: list[Path] = []
+    problems: list[tuple[Path, str]] = []
+    visited = {folder.resolve()}
+    stack = [folder]
+    while stack:
+        current = stack.pop()
+        try:
+            # Real entries before links, so a real folder is scanned under its own path.
+            entries = sorted(os.scandir(current), key=lambda e: (e.is_symlink(), e.name))
+        except OSError as exc:  # vanished or unreadable since listed
+            problems.append((current, f"cannot list folder: {exc.strerror or exc}"))
+            continue
+        for entry in entries:
+            path = Path(entry.path)
+            try:
+                target = resolve_within(path, roots) if entry.is_symlink() else path
+            except ImageError as exc:
+                problems.append((path, exc.reason))
+                continue
+            if entry.is_dir():  # follows a link, like target.is_dir()
+                real = target.resolve()
+                if real in visited:
+                    problems.append((path, f"symlink loop or second path to folder {real} (already scanned)"))
+                    continue
+                visited.add(real)
+                stack.append(path)
+            elif entry.is_file():
+                files.append(path)
+            else:
+                problems.append((path, "not a regular file"))
+    return sorted(files), problems
 
 
 def find_labelled_images(
@@ -70,6 +105,12 @@ def find_labelled_images(
     rejected: list[Rejection] = []
     for entry in sorted(data_dir.iterdir()):
         rel = entry.relative_to(data_dir)
+        try:
+            # A class folder may itself be a link (labs mount shares that way): same rules.
+            resolve_within(entry, roots)
+        except ImageError as exc:
+            rejected.append(Rejection(str(rel), exc.reason))
+            continue
         if entry.is_file():
             rejected.append(Rejection(str(rel), "file outside any class folder"))
             continue
@@ -77,14 +118,17 @@ def find_labelled_images(
             rejected.append(Rejection(str(rel), "not a file or folder"))
             continue
         label = known.get(entry.name.lower())
-        files = sorted(p for p in entry.rglob("*") if not p.is_dir())
+        files, problems = _walk_class_folder(entry, roots)
+        rejected.extend(
+            Rejection(str(p.relative_to(data_dir)), reason, label or "") for p, reason in problems
+        )
         if label is None:
             reason = f"unknown class folder '{entry.name}'; known classes: {', '.join(CLASS_NAMES)}"
             rejected.extend(Rejection(str(p.relative_to(data_dir)), reason) for p in files)
-            if not files:
+            if not files and not problems:
                 rejected.append(Rejection(str(rel), reason))
             continue
-        if not files:
+        if not files and not problems:
             rejected.append(Rejection(str(rel), "empty class folder", label=label))
             continue
         for path in files:
@@ -92,12 +136,6 @@ def find_labelled_images(
             if path.suffix.lower() not in IMAGE_EXTENSIONS:
                 rejected.append(Rejection(prel, f"unsupported file type '{path.suffix}'", label))
                 continue
-            if path.is_symlink():
-                try:
-                    resolve_inside(path, roots)
-                except ImageError as exc:
-                    rejected.append(Rejection(prel, exc.reason, label))
-                    continue
             found.append((path, label))
     return found, rejected
 

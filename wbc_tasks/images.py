@@ -7,8 +7,11 @@ normalisation lives inside the Keras model, so training and serving cannot disag
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +20,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 #: Alpha is composited onto white: slide background is light, black would look like a stain.
 _ALPHA_BACKGROUND = (255, 255, 255)
+
+#: The reason recorded for a file that was listed but gone (moved, renamed, deleted) when read.
+#: The nightly run records such files without a content hash, so they are classified on a later
+#: night if they come back.
+DISAPPEARED = "file disappeared before it could be read (moved, renamed or deleted)"
 
 
 class ImageError(ValueError):
@@ -39,6 +47,35 @@ class ImageInfo:
     format: str
 
 
+def resolve_within(path: Path, roots: Sequence[Path]) -> Path:
+    """Where ``path`` really is (links followed), if it may be read: it must lie under one of
+    ``roots`` (resolved folders) and exist. Else :class:`ImageError` saying which of a symlink
+    loop, a link out of ``roots``, a broken link or a vanished file it is."""
+    try:
+        target = path.resolve()
+    except (RuntimeError, OSError) as exc:  # Python 3.11 raises RuntimeError on a loop
+        raise ImageError(path, "symlink loop (the link leads back to itself)") from exc
+    if not any(target == root or target.is_relative_to(root) for root in roots):
+        allowed = ", ".join(str(r) for r in roots) or "(none)"
+        raise ImageError(path, f"symlink points outside the allowed folders ({target} not under {allowed})")
+    try:
+        os.stat(path)
+    except OSError as exc:
+        raise _unreadable(path, exc) from exc
+    return target
+
+
+def _unreadable(path: Path, exc: OSError) -> ImageError:
+    """Why ``os.stat(path)`` failed, in words."""
+    if exc.errno == errno.ELOOP:  # newer Pythons resolve a loop without raising
+        return ImageError(path, "symlink loop (the link leads back to itself)")
+    if os.path.islink(path):
+        return ImageError(path, f"broken symlink (target {os.path.realpath(path)} is missing)")
+    if not os.path.lexists(path):
+        return ImageError(path, DISAPPEARED)
+    return ImageError(path, f"cannot read file: {exc.strerror or exc}")
+
+
 def sha256_of_file(path: Path, block: int = 1 << 20) -> str:
     """Content hash: the identity of an image across runs, folders and drops."""
     digest = hashlib.sha256()
@@ -49,9 +86,15 @@ def sha256_of_file(path: Path, block: int = 1 << 20) -> str:
 
 
 def _open_checked(path: Path, max_pixels: int, min_side: int) -> Image.Image:
+    try:
+        stat = path.stat()
+    except OSError as exc:
+        # A file listed a moment ago may be gone (a drop folder renamed mid-run), or be a broken
+        # link or a loop: say which, as a rejection (the caller's batch goes on).
+        raise _unreadable(path, exc) from exc
     if not path.is_file():
         raise ImageError(path, "not a regular file")
-    if path.stat().st_size == 0:
+    if stat.st_size == 0:
         raise ImageError(path, "empty file (0 bytes)")
     try:
         # Pillow's own bomb check warns below 2x its limit; we want a hard, configurable limit.
@@ -62,6 +105,8 @@ def _open_checked(path: Path, max_pixels: int, min_side: int) -> Image.Image:
         raise ImageError(path, "not a readable image (unknown or corrupt format)") from exc
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError(path, f"image too large to decode safely ({exc})") from exc
+    except FileNotFoundError as exc:
+        raise ImageError(path, DISAPPEARED) from exc
     except OSError as exc:
         raise ImageError(path, f"cannot open image: {exc}") from exc
     width, height = img.size
@@ -135,6 +180,10 @@ def inspect_image(path: Path | str, *, max_pixels: int, min_side: int = 1) -> Im
             img.load()
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(path, f"corrupt or truncated image: {exc}") from exc
-    return ImageInfo(
-        sha256=sha256_of_file(path), width=width, height=height, mode=mode, format=fmt
-    )
+    try:
+        digest = sha256_of_file(path)
+    except FileNotFoundError as exc:  # gone since it was decoded: must not crash the split
+        raise ImageError(path, DISAPPEARED) from exc
+    except OSError as exc:
+        raise ImageError(path, f"cannot read file: {exc.strerror or exc}") from exc
+    return ImageInfo(sha256=digest, width=width, height=height, mode=mode, format=fmt)
