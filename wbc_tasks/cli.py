@@ -7,6 +7,7 @@
     wbc promote VERSION --why TEXT / wbc rollback --why TEXT        move the champion by hand
     wbc airflow-ui / wbc mlflow-ui                                  open the UIs on the same state
     wbc demo-data [--per-class N]                                   write the generated demo set
+    wbc cleanup [--dry-run] [--mlflow-artifacts]                    delete old run work folders
 """
 
 from __future__ import annotations
@@ -165,6 +166,17 @@ def cmd_mlflow_ui(args: argparse.Namespace, settings: Settings) -> int:
     )
 
 
+def cmd_cleanup(args: argparse.Namespace, settings: Settings) -> int:
+    import logging
+
+    from wbc_tasks.retention import apply_retention
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
+    summary = apply_retention(settings, dry_run=args.dry_run, mlflow_artifacts=args.mlflow_artifacts or None)
+    print(json.dumps(summary, indent=2, default=str))
+    return 1 if summary["errors"] or summary.get("mlflow", {}).get("errors") else 0
+
+
 def cmd_demo_data(args: argparse.Namespace, settings: Settings) -> int:
     from wbc_tasks.demo import generate_demo_dataset
 
@@ -225,6 +237,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--per-class", type=int, default=40)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=cmd_demo_data)
+
+    cleanup = sub.add_parser(
+        "cleanup",
+        help="delete training work folders older than WBC_RETENTION_DAYS beyond the newest "
+        "WBC_RETENTION_KEEP_RUNS (never the champion's or previous champion's, nor running ones)",
+    )
+    cleanup.add_argument("--dry-run", action="store_true", help="only report what would be deleted")
+    cleanup.add_argument(
+        "--mlflow-artifacts", action="store_true",
+        help="also delete the MLflow artifacts of old runs that never registered a version "
+        "(default: WBC_RETENTION_MLFLOW_ARTIFACTS)",
+    )
+    cleanup.set_defaults(func=cmd_cleanup)
     return parser
 
 

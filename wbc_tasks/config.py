@@ -64,6 +64,23 @@ def _env_str(name: str, default: str) -> str:
     return value if value not in (None, "") else default
 
 
+def _env_bool(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    if value in (None, ""):
+        return default
+    text = value.strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"setting {name}={value!r} is not a boolean (true/false, yes/no, 1/0, on/off)")
+
+
+def _env_optional(name: str) -> str | None:
+    value = os.environ.get(name)
+    return value if value not in (None, "") else None
+
+
 @dataclass(frozen=True)
 class Settings:
     """Where things live and the defaults that are not per-run params."""
@@ -117,6 +134,18 @@ class Settings:
     lock_timeout: float = 3600.0
     #: Seconds to wait for a new model version to become READY before promoting it.
     model_ready_timeout: float = 300.0
+    #: MLflow's own HTTP client (a tracking server): retries of one request, their backoff factor
+    #: (whole seconds; waits of 0, 2, 4, 8... times it) and the timeout of one request, in
+    #: seconds. Exported to MLflow's ``MLFLOW_HTTP_REQUEST_*`` variables by
+    #: :func:`wbc_tasks.registry.configure_mlflow`; ``mlflow_retries`` retry on top of them.
+    mlflow_http_retries: int = 5
+    mlflow_http_backoff: int = 1
+    mlflow_http_timeout: int = 60
+    #: Retries (after the first try) of a predictions-database transaction that failed because the
+    #: connection was lost or refused, the first after ``predictions_db_retry_wait`` seconds,
+    #: each wait doubled (a whole transaction is retried: nothing is half committed).
+    predictions_db_retries: int = 5
+    predictions_db_retry_wait: float = 1.0
     #: Nightly classification: cron schedule and the timezone it (and start_date) is read in.
     classify_schedule: str = "0 2 * * *"
     timezone: str = "UTC"
@@ -134,6 +163,27 @@ class Settings:
     archive_dir: Path | None = None
     #: MLflow experiment the nightly run summaries are logged to.
     classify_experiment: str = "wbc-classification"
+    #: Retention (wbc_tasks.retention): a training run's work folder untouched for this many days
+    #: is deleted, except the newest ``retention_keep_runs`` folders, folders of model versions
+    #: holding an alias and runs whose MLflow run is still RUNNING.
+    retention_days: float = 30.0
+    retention_keep_runs: int = 5
+    #: Also delete the MLflow artifacts of old training runs that never registered a version.
+    retention_mlflow_artifacts: bool = False
+    #: When the wbc_maintenance DAG (retention) runs, in ``timezone``.
+    maintenance_schedule: str = "30 3 * * *"
+    #: Failure alerts (wbc_tasks.alerts). Secrets stay out of ``repr`` and so out of logs.
+    alert_webhook_url: str | None = field(default=None, repr=False)
+    alert_email: tuple[str, ...] = ()
+    alert_callback: str | None = None
+    #: Seconds each network call of an alert (webhook POST, SMTP session) may take.
+    alert_timeout: float = 10.0
+    smtp_host: str | None = None
+    smtp_port: int = 587
+    smtp_user: str | None = None
+    smtp_password: str | None = field(default=None, repr=False)
+    smtp_starttls: bool = True
+    smtp_from: str = "wbc-pipeline@localhost"
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -179,6 +229,11 @@ class Settings:
             mlflow_retry_wait=_env_float("WBC_MLFLOW_RETRY_WAIT", 1.0),
             lock_timeout=_env_float("WBC_LOCK_TIMEOUT", 3600.0),
             model_ready_timeout=_env_float("WBC_MODEL_READY_TIMEOUT", 300.0),
+            mlflow_http_retries=_env_int("WBC_MLFLOW_HTTP_RETRIES", 5),
+            mlflow_http_backoff=_env_int("WBC_MLFLOW_HTTP_BACKOFF", 1),
+            mlflow_http_timeout=_env_int("WBC_MLFLOW_HTTP_TIMEOUT", 60),
+            predictions_db_retries=_env_int("WBC_PREDICTIONS_DB_RETRIES", 5),
+            predictions_db_retry_wait=_env_float("WBC_PREDICTIONS_DB_RETRY_WAIT", 1.0),
             classify_schedule=_env_str("WBC_CLASSIFY_SCHEDULE", "0 2 * * *"),
             timezone=_env_str("WBC_TIMEZONE", "UTC"),
             settle_minutes=_env_float("WBC_SETTLE_MINUTES", 5.0),
@@ -188,6 +243,22 @@ class Settings:
             review_threshold=_env_float("WBC_REVIEW_THRESHOLD", 0.7),
             archive_dir=Path(archive).expanduser().resolve() if archive else None,
             classify_experiment=_env_str("WBC_CLASSIFY_EXPERIMENT", "wbc-classification"),
+            retention_days=_env_float("WBC_RETENTION_DAYS", 30.0),
+            retention_keep_runs=_env_int("WBC_RETENTION_KEEP_RUNS", 5),
+            retention_mlflow_artifacts=_env_bool("WBC_RETENTION_MLFLOW_ARTIFACTS", False),
+            maintenance_schedule=_env_str("WBC_MAINTENANCE_SCHEDULE", "30 3 * * *"),
+            alert_webhook_url=_env_optional("WBC_ALERT_WEBHOOK_URL"),
+            alert_email=tuple(
+                a.strip() for a in os.environ.get("WBC_ALERT_EMAIL", "").split(",") if a.strip()
+            ),
+            alert_callback=_env_optional("WBC_ALERT_CALLBACK"),
+            alert_timeout=_env_float("WBC_ALERT_TIMEOUT", 10.0),
+            smtp_host=_env_optional("WBC_SMTP_HOST"),
+            smtp_port=_env_int("WBC_SMTP_PORT", 587),
+            smtp_user=_env_optional("WBC_SMTP_USER"),
+            smtp_password=_env_optional("WBC_SMTP_PASSWORD"),
+            smtp_starttls=_env_bool("WBC_SMTP_STARTTLS", True),
+            smtp_from=_env_str("WBC_SMTP_FROM", "wbc-pipeline@localhost"),
         )
 
     def with_overrides(self, **changes: object) -> "Settings":

@@ -30,7 +30,7 @@ def test_every_dag_file_imports_without_errors():
 
     bag = DagBag(dag_folder=REPO_ROOT / "dags")
     assert bag.import_errors == {}
-    assert {"wbc_training", "wbc_batch_classification"} <= set(bag.dag_ids)
+    assert {"wbc_training", "wbc_batch_classification", "wbc_maintenance"} <= set(bag.dag_ids)
 
 
 def test_tasks_chained_in_order_with_training_on_gpu_queue():

@@ -1,0 +1,81 @@
+"""Daily housekeeping: delete old training work folders (and, when asked, MLflow artifacts).
+
+cleanup_runs
+
+One task, one call of ``wbc_tasks.retention.cleanup_step``. A training run's work folder
+(``$WBC_WORK_DIR/runs/<run id>/``, several hundred MB) is deleted once it is older than
+``WBC_RETENTION_DAYS`` and not among the newest ``WBC_RETENTION_KEEP_RUNS``; the folders of model
+versions holding an alias (champion, previous-champion) and of runs still RUNNING in MLflow are
+never deleted. With the ``mlflow_artifacts`` param (default ``WBC_RETENTION_MLFLOW_ARTIFACTS``),
+old runs that never registered a version also lose their MLflow artifacts. Runs daily
+(``WBC_MAINTENANCE_SCHEDULE``, in ``WBC_TIMEZONE``); ``dry_run`` only reports. The same from a
+shell: ``wbc cleanup [--dry-run]``.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import Param, dag, get_current_context, task
+
+from wbc_tasks.config import get_settings
+
+SETTINGS = get_settings()
+
+PARAMS = {
+    "dry_run": Param(
+        False,
+        type="boolean",
+        title="Dry run",
+        description="Only report what would be deleted (the task log and its return value).",
+    ),
+    "mlflow_artifacts": Param(
+        SETTINGS.retention_mlflow_artifacts,
+        type="boolean",
+        title="Delete MLflow artifacts",
+        description="Also delete the MLflow artifacts of old training runs that never registered "
+        "a model version (their params and metrics stay).",
+    ),
+}
+
+
+def _alert_task_failure(context) -> None:
+    """Alert (webhook / e-mail / callable, see README "Operations") when a task fails for good."""
+    from wbc_tasks.alerts import alert_task_failure
+
+    alert_task_failure(context)
+
+
+def _alert_dag_failure(context) -> None:
+    """Alert when the DAG run fails without a task alert (e.g. it timed out)."""
+    from wbc_tasks.alerts import alert_dag_failure
+
+    alert_dag_failure(context)
+
+
+@dag(
+    dag_id="wbc_maintenance",
+    schedule=SETTINGS.maintenance_schedule,
+    start_date=pendulum.datetime(2026, 1, 1, tz=SETTINGS.timezone),
+    catchup=False,
+    max_active_runs=1,
+    params=PARAMS,
+    tags=["wbc", "maintenance"],
+    doc_md=__doc__,
+    default_args={"retries": 1, "retry_delay": timedelta(minutes=5),
+                  "on_failure_callback": _alert_task_failure},
+    on_failure_callback=_alert_dag_failure,
+)
+def wbc_maintenance() -> None:
+    @task
+    def cleanup_runs() -> dict:
+        from wbc_tasks.retention import cleanup_step
+
+        params = get_current_context()["params"]
+        return cleanup_step(get_settings(), dry_run=params["dry_run"], mlflow_artifacts=params["mlflow_artifacts"])
+
+    cleanup_runs()
+
+
+wbc_maintenance()
