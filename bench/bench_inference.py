@@ -1,0 +1,110 @@
+"""Inference at 256 px: the classification task's decode + predict against plain Keras ``predict``.
+
+    .venv/bin/python bench/bench_inference.py [--size 256] [--images 96] [--repeats 2] [--batch-size 32]
+
+Reads the unlabelled drop ``../shared/data/wbc-bench/classify-images/2026-11-24``. One VGG16
+(random weights: the cost of a forward pass does not depend on them) is saved as ``.keras`` and
+loaded back, and that load is timed apart. Then, alternating order, ``--repeats`` times:
+
+- ``plain predict``: the files already decoded into one array (decoding not timed), then
+  ``model.predict(x, batch_size)``: the compute bound, the baseline;
+- ``task``: ``wbc_tasks.classify.predict_images`` on the files: hashing, decoding and resizing
+  in a thread pool one batch ahead of the model, batches through ``predict_on_batch`` (what the
+  nightly ``classify_chunk`` task runs between loading the model and writing rows);
+- ``one at a time``: a loop decoding one file and predicting it alone (the notebook's way).
+
+Each method runs once untimed first (graph tracing), then timed. Reports images/s and the ratio
+to ``plain predict``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from wbc_tasks.classify import predict_images  # noqa: E402
+from wbc_tasks.config import CLASS_NAMES, get_settings  # noqa: E402
+from wbc_tasks.images import load_image  # noqa: E402
+from wbc_tasks.registry import ModelRef  # noqa: E402
+
+DROP = REPO.parent / "shared" / "data" / "wbc-bench" / "classify-images" / "2026-11-24"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--images", type=int, default=96)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=32)
+    args = parser.parse_args()
+    if not DROP.is_dir():
+        raise SystemExit(f"{DROP} not found: the benchmark needs ../shared/data/wbc-bench")
+    import keras
+
+    from wbc_tasks.model import build_model
+
+    settings = get_settings().with_overrides(classify_batch_size=args.batch_size)
+    paths = sorted(DROP.glob("*.jpg"))[: args.images]
+    n = len(paths)
+    for p in paths:
+        p.read_bytes()  # page cache warm for every method
+
+    with tempfile.TemporaryDirectory() as tmp:
+        keras.utils.set_random_seed(0)
+        model_file = Path(tmp) / "model.keras"
+        build_model(args.size, len(CLASS_NAMES), weights="none", settings=settings).save(model_file)
+        start = time.perf_counter()
+        model = keras.models.load_model(model_file)
+        load_s = time.perf_counter() - start
+
+    ref = ModelRef(name="bench", version="1", run_id="", uri="", image_size=args.size, class_names=CLASS_NAMES)
+    jobs = [(str(p), p, None) for p in paths]
+    x = np.stack([load_image(p, args.size, max_pixels=settings.max_image_pixels) for p in paths])
+
+    def plain() -> int:
+        return len(model.predict(x, batch_size=args.batch_size, verbose=0))
+
+    def task() -> int:
+        return sum(o.probabilities is not None for o in predict_images(settings, model, ref, jobs))
+
+    def one_at_a_time() -> int:
+        for p in paths:
+            image = load_image(p, args.size, max_pixels=settings.max_image_pixels)
+            model.predict_on_batch(image[None])
+        return n
+
+    methods = {"plain predict (preloaded arrays)": plain, "task: predict_images (decode overlapped)": task,
+               "one image at a time": one_at_a_time}
+    for fn in methods.values():  # tracing: every input shape once
+        fn()
+    speeds: dict[str, list[float]] = {name: [] for name in methods}
+    for repeat in range(args.repeats):
+        order = list(methods) if repeat % 2 == 0 else list(reversed(methods))
+        for name in order:
+            start = time.perf_counter()
+            done = methods[name]()
+            elapsed = time.perf_counter() - start
+            assert done == n, f"{name} classified {done} of {n}"
+            speeds[name].append(n / elapsed)
+            print(f"repeat {repeat} {name}: {n / elapsed:.2f} images/s", flush=True)
+    base = statistics.median(speeds["plain predict (preloaded arrays)"])
+    print(f"\n{n} images of {DROP.relative_to(REPO.parent)} at {args.size} px, batch {args.batch_size}, "
+          f"{os.cpu_count()} cores, VGG16 (.keras) loaded in {load_s:.1f} s; median of {args.repeats}")
+    print("| method | images/s | vs plain predict |")
+    print("|---|---|---|")
+    for name, s in speeds.items():
+        print(f"| {name} | {statistics.median(s):.2f} | {statistics.median(s) / base:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
