@@ -1,7 +1,7 @@
 """Training at a CPU profile on wbc-bench: SMOTE vs class weights vs neither.
 
     .venv/bin/python bench/bench_training.py [--image-size 32] [--epochs 4] [--augment-per-class 0]
-        [--batch-size 32] [--learning-rate 1e-4] [--patience 2] [--seed 42] [--workers 1]
+        [--epochs-without-smote N] [--batch-size 32] [--learning-rate 1e-4] [--patience 2] [--seed 42] [--workers 1]
         [--home DIR]
 
 Runs the training pipeline's own steps (``wbc_tasks.steps``: split, preprocess, augment, balance,
@@ -52,6 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--image-size", type=int, default=32, help="side in px (default 32)")
     parser.add_argument("--epochs", type=int, default=4, help="fine-tune epochs (from scratch: all of them)")
+    parser.add_argument("--epochs-without-smote", type=int, default=None,
+                        help="epochs of the configurations without SMOTE (default: --epochs); SMOTE doubles "
+                             "the training set, so twice the epochs compares them at equal images seen")
     parser.add_argument("--augment-per-class", type=int, default=0,
                         help="augmentation target per class before SMOTE (default 0: originals only)")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -180,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("WBC_WORK_DIR", "WBC_MLFLOW_TRACKING_URI", "WBC_MLFLOW_ARTIFACT_ROOT", "WBC_DATA_DIR"):
         os.environ.pop(name, None)
     os.environ["WBC_WORKERS"] = str(args.workers)
+    os.environ["WBC_ALLOWED_ROOTS"] = str(BENCH.resolve())  # the data_dir param must lie in one
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("mlflow", "alembic", "urllib3", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -191,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     shared_seconds: dict = {}
     for name in args.configs:
         params = {**base_params(args), **CONFIGS[name]}
+        if not CONFIGS[name]["smote"] and args.epochs_without_smote:
+            params["epochs_finetune"] = args.epochs_without_smote
         run_id = f"bench-{stamp}-{name}"
         result = run_config(name, run_id, params, shared_run, shared_seconds)
         if shared_run is None:
