@@ -299,3 +299,20 @@ def test_simultaneous_promotions_end_with_the_better_champion(mlflow_settings):
     else:
         assert outcome == {worse.version: KEPT_CHAMPION, better.version: PROMOTED}
         assert results[worse.version]["compared_with_version"] == better.version
+
+
+def test_a_version_without_its_registration_tags_is_never_promoted(mlflow_settings):
+    """A version whose registration stopped before tagging (no image size, no class names) does
+    not become champion, however good its numbers."""
+    from dataclasses import replace
+
+    from wbc_tasks.registry import configure_mlflow
+
+    s = mlflow_settings
+    v1 = add_version(s, metrics(0.7))
+    promote_version(s, v1.version, who="ana", why="baseline")
+    bare = configure_mlflow(s).create_model_version(s.model_name, (s.home / "fake-model").as_uri())
+    with pytest.raises(NoModelError, match="lacks the 'image_size'"):
+        promote_if_better(s, replace(v1, version=str(bare.version)), metrics(0.9), lambda ref: metrics(0.7), **FLOORS)
+    assert current_aliases(s) == {s.champion_alias: v1.version}
+    assert "promotion.decision" not in tags_of(s, str(bare.version))

@@ -245,7 +245,7 @@ def test_retries_transient_failures_only(mlflow_settings):
     from mlflow.exceptions import MlflowException
     from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, TEMPORARILY_UNAVAILABLE
 
-    from wbc_tasks.registry import call_with_retries
+    from wbc_tasks.registry import MlflowUnavailableError, call_with_retries
 
     calls = []
 
@@ -273,9 +273,10 @@ def test_retries_transient_failures_only(mlflow_settings):
         calls.append(1)
         raise MlflowException("API request to http://mlflow:5000/api failed with exception Max retries exceeded")
 
-    with pytest.raises(MlflowException):
+    with pytest.raises(MlflowUnavailableError, match=r"MLflow at .* is unreachable or busy: down failed 4 times") as failed:
         call_with_retries(mlflow_settings, down)
     assert len(calls) == mlflow_settings.mlflow_retries + 1
+    assert isinstance(failed.value.__cause__, MlflowException) and "Max retries exceeded" in str(failed.value)
 
 
 # ------------------------------------------------------------------ registration and the model card

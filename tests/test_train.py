@@ -215,3 +215,83 @@ def test_dataset_batches_one_hot_and_reshuffles_per_epoch(stores):
     assert list(labels.argmax(1)) == [int(store.labels[i]) for i in order]
     assert not all(np.array_equal(a[0], b[0]) for a, b in zip(epoch0, epoch1))  # a new order
     assert all(np.array_equal(a[0], b[0]) for a, b in zip(epoch0, again))  # same epoch, same order
+
+
+# ------------------------------------------------------------------ a worker killed mid-task (real process)
+
+TRAIN_STEP_SCRIPT = "import json, sys; from wbc_tasks.steps import train_step; train_step(sys.argv[1], json.loads(sys.argv[2]))"
+
+
+@pytest.mark.slow  # a second process imports TensorFlow and trains
+def test_train_task_killed_after_an_epoch_resumes_from_its_checkpoint(stores, tmp_path, settings, monkeypatch,
+                                                                       caplog):
+    """The worker running the train task is SIGKILLed once an epoch is checkpointed; the retried
+    task (same run, same params) resumes after that epoch and ends with each epoch once, in its
+    history and in MLflow."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import mlflow
+
+    from wbc_tasks import steps
+    from wbc_tasks.config import COMPLETE_MARKER, get_settings
+    from wbc_tasks.registry import configure_mlflow, find_tracking_run
+    from wbc_tasks.workdir import mark_complete
+
+    run_id = "manual__killed-worker"
+    monkeypatch.setenv("WBC_WORK_DIR", str(tmp_path / "work"))
+    monkeypatch.setenv("WBC_MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("WBC_MLFLOW_ARTIFACT_ROOT", str(tmp_path / "artifacts"))
+    run = get_settings().run_dir(run_id)
+    shutil.copytree(stores["train"], run / "balance")  # the upstream steps' outputs
+    shutil.copytree(stores["val"], run / "preprocess" / "val")
+    mark_complete(run / "balance", {"counts": {}})
+    params = {"image_size": SIZE, "weights": "none", "epochs_head": 0, "epochs_finetune": 5, "batch_size": 8,
+              "learning_rate_finetune": 1e-4, "early_stopping_patience": 0, "seed": 1}
+    state_file = run / "train_checkpoints" / CHECKPOINT_STATE_FILE
+
+    repo = Path(__file__).resolve().parents[1]
+    log = open(tmp_path / "worker.log", "wb")
+    worker = subprocess.Popen(
+        [sys.executable, "-c", TRAIN_STEP_SCRIPT, run_id, json.dumps(params)], cwd=repo,
+        env={**os.environ, "PYTHONPATH": str(repo), "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "3"},
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    log.close()
+    try:
+        deadline = time.monotonic() + 300
+        while not (state_file.is_file() and json.loads(state_file.read_text())["epochs_done"] >= 1):
+            assert worker.poll() is None, (tmp_path / "worker.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no epoch checkpoint within 5 minutes"
+            time.sleep(0.05)
+        assert worker.poll() is None, "the task finished before it could be killed"
+        worker.send_signal(signal.SIGKILL)
+    finally:
+        worker.kill()
+        worker.wait(timeout=60)
+    assert worker.returncode == -signal.SIGKILL
+    done_before = json.loads(state_file.read_text())["epochs_done"]
+    assert 1 <= done_before < 5
+    assert not (run / "train" / COMPLETE_MARKER).exists()
+
+    caplog.set_level(logging.INFO, logger="wbc_tasks.train")
+    summary = steps.train_step(run_id, params)  # Airflow's retry of the task
+
+    assert summary["resumed_from_epoch"] == done_before, "the retry did not resume from the checkpoint"
+    epochs_run = [int(line.split("/")[0].removeprefix("epoch ")) for line in _epoch_lines(caplog)]
+    assert epochs_run == list(range(done_before + 1, 6)), "the retry redid finished epochs"
+    assert list(pd.read_csv(run / "train" / "history.csv")["epoch"]) == [1, 2, 3, 4, 5]
+    assert summary["epochs"] == {"scratch": 5} and (run / "train" / "model.keras").is_file()
+    assert (run / "train" / COMPLETE_MARKER).is_file()
+
+    settings_now = get_settings()
+    steps_logged = [m.step for m in configure_mlflow(settings_now).get_metric_history(
+        find_tracking_run(settings_now, run_id), "val_loss")]
+    mlflow.set_tracking_uri(None)
+    assert len(steps_logged) == len(set(steps_logged)), f"epochs logged twice: {sorted(steps_logged)}"
+    assert set(range(done_before + 1, 6)) <= set(steps_logged) <= set(range(1, 6))

@@ -14,10 +14,13 @@ Three tables (SQLite by default, PostgreSQL through ``WBC_PREDICTIONS_DB_URL``):
   an unreadable file has sha256 ``''`` (not NULL: NULLs never collide in a UNIQUE constraint,
   so retries would duplicate them).
 
-Writes use INSERT ... ON CONFLICT DO NOTHING, so a retried task never duplicates a row. The
-schema is created and migrated by Alembic (``wbc_tasks/migrations``) through
-:func:`upgrade_database`; the version table is ``wbc_predictions_alembic_version`` so the
-database may be shared with MLflow or Airflow, which use Alembic's default table name.
+Writes use INSERT ... ON CONFLICT DO NOTHING, so a retried task never duplicates a row. A
+transaction that fails because the connection was lost or refused (a database restarting) is
+retried whole (:func:`transaction`, :func:`with_db_retries`): the database rolled it back, so
+the retry neither loses nor duplicates a row. The schema is created and migrated by Alembic
+(``wbc_tasks/migrations``) through :func:`upgrade_database`; the version table is
+``wbc_predictions_alembic_version`` so the database may be shared with MLflow or Airflow, which
+use Alembic's default table name.
 """
 
 from __future__ import annotations
@@ -26,11 +29,12 @@ import io
 import json
 import logging
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import (
     JSON,
@@ -77,6 +81,11 @@ EXPORT_COLUMNS = (
 )
 #: SQLite allows a limited number of bound parameters per statement; IN lists are split.
 _IN_BATCH = 500
+#: Connection failures that retrying cannot fix (checked before retrying one).
+_PERMANENT_CONNECT_ERRORS = ("authentication failed", "does not exist", "pg_hba.conf", "no password",
+                             "permission denied")
+
+T = TypeVar("T")
 
 metadata = MetaData(
     naming_convention={
@@ -166,6 +175,96 @@ def make_engine(url: str) -> Engine:
 
         return engine
     return create_engine(url, pool_pre_ping=True)
+
+
+class DatabaseUnavailableError(ConnectionError):
+    """The predictions database stayed unreachable through every retry."""
+
+
+def is_transient_db_error(exc: BaseException) -> bool:
+    """Whether a database call failed for a reason that may pass: the connection was lost,
+    refused or reset (a restarting server), a deadlock or serialisation failure, SQLite busy."""
+    from sqlalchemy import exc as sa_exc
+
+    if isinstance(exc, (sa_exc.DisconnectionError, sa_exc.TimeoutError)):  # pool: reconnect / wait
+        return True
+    if not isinstance(exc, sa_exc.DBAPIError):
+        return False
+    if exc.connection_invalidated:
+        return True
+    orig = exc.orig
+    text = str(orig).lower()
+    if type(orig).__module__.startswith("sqlite3"):
+        return "locked" in text or "busy" in text
+    if not isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError)):
+        return False
+    return not any(fragment in text for fragment in _PERMANENT_CONNECT_ERRORS)
+
+
+def with_db_retries(settings: Settings, fn: Callable[[], T], *, what: str) -> T:
+    """``fn()``, retried while it fails transiently (:func:`is_transient_db_error`).
+
+    ``fn`` must be safe to repeat: a read, or one whole transaction (:func:`transaction`), which
+    the database rolled back when the connection went. ``settings.predictions_db_retries``
+    retries, the first after ``settings.predictions_db_retry_wait`` seconds, each wait doubled.
+    When every try failed transiently, raises :class:`DatabaseUnavailableError`.
+    """
+    import tenacity
+
+    url = make_url(settings.predictions_db_url).render_as_string(hide_password=True)
+
+    def _warn(state: tenacity.RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        log.warning(
+            "predictions database %s: %s failed (%s); retry %d of %d in %.1f s", url, what,
+            str(getattr(error, "orig", None) or error).strip().splitlines()[0] if error else "?",
+            state.attempt_number, settings.predictions_db_retries,
+            state.next_action.sleep if state.next_action else 0.0,
+        )
+
+    retrying = tenacity.Retrying(
+        stop=tenacity.stop_after_attempt(settings.predictions_db_retries + 1),
+        wait=tenacity.wait_exponential(multiplier=settings.predictions_db_retry_wait, min=0, max=60),
+        retry=tenacity.retry_if_exception(is_transient_db_error),
+        before_sleep=_warn,
+        reraise=True,
+    )
+    started = time.monotonic()
+    try:
+        return retrying(fn)
+    except Exception as exc:
+        if not is_transient_db_error(exc):
+            raise
+        cause = str(getattr(exc, "orig", None) or exc).strip()
+        raise DatabaseUnavailableError(
+            f"the predictions database {url} is unreachable: {what} failed "
+            f"{settings.predictions_db_retries + 1} times over {time.monotonic() - started:.0f} s "
+            f"(WBC_PREDICTIONS_DB_RETRIES={settings.predictions_db_retries}). Nothing of it was "
+            f"committed; the task can be retried safely. Last error: {cause}"
+        ) from exc
+
+
+def transaction(settings: Settings, engine: Engine, work: Callable[[Connection], T], *, what: str) -> T:
+    """``work(connection)`` in one transaction, committed whole or not at all, and retried whole
+    when the connection fails (:func:`with_db_retries`)."""
+
+    def attempt() -> T:
+        with engine.begin() as connection:
+            return work(connection)
+
+    return with_db_retries(settings, attempt, what=what)
+
+
+def read_with_retries(
+    settings: Settings, engine: Engine, work: Callable[[Connection], T], *, what: str
+) -> T:
+    """``work(connection)`` on a fresh connection, retried when the connection fails."""
+
+    def attempt() -> T:
+        with engine.connect() as connection:
+            return work(connection)
+
+    return with_db_retries(settings, attempt, what=what)
 
 
 @contextmanager
@@ -353,14 +452,19 @@ def query_predictions(
         query = query.where(p.c.needs_review == bool(needs_review))
     if model_version is not None:
         query = query.where(p.c.model_version == str(model_version))
-    with open_engine(settings.predictions_db_url) as engine, engine.connect() as connection:
-        since_utc = _as_utc(since)
+    since_utc = _as_utc(since)
+
+    def fetch(connection: Connection) -> list[dict[str, Any]]:
+        selected = query
         if since_utc is not None:
             bound = _for_db(since_utc, connection)
-            query = query.where(
+            selected = selected.where(
                 or_(fs.c.seen_at >= bound, p.c.created_at >= bound, r.c.created_at >= bound)
             )
-        rows = [dict(row) for row in connection.execute(query).mappings()]
+        return [dict(row) for row in connection.execute(selected).mappings()]
+
+    with open_engine(settings.predictions_db_url) as engine:
+        rows = read_with_retries(settings, engine, fetch, what="reading predictions")
     table = pd.DataFrame(rows, columns=list(query.selected_columns.keys()))
     for column in ("seen_at", "predicted_at", "rejected_at"):
         table[column] = pd.to_datetime(table[column], utc=True)

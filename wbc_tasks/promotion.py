@@ -281,7 +281,9 @@ def apply_decision(settings: Settings, candidate: ModelRef, decision: PromotionD
     Call it under :func:`promotion_lock`. Raises :class:`PromotionConflict` when the champion is
     no longer the one the decision compared with.
     """
-    wait_until_ready(settings, candidate.version)
+    # Only a fully registered version moves: READY and tagged with what inference needs
+    # (model_ref_from_version refuses a version without its image size and class names).
+    model_ref_from_version(settings, wait_until_ready(settings, candidate.version))
     aliases = current_aliases(settings)
     champion_now = aliases.get(settings.champion_alias)
     if decision.outcome != ALREADY_CHAMPION and champion_now != decision.champion_version:

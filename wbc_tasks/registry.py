@@ -65,11 +65,28 @@ class ModelRef:
     class_names: tuple[str, ...]
 
 
+#: MLflow's own HTTP client settings (read by MLflow at every request) and where ours come from.
+MLFLOW_HTTP_ENV = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "mlflow_http_retries",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "mlflow_http_backoff",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "mlflow_http_timeout",
+}
+
+
 def configure_mlflow(settings: Settings):
-    """Point MLflow at the configured tracking/registry URI; return an ``MlflowClient``."""
+    """Point MLflow at the configured tracking/registry URI; return an ``MlflowClient``.
+
+    Also sets MLflow's HTTP client retries, backoff and timeout (``MLFLOW_HTTP_REQUEST_*``) from
+    the settings: MLflow's defaults (7 retries, factor 2, 120 s) keep one call of an unreachable
+    server hanging for about four minutes, before :func:`call_with_retries` even starts.
+    """
+    import os
+
     import mlflow
     from mlflow import MlflowClient
 
+    for variable, name in MLFLOW_HTTP_ENV.items():
+        os.environ[variable] = str(getattr(settings, name))
     uri = settings.mlflow_tracking_uri
     if uri.startswith("sqlite:///"):
         from pathlib import Path
@@ -133,10 +150,12 @@ def resolve_model(settings: Settings, ref: str | None = None) -> ModelRef:
     ref = str(ref) if ref not in (None, "") else settings.champion_alias
     try:
         if ref.isdigit():
-            version = client.get_model_version(settings.model_name, ref)
+            version = call_with_retries(settings, client.get_model_version, settings.model_name, ref)
         else:
-            version = client.get_model_version_by_alias(settings.model_name, ref)
+            version = call_with_retries(settings, client.get_model_version_by_alias, settings.model_name, ref)
     except MlflowException as exc:
+        if is_transient_error(exc):
+            raise
         raise NoModelError(
             f"no model '{settings.model_name}@{ref}' in the registry at "
             f"{settings.mlflow_tracking_uri}. Train one first: trigger the wbc_training DAG "
@@ -148,11 +167,22 @@ def resolve_model(settings: Settings, ref: str | None = None) -> ModelRef:
 
 
 def load_keras_model(settings: Settings, ref: ModelRef):
-    """Load a registered version as a Keras model (only from the configured registry)."""
+    """Load a registered version as a Keras model (only from the configured registry).
+
+    ``ref`` travels through XCom and params; whatever it says, the model is read from
+    ``models:/<WBC_MODEL_NAME>/<version>`` of the configured registry, never from another path
+    or URI (a ``.keras`` file can carry code that runs when it is loaded).
+    """
     import mlflow.tensorflow
 
+    expected = f"models:/{settings.model_name}/{ref.version}"
+    if ref.name != settings.model_name or ref.uri != expected or not str(ref.version).isdigit():
+        raise ValueError(
+            f"refusing to load model {ref.name!r} version {ref.version!r} from {ref.uri!r}: models are "
+            f"loaded only from the configured registry, as {expected!r} (WBC_MODEL_NAME={settings.model_name})"
+        )
     configure_mlflow(settings)
-    return mlflow.tensorflow.load_model(ref.uri)
+    return mlflow.tensorflow.load_model(expected)
 
 
 def log_model_version(
@@ -168,6 +198,10 @@ def log_model_version(
 
     Uses the ``tensorflow`` flavour: MLflow 3.17's ``keras`` flavour writes the input example
     before creating its folder and fails whenever an example is given.
+
+    Logging and registering are separate calls, each retried while the server is unreachable
+    (:func:`call_with_retries`); registering first looks for a version of the logged model, so a
+    retry after a lost reply never registers the same model twice.
     """
     import mlflow
     import mlflow.tensorflow
@@ -179,19 +213,34 @@ def log_model_version(
     probabilities = np.asarray(model.predict(example, verbose=0))
     signature = infer_signature(example, probabilities)
     metadata = {TAG_IMAGE_SIZE: image_size, TAG_CLASS_NAMES: list(class_names)}
-    info = mlflow.tensorflow.log_model(
-        model,
-        name=MODEL_ARTIFACT_NAME,
-        signature=signature,
-        input_example=example,
-        metadata=metadata,
-        registered_model_name=settings.model_name,
+    # A retried log after a failure half-way leaves an unregistered logged model in the run: harmless.
+    info = call_with_retries(
+        settings, mlflow.tensorflow.log_model, model, name=MODEL_ARTIFACT_NAME, signature=signature,
+        input_example=example, metadata=metadata,
     )
-    version = str(info.registered_model_version)
+    version = call_with_retries(settings, _register_once, settings, client, info.model_id, info.run_id)
+    wait_until_ready(settings, version)
     _tag_version(settings, client, version, image_size=image_size, class_names=class_names, tags=tags,
                  description=description)
     log.info("registered %s version %s", settings.model_name, version)
-    return model_ref_from_version(settings, client.get_model_version(settings.model_name, version))
+    return model_ref_from_version(
+        settings, call_with_retries(settings, client.get_model_version, settings.model_name, version)
+    )
+
+
+def _register_once(settings: Settings, client: Any, model_id: str, run_id: str | None) -> str:
+    """The registered version of logged model ``model_id``, registering it if it has none."""
+    import mlflow
+
+    query = f"name='{settings.model_name}'" + (f" and run_id='{run_id}'" if run_id else "")
+    source = f"models:/{model_id}"
+    found = [
+        v for v in client.search_model_versions(query)
+        if getattr(v, "model_id", None) == model_id or v.source == source
+    ]
+    if found:
+        return str(min(int(v.version) for v in found))
+    return str(mlflow.register_model(source, settings.model_name, await_registration_for=0).version)
 
 
 def _tag_version(
@@ -222,11 +271,17 @@ def _tag_version(
 TRANSIENT_ERROR_CODES = frozenset({"TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"})
 
 
+class MlflowUnavailableError(ConnectionError):
+    """MLflow stayed unreachable (or busy) through every retry of a call."""
+
+
 def is_transient_error(exc: BaseException) -> bool:
     """Whether an MLflow call failed for a reason that may pass (server unreachable or busy)."""
     import requests
     from mlflow.exceptions import MlflowException
 
+    if isinstance(exc, MlflowUnavailableError):
+        return False  # its retries are spent already; retrying around it would multiply them
     if isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
                         ConnectionError, TimeoutError)):
         return True
@@ -243,7 +298,9 @@ def call_with_retries(settings: Settings, fn: Callable[..., T], *args: Any, **kw
     """``fn(*args, **kwargs)``, retried with exponential backoff while it fails transiently.
 
     ``settings.mlflow_retries`` retries, the first after ``settings.mlflow_retry_wait`` seconds,
-    each wait doubled (tenacity). Only calls that are safe to repeat go through here.
+    each wait doubled (tenacity), on top of MLflow's own HTTP retries of each request
+    (``settings.mlflow_http_*``). Only calls that are safe to repeat go through here. When every
+    try failed transiently, raises :class:`MlflowUnavailableError` naming the server and the call.
     """
     import tenacity
 
@@ -262,7 +319,19 @@ def call_with_retries(settings: Settings, fn: Callable[..., T], *args: Any, **kw
         before_sleep=_warn,
         reraise=True,
     )
-    return retrying(fn, *args, **kwargs)
+    started = time.monotonic()
+    try:
+        return retrying(fn, *args, **kwargs)
+    except Exception as exc:
+        if not is_transient_error(exc):
+            raise
+        raise MlflowUnavailableError(
+            f"MLflow at {settings.mlflow_tracking_uri} is unreachable or busy: "
+            f"{getattr(fn, '__name__', fn)} failed {settings.mlflow_retries + 1} times over "
+            f"{time.monotonic() - started:.0f} s (WBC_MLFLOW_RETRIES={settings.mlflow_retries}, each "
+            f"try with up to {settings.mlflow_http_retries} HTTP retries, WBC_MLFLOW_HTTP_RETRIES). "
+            f"Check that the tracking server is up; the task can be retried safely. Last error: {exc}"
+        ) from exc
 
 
 # --------------------------------------------------------------------------------------------
@@ -429,9 +498,18 @@ def log_stage_artifacts(
     artifact_path: str,
     *,
     suffixes: tuple[str, ...] = STAGE_ARTIFACT_SUFFIXES,
+    roots: tuple[Path, ...] = (),
 ) -> list[str]:
     """Log a step folder's small result files (PNG, JSON, CSV; not the image stores) under
-    ``artifact_path``; return the names logged. Sub-folders are not descended into."""
+    ``artifact_path``; return the names logged. Sub-folders are not descended into.
+
+    With ``WBC_PSEUDONYMISE_NAMES`` the CSV and JSON files are logged as pseudonymised copies
+    (:mod:`wbc_tasks.privacy`; ``roots``: the data folder, for absolute paths in them); the
+    files in the work folder keep the real paths."""
+    import tempfile
+
+    from wbc_tasks.privacy import pseudonymiser
+
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"step folder {folder} does not exist")
@@ -441,9 +519,19 @@ def log_stage_artifacts(
     )
     client = configure_mlflow(settings)
     run_id = open_tracking_run(settings, dag_run_id)
-    for path in files:
-        call_with_retries(settings, client.log_artifact, run_id, str(path), artifact_path)
-    log.info("logged %d files of %s under %s/", len(files), folder, artifact_path)
+    names = pseudonymiser(settings, *roots)
+    with tempfile.TemporaryDirectory(prefix="wbc-pseudonymised-") as scratch:
+        if names.enabled:
+            # Paths of every CSV here (manifest and rejections), to find them in free text too.
+            known = names.known(p for f in files if f.suffix.lower() == ".csv" for p in names.csv_paths(f))
+            files = [
+                names.write_copy(f, Path(scratch) / f.name, known) if f.suffix.lower() in (".csv", ".json") else f
+                for f in files
+            ]
+        for path in files:
+            call_with_retries(settings, client.log_artifact, run_id, str(path), artifact_path)
+    log.info("logged %d files of %s under %s/%s", len(files), folder, artifact_path,
+             " (file names pseudonymised)" if names.enabled else "")
     return [p.name for p in files]
 
 

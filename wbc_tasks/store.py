@@ -7,7 +7,9 @@ step holds a whole split in RAM), ``labels.npy`` (N int16 class indices) and ``r
 
 from __future__ import annotations
 
+import errno
 import mmap
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +55,26 @@ def create_store(path: Path, count: int, size: int) -> np.ndarray:
     if count == 0:
         np.save(path / IMAGES_FILE, np.zeros(shape, dtype=np.uint8))
         return np.load(path / IMAGES_FILE)
-    return np.lib.format.open_memmap(path / IMAGES_FILE, mode="w+", dtype=np.uint8, shape=shape)
+    return _reserved_memmap(path / IMAGES_FILE, shape)
+
+
+def _reserved_memmap(file: Path, shape: tuple[int, ...]) -> np.memmap:
+    """A new writable uint8 ``.npy`` memory map whose disk blocks are reserved before use.
+
+    A memory map of a sparse file gets its blocks only when a page is written: on a full disk
+    that write kills the process with SIGBUS, without a word. Reserving them first
+    (``posix_fallocate``) turns a full disk into an ordinary ``OSError`` (ENOSPC) here.
+    """
+    images = np.lib.format.open_memmap(file, mode="w+", dtype=np.uint8, shape=shape)
+    if hasattr(os, "posix_fallocate"):
+        with open(file, "r+b") as handle:
+            try:
+                os.posix_fallocate(handle.fileno(), 0, os.fstat(handle.fileno()).st_size)
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                    del images
+                    raise
+    return images
 
 
 def finish_store(path: Path, images: np.ndarray, labels: np.ndarray, records: pd.DataFrame) -> None:
@@ -103,7 +124,7 @@ def shrink_store(path: Path, images: np.ndarray, count: int, chunk_size: int) ->
     if count == 0:
         np.save(partial, np.zeros(shape, dtype=np.uint8))
     else:
-        target = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=shape)
+        target = _reserved_memmap(partial, shape)
         for start in range(0, count, max(1, chunk_size)):
             stop = min(start + max(1, chunk_size), count)
             target[start:stop] = images[start:stop]

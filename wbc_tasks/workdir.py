@@ -9,6 +9,7 @@ works the same on object storage, which has no atomic rename.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -20,6 +21,18 @@ from typing import Any
 from wbc_tasks.config import COMPLETE_MARKER
 
 log = logging.getLogger(__name__)
+
+
+class NoSpaceError(OSError):
+    """A step ran out of disk space in its work folder (errno ENOSPC or EDQUOT)."""
+
+
+def _space(folder: Path) -> str:
+    try:
+        usage = shutil.disk_usage(folder)
+    except OSError:
+        return "free space unknown"
+    return f"{usage.free / 2**20:.1f} MiB free of {usage.total / 2**20:.1f} MiB"
 
 
 def read_marker(step_dir: Path) -> dict[str, Any] | None:
@@ -59,7 +72,8 @@ def run_step(
     """Run ``build(step_dir)`` unless the step already completed; return its summary.
 
     Leftovers of an interrupted attempt are removed first, so ``build`` always starts from an
-    empty folder.
+    empty folder. A full disk (or quota) raises :class:`NoSpaceError` naming the folder; the
+    marker is then not written, and the next attempt starts afresh.
     """
     if not force:
         done = read_marker(step_dir)
@@ -69,7 +83,18 @@ def run_step(
     if step_dir.exists():
         log.info("removing leftovers of an unfinished attempt in %s", step_dir)
         shutil.rmtree(step_dir)
-    step_dir.mkdir(parents=True)
-    summary = build(step_dir)
-    summary = {"step": step_dir.name, "dir": str(step_dir), **summary}
-    return mark_complete(step_dir, summary)
+    try:
+        step_dir.mkdir(parents=True)
+        summary = build(step_dir)
+        summary = {"step": step_dir.name, "dir": str(step_dir), **summary}
+        return mark_complete(step_dir, summary)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or isinstance(exc, NoSpaceError):
+            raise
+        raise NoSpaceError(
+            exc.errno,
+            f"no space left on device: step '{step_dir.name}' could not write its output in "
+            f"{step_dir} ({_space(step_dir.parent)}; {exc}). The step is not marked complete. Free "
+            f"space there (or point WBC_WORK_DIR at a larger volume) and retry: the next attempt "
+            f"removes this unfinished output first",
+        ) from exc
