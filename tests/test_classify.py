@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -15,10 +16,12 @@ import pandas as pd
 import pytest
 from sqlalchemy import select
 
+from tests.bad_inputs import CASES, build_cases, check_exif_orientation, snapshot
 from tests.test_predictions import throwaway_database
 from wbc_tasks import classify
 from wbc_tasks import predictions as db
 from wbc_tasks.config import CLASS_NAMES, get_settings
+from wbc_tasks.images import DISAPPEARED
 from wbc_tasks.registry import ModelRef, NoModelError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -383,10 +386,17 @@ def test_no_champion_fails_with_how_to_get_one(tmp_path):
 
 def test_classify_paths_without_airflow_writes_only_when_asked(registry_settings, tmp_path):
     source = drop_source("2026-11-24")
-    settings = registry_settings.with_overrides(predictions_db_url=f"sqlite:///{tmp_path / 'p.db'}")
-    bad = tmp_path / "bad.jpg"
+    allowed = tmp_path / "allowed"
+    settings = registry_settings.with_overrides(
+        predictions_db_url=f"sqlite:///{tmp_path / 'p.db'}", allowed_roots=(source.resolve(), allowed.resolve())
+    )
+    bad = allowed / "bad.jpg"
+    bad.parent.mkdir()
     bad.write_bytes(b"not a jpeg")
-    paths = [source / "cell_0005.jpg", bad, source / "cell_0006.jpg"]
+    outside = tmp_path / "elsewhere" / "cell.jpg"  # a real image, but in no configured folder
+    outside.parent.mkdir()
+    shutil.copy(source / "cell_0007.jpg", outside)
+    paths = [source / "cell_0005.jpg", bad, source / "cell_0006.jpg", outside]
 
     results = classify.classify_paths(settings, paths, model_ref="1")
 
@@ -394,6 +404,8 @@ def test_classify_paths_without_airflow_writes_only_when_asked(registry_settings
     assert results[0]["predicted_class"] in CLASS_NAMES and results[0]["model_version"] == "1"
     assert results[0]["sha256"] == sha(paths[0])
     assert "not a readable image" in results[1]["rejected"]
+    assert "predicted_class" in results[2]
+    assert results[3]["rejected"].startswith("file lies outside the allowed folders")
     assert not (tmp_path / "p.db").exists()
 
     v2 = classify.classify_paths(settings, paths[:1], model_ref="2", record=True)
@@ -422,3 +434,201 @@ def test_unchanged_files_are_not_reread_and_replaced_files_are_classified_again(
     assert summary["images_classified"] == 1
     seen = [s for s in table_rows(settings, db.files_seen) if s["path"] == "2026-11-28/cell_0002.jpg"]
     assert [s["sha256"] for s in seen] == [sha(source / "cell_0002.jpg"), sha(source / "cell_0009.jpg")]
+
+
+# ------------------------------------------------------------------ the table of bad inputs (issue 7)
+
+CASE_DROP = "2026-12-01"
+
+
+def _all_rows(settings, table) -> dict[str, list[dict]]:
+    rows: dict[str, list[dict]] = {}
+    for row in table_rows(settings, table):
+        rows.setdefault(row["path"], []).append(row)
+    return rows
+
+
+@pytest.fixture(scope="module")
+def bad_input_night(registry_settings, tmp_path_factory):
+    """The nights over a classify folder holding every case of the table: one drop with the
+    cases at the default minimum side (plus an empty drop and a copy of one image in another
+    drop), and one drop per case with its own minimum side, run first with that setting. Keeps
+    what was decoded, the rows written and the input tree before and after."""
+    folder = tmp_path_factory.mktemp("bad-inputs")
+    settings = registry_settings.with_overrides(
+        classify_dir=folder / "classify", work_dir=folder / "work",
+        predictions_db_url=f"sqlite:///{folder / 'predictions.db'}",
+        allowed_roots=((folder / "share").resolve(),),
+    )
+    settings.classify_dir.mkdir()
+    drops = {}
+    for case in CASES:
+        drops[case.id] = CASE_DROP if case.min_side is None else f"{CASE_DROP}-min{case.min_side}"
+        build_cases(settings.classify_dir / drops[case.id], folder, [case])
+    (settings.classify_dir / "2026-12-02").mkdir()  # an empty drop
+    copy = settings.classify_dir / "2026-12-03" / "alpha again.png"
+    copy.parent.mkdir()
+    shutil.copy(settings.classify_dir / CASE_DROP / "alpha.png", copy)
+    inputs = (settings.classify_dir, folder / "share", folder / "elsewhere")
+    before = snapshot(*inputs)
+
+    decoded = {}
+    real_load = classify.load_image
+
+    def keep(path, size, **kwargs):
+        array = real_load(path, size, **kwargs)
+        decoded[str(Path(path).relative_to(settings.classify_dir))] = array
+        return array
+
+    summaries = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(classify, "load_image", keep)
+        for case in CASES:
+            if case.min_side is not None:
+                summaries.append(classify.classify_new_images(
+                    settings.with_overrides(min_image_side=case.min_side), drop=drops[case.id]
+                ))
+        summaries.append(classify.classify_new_images(settings))
+        again = classify.classify_new_images(settings)
+    return {
+        "settings": settings, "drops": drops, "before": before, "after": snapshot(*inputs),
+        "decoded": decoded, "summaries": summaries, "again": again,
+        "seen": _all_rows(settings, db.files_seen), "rejected": _all_rows(settings, db.rejections),
+        "predicted": {p["sha256"] for p in table_rows(settings, db.predictions)},
+    }
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_bad_input_table_nightly(case, bad_input_night):
+    """Each awkward file is classified, or recorded as seen and rejected with its reason."""
+    night = bad_input_night
+    drop = night["drops"][case.id]
+    path = f"{drop}/{case.name}"
+    seen, rejected = night["seen"], night["rejected"]
+    for rel in case.also_used + ((case.name,) if case.reason is None else ()):
+        used = f"{drop}/{rel}"
+        digest = sha(night["settings"].classify_dir / used)  # a link's target content
+        assert [s["sha256"] for s in seen[used]] == [digest]
+        assert digest in night["predicted"] and used not in rejected
+        assert seen[used][0]["drop"] == drop
+    if case.reason is not None:
+        assert len(rejected[path]) == 1, rejected.get(path)
+        assert re.search(case.reason, rejected[path][0]["reason"]), rejected[path][0]["reason"]
+        assert [s["sha256"] for s in seen[path]] == [rejected[path][0]["sha256"]]  # seen, too
+        assert rejected[path][0]["sha256"] not in night["predicted"]
+    if case.id == "exif_rotated":
+        check_exif_orientation(night["decoded"][path])
+
+
+def test_bad_input_night_reads_only_and_accounts_for_every_entry(bad_input_night):
+    night = bad_input_night
+    assert night["after"] == night["before"]  # sha256, size and mtime of every input entry
+    recorded = set(night["seen"]) | set(night["rejected"])
+    base = night["settings"].classify_dir
+    for entry in base.rglob("*"):
+        rel = str(entry.relative_to(base))
+        if entry.is_dir() and not entry.is_symlink():
+            continue
+        # A followed folder link is accounted for by the files under it.
+        assert rel in recorded or any(r.startswith(rel + "/") for r in recorded), rel
+    assert not any(p.startswith("2026-12-02") for p in recorded)  # an empty drop: nothing to record
+    # The same image in two drops: one prediction, both files point to it.
+    again = night["seen"]["2026-12-03/alpha again.png"][0]["sha256"]
+    assert again == night["seen"][f"{CASE_DROP}/alpha.png"][0]["sha256"] and again in night["predicted"]
+    rejected_files = sum(len(r) for r in night["rejected"].values())
+    assert sum(s["files_rejected"] for s in night["summaries"]) == rejected_files
+    assert night["again"]["images_classified"] == 0 and night["again"]["files_rejected"] == 0
+
+
+def test_files_vanishing_mid_run_are_recorded_and_classified_when_back(night_sqlite, tmp_path, monkeypatch):
+    """Files gone between listing and hashing, a drop folder renamed between finding and
+    classifying, a file gone between hashing and decoding: the run finishes, each is recorded
+    with the reason (no content hash: it was not read), and a later night classifies them once
+    they are back. A copy of a vanished image that is still there waits for that night."""
+    from tests.conftest import write_image
+
+    settings = night_sqlite
+    base = settings.classify_dir
+    renamed, hashed, decoded = base / "2026-12-10", base / "2026-12-11", base / "2026-12-12"
+    for i in range(2):
+        write_image(renamed / f"cell {i}.png", seed=700 + i)
+        write_image(hashed / f"kept{i}.png", seed=710 + i)
+    write_image(renamed / "w.png", seed=720)
+    decoded.mkdir()
+    shutil.copy(renamed / "w.png", decoded / "w copy.png")
+    write_image(hashed / "y.png", seed=730)
+    write_image(decoded / "z.png", seed=740)
+    away = tmp_path / "away"
+    away.mkdir()
+
+    real_list, real_load = classify.list_files, classify.load_image
+
+    def list_then_lose_y(*args, **kwargs):
+        listing = real_list(*args, **kwargs)
+        (hashed / "y.png").rename(away / "y.png")
+        return listing
+
+    def lose_z_then_load(path, size, **kwargs):
+        if Path(path).name == "z.png":
+            Path(path).rename(away / "z.png")
+        return real_load(path, size, **kwargs)
+
+    monkeypatch.setattr(classify, "list_files", list_then_lose_y)
+    monkeypatch.setattr(classify, "load_image", lose_z_then_load)
+    model = classify.resolve_run_model(settings)
+    found = classify.find_new_images(settings, run_id="vanish-1", model=model)
+    renamed.rename(away / renamed.name)  # the drop folder goes between listing and its chunk
+    chunks = [classify.classify_chunk(settings, c, model, run_id="vanish-1") for c in found["chunks"]]
+    summary = classify.summarise_run(settings, run_id="vanish-1", model=model, found=found, chunk_summaries=chunks)
+    monkeypatch.undo()
+
+    gone = {"2026-12-10/cell 0.png", "2026-12-10/cell 1.png", "2026-12-10/w.png",
+            "2026-12-11/y.png", "2026-12-12/z.png"}
+    rejected = {r["path"]: (r["sha256"], r["reason"]) for r in table_rows(settings, db.rejections)}
+    assert rejected == {p: ("", DISAPPEARED) for p in gone}
+    seen = {s["path"]: s["sha256"] for s in table_rows(settings, db.files_seen)}
+    assert {p for p, s in seen.items() if s == ""} == gone  # recorded as seen, content unknown
+    assert "2026-12-12/w copy.png" not in seen  # its twin vanished: it waits for the next night
+    assert summary["files_rejected"] == 5 and summary["files_changed_during_run"] == 1
+    assert summary["images_classified"] == 2  # kept0, kept1
+
+    (away / renamed.name).rename(renamed)
+    (away / "y.png").rename(hashed / "y.png")
+    (away / "z.png").rename(decoded / "z.png")
+    later = classify.classify_new_images(settings)
+    assert later["images_classified"] == 5 and later["files_rejected"] == 0  # cell 0/1, w, y, z
+    predicted = {p["sha256"] for p in table_rows(settings, db.predictions)}
+    seen_now = _all_rows(settings, db.files_seen)
+    for path in sorted(p.relative_to(base) for p in base.rglob("*.png")):
+        assert sha(base / path) in {s["sha256"] for s in seen_now[str(path)]}, path
+        assert sha(base / path) in predicted, path
+
+
+def test_models_load_only_from_the_configured_registry(registry_settings, tmp_path):
+    from dataclasses import replace
+
+    from wbc_tasks.registry import load_keras_model, resolve_model
+
+    ref = resolve_model(registry_settings, "1")
+    assert load_keras_model(registry_settings, ref) is not None
+    forged = [
+        replace(ref, uri=str(tmp_path / "evil.keras")),  # a file anywhere on the worker
+        replace(ref, uri=f"runs:/{ref.run_id}/model"),  # an unregistered run's artifact
+        replace(ref, name="someone-elses-model", uri=f"models:/someone-elses-model/{ref.version}"),
+        replace(ref, version="1/../../2", uri=f"models:/{ref.name}/1/../../2"),
+    ]
+    for bad in forged:
+        with pytest.raises(ValueError, match="only from the configured registry"):
+            load_keras_model(registry_settings, bad)
+
+
+def test_drop_param_cannot_leave_the_classify_folder(tmp_path):
+    settings = base_settings(tmp_path)
+    settings.classify_dir.mkdir()
+    (tmp_path / "secret").mkdir()
+    os.symlink(tmp_path / "secret", settings.classify_dir / "linked-out")
+    for drop in ("../secret", "/etc", "..", "a/../../secret"):
+        with pytest.raises(ValueError, match="directly in"):
+            classify.list_files(settings, drop=drop)
+    with pytest.raises(ValueError, match="points outside the allowed folders"):
+        classify.list_files(settings, drop="linked-out")

@@ -25,8 +25,12 @@ Rules:
   again; with it, images without a prediction by *this* version are (older rows are kept).
 - Files modified (mtime or ctime) within ``settings.settle_minutes`` may still be copying: they
   are not recorded at all and are picked up by a later run (the count is in the summary).
-- Symlinks are followed only into the classify folder or ``settings.allowed_roots``; anything
-  else becomes a rejection. Nothing in the classify folder is modified, unless
+- Sub-folders of a drop are scanned. Symlinks are followed only into the classify folder or
+  ``settings.allowed_roots``; anything else (a link out, a broken link, a symlink loop, a second
+  link to a folder already scanned) becomes a rejection. A file that vanishes between listing and
+  reading (a drop folder renamed mid-run) is rejected with
+  :data:`~wbc_tasks.images.DISAPPEARED` and no content hash, so a later night classifies it if
+  it comes back. Nothing in the classify folder is modified, unless
   ``settings.archive_dir`` is set: then a file is moved there (same relative path) once its rows
   are committed.
 - A file's sha256 is reused from ``files_seen`` when its size and mtime are unchanged (as make
@@ -42,15 +46,17 @@ import os
 import shutil
 import time
 import uuid
+from stat import S_ISREG
 from collections import Counter, deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from wbc_tasks.config import IMAGE_EXTENSIONS, Settings, safe_name
-from wbc_tasks.images import ImageError, load_image, sha256_of_file
+from wbc_tasks.images import DISAPPEARED, ImageError, load_image, resolve_within, sha256_of_file
+from wbc_tasks.privacy import pseudonymiser
 from wbc_tasks.registry import ModelRef
 
 log = logging.getLogger(__name__)
@@ -173,40 +179,43 @@ def list_files(settings: Settings, *, drop: str | None = None, now: float | None
     while stack:
         folder = stack.pop()
         try:
-            entries = sorted(os.scandir(folder), key=lambda e: e.name)
-        except OSError as exc:
+            # Real entries before links, so a real folder is scanned under its own path.
+            entries = sorted(os.scandir(folder), key=lambda e: (e.is_symlink(), e.name))
+        except OSError as exc:  # e.g. the drop folder was renamed since it was listed
             listing.rejected.append((str(folder.relative_to(base)), f"cannot list folder: {exc}"))
             continue
         for entry in entries:
             path = Path(entry.path)
             rel = path.relative_to(base)
-            target = path.resolve()
+            try:
+                # Outside the roots, broken, a loop (path.resolve() used to raise on one and
+                # crash the run) or gone since scandir: a rejection with the reason.
+                target = resolve_within(path, roots)
+            except ImageError as exc:
+                listing.rejected.append((str(rel), exc.reason))
+                continue
             if archive is not None and (target == archive or target.is_relative_to(archive)):
                 continue
-            if entry.is_symlink():
-                if not _inside(target, roots):
-                    allowed = ", ".join(str(r) for r in roots)
-                    listing.rejected.append(
-                        (str(rel), f"symlink points outside the allowed folders ({target} not under {allowed})")
-                    )
-                    continue
-                if not target.exists():
-                    listing.rejected.append((str(rel), f"broken symlink (target {target} is missing)"))
-                    continue
             if target.is_dir():
                 if target in visited:
-                    log.warning("skipping %s: folder already scanned (symlink loop?)", rel)
+                    # Recorded, not skipped silently: a link back up the tree, or a second link.
+                    listing.rejected.append(
+                        (str(rel), f"symlink loop or second path to folder {target} (already scanned)")
+                    )
                     continue
                 visited.add(target)
                 stack.append(path)
                 continue
-            if not target.is_file():
-                listing.rejected.append((str(rel), "not a regular file"))
-                continue
             try:
                 stat = target.stat()
+            except FileNotFoundError:
+                listing.rejected.append((str(rel), DISAPPEARED))
+                continue
             except OSError as exc:
                 listing.rejected.append((str(rel), f"cannot read file: {exc}"))
+                continue
+            if not S_ISREG(stat.st_mode):
+                listing.rejected.append((str(rel), "not a regular file"))
                 continue
             # ctime too: `cp -p` / `rsync -t` give a fresh copy an old mtime.
             if now - max(stat.st_mtime, stat.st_ctime) < settle_seconds:
@@ -220,6 +229,8 @@ def list_files(settings: Settings, *, drop: str | None = None, now: float | None
 def _hash(path: Path) -> tuple[str, str | None]:
     try:
         return sha256_of_file(path), None
+    except FileNotFoundError:
+        return "", DISAPPEARED
     except OSError as exc:
         return "", f"cannot read file: {exc}"
 
@@ -300,12 +311,16 @@ def find_new_images(
     from wbc_tasks import predictions as db
 
     ref = model_ref_from_dict(model)
-    db.upgrade_database(settings.predictions_db_url)
+    db.with_db_retries(
+        settings, lambda: db.upgrade_database(settings.predictions_db_url), what="migrating the schema"
+    )
     listing = list_files(settings, drop=drop)
     now = db.utcnow()
     with db.open_engine(settings.predictions_db_url) as engine:
-        with engine.connect() as connection:
-            known = db.seen_files(connection, [f.path for f in listing.files])
+        known = db.read_with_retries(
+            settings, engine, lambda connection: db.seen_files(connection, [f.path for f in listing.files]),
+            what="reading the files seen",
+        )
         rejected = _hash_files(settings, listing.files, known)
         unreadable = {id(f) for f, _ in rejected}
         rejected += [
@@ -315,17 +330,22 @@ def find_new_images(
         for rel, reason in listing.rejected:
             rejected.append((FoundFile(rel, _drop_of(Path(rel))), reason))
 
-        with engine.connect() as connection:
-            paths = [f.path for f in listing.files] + [f.path for f, _ in rejected]
-            already_rejected = db.rejected_files(connection, paths)
-            seen_pairs = {
-                (p, row["sha256"]) for p, rows in db.seen_files(connection, paths).items() for row in rows
-            }
-            candidates = [f for f in listing.files if f.sha256]
-            predicted = db.predicted_hashes(
-                connection, [f.sha256 for f in candidates], model_name=ref.name,
-                model_version=ref.version if reclassify else None,
+        paths = [f.path for f in listing.files] + [f.path for f, _ in rejected]
+        candidates = [f for f in listing.files if f.sha256]
+
+        def lookups(connection):
+            return (
+                db.rejected_files(connection, paths),
+                {(p, row["sha256"]) for p, rows in db.seen_files(connection, paths).items() for row in rows},
+                db.predicted_hashes(
+                    connection, [f.sha256 for f in candidates], model_name=ref.name,
+                    model_version=ref.version if reclassify else None,
+                ),
             )
+
+        already_rejected, seen_pairs, predicted = db.read_with_retries(
+            settings, engine, lookups, what="reading earlier rejections and predictions"
+        )
 
         rejected_ids = {id(f) for f, _ in rejected}
         new_rejections = [(f, r) for f, r in rejected if (f.path, f.sha256) not in already_rejected]
@@ -340,15 +360,19 @@ def find_new_images(
                 (done if key in seen_pairs else linked).append(found)
             else:
                 new.append(found)
-        with engine.begin() as connection:
+
+        def commit(connection) -> None:
             db.insert_ignore(connection, db.rejections, [
                 _rejection_row(f.path, f.sha256, r, run_id, now) for f, r in new_rejections
             ])
             db.insert_ignore(connection, db.files_seen, [
                 _seen_row(f, run_id, now) for f, _ in new_rejections
             ] + [_seen_row(f, run_id, now) for f in linked])
+
+        db.transaction(settings, engine, commit, what="recording rejections and files seen")
+    names = pseudonymiser(settings)  # pseudonyms in log lines when WBC_PSEUDONYMISE_NAMES is on
     for found, reason in new_rejections:
-        log.warning("rejected %s: %s", found.path, reason)
+        log.warning("rejected %s: %s", names.path(found.path), names.text(reason, [found.path]))
     already_rejected_files = [f for f, r in rejected if (f.path, f.sha256) in already_rejected]
     archived = _archive(settings, [f.path for f in done + linked + [f for f, _ in rejected]])
 
@@ -412,14 +436,19 @@ def _archive(settings: Settings, rel_paths: Sequence[str]) -> int:
         if not os.path.lexists(source):
             continue
         if os.path.lexists(target):
-            log.warning("not archiving %s: %s already exists", source, target)
+            names = pseudonymiser(settings)
+            log.warning("not archiving %s: %s already exists", names.under(settings.classify_dir, rel),
+                        names.under(settings.archive_dir, rel))
             continue
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(str(source), str(target))
             moved += 1
         except OSError as exc:
-            log.warning("could not archive %s to %s: %s (its rows are committed)", source, target, exc)
+            names = pseudonymiser(settings)
+            log.warning("could not archive %s to %s: %s (its rows are committed)",
+                        names.under(settings.classify_dir, rel), names.under(settings.archive_dir, rel),
+                        names.text(str(exc), [rel]))
     log.info("archived %d files to %s", moved, settings.archive_dir)
     return moved
 
@@ -440,14 +469,18 @@ class Outcome:
 
 def _decode(path: Path, size: int, settings: Settings, expected_sha: str | None) -> tuple[str, Any]:
     """("ok", (sha, array)), ("rejected", (sha, reason)) or ("changed", sha)."""
+    # A file not read is rejected with no content hash (""): a (path, sha256) rejection is final,
+    # and the expected hash here would have kept a vanished file that comes back (a drop folder
+    # renamed mid-run and renamed back) from ever being classified.
     try:
-        if path.is_symlink() and not _inside(path.resolve(), _allowed_roots(settings)):
-            return "rejected", ("", "symlink points outside the allowed folders")
+        resolve_within(path, _allowed_roots(settings))  # links out, broken links, loops, gone
         digest = sha256_of_file(path)
+    except ImageError as exc:
+        return "rejected", ("", exc.reason)
     except FileNotFoundError:
-        return "rejected", (expected_sha or "", "file not found (moved or deleted before it was classified)")
+        return "rejected", ("", DISAPPEARED)
     except OSError as exc:
-        return "rejected", (expected_sha or "", f"cannot read file: {exc}")
+        return "rejected", ("", f"cannot read file: {exc}")
     if expected_sha is not None and digest != expected_sha:
         return "changed", digest
     try:
@@ -455,7 +488,7 @@ def _decode(path: Path, size: int, settings: Settings, expected_sha: str | None)
             path, size, max_pixels=settings.max_image_pixels, min_side=settings.min_image_side
         )
     except ImageError as exc:
-        return "rejected", (digest, exc.reason)
+        return "rejected", ("" if exc.reason == DISAPPEARED else digest, exc.reason)
     return "ok", (digest, array)
 
 
@@ -580,10 +613,13 @@ def classify_chunk(
     started = time.perf_counter()
 
     with db.open_engine(settings.predictions_db_url) as engine:
-        with engine.connect() as connection:
-            already = db.predicted_hashes(
+        already = db.read_with_retries(
+            settings, engine,
+            lambda connection: db.predicted_hashes(
                 connection, [i["sha256"] for i in items], model_name=ref.name, model_version=ref.version
-            )
+            ),
+            what=f"reading earlier predictions of chunk {chunk_file.name}",
+        )
         todo = [i for i in items if i["sha256"] not in already]
         stats["images_already_classified"] = len(items) - len(todo)
         per_class: Counter[str] = Counter()
@@ -608,9 +644,15 @@ def classify_chunk(
                     stats["files_changed"] += len(files)
                     continue
                 if outcome.reason is not None:
+                    if not outcome.sha256:
+                        # Only the first file was tried and could not be read (e.g. it vanished):
+                        # that says nothing about the other copies, which wait for the next run.
+                        stats["files_changed"] += len(files) - 1
+                        files = [replace(files[0], sha256=outcome.sha256)]
                     for f in files:
                         rejection_rows.append(_rejection_row(f.path, f.sha256, outcome.reason, run_id, now))
-                        log.warning("rejected %s: %s", f.path, outcome.reason)
+                        names = pseudonymiser(settings)
+                        log.warning("rejected %s: %s", names.path(f.path), names.text(outcome.reason, [f.path]))
                     stats["files_rejected"] += len(files)
                 else:
                     fields_ = prediction_fields(outcome.probabilities, ref, threshold)
@@ -625,10 +667,14 @@ def classify_chunk(
                 seen_rows.extend(_seen_row(f, run_id, now) for f in files)
                 committed_paths.extend(f.path for f in files)
             stats["classify_seconds"] = time.perf_counter() - predict_started
-        with engine.begin() as connection:
+
+        def commit(connection) -> None:
             db.insert_ignore(connection, db.predictions, prediction_rows)
             db.insert_ignore(connection, db.rejections, rejection_rows)
             db.insert_ignore(connection, db.files_seen, seen_rows)
+
+        # One transaction, retried whole if the connection fails: all the chunk's rows or none.
+        db.transaction(settings, engine, commit, what=f"committing chunk {chunk_file.name}")
     stats.update(
         chunk=chunk_file.name,
         images_classified=len(prediction_rows),
@@ -811,8 +857,9 @@ def classify_paths(
     threshold = settings.review_threshold if threshold is None else float(threshold)
     model = load_model(settings, ref)
     absolute = [Path(p).expanduser().absolute() for p in paths]
-    # Check paths one by one like the drop folder's files, but the caller named them: follow links.
-    one_shot = settings.with_overrides(allowed_roots=(Path("/"),))
+    # Each file is checked like a drop folder's files, against every configured folder: one
+    # outside them (or a link leading out) is rejected with its reason, the others still run.
+    one_shot = settings.with_overrides(allowed_roots=settings.input_roots())
     results: list[dict[str, Any]] = [{"path": str(p)} for p in absolute]
     for outcome in predict_images(one_shot, model, ref, [(i, p, None) for i, p in enumerate(absolute)]):
         result = results[outcome.key]

@@ -8,6 +8,7 @@
     wbc airflow-ui / wbc mlflow-ui                                  open the UIs on the same state
     wbc demo-data [--per-class N]                                   write the generated demo set
     wbc cleanup [--dry-run] [--mlflow-artifacts]                    delete old run work folders
+    wbc pseudonym [--root DIR] PATH...                              the pseudonyms of your files
 """
 
 from __future__ import annotations
@@ -186,6 +187,29 @@ def cmd_demo_data(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_pseudonym(args: argparse.Namespace, settings: Settings) -> int:
+    """Print ``<pseudonym>\t<path>`` for each file (folders: every file under them), so a
+    pseudonym seen in MLflow or a log can be found again among the lab's own files."""
+    from wbc_tasks.privacy import key_file, pseudonymiser
+
+    if settings.pseudonym_key is None and not key_file(settings).is_file():
+        print(
+            f"no pseudonym key: set WBC_PSEUDONYM_KEY, or WBC_WORK_DIR to the pipeline's work folder "
+            f"(its {key_file(settings).name}); {key_file(settings)} does not exist",
+            file=sys.stderr,
+        )
+        return 2
+    root = Path(args.root).expanduser().absolute() if args.root else None
+    names = pseudonymiser(settings.with_overrides(pseudonymise_names=True), *([root] if root else []))
+    for given in args.paths:
+        path = Path(given).expanduser()
+        found = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for file in found:
+            shown = file.absolute() if root is not None else file
+            print(f"{names.path(shown)}\t{file}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wbc", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -250,6 +274,19 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: WBC_RETENTION_MLFLOW_ARTIFACTS)",
     )
     cleanup.set_defaults(func=cmd_cleanup)
+
+    pseudonym = sub.add_parser(
+        "pseudonym",
+        help="print the pseudonym (WBC_PSEUDONYMISE_NAMES) of each file, to find one seen in MLflow or a log",
+    )
+    pseudonym.add_argument("paths", nargs="+", help="files, or folders (every file under them)")
+    pseudonym.add_argument(
+        "--root",
+        help="the folder the paths were relative to in the pipeline (the data folder of a training "
+        "run, the classify folder); default: WBC_DATA_DIR, WBC_CLASSIFY_DIR, WBC_ARCHIVE_DIR, "
+        "else the paths as given",
+    )
+    pseudonym.set_defaults(func=cmd_pseudonym)
     return parser
 
 

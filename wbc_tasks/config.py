@@ -184,6 +184,11 @@ class Settings:
     smtp_password: str | None = field(default=None, repr=False)
     smtp_starttls: bool = True
     smtp_from: str = "wbc-pipeline@localhost"
+    #: Privacy (wbc_tasks.privacy): image file names in MLflow artifacts and task logs become
+    #: keyed pseudonyms. The key (HMAC) stays out of ``repr``; unset, one is generated once into
+    #: ``<work_dir>/.pseudonym_key`` (mode 0600).
+    pseudonymise_names: bool = False
+    pseudonym_key: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -259,6 +264,8 @@ class Settings:
             smtp_password=_env_optional("WBC_SMTP_PASSWORD"),
             smtp_starttls=_env_bool("WBC_SMTP_STARTTLS", True),
             smtp_from=_env_str("WBC_SMTP_FROM", "wbc-pipeline@localhost"),
+            pseudonymise_names=_env_bool("WBC_PSEUDONYMISE_NAMES", False),
+            pseudonym_key=_env_optional("WBC_PSEUDONYM_KEY"),
         )
 
     def with_overrides(self, **changes: object) -> "Settings":
@@ -276,6 +283,34 @@ class Settings:
     def run_dir(self, run_id: str) -> Path:
         """The work folder of one training run."""
         return self.work_dir / "runs" / safe_name(run_id)
+
+    def input_roots(self) -> tuple[Path, ...]:
+        """Folders that paths from the trigger form or the CLI may name (resolved)."""
+        roots = [self.home, self.classify_dir, *self.allowed_roots]
+        if self.data_dir is not None:
+            roots.insert(0, self.data_dir)
+        return tuple(dict.fromkeys(Path(r).expanduser().resolve() for r in roots))
+
+
+class OutsideAllowedFoldersError(ValueError):
+    """A path from a param or the command line lies outside the configured folders."""
+
+
+def resolve_inside(path: str | Path, roots: tuple[Path, ...], what: str) -> Path:
+    """``path`` resolved (links followed); :class:`OutsideAllowedFoldersError` unless it lies
+    under one of ``roots``. Params come from anyone who may trigger a DAG: they must not be able
+    to point the pipeline at arbitrary folders of the workers."""
+    try:
+        target = Path(path).expanduser().resolve()
+    except (RuntimeError, OSError) as exc:  # a symlink loop
+        raise OutsideAllowedFoldersError(f"{what} {path} cannot be resolved: {exc}") from exc
+    if not any(target == root or target.is_relative_to(root) for root in roots):
+        allowed = ", ".join(str(r) for r in roots)
+        raise OutsideAllowedFoldersError(
+            f"{what} {path} resolves to {target}, outside the configured folders ({allowed}); "
+            "add its folder to WBC_ALLOWED_ROOTS to allow it"
+        )
+    return target
 
 
 def safe_name(text: str) -> str:

@@ -21,6 +21,7 @@ import pandas as pd
 from wbc_tasks.config import CLASS_NAMES, IMAGE_EXTENSIONS, Settings
 from wbc_tasks.images import ImageError, inspect_image, resolve_within
 from wbc_tasks.parallel import parallel_map
+from wbc_tasks.privacy import pseudonymiser
 from wbc_tasks.workdir import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -248,8 +249,12 @@ def split_dataset(data_dir: Path, out_dir: Path, settings: Settings) -> dict:
         for sha in manifest["sha256"]
     ]
     notes = _ensure_test_and_train(manifest, ledger)
+    # Log lines name files by pseudonym when WBC_PSEUDONYMISE_NAMES is on (the files written
+    # here keep the real paths: they stay in the work folder).
+    names = pseudonymiser(settings, data_dir)
+    known = names.known([*table["path"], *(r.path for r in rejected)])
     for note in notes:
-        log.warning("split fallback: %s", note)
+        log.warning("split fallback: %s", names.text(note, known))
     classes_present = sorted(manifest["class"].unique())
     if len(classes_present) < 2:
         raise DatasetError(
@@ -269,7 +274,7 @@ def split_dataset(data_dir: Path, out_dir: Path, settings: Settings) -> dict:
         for split in SPLITS
     }
     for row in rejected_table.to_dict("records"):
-        log.warning("rejected %s: %s", row["path"], row["reason"])
+        log.warning("rejected %s: %s", names.path(row["path"]), names.text(row["reason"], known))
     for split in SPLITS:
         log.info("%s: %d images %s", split, sum(counts[split].values()), counts[split])
     summary = {

@@ -57,7 +57,8 @@ def resolve_within(path: Path, roots: Sequence[Path]) -> Path:
         raise ImageError(path, "symlink loop (the link leads back to itself)") from exc
     if not any(target == root or target.is_relative_to(root) for root in roots):
         allowed = ", ".join(str(r) for r in roots) or "(none)"
-        raise ImageError(path, f"symlink points outside the allowed folders ({target} not under {allowed})")
+        what = "symlink points" if os.path.islink(path) else "file lies"
+        raise ImageError(path, f"{what} outside the allowed folders ({target} not under {allowed})")
     try:
         os.stat(path)
     except OSError as exc:

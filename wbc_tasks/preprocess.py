@@ -13,6 +13,7 @@ from wbc_tasks.config import CLASS_NAMES, Settings
 from wbc_tasks.dataset import REJECTED_COLUMNS, SPLITS, read_manifest
 from wbc_tasks.images import ImageError, load_image
 from wbc_tasks.parallel import parallel_map
+from wbc_tasks.privacy import pseudonymiser
 from wbc_tasks.store import create_store, finish_store, release_pages, shrink_store
 from wbc_tasks.workdir import require_complete
 
@@ -73,8 +74,10 @@ def preprocess_splits(split_dir: Path, out_dir: Path, settings: Settings, image_
         )
         log.info("%s: %d of %d images stored at %d px %s", split, kept, len(table), image_size, counts[split])
     pd.DataFrame(all_rejected, columns=REJECTED_COLUMNS).to_csv(out_dir / PREPROCESS_REJECTED_FILE, index=False)
+    names = pseudonymiser(settings, data_dir)  # pseudonyms in log lines when the option is on
+    known = names.known(r["path"] for r in all_rejected)
     for row in all_rejected:
-        log.warning("rejected %s: %s", row["path"], row["reason"])
+        log.warning("rejected %s: %s", names.path(row["path"]), names.text(row["reason"], known))
     return {
         "image_size": image_size,
         "counts": {s: {c: int(n) for c, n in v.items()} for s, v in counts.items()},

@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from wbc_tasks.config import Settings, get_settings
+from wbc_tasks.config import Settings, get_settings, resolve_inside
 from wbc_tasks.params import TrainingParams, training_params
 from wbc_tasks.workdir import require_complete, run_step
 
@@ -24,9 +24,10 @@ def _context(run_id: str, params: dict[str, Any] | None) -> tuple[Settings, Trai
 
 
 def resolve_data_dir(settings: Settings, params: TrainingParams) -> Path:
-    """The labelled folder: the param, else ``WBC_DATA_DIR``, else generated demo data."""
+    """The labelled folder: the param (inside :meth:`Settings.input_roots`), else ``WBC_DATA_DIR``,
+    else generated demo data."""
     if params.data_dir:
-        return Path(params.data_dir).expanduser().resolve()
+        return resolve_inside(params.data_dir, settings.input_roots(), "data_dir")
     if settings.data_dir is not None:
         return settings.data_dir
     from wbc_tasks.demo import generate_demo_dataset
@@ -38,10 +39,25 @@ def resolve_data_dir(settings: Settings, params: TrainingParams) -> Path:
     return demo
 
 
-def _log_artifacts(settings: Settings, run_id: str, folder: Path, artifact_path: str) -> None:
+def _log_artifacts(
+    settings: Settings, run_id: str, folder: Path, artifact_path: str, data_dir: Path | None = None
+) -> None:
+    """Log a step folder's result files (pseudonymised copies when ``WBC_PSEUDONYMISE_NAMES``)."""
     from wbc_tasks.registry import log_stage_artifacts
 
-    log_stage_artifacts(settings, run_id, folder, artifact_path)
+    log_stage_artifacts(settings, run_id, folder, artifact_path, roots=(data_dir,) if data_dir else ())
+
+
+def _for_logs(settings: Settings, summary: dict, data_dir: Path, manifest) -> dict:
+    """The split summary as returned to Airflow (which logs return values): the fallback notes,
+    which name files, pseudonymised when the option is on. The marker keeps the real text."""
+    from wbc_tasks.privacy import pseudonymiser
+
+    names = pseudonymiser(settings, data_dir)
+    if not names.enabled or not summary.get("split_fallbacks"):
+        return summary
+    known = names.known(manifest["path"])
+    return {**summary, "split_fallbacks": [names.text(n, known) for n in summary["split_fallbacks"]]}
 
 
 def split_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
@@ -53,9 +69,10 @@ def split_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
     data_dir = resolve_data_dir(settings, p)
     summary = run_step(run / "split", lambda out: split_dataset(data_dir, out, settings))
     open_tracking_run(settings, run_id, {**p.as_dict(), "data_dir": str(data_dir)})
-    log_split_manifest(settings, run_id, read_manifest(run / "split"), data_dir)
-    _log_artifacts(settings, run_id, run / "split", "data/split")
-    return summary
+    manifest = read_manifest(run / "split")
+    log_split_manifest(settings, run_id, manifest, data_dir)
+    _log_artifacts(settings, run_id, run / "split", "data/split", data_dir)
+    return _for_logs(settings, summary, data_dir, manifest)
 
 
 def preprocess_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
@@ -151,7 +168,7 @@ def evaluate_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
         ),
     )
     log_metrics(settings, run_id, summary["metrics"], prefix="test")
-    _log_artifacts(settings, run_id, run / "evaluate", "evaluation")
+    _log_artifacts(settings, run_id, run / "evaluate", "evaluation", data_dir)
     return summary
 
 

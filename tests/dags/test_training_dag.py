@@ -81,6 +81,7 @@ def isolate(monkeypatch, tmp_path):
 
     monkeypatch.setenv("WBC_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("WBC_WORKERS", "1")
+    monkeypatch.setenv("WBC_ALLOWED_ROOTS", str(tmp_path))  # the data_dir param's folder
     return get_settings()
 
 

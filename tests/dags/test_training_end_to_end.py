@@ -40,7 +40,7 @@ def state(tmp_path_factory, airflow_db):
     data = root / "WBC"
     generate_demo_dataset(data, per_class=40, seed=3)
     BASE["data_dir"] = str(data)
-    env = {"WBC_HOME": str(root / "home"), "WBC_WORKERS": "1"}
+    env = {"WBC_HOME": str(root / "home"), "WBC_WORKERS": "1", "WBC_ALLOWED_ROOTS": str(root)}
     return {"data": data, "env": env}
 
 

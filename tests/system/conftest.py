@@ -126,6 +126,7 @@ def native_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NativeSta
     classify_dir.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "WBC_", "MLFLOW_"))}
     env["WBC_WORKERS"] = "1"  # two cores: one image worker per task
+    env["WBC_ALLOWED_ROOTS"] = str(tmp_path_factory.getbasetemp())  # the tests' data_dir params
     # The test copies a drop and classifies it at once: no waiting for files still being copied.
     env["WBC_SETTLE_MINUTES"] = "0"
     common = ["--prefix", prefix, "--state-dir", str(state_dir)]
