@@ -1,5 +1,8 @@
 # Two commands matter: `make demo` (set up, then train end to end) and `make test`.
 UV ?= uv
+# Some machines set PYTHONDONTWRITEBYTECODE=1: then every process (each Airflow task, server and
+# test subprocess) compiles TensorFlow, MLflow and Airflow again, about 10 s of CPU each here.
+unexport PYTHONDONTWRITEBYTECODE
 PY := .venv/bin/python
 EXTRA ?= cpu
 
