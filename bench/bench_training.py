@@ -3,6 +3,7 @@
     .venv/bin/python bench/bench_training.py [--image-size 32] [--epochs 4] [--augment-per-class 0]
         [--epochs-without-smote N] [--batch-size 32] [--learning-rate 1e-4] [--patience 2] [--seed 42] [--workers 1]
         [--home DIR]
+    .venv/bin/python bench/bench_training.py --summarise HOME [HOME ...]   # mean/range over seeds
 
 Runs the training pipeline's own steps (``wbc_tasks.steps``: split, preprocess, augment, balance,
 train, evaluate), without Airflow, in three configurations with the same seed and params:
@@ -66,6 +67,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--stamp", default=None,
                         help="resume the runs bench-<stamp>-<config> in --home (finished steps are reused)")
     parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
+    parser.add_argument("--summarise", nargs="+", type=Path, metavar="HOME", default=None,
+                        help="train nothing: print the mean and range over the finished benches in these "
+                             "--home folders (e.g. the same command run with several --seed values)")
     return parser.parse_args(argv)
 
 
@@ -171,8 +175,41 @@ def markdown(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def summarise(homes: list[Path]) -> str:
+    """Mean [min-max] of each configuration's metrics over several benches (one per seed)."""
+    import statistics
+
+    runs = [json.loads((home / "bench_training.json").read_text()) for home in homes]
+    seeds = [r[0]["params"]["seed"] for r in runs]
+    by_config: dict[str, list[dict]] = {}
+    for results in runs:
+        for r in results:
+            by_config.setdefault(r["config"], []).append(r)
+
+    def cell(values: list[float], digits: int = 3) -> str:
+        return f"{statistics.mean(values):.{digits}f} [{min(values):.{digits}f}-{max(values):.{digits}f}]"
+
+    lines = [f"seeds {seeds}: mean [min-max]", "",
+             "| config | runs | test accuracy | balanced accuracy | macro F1 | train s (mean) |",
+             "|---|---|---|---|---|---|"]
+    for name, rs in by_config.items():
+        lines.append(
+            f"| {name} | {len(rs)} | {cell([r['accuracy'] for r in rs])} | {cell([r['balanced_accuracy'] for r in rs])} | "
+            f"{cell([r['macro_f1'] for r in rs])} | {statistics.mean(r['stage_seconds']['train'] for r in rs):.0f} |"
+        )
+    classes = list(next(iter(by_config.values()))[0]["per_class_recall"])
+    lines += ["", "| test recall, mean [min-max] | " + " | ".join(by_config) + " |", "|---|" + "---|" * len(by_config)]
+    for c in classes:
+        lines.append(f"| {c} | " + " | ".join(
+            cell([r["per_class_recall"][c] for r in rs], 2) for rs in by_config.values()) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.summarise:
+        print(summarise(args.summarise))
+        return 0
     if not BENCH.is_dir():
         print(f"bench_training: the benchmark images {BENCH} are absent (see ../shared/data/README.md)", file=sys.stderr)
         return 2
