@@ -342,6 +342,11 @@ def test_register_model_writes_card_and_metric_tags(mlflow_settings):
     assert tags["airflow_run_id"] == dag_run_id
     assert version_metrics(mlflow_settings, ref.version)["recall"] == {"blasts": 1.0, "neutrophils": 0.82}
     assert client.download_artifacts(run_id, "model_card.md") and resolve_model(mlflow_settings, ref.version) == ref
+    import mlflow
+    import tensorflow as tf
+
+    requirements = Path(mlflow.artifacts.download_artifacts(f"models:/{ref.name}/{ref.version}")) / "requirements.txt"
+    assert f"tensorflow=={tf.__version__}" in requirements.read_text().split()
 
     # A retried register task completes the same version instead of registering a second one.
     again = register_model(mlflow_settings, dag_run_id, _tiny_model(), **kwargs)

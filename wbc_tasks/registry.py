@@ -213,10 +213,15 @@ def log_model_version(
     probabilities = np.asarray(model.predict(example, verbose=0))
     signature = infer_signature(example, probabilities)
     metadata = {TAG_IMAGE_SIZE: image_size, TAG_CLASS_NAMES: list(class_names)}
+    # Stated, not inferred: MLflow's inference reloads the model in a subprocess (8.5 s of a 0.9 s
+    # log here) and the model needs only TensorFlow (with its Keras) to load.
+    import tensorflow as tf
+
+    requirements = [f"tensorflow=={tf.__version__}"]
     # A retried log after a failure half-way leaves an unregistered logged model in the run: harmless.
     info = call_with_retries(
         settings, mlflow.tensorflow.log_model, model, name=MODEL_ARTIFACT_NAME, signature=signature,
-        input_example=example, metadata=metadata,
+        input_example=example, metadata=metadata, pip_requirements=requirements,
     )
     version = call_with_retries(settings, _register_once, settings, client, info.model_id, info.run_id)
     wait_until_ready(settings, version)
