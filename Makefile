@@ -6,7 +6,7 @@ unexport PYTHONDONTWRITEBYTECODE
 PY := .venv/bin/python
 EXTRA ?= cpu
 
-.PHONY: setup demo train test test-fast test-system airflow-ui mlflow-ui bench stack-start stack-stop clean
+.PHONY: setup demo train test test-fast test-system airflow-ui mlflow-ui bench bench-gpu stack-start stack-stop clean
 
 setup: .venv/.synced
 
@@ -42,8 +42,20 @@ airflow-ui: setup
 mlflow-ui: setup
 	$(PY) -m wbc_tasks.cli mlflow-ui
 
+## Every CPU benchmark (about an hour on 2 cores); results go into docs/benchmarks.md by hand
 bench: setup
 	$(PY) bench/bench_data_stages.py
+	$(PY) bench/bench_memory_scaling.py
+	$(PY) bench/bench_preprocess.py
+	$(PY) bench/bench_dag_parse.py
+	$(PY) bench/bench_training_input.py
+	$(PY) bench/bench_inference.py
+	$(PY) bench/bench_training.py --epochs 2 --epochs-without-smote 4
+
+## On a GPU worker (uv sync --extra gpu): fp32 vs mixed precision vs XLA, share of peak FLOP/s
+bench-gpu: setup
+	$(PY) bench/bench_gpu_training.py
+	$(PY) bench/bench_inference.py --images 256
 
 clean:
 	rm -rf .wbc .pytest_cache
