@@ -52,7 +52,7 @@ bench: setup
 	$(PY) bench/bench_inference.py
 	$(PY) bench/bench_training.py --epochs 2 --epochs-without-smote 4
 
-## On a GPU worker (uv sync --extra gpu): fp32 vs mixed precision vs XLA, share of peak FLOP/s
+## On a GPU machine, `make bench-gpu EXTRA=gpu`: fp32 vs mixed precision vs XLA, share of peak FLOP/s
 bench-gpu: setup
 	$(PY) bench/bench_gpu_training.py
 	$(PY) bench/bench_inference.py --images 256
