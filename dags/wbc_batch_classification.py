@@ -17,6 +17,7 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 
+from wbc_tasks.alerts import alert_dag_failure, alert_task_failure  # stdlib only: cheap to parse
 from wbc_tasks.config import get_settings
 
 SETTINGS = get_settings()
@@ -59,20 +60,6 @@ PARAMS = {
 }
 
 
-def _alert_task_failure(context) -> None:
-    """Alert (webhook / e-mail / callable, see README "Operations") when a task fails for good."""
-    from wbc_tasks.alerts import alert_task_failure
-
-    alert_task_failure(context)
-
-
-def _alert_dag_failure(context) -> None:
-    """Alert when the DAG run fails without a task alert (e.g. it timed out)."""
-    from wbc_tasks.alerts import alert_dag_failure
-
-    alert_dag_failure(context)
-
-
 def _run_id_and_params() -> tuple[str, dict]:
     context = get_current_context()
     return context["run_id"], dict(context["params"])
@@ -87,8 +74,8 @@ def _run_id_and_params() -> tuple[str, dict]:
     params=PARAMS,
     tags=["wbc", "classification"],
     doc_md=__doc__,
-    default_args={"on_failure_callback": _alert_task_failure},
-    on_failure_callback=_alert_dag_failure,
+    default_args={"on_failure_callback": alert_task_failure},
+    on_failure_callback=alert_dag_failure,
 )
 def wbc_batch_classification() -> None:
     @task

@@ -19,6 +19,7 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 
+from wbc_tasks.alerts import alert_dag_failure, alert_task_failure  # stdlib only: cheap to parse
 from wbc_tasks.config import get_settings
 
 SETTINGS = get_settings()
@@ -40,20 +41,6 @@ PARAMS = {
 }
 
 
-def _alert_task_failure(context) -> None:
-    """Alert (webhook / e-mail / callable, see README "Operations") when a task fails for good."""
-    from wbc_tasks.alerts import alert_task_failure
-
-    alert_task_failure(context)
-
-
-def _alert_dag_failure(context) -> None:
-    """Alert when the DAG run fails without a task alert (e.g. it timed out)."""
-    from wbc_tasks.alerts import alert_dag_failure
-
-    alert_dag_failure(context)
-
-
 @dag(
     dag_id="wbc_maintenance",
     schedule=SETTINGS.maintenance_schedule,
@@ -64,8 +51,8 @@ def _alert_dag_failure(context) -> None:
     tags=["wbc", "maintenance"],
     doc_md=__doc__,
     default_args={"retries": 1, "retry_delay": timedelta(minutes=5),
-                  "on_failure_callback": _alert_task_failure},
-    on_failure_callback=_alert_dag_failure,
+                  "on_failure_callback": alert_task_failure},
+    on_failure_callback=alert_dag_failure,
 )
 def wbc_maintenance() -> None:
     @task

