@@ -53,7 +53,8 @@ def main() -> None:
 
     from wbc_tasks.model import build_model
 
-    settings = get_settings().with_overrides(classify_batch_size=args.batch_size)
+    # The drop is read where it lies: allowed like a lab share mounted outside the classify folder.
+    settings = get_settings().with_overrides(classify_batch_size=args.batch_size, allowed_roots=(DROP.resolve(),))
     paths = sorted(DROP.glob("*.jpg"))[: args.images]
     n = len(paths)
     for p in paths:
