@@ -29,7 +29,6 @@ import io
 import json
 import logging
 import sys
-import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -59,6 +58,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection, Engine, make_url
 
 from wbc_tasks.config import CLASS_NAMES, Settings
+from wbc_tasks.retry import call_with_backoff
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -209,39 +209,21 @@ def with_db_retries(settings: Settings, fn: Callable[[], T], *, what: str) -> T:
     retries, the first after ``settings.predictions_db_retry_wait`` seconds, each wait doubled.
     When every try failed transiently, raises :class:`DatabaseUnavailableError`.
     """
-    import tenacity
-
     url = make_url(settings.predictions_db_url).render_as_string(hide_password=True)
 
-    def _warn(state: tenacity.RetryCallState) -> None:
-        error = state.outcome.exception() if state.outcome else None
-        log.warning(
-            "predictions database %s: %s failed (%s); retry %d of %d in %.1f s", url, what,
-            str(getattr(error, "orig", None) or error).strip().splitlines()[0] if error else "?",
-            state.attempt_number, settings.predictions_db_retries,
-            state.next_action.sleep if state.next_action else 0.0,
-        )
-
-    retrying = tenacity.Retrying(
-        stop=tenacity.stop_after_attempt(settings.predictions_db_retries + 1),
-        wait=tenacity.wait_exponential(multiplier=settings.predictions_db_retry_wait, min=0, max=60),
-        retry=tenacity.retry_if_exception(is_transient_db_error),
-        before_sleep=_warn,
-        reraise=True,
-    )
-    started = time.monotonic()
-    try:
-        return retrying(fn)
-    except Exception as exc:
-        if not is_transient_db_error(exc):
-            raise
+    def give_up(exc: BaseException, seconds: float) -> Exception:
         cause = str(getattr(exc, "orig", None) or exc).strip()
-        raise DatabaseUnavailableError(
+        return DatabaseUnavailableError(
             f"the predictions database {url} is unreachable: {what} failed "
-            f"{settings.predictions_db_retries + 1} times over {time.monotonic() - started:.0f} s "
+            f"{settings.predictions_db_retries + 1} times over {seconds:.0f} s "
             f"(WBC_PREDICTIONS_DB_RETRIES={settings.predictions_db_retries}). Nothing of it was "
             f"committed; the task can be retried safely. Last error: {cause}"
-        ) from exc
+        )
+
+    return call_with_backoff(
+        fn, retries=settings.predictions_db_retries, first_wait=settings.predictions_db_retry_wait,
+        is_transient=is_transient_db_error, what=f"predictions database {url}: {what}", give_up=give_up, log=log,
+    )
 
 
 def transaction(settings: Settings, engine: Engine, work: Callable[[Connection], T], *, what: str) -> T:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from wbc_tasks.config import COMPLETE_MARKER, Settings, safe_name
+from wbc_tasks.retry import call_with_backoff
 
 log = logging.getLogger(__name__)
 
@@ -307,36 +308,21 @@ def call_with_retries(settings: Settings, fn: Callable[..., T], *args: Any, **kw
     (``settings.mlflow_http_*``). Only calls that are safe to repeat go through here. When every
     try failed transiently, raises :class:`MlflowUnavailableError` naming the server and the call.
     """
-    import tenacity
+    name = getattr(fn, "__name__", fn)
 
-    def _warn(state: tenacity.RetryCallState) -> None:
-        log.warning(
-            "MLflow call %s failed (%s); retry %d of %d in %.1f s",
-            getattr(fn, "__name__", fn), state.outcome.exception() if state.outcome else "?",
-            state.attempt_number, settings.mlflow_retries,
-            state.next_action.sleep if state.next_action else 0.0,
+    def give_up(exc: BaseException, seconds: float) -> Exception:
+        return MlflowUnavailableError(
+            f"MLflow at {settings.mlflow_tracking_uri} is unreachable or busy: {name} failed "
+            f"{settings.mlflow_retries + 1} times over {seconds:.0f} s (WBC_MLFLOW_RETRIES="
+            f"{settings.mlflow_retries}, each try with up to {settings.mlflow_http_retries} HTTP retries, "
+            f"WBC_MLFLOW_HTTP_RETRIES). Check that the tracking server is up; the task can be retried "
+            f"safely. Last error: {exc}"
         )
 
-    retrying = tenacity.Retrying(
-        stop=tenacity.stop_after_attempt(settings.mlflow_retries + 1),
-        wait=tenacity.wait_exponential(multiplier=settings.mlflow_retry_wait, min=0, max=60),
-        retry=tenacity.retry_if_exception(is_transient_error),
-        before_sleep=_warn,
-        reraise=True,
+    return call_with_backoff(
+        lambda: fn(*args, **kwargs), retries=settings.mlflow_retries, first_wait=settings.mlflow_retry_wait,
+        is_transient=is_transient_error, what=f"MLflow call {name}", give_up=give_up, log=log,
     )
-    started = time.monotonic()
-    try:
-        return retrying(fn, *args, **kwargs)
-    except Exception as exc:
-        if not is_transient_error(exc):
-            raise
-        raise MlflowUnavailableError(
-            f"MLflow at {settings.mlflow_tracking_uri} is unreachable or busy: "
-            f"{getattr(fn, '__name__', fn)} failed {settings.mlflow_retries + 1} times over "
-            f"{time.monotonic() - started:.0f} s (WBC_MLFLOW_RETRIES={settings.mlflow_retries}, each "
-            f"try with up to {settings.mlflow_http_retries} HTTP retries, WBC_MLFLOW_HTTP_RETRIES). "
-            f"Check that the tracking server is up; the task can be retried safely. Last error: {exc}"
-        ) from exc
 
 
 # --------------------------------------------------------------------------------------------
