@@ -15,7 +15,8 @@ TRAINING_PARAM_SPECS: dict[str, dict[str, Any]] = {
     "data_dir": {
         "default": None,
         "type": ["null", "string"],
-        "description": "Folder laid out as <class>/<images>. Empty: WBC_DATA_DIR, else generated demo data.",
+        "description": "Folder laid out as <class>/<images>, inside WBC_DATA_DIR, WBC_HOME or WBC_ALLOWED_ROOTS. "
+        "Empty: WBC_DATA_DIR, else generated demo data.",
     },
     "image_size": {
         "default": 256,
