@@ -540,11 +540,17 @@ def stop_stack(config: StackConfig, timeout: float = 30.0) -> list[str]:
                 os.killpg(pgid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-    for pid in _session_members(set(groups.values())):
+    sessions = set(groups.values())
+    for pid in _session_members(sessions):
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    # SIGKILL is delivered asynchronously: return only once the processes are really gone, so a
+    # start right after a stop cannot meet them (ports, pid files) and a check sees none alive.
+    deadline = time.monotonic() + 10
+    while _session_members(sessions) and time.monotonic() < deadline:
+        time.sleep(0.05)
     if config.pid_dir.is_dir():
         for path in config.pid_dir.glob("*.pid"):
             path.unlink(missing_ok=True)
