@@ -69,3 +69,13 @@ def write_image(path: Path, *, size=(48, 40), mode="RGB", seed=0, fmt=None) -> P
     image = Image.fromarray(array.squeeze() if channels == 1 else array)
     image.save(path, format=fmt)
     return path
+
+
+def parse_dag(dag_id: str):
+    """``dags/<dag_id>.py`` as the scheduler's DAG processor loads it (settings read from the
+    environment now), with no import errors."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=REPO_ROOT / "dags" / f"{dag_id}.py")
+    assert bag.import_errors == {}
+    return bag.dags[dag_id]

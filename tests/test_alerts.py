@@ -18,9 +18,9 @@ from types import SimpleNamespace
 
 import pytest
 
+from tests.conftest import parse_dag
 from wbc_tasks.config import get_settings
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "T0KEN-s3cr3t-path"
 SMTP_PASSWORD = "smtp-pa55word-xyz"
 
@@ -340,21 +340,13 @@ def test_one_alert_per_failing_task_try_and_dag_run(alert_env, webhook):
 # --------------------------------------------------------------------------- the DAGs' wiring
 
 
-def parse(dag_file: str, dag_id: str):
-    from airflow.dag_processing.dagbag import DagBag
-
-    bag = DagBag(dag_folder=REPO_ROOT / "dags" / dag_file)
-    assert bag.import_errors == {}
-    return bag.dags[dag_id]
-
-
 @pytest.mark.parametrize("dag_file, dag_id", [
     ("wbc_training.py", "wbc_training"),
     ("wbc_batch_classification.py", "wbc_batch_classification"),
     ("wbc_maintenance.py", "wbc_maintenance"),
 ])
 def test_every_task_and_dag_alerts_on_failure(settings, dag_file, dag_id):
-    dag = parse(dag_file, dag_id)
+    dag = parse_dag(dag_id)
     def names_of(callbacks) -> list[str]:  # one callable or a list (mapped tasks keep it as given)
         return [cb.__name__ for cb in (callbacks if isinstance(callbacks, list) else [callbacks])]
 
@@ -391,7 +383,7 @@ def test_failed_nightly_classification_sends_one_alert(dag_env):
     """dag.test() of the real DAG with an empty registry: resolve_model fails (no champion)."""
     from airflow.utils.state import DagRunState
 
-    dag = parse("wbc_batch_classification.py", "wbc_batch_classification")
+    dag = parse_dag("wbc_batch_classification")
     run = dag.test()
 
     assert run.state == DagRunState.FAILED
@@ -413,7 +405,7 @@ def test_failed_training_alerts_and_still_marks_the_mlflow_run_failed(dag_env):
     from wbc_tasks.registry import configure_mlflow, find_tracking_run, open_tracking_run
 
     settings = get_settings()
-    dag = parse("wbc_training.py", "wbc_training").partial_subset(
+    dag = parse_dag("wbc_training").partial_subset(
         task_ids=["preprocess"], include_upstream=False, include_downstream=False)
     for task in dag.tasks:
         task.retries = 0

@@ -9,23 +9,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import parse_dag
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DAG_FILE = REPO_ROOT / "dags" / "wbc_batch_classification.py"
 DAG_ID = "wbc_batch_classification"
 DROP = REPO_ROOT.parent / "shared" / "data" / "wbc-bench" / "classify-images" / "2026-11-24"
 
 
-def parse_dag():
-    """The DAG as the scheduler's DAG processor would load it (settings read from the env now)."""
-    from airflow.dag_processing.dagbag import DagBag
-
-    bag = DagBag(dag_folder=DAG_FILE)
-    assert bag.import_errors == {}
-    return bag.dags[DAG_ID]
-
-
 def test_dag_parses_with_schedule_limits_and_params(settings):
-    dag = parse_dag()
+    dag = parse_dag(DAG_ID)
     assert dag.schedule == "0 2 * * *" and dag.timezone.name == "UTC"
     assert dag.catchup is False and dag.max_active_runs == 1
     params = dag.params.dump()
@@ -49,7 +41,7 @@ def test_dag_parses_with_schedule_limits_and_params(settings):
 def test_schedule_and_timezone_come_from_settings(settings, monkeypatch):
     monkeypatch.setenv("WBC_TIMEZONE", "Europe/Berlin")
     monkeypatch.setenv("WBC_CLASSIFY_SCHEDULE", "30 3 * * 1-5")
-    dag = parse_dag()
+    dag = parse_dag(DAG_ID)
     assert dag.timezone.name == "Europe/Berlin"
     assert dag.schedule == "30 3 * * 1-5"
 
@@ -76,7 +68,7 @@ def test_dag_test_classifies_a_real_drop_in_mapped_chunks(airflow_db, settings, 
         monkeypatch.setenv(name, str(value))
     settings = get_settings()
     ref = register_tiny_model(settings, seed=1, alias="champion")
-    dag = parse_dag()
+    dag = parse_dag(DAG_ID)
 
     run = dag.test(run_conf={"chunk_size": 30, "threshold": 0.5})
 

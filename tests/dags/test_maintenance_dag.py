@@ -4,23 +4,14 @@ out of parsing, and a ``dag.test()`` run deletes an old work folder and keeps th
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DAG_FILE = REPO_ROOT / "dags" / "wbc_maintenance.py"
+from tests.conftest import parse_dag
+
 DAG_ID = "wbc_maintenance"
 
 
-def parse_dag():
-    from airflow.dag_processing.dagbag import DagBag
-
-    bag = DagBag(dag_folder=DAG_FILE)
-    assert bag.import_errors == {}
-    return bag.dags[DAG_ID]
-
-
 def test_dag_parses_with_schedule_limits_and_params(settings):
-    dag = parse_dag()
+    dag = parse_dag(DAG_ID)
     assert dag.schedule == "30 3 * * *" and dag.timezone.name == "UTC"
     assert dag.catchup is False and dag.max_active_runs == 1
     assert dag.params.dump() == {"dry_run": False, "mlflow_artifacts": False}
@@ -31,7 +22,7 @@ def test_schedule_timezone_and_artifact_default_come_from_settings(settings, mon
     monkeypatch.setenv("WBC_MAINTENANCE_SCHEDULE", "0 5 * * 0")
     monkeypatch.setenv("WBC_TIMEZONE", "Europe/Berlin")
     monkeypatch.setenv("WBC_RETENTION_MLFLOW_ARTIFACTS", "yes")
-    dag = parse_dag()
+    dag = parse_dag(DAG_ID)
     assert dag.schedule == "0 5 * * 0" and dag.timezone.name == "Europe/Berlin"
     assert dag.params.dump()["mlflow_artifacts"] is True
 
@@ -39,9 +30,9 @@ def test_schedule_timezone_and_artifact_default_come_from_settings(settings, mon
 def test_parses_fast(settings):
     """A guard, not a benchmark (bench/bench_dag_parse.py measures): the scheduler parses every
     file often, and the target is well under 0.5 s."""
-    parse_dag()  # first parse pays the one-off imports
+    parse_dag(DAG_ID)  # first parse pays the one-off imports
     began = time.perf_counter()
-    parse_dag()
+    parse_dag(DAG_ID)
     assert time.perf_counter() - began < 2.0
 
 
@@ -64,11 +55,11 @@ def test_dag_test_deletes_old_folders_but_not_the_champions(airflow_db, settings
     newest = make_run_folder(s, "manual__newest", age_days=35)
     register_version(s, "manual__champion", alias=s.champion_alias)
 
-    dry = parse_dag().test(run_conf={"dry_run": True})
+    dry = parse_dag(DAG_ID).test(run_conf={"dry_run": True})
     assert dry.state == DagRunState.SUCCESS and old.is_dir()
 
     # A freshly parsed DAG: an in-process dag.test() leaves the previous run's conf in the
     # task's params.
-    run = parse_dag().test()
+    run = parse_dag(DAG_ID).test()
     assert run.state == DagRunState.SUCCESS
     assert champion.is_dir() and newest.is_dir() and not old.exists()

@@ -12,20 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import parse_dag
+
 from wbc_tasks.params import TRAINING_PARAM_SPECS
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DAG_FILE = REPO_ROOT / "dags" / "wbc_training.py"
 ORDER = ["split", "preprocess", "augment", "balance", "train_model", "evaluate", "register", "promote"]
 HEAVY = {"tensorflow", "keras", "mlflow", "pandas", "sqlalchemy", "numpy", "PIL", "sklearn", "imblearn", "alembic", "filelock"}
-
-
-def parse_dag():
-    from airflow.dag_processing.dagbag import DagBag
-
-    bag = DagBag(dag_folder=DAG_FILE)
-    assert bag.import_errors == {}
-    return bag.dags["wbc_training"]
 
 
 def test_every_dag_file_imports_without_errors():
@@ -37,7 +30,7 @@ def test_every_dag_file_imports_without_errors():
 
 
 def test_tasks_chained_in_order_with_training_on_gpu_queue():
-    dag = parse_dag()
+    dag = parse_dag("wbc_training")
     for upstream, downstream in zip(ORDER, ORDER[1:]):
         assert dag.get_task(upstream).downstream_task_ids == {downstream}
     assert dag.get_task("train_model").queue == "gpu"
@@ -46,7 +39,7 @@ def test_tasks_chained_in_order_with_training_on_gpu_queue():
 
 
 def test_trigger_form_has_every_param_described_and_validated():
-    dag = parse_dag()
+    dag = parse_dag("wbc_training")
     form = dag.params
     assert set(form.keys()) == set(TRAINING_PARAM_SPECS)
     for name, spec in TRAINING_PARAM_SPECS.items():
@@ -106,7 +99,7 @@ def test_data_stages_run_under_dag_test(airflow_db, small_labelled_set, monkeypa
     from wbc_tasks.store import open_store
 
     settings = isolate(monkeypatch, tmp_path)
-    dag = parse_dag().partial_subset(task_ids=ORDER[:4], include_upstream=True, include_downstream=False)
+    dag = parse_dag("wbc_training").partial_subset(task_ids=ORDER[:4], include_upstream=True, include_downstream=False)
     assert sorted(dag.task_ids) == sorted(ORDER[:4])
     run = dag.test(
         run_conf={"data_dir": str(small_labelled_set), "image_size": 32, "augment_per_class": 12, "smote_k": 3}
