@@ -17,10 +17,17 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pendulum
-from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk import ExceptionRetryPolicy, Param, RetryAction, RetryRule, dag, get_current_context, task
 
 from wbc_tasks.alerts import alert_dag_failure, alert_task_failure  # stdlib only: cheap to parse
+from wbc_tasks.errors import PermanentError
 from wbc_tasks.config import get_settings
+
+# Errors retrying cannot fix (bad input, param or configuration) fail a task at once; transient
+# ones (MLflow or the database unreachable, a lost worker) keep their retries.
+FAIL_AT_ONCE_ON_PERMANENT_ERRORS = ExceptionRetryPolicy(
+    rules=[RetryRule(exception=PermanentError, action=RetryAction.FAIL, reason="retrying cannot fix this")]
+)
 
 SETTINGS = get_settings()
 
@@ -51,7 +58,7 @@ PARAMS = {
     tags=["wbc", "maintenance"],
     doc_md=__doc__,
     default_args={"retries": 1, "retry_delay": timedelta(minutes=5),
-                  "on_failure_callback": alert_task_failure},
+                  "retry_policy": FAIL_AT_ONCE_ON_PERMANENT_ERRORS, "on_failure_callback": alert_task_failure},
     on_failure_callback=alert_dag_failure,
 )
 def wbc_maintenance() -> None:

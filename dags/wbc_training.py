@@ -12,16 +12,23 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pendulum
-from airflow.sdk import Param, chain, dag, get_current_context, task
+from airflow.sdk import ExceptionRetryPolicy, Param, RetryAction, RetryRule, chain, dag, get_current_context, task
 
 from wbc_tasks.alerts import alert_dag_failure, alert_task_failure  # stdlib only: cheap to parse
+from wbc_tasks.errors import PermanentError
 from wbc_tasks.params import TRAINING_PARAM_SPECS
 
+# Errors retrying cannot fix (bad input, param or configuration) fail a task at once; transient
+# ones (MLflow or the database unreachable, a lost worker) keep their retries.
+FAIL_AT_ONCE_ON_PERMANENT_ERRORS = ExceptionRetryPolicy(
+    rules=[RetryRule(exception=PermanentError, action=RetryAction.FAIL, reason="retrying cannot fix this")]
+)
 
 DEFAULT_ARGS = {
     "retries": 2,
     "retry_delay": timedelta(seconds=30),
     "retry_exponential_backoff": True,
+    "retry_policy": FAIL_AT_ONCE_ON_PERMANENT_ERRORS,
     "on_failure_callback": alert_task_failure,
 }
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -79,3 +80,10 @@ def parse_dag(dag_id: str):
     bag = DagBag(dag_folder=REPO_ROOT / "dags" / f"{dag_id}.py")
     assert bag.import_errors == {}
     return bag.dags[dag_id]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -264,3 +264,26 @@ def test_files_vanishing_mid_run_are_rejected_with_a_reason(tmp_path, settings, 
     late = pd.read_csv(stores / PREPROCESS_REJECTED_FILE).set_index("path")["reason"]
     assert late.to_dict() == {f"blasts/batch/late{i}.png": DISAPPEARED for i in range(3)}
     assert result["rejected"] == 3
+
+
+def test_data_folder_one_level_too_high_says_what_it_found_and_where_to_look(tmp_path):
+    from wbc_tasks.dataset import check_data_folder
+
+    top = tmp_path / "wbc-bench"
+    write_image(top / "WBC" / "blasts" / "a.png", seed=1)
+    write_image(top / "WBC" / "bands" / "b.png", seed=2)
+    (top / "classify-images" / "2026-11-24").mkdir(parents=True)
+    with pytest.raises(DatasetError) as raised:
+        check_data_folder(top)
+    message = str(raised.value)
+    assert "class folders with images: none" in message
+    assert "other folders: WBC, classify-images" in message
+    assert f"{top / 'WBC'} holds class folders (bands, blasts): did you mean that folder?" in message
+
+
+def test_a_class_folder_given_as_the_data_folder_points_at_its_parent(tmp_path):
+    from wbc_tasks.dataset import check_data_folder
+
+    write_image(tmp_path / "WBC" / "blasts" / "a.png", seed=1)
+    with pytest.raises(DatasetError, match=f"point at the folder that holds the class folders, {tmp_path / 'WBC'}"):
+        check_data_folder(tmp_path / "WBC" / "blasts")

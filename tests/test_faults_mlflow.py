@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import free_port
+
 from wbc_tasks.config import CLASS_NAMES, get_settings
 
 pytestmark = pytest.mark.slow  # starts an MLflow server (~30 s on two cores)
@@ -34,18 +36,12 @@ FLOORS = {"metric": "balanced_accuracy", "margin": 0.0, "min_metric": 0.5, "min_
           "min_blast_recall": 0.8}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class MlflowServer:
     """``mlflow server`` in its own process group, SQLite backend and artifacts in ``folder``."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self.port = _free_port()
+        self.port = free_port()
         self.backend_uri = f"sqlite:///{folder / 'mlflow.db'}"
         self.process: subprocess.Popen | None = None
 
@@ -94,7 +90,7 @@ class Gate:
 
     def __init__(self, upstream_port: int) -> None:
         self.upstream_port = upstream_port
-        self.port = _free_port()
+        self.port = free_port()
         self._lock = threading.Lock()
         self._listener: socket.socket | None = None
         self._sockets: set[socket.socket] = set()

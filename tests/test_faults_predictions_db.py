@@ -26,7 +26,7 @@ import pytest
 from sqlalchemy import create_engine, event, func, select, text
 from sqlalchemy.engine import Engine
 
-from tests.conftest import write_image
+from tests.conftest import write_image, free_port
 from wbc_tasks import classify
 from wbc_tasks import predictions as db
 from wbc_tasks.config import CLASS_NAMES
@@ -47,19 +47,13 @@ def _pg_bindir() -> Path | None:
     return next((c for c in candidates if (c / "initdb").is_file() and (c / "pg_ctl").is_file()), None)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class PgCluster:
     """A PostgreSQL cluster of our own: its folder, port and log; stopped however the test ends."""
 
     def __init__(self, bindir: Path, root: Path, as_user: list[str]) -> None:
         self.bindir, self.root, self.as_user = bindir, root, as_user
         self.data, self.log = root / "data", root / "server.log"
-        self.port = _free_port()
+        self.port = free_port()
 
     def _run(self, tool: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         result = subprocess.run([*self.as_user, str(self.bindir / tool), *args], cwd=self.root,

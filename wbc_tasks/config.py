@@ -8,6 +8,8 @@ live in :mod:`wbc_tasks.params`.
 
 from __future__ import annotations
 
+from wbc_tasks.errors import PermanentError
+
 import os
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -31,7 +33,26 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", "
 #: Name of the marker a step writes last, once its whole output is in place.
 COMPLETE_MARKER = "_COMPLETE.json"
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+#: The source checkout this package runs from, or None when it is installed as a package.
+_CHECKOUT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT: Path | None = _CHECKOUT if (_CHECKOUT / "pyproject.toml").is_file() else None
+
+
+def default_home() -> Path:
+    """Where the embedded state lives unless ``WBC_HOME`` says: ``.wbc`` in the checkout, or
+    ``~/.wbc`` for an installed package."""
+    return PROJECT_ROOT / ".wbc" if PROJECT_ROOT is not None else Path("~/.wbc").expanduser()
+
+
+def dags_folder() -> Path:
+    """The DAG files: ``WBC_DAGS_DIR``, else the checkout's ``dags/``, else the copy installed
+    inside the package (``wbc_tasks/_dags``, put there by the wheel build)."""
+    configured = os.environ.get("WBC_DAGS_DIR")
+    if configured:
+        return Path(configured).expanduser().resolve()
+    if PROJECT_ROOT is not None and (PROJECT_ROOT / "dags").is_dir():
+        return PROJECT_ROOT / "dags"
+    return Path(__file__).resolve().parent / "_dags"
 
 
 def _env_path(name: str, default: Path) -> Path:
@@ -193,7 +214,7 @@ class Settings:
     @classmethod
     def from_env(cls) -> "Settings":
         """Read every ``WBC_*`` variable, falling back to the embedded defaults."""
-        home = _env_path("WBC_HOME", PROJECT_ROOT / ".wbc")
+        home = _env_path("WBC_HOME", default_home())
         data = os.environ.get("WBC_DATA_DIR")
         weights = os.environ.get("WBC_VGG16_WEIGHTS")
         archive = os.environ.get("WBC_ARCHIVE_DIR")
@@ -292,7 +313,7 @@ class Settings:
         return tuple(dict.fromkeys(Path(r).expanduser().resolve() for r in roots))
 
 
-class OutsideAllowedFoldersError(ValueError):
+class OutsideAllowedFoldersError(PermanentError, ValueError):
     """A path from a param or the command line lies outside the configured folders."""
 
 

@@ -10,6 +10,8 @@ the input folder is only read.
 
 from __future__ import annotations
 
+from wbc_tasks.errors import PermanentError
+
 import logging
 import os
 from dataclasses import dataclass
@@ -34,7 +36,7 @@ MANIFEST_COLUMNS = ["path", "class", "sha256", "split", "width", "height"]
 REJECTED_COLUMNS = ["path", "class", "sha256", "reason"]
 
 
-class DatasetError(ValueError):
+class DatasetError(PermanentError, ValueError):
     """The labelled folder cannot be trained on at all."""
 
 
@@ -93,13 +95,59 @@ def _walk_class_folder(folder: Path, roots: tuple[Path, ...]) -> tuple[list[Path
     return sorted(files), problems
 
 
+def _class_folders(folder: Path) -> list[str]:
+    """Names of the known class folders directly in ``folder`` that hold at least one file."""
+    known = {name.lower() for name in CLASS_NAMES}
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError:
+        return []
+    found = []
+    for entry in entries:
+        try:
+            if entry.name.lower() in known and entry.is_dir() and any(p.is_file() for p in entry.rglob("*")):
+                found.append(entry.name)
+        except (OSError, RuntimeError):  # unreadable folder, symlink loop: the split reports it
+            continue
+    return found
+
+
+def check_data_folder(data_dir: Path) -> None:
+    """Fail in seconds, saying what was found, when ``data_dir`` cannot be trained on: missing,
+    not a folder, or fewer than two class folders with files in it. Suggests the folder one
+    level down that holds class folders (a common slip: pointing at the folder above ``WBC/``)."""
+    if not data_dir.is_dir():
+        raise DatasetError(f"data folder {data_dir} does not exist or is not a folder (WBC_DATA_DIR or the data_dir param)")
+    classes = _class_folders(data_dir)
+    if len(classes) >= 2:
+        return
+    try:
+        others = sorted(e.name for e in data_dir.iterdir() if e.is_dir() and e.name not in classes)
+    except OSError as exc:
+        raise DatasetError(f"data folder {data_dir} cannot be listed: {exc}") from exc
+    found = (
+        f"class folders with images: {', '.join(classes) or 'none'}; "
+        f"other folders: {', '.join(others[:10]) or 'none'}{' ...' if len(others) > 10 else ''}"
+    )
+    hints = []
+    for name in others:
+        below = _class_folders(data_dir / name)
+        if len(below) >= 2:
+            hints.append(f"{data_dir / name} holds class folders ({', '.join(below)}): did you mean that folder?")
+    if data_dir.name.lower() in {c.lower() for c in CLASS_NAMES}:
+        hints.append(f"{data_dir.name} is a class name: point at the folder that holds the class folders, {data_dir.parent}")
+    raise DatasetError(
+        f"{data_dir}: training needs images in at least two class folders "
+        f"({', '.join(CLASS_NAMES)}); found {found}." + (" " + " ".join(hints) if hints else "")
+    )
+
+
 def find_labelled_images(
     data_dir: Path, settings: Settings
 ) -> tuple[list[tuple[Path, str]], list[Rejection]]:
     """Candidate (file, class) pairs under ``data_dir`` and everything that cannot be one."""
     data_dir = data_dir.resolve()
-    if not data_dir.is_dir():
-        raise DatasetError(f"data folder {data_dir} does not exist or is not a folder")
+    check_data_folder(data_dir)
     roots = (data_dir, *settings.allowed_roots)
     known = {name.lower(): name for name in CLASS_NAMES}
     found: list[tuple[Path, str]] = []

@@ -7,6 +7,8 @@ normalisation.
 
 from __future__ import annotations
 
+from wbc_tasks.errors import PermanentError
+
 import logging
 from pathlib import Path
 
@@ -31,7 +33,7 @@ WEIGHT_CHOICES = ("imagenet", "none")
 PHASES = ("head", "finetune", "scratch")
 
 
-class MissingWeightsError(FileNotFoundError):
+class MissingWeightsError(PermanentError, FileNotFoundError):
     """Pretrained weights were asked for but are not on this machine (nothing is downloaded)."""
 
 

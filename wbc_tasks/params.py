@@ -10,6 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
+from wbc_tasks.errors import PermanentError
+
+
+class ParamError(PermanentError, ValueError):
+    """A training param is unknown, missing or out of its range."""
+
+
 #: name -> JSON-schema fragment with "default" and "description".
 TRAINING_PARAM_SPECS: dict[str, dict[str, Any]] = {
     "data_dir": {
@@ -181,34 +188,34 @@ def _check(name: str, value: Any, spec: dict[str, Any]) -> Any:
     if value is None:
         if "null" in types:
             return None
-        raise ValueError(f"param {name}: a value is required")
+        raise ParamError(f"param {name}: a value is required")
     if "boolean" in types:
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in ("true", "false"):
             return value.lower() == "true"
-        raise ValueError(f"param {name}: expected true or false, got {value!r}")
+        raise ParamError(f"param {name}: expected true or false, got {value!r}")
     if "integer" in types:
         if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).lstrip("-").isdigit():
-            raise ValueError(f"param {name}: expected an integer, got {value!r}")
+            raise ParamError(f"param {name}: expected an integer, got {value!r}")
         value = int(value)
     elif "number" in types:
         try:
             value = float(value)
         except (TypeError, ValueError) as exc:
-            raise ValueError(f"param {name}: expected a number, got {value!r}") from exc
+            raise ParamError(f"param {name}: expected a number, got {value!r}") from exc
     elif "string" in types:
         value = str(value)
         if value == "" and "null" in types:
             return None
     if "enum" in spec and value not in spec["enum"]:
-        raise ValueError(f"param {name}: {value!r} is not one of {spec['enum']}")
+        raise ParamError(f"param {name}: {value!r} is not one of {spec['enum']}")
     if "minimum" in spec and value < spec["minimum"]:
-        raise ValueError(f"param {name}: {value} is below the minimum {spec['minimum']}")
+        raise ParamError(f"param {name}: {value} is below the minimum {spec['minimum']}")
     if "exclusiveMinimum" in spec and value <= spec["exclusiveMinimum"]:
-        raise ValueError(f"param {name}: {value} must be greater than {spec['exclusiveMinimum']}")
+        raise ParamError(f"param {name}: {value} must be greater than {spec['exclusiveMinimum']}")
     if "maximum" in spec and value > spec["maximum"]:
-        raise ValueError(f"param {name}: {value} is above the maximum {spec['maximum']}")
+        raise ParamError(f"param {name}: {value} is above the maximum {spec['maximum']}")
     return value
 
 
@@ -217,7 +224,7 @@ def training_params(values: dict[str, Any] | None = None) -> TrainingParams:
     values = dict(values or {})
     unknown = set(values) - set(TRAINING_PARAM_SPECS)
     if unknown:
-        raise ValueError(f"unknown params: {sorted(unknown)}; known: {sorted(TRAINING_PARAM_SPECS)}")
+        raise ParamError(f"unknown params: {sorted(unknown)}; known: {sorted(TRAINING_PARAM_SPECS)}")
     checked = {
         name: _check(name, values.get(name, spec["default"]), spec)
         for name, spec in TRAINING_PARAM_SPECS.items()

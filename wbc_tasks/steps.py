@@ -66,6 +66,11 @@ def split_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
     from wbc_tasks.registry import log_split_manifest, open_tracking_run
 
     settings, p, run = _context(run_id, params)
+    if p.weights == "imagenet":
+        # Fail in seconds, before any data step, not after an hour of preprocessing.
+        from wbc_tasks.model import vgg16_weights_file
+
+        vgg16_weights_file(settings)
     data_dir = resolve_data_dir(settings, p)
     summary = run_step(run / "split", lambda out: split_dataset(data_dir, out, settings))
     open_tracking_run(settings, run_id, {**p.as_dict(), "data_dir": str(data_dir)})

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import parse_dag
+from tests.conftest import free_port, parse_dag, write_image
 
 from wbc_tasks.params import TRAINING_PARAM_SPECS
 
@@ -102,7 +102,8 @@ def test_data_stages_run_under_dag_test(airflow_db, small_labelled_set, monkeypa
     dag = parse_dag("wbc_training").partial_subset(task_ids=ORDER[:4], include_upstream=True, include_downstream=False)
     assert sorted(dag.task_ids) == sorted(ORDER[:4])
     run = dag.test(
-        run_conf={"data_dir": str(small_labelled_set), "image_size": 32, "augment_per_class": 12, "smote_k": 3}
+        run_conf={"data_dir": str(small_labelled_set), "image_size": 32, "augment_per_class": 12, "smote_k": 3,
+                  "weights": "none"}
     )
     assert run.state == DagRunState.SUCCESS
     folder = settings.run_dir(run.run_id)
@@ -114,3 +115,50 @@ def test_data_stages_run_under_dag_test(airflow_db, small_labelled_set, monkeypa
     assert balanced.images.dtype.name == "uint8" and balanced.image_size == 32
     test_shas = set(open_store(folder / "preprocess" / "test").records["sha256"])
     assert not test_shas & set(balanced.records["parents"].str.split("+").explode()), "test images leaked into training"
+
+
+def _split_only(retry_delay_seconds: float = 0.0):
+    """The training DAG cut to its first task, retried without waiting (the policy under test
+    decides whether a retry happens at all, not when)."""
+    from datetime import timedelta
+
+    dag = parse_dag("wbc_training").partial_subset(task_ids=["split"], include_upstream=False, include_downstream=False)
+    for task in dag.tasks:
+        task.retry_delay = timedelta(seconds=retry_delay_seconds)
+        task.retry_exponential_backoff = False
+    return dag
+
+
+def _split_tries(run) -> tuple[str, int]:
+    ti = next(t for t in run.get_task_instances() if t.task_id == "split")
+    return ti.state, ti.try_number
+
+
+def test_an_error_retrying_cannot_fix_fails_the_task_in_one_try(airflow_db, monkeypatch, tmp_path):
+    """A data folder one level too high: the split fails at once, with no retries (the DAG
+    declares two), and its error says which folder holds the class folders."""
+    from airflow.utils.state import DagRunState
+
+    isolate(monkeypatch, tmp_path)
+    top = tmp_path / "bench"
+    for label in ("blasts", "bands"):
+        write_image(top / "WBC" / label / "a.png", seed=len(label))
+    (top / "classify-images").mkdir()
+    assert parse_dag("wbc_training").get_task("split").retries == 2
+    run = _split_only().test(run_conf={"data_dir": str(top), "weights": "none"})
+    assert run.state == DagRunState.FAILED
+    assert _split_tries(run) == ("failed", 1)
+
+
+def test_a_transient_error_keeps_its_retries(airflow_db, monkeypatch, tmp_path, small_labelled_set):
+    """MLflow unreachable is transient: the split is tried 1 + retries times before failing."""
+    from airflow.utils.state import DagRunState
+
+    isolate(monkeypatch, tmp_path)
+    monkeypatch.setenv("WBC_MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("WBC_MLFLOW_RETRIES", "0")
+    monkeypatch.setenv("WBC_MLFLOW_HTTP_RETRIES", "0")
+    monkeypatch.setenv("WBC_MLFLOW_HTTP_TIMEOUT", "2")
+    run = _split_only().test(run_conf={"data_dir": str(small_labelled_set), "image_size": 32, "weights": "none"})
+    assert run.state == DagRunState.FAILED
+    assert _split_tries(run) == ("failed", 3)

@@ -1,0 +1,299 @@
+"""The ``wbc`` command: the pipeline for people and scripts, without writing Python.
+
+    wbc train [--profile cpu|demo|gpu] [--param name=value ...]   run wbc_training end to end
+    wbc classify-night [--param ...]                               run wbc_batch_classification once
+    wbc predictions [--format csv|parquet|json] [filters]           fetch the predictions table
+    wbc classify PATH...                                            classify a few images now
+    wbc promote VERSION --why TEXT / wbc rollback --why TEXT        move the champion by hand
+    wbc airflow-ui / wbc mlflow-ui                                  open the UIs on the same state
+    wbc demo-data [--per-class N]                                   write the generated demo set
+    wbc cleanup [--dry-run] [--mlflow-artifacts]                    delete old run work folders
+    wbc pseudonym [--root DIR] PATH...                              the pseudonyms of your files
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from wbc_tasks.config import PROJECT_ROOT, Settings, get_settings
+
+#: Param sets for common machines. "cpu" fits a laptop/CI-class CPU; "gpu" is the production run.
+PROFILES: dict[str, dict[str, Any]] = {
+    "cpu": {
+        "image_size": 64,
+        "weights": "none",
+        "epochs_head": 0,
+        "epochs_finetune": 12,
+        "batch_size": 32,
+        "learning_rate_finetune": 1e-4,
+        "augment_per_class": 150,
+        "early_stopping_patience": 4,
+    },
+    "demo": {
+        "image_size": 32,
+        "weights": "none",
+        "epochs_head": 0,
+        "epochs_finetune": 5,
+        "batch_size": 16,
+        "learning_rate_finetune": 1e-4,
+        "augment_per_class": 30,
+        "early_stopping_patience": 3,
+        # A few CPU minutes on generated images: floors low enough that the first run is crowned.
+        "min_metric": 0.3,
+        "min_class_recall": 0.0,
+        "min_blast_recall": 0.0,
+    },
+    "gpu": {"image_size": 256, "weights": "imagenet"},
+}
+
+
+def airflow_environment(settings: Settings) -> dict[str, str]:
+    """Environment for Airflow commands on the embedded state (SQLite under ``WBC_HOME``)."""
+    airflow_home = settings.home / "airflow"
+    env = dict(os.environ)
+    env.setdefault("AIRFLOW_HOME", str(airflow_home))
+    env.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(PROJECT_ROOT / "dags"))
+    env.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+    env.setdefault("WBC_HOME", str(settings.home))
+    return env
+
+
+def _airflow(settings: Settings, *args: str) -> int:
+    env = airflow_environment(settings)
+    airflow = str(Path(sys.executable).with_name("airflow"))
+    if not (Path(env["AIRFLOW_HOME"]) / "airflow.db").exists():
+        Path(env["AIRFLOW_HOME"]).mkdir(parents=True, exist_ok=True)
+        subprocess.run([airflow, "db", "migrate"], env=env, check=True)
+    return subprocess.call([airflow, *args], env=env)
+
+
+def _parse_params(pairs: list[str]) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--param {pair!r}: expected name=value")
+        try:
+            params[name] = json.loads(value)
+        except json.JSONDecodeError:
+            params[name] = value
+    return params
+
+
+def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
+    from wbc_tasks.params import training_params
+
+    conf = {**PROFILES.get(args.profile, {}), **_parse_params(args.param)}
+    if settings.data_dir is None and "data_dir" not in conf and args.profile == "cpu":
+        # No data configured: the demo profile is the one that learns generated images quickly.
+        conf = {**PROFILES["demo"], **_parse_params(args.param)}
+        print("WBC_DATA_DIR is not set: training on generated demo data (profile 'demo').")
+    training_params(conf)  # fail here, with the param named, rather than inside Airflow
+    print(f"wbc_training with {json.dumps(conf, sort_keys=True)}")
+    return _airflow(settings, "dags", "test", "wbc_training", "--conf", json.dumps(conf))
+
+
+def cmd_classify_night(args: argparse.Namespace, settings: Settings) -> int:
+    conf = _parse_params(args.param)
+    return _airflow(settings, "dags", "test", "wbc_batch_classification", "--conf", json.dumps(conf))
+
+
+def cmd_predictions(args: argparse.Namespace, settings: Settings) -> int:
+    from wbc_tasks.predictions import export_predictions
+
+    review = {"yes": True, "no": False}.get(args.needs_review) if args.needs_review else None
+    rows = export_predictions(
+        settings,
+        drop=args.drop,
+        since=args.since,
+        predicted_class=args.predicted_class,
+        needs_review=review,
+        model_version=args.model_version,
+        latest=args.latest,
+        fmt=args.format,
+        out=args.out,
+    )
+    if args.out:
+        print(f"{rows} rows written to {args.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_classify(args: argparse.Namespace, settings: Settings) -> int:
+    from wbc_tasks.classify import classify_paths
+
+    results = classify_paths(settings, [Path(p) for p in args.paths], model_ref=args.model, record=args.record)
+    print(json.dumps(results, indent=2, default=str))
+    return 0 if all("rejected" not in r for r in results) else 3
+
+
+def _who(args: argparse.Namespace) -> str:
+    return args.who or os.environ.get("WBC_USER") or getpass.getuser()
+
+
+def cmd_promote(args: argparse.Namespace, settings: Settings) -> int:
+    from wbc_tasks.promotion import promote_version
+
+    result = promote_version(settings, str(args.version), who=_who(args), why=args.why)
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace, settings: Settings) -> int:
+    from wbc_tasks.promotion import rollback
+
+    result = rollback(settings, who=_who(args), why=args.why)
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def cmd_airflow_ui(args: argparse.Namespace, settings: Settings) -> int:
+    print("Starting Airflow standalone on the embedded state; the admin password is printed below "
+          f"and kept in {airflow_environment(settings)['AIRFLOW_HOME']}/simple_auth_manager_passwords.json.generated")
+    return _airflow(settings, "standalone")
+
+
+def cmd_mlflow_ui(args: argparse.Namespace, settings: Settings) -> int:
+    mlflow = str(Path(sys.executable).with_name("mlflow"))
+    return subprocess.call(
+        [mlflow, "server", "--backend-store-uri", settings.mlflow_tracking_uri,
+         "--host", "127.0.0.1", "--port", str(args.port)]
+    )
+
+
+def cmd_cleanup(args: argparse.Namespace, settings: Settings) -> int:
+    import logging
+
+    from wbc_tasks.retention import apply_retention
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
+    summary = apply_retention(settings, dry_run=args.dry_run, mlflow_artifacts=args.mlflow_artifacts or None)
+    print(json.dumps(summary, indent=2, default=str))
+    return 1 if summary["errors"] or summary.get("mlflow", {}).get("errors") else 0
+
+
+def cmd_demo_data(args: argparse.Namespace, settings: Settings) -> int:
+    from wbc_tasks.demo import generate_demo_dataset
+
+    out = Path(args.out) if args.out else settings.home / "demo-data" / "WBC"
+    summary = generate_demo_dataset(out, per_class=args.per_class, seed=args.seed)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def cmd_pseudonym(args: argparse.Namespace, settings: Settings) -> int:
+    """Print ``<pseudonym>\t<path>`` for each file (folders: every file under them), so a
+    pseudonym seen in MLflow or a log can be found again among the lab's own files."""
+    from wbc_tasks.privacy import key_file, pseudonymiser
+
+    if settings.pseudonym_key is None and not key_file(settings).is_file():
+        print(
+            f"no pseudonym key: set WBC_PSEUDONYM_KEY, or WBC_WORK_DIR to the pipeline's work folder "
+            f"(its {key_file(settings).name}); {key_file(settings)} does not exist",
+            file=sys.stderr,
+        )
+        return 2
+    root = Path(args.root).expanduser().absolute() if args.root else None
+    names = pseudonymiser(settings.with_overrides(pseudonymise_names=True), *([root] if root else []))
+    for given in args.paths:
+        path = Path(given).expanduser()
+        found = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for file in found:
+            shown = file.absolute() if root is not None else file
+            print(f"{names.path(shown)}\t{file}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="wbc", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="run the wbc_training DAG end to end (embedded Airflow)")
+    train.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
+    train.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
+    train.set_defaults(func=cmd_train)
+
+    night = sub.add_parser("classify-night", help="run the wbc_batch_classification DAG once")
+    night.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
+    night.set_defaults(func=cmd_classify_night)
+
+    preds = sub.add_parser("predictions", help="fetch the predictions table (csv, parquet or json)")
+    preds.add_argument("--format", choices=["csv", "parquet", "json"], default="csv")
+    preds.add_argument("--out", help="file to write (default: standard output; parquet needs --out)")
+    preds.add_argument("--drop", help="only this drop (sub-folder of the classify folder)")
+    preds.add_argument("--since", help="only files seen / predictions made at or after this ISO time")
+    preds.add_argument("--class", dest="predicted_class", help="only this predicted class")
+    preds.add_argument("--needs-review", choices=["yes", "no"], help="only flagged (yes) or unflagged (no)")
+    preds.add_argument("--model-version", help="only predictions of this model version")
+    preds.add_argument("--latest", action="store_true", help="only the newest prediction per file")
+    preds.set_defaults(func=cmd_predictions)
+
+    classify = sub.add_parser("classify", help="classify a few images now, without Airflow")
+    classify.add_argument("paths", nargs="+")
+    classify.add_argument("--model", help="alias or version (default: the champion)")
+    classify.add_argument("--record", action="store_true", help="also store the rows in the predictions database")
+    classify.set_defaults(func=cmd_classify)
+
+    promote = sub.add_parser("promote", help="make VERSION the champion by hand (recorded on the version)")
+    promote.add_argument("version", type=int)
+    promote.add_argument("--why", required=True, help="reason, recorded with who and when")
+    promote.add_argument("--who", help="defaults to $WBC_USER or the login name")
+    promote.set_defaults(func=cmd_promote)
+    back = sub.add_parser("rollback", help="make the previous champion the champion again")
+    back.add_argument("--why", required=True)
+    back.add_argument("--who")
+    back.set_defaults(func=cmd_rollback)
+
+    ui = sub.add_parser("airflow-ui", help="Airflow standalone (UI on :8080) on the embedded state")
+    ui.set_defaults(func=cmd_airflow_ui)
+    mlui = sub.add_parser("mlflow-ui", help="MLflow UI on the embedded tracking database")
+    mlui.add_argument("--port", type=int, default=5000)
+    mlui.set_defaults(func=cmd_mlflow_ui)
+
+    demo = sub.add_parser("demo-data", help="write the generated demo image set")
+    demo.add_argument("--out")
+    demo.add_argument("--per-class", type=int, default=40)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=cmd_demo_data)
+
+    cleanup = sub.add_parser(
+        "cleanup",
+        help="delete training work folders older than WBC_RETENTION_DAYS beyond the newest "
+        "WBC_RETENTION_KEEP_RUNS (never the champion's or previous champion's, nor running ones)",
+    )
+    cleanup.add_argument("--dry-run", action="store_true", help="only report what would be deleted")
+    cleanup.add_argument(
+        "--mlflow-artifacts", action="store_true",
+        help="also delete the MLflow artifacts of old runs that never registered a version "
+        "(default: WBC_RETENTION_MLFLOW_ARTIFACTS)",
+    )
+    cleanup.set_defaults(func=cmd_cleanup)
+
+    pseudonym = sub.add_parser(
+        "pseudonym",
+        help="print the pseudonym (WBC_PSEUDONYMISE_NAMES) of each file, to find one seen in MLflow or a log",
+    )
+    pseudonym.add_argument("paths", nargs="+", help="files, or folders (every file under them)")
+    pseudonym.add_argument(
+        "--root",
+        help="the folder the paths were relative to in the pipeline (the data folder of a training "
+        "run, the classify folder); default: WBC_DATA_DIR, WBC_CLASSIFY_DIR, WBC_ARCHIVE_DIR, "
+        "else the paths as given",
+    )
+    pseudonym.set_defaults(func=cmd_pseudonym)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args, get_settings()) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
