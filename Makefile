@@ -17,7 +17,7 @@ setup: .venv/.synced
 
 ## Train end to end on $WBC_DATA_DIR (or generated demo data when unset), embedded state in .wbc/
 demo: setup
-	$(PY) -m wbc_tasks.cli train --profile cpu
+	$(PY) -m wbc_tasks.cli train --profile cpu $(ARGS)
 
 ## The whole test suite (what CI runs): unit, DAG and end-to-end tests, then the native-stack system test
 test: setup
@@ -37,10 +37,10 @@ stack-stop:
 	stack/stop
 
 airflow-ui: setup
-	$(PY) -m wbc_tasks.cli airflow-ui
+	$(PY) -m wbc_tasks.cli airflow-ui $(ARGS)
 
 mlflow-ui: setup
-	$(PY) -m wbc_tasks.cli mlflow-ui
+	$(PY) -m wbc_tasks.cli mlflow-ui $(ARGS)
 
 ## Every CPU benchmark (about an hour on 2 cores); results go into docs/benchmarks.md by hand
 bench: setup

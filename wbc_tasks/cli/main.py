@@ -17,12 +17,12 @@ import argparse
 import getpass
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-from wbc_tasks.config import PROJECT_ROOT, Settings, get_settings
+from wbc_tasks.cli.embedded import airflow_environment, run_airflow_command, run_airflow_ui, run_mlflow_ui
+from wbc_tasks.config import Settings, get_settings
 
 #: Param sets for common machines. "cpu" fits a laptop/CI-class CPU; "gpu" is the production run.
 PROFILES: dict[str, dict[str, Any]] = {
@@ -54,26 +54,6 @@ PROFILES: dict[str, dict[str, Any]] = {
 }
 
 
-def airflow_environment(settings: Settings) -> dict[str, str]:
-    """Environment for Airflow commands on the embedded state (SQLite under ``WBC_HOME``)."""
-    airflow_home = settings.home / "airflow"
-    env = dict(os.environ)
-    env.setdefault("AIRFLOW_HOME", str(airflow_home))
-    env.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(PROJECT_ROOT / "dags"))
-    env.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
-    env.setdefault("WBC_HOME", str(settings.home))
-    return env
-
-
-def _airflow(settings: Settings, *args: str) -> int:
-    env = airflow_environment(settings)
-    airflow = str(Path(sys.executable).with_name("airflow"))
-    if not (Path(env["AIRFLOW_HOME"]) / "airflow.db").exists():
-        Path(env["AIRFLOW_HOME"]).mkdir(parents=True, exist_ok=True)
-        subprocess.run([airflow, "db", "migrate"], env=env, check=True)
-    return subprocess.call([airflow, *args], env=env)
-
-
 def _parse_params(pairs: list[str]) -> dict[str, Any]:
     params: dict[str, Any] = {}
     for pair in pairs:
@@ -87,22 +67,52 @@ def _parse_params(pairs: list[str]) -> dict[str, Any]:
     return params
 
 
-def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
+def _check_before_airflow(settings: Settings, conf: dict[str, Any]) -> None:
+    """The checks that would fail the run's first task, made here in a second instead of after
+    Airflow has started: params, weights, the data folder."""
+    from wbc_tasks.config import resolve_inside
+    from wbc_tasks.dataset import check_data_folder
+    from wbc_tasks.model import vgg16_weights_file
     from wbc_tasks.params import training_params
+
+    params = training_params(conf)
+    if params.weights == "imagenet":
+        vgg16_weights_file(settings)
+    if params.data_dir:
+        check_data_folder(resolve_inside(params.data_dir, settings.input_roots(), "data_dir"))
+    elif settings.data_dir is not None:
+        check_data_folder(settings.data_dir)
+
+
+def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
+    from datetime import datetime, timezone
+
+    from wbc_tasks.cli.run_summary import summarise_training
+    from wbc_tasks.errors import PermanentError
 
     conf = {**PROFILES.get(args.profile, {}), **_parse_params(args.param)}
     if settings.data_dir is None and "data_dir" not in conf and args.profile == "cpu":
         # No data configured: the demo profile is the one that learns generated images quickly.
         conf = {**PROFILES["demo"], **_parse_params(args.param)}
         print("WBC_DATA_DIR is not set: training on generated demo data (profile 'demo').")
-    training_params(conf)  # fail here, with the param named, rather than inside Airflow
-    print(f"wbc_training with {json.dumps(conf, sort_keys=True)}")
-    return _airflow(settings, "dags", "test", "wbc_training", "--conf", json.dumps(conf))
+    try:
+        _check_before_airflow(settings, conf)
+    except PermanentError as exc:
+        print(f"wbc train: {exc}", file=sys.stderr)
+        return 2
+    print(f"wbc_training with {json.dumps(conf, sort_keys=True)}", flush=True)
+    started = datetime.now(timezone.utc)
+    code = run_airflow_command(settings, "dags", "test", "wbc_training", "--conf", json.dumps(conf))
+    if code >= 128:  # stopped by a signal: the run did not finish, say so and nothing more
+        return code
+    summary, succeeded = summarise_training(settings, Path(airflow_environment(settings)["AIRFLOW_HOME"]), started, code)
+    print(summary, flush=True)
+    return code if code else (0 if succeeded else 1)
 
 
 def cmd_classify_night(args: argparse.Namespace, settings: Settings) -> int:
     conf = _parse_params(args.param)
-    return _airflow(settings, "dags", "test", "wbc_batch_classification", "--conf", json.dumps(conf))
+    return run_airflow_command(settings, "dags", "test", "wbc_batch_classification", "--conf", json.dumps(conf))
 
 
 def cmd_predictions(args: argparse.Namespace, settings: Settings) -> int:
@@ -154,17 +164,11 @@ def cmd_rollback(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_airflow_ui(args: argparse.Namespace, settings: Settings) -> int:
-    print("Starting Airflow standalone on the embedded state; the admin password is printed below "
-          f"and kept in {airflow_environment(settings)['AIRFLOW_HOME']}/simple_auth_manager_passwords.json.generated")
-    return _airflow(settings, "standalone")
+    return run_airflow_ui(settings, host=args.host, port=args.port)
 
 
 def cmd_mlflow_ui(args: argparse.Namespace, settings: Settings) -> int:
-    mlflow = str(Path(sys.executable).with_name("mlflow"))
-    return subprocess.call(
-        [mlflow, "server", "--backend-store-uri", settings.mlflow_tracking_uri,
-         "--host", "127.0.0.1", "--port", str(args.port)]
-    )
+    return run_mlflow_ui(settings, host=args.host, port=args.port)
 
 
 def cmd_cleanup(args: argparse.Namespace, settings: Settings) -> int:
@@ -250,10 +254,16 @@ def build_parser() -> argparse.ArgumentParser:
     back.add_argument("--who")
     back.set_defaults(func=cmd_rollback)
 
-    ui = sub.add_parser("airflow-ui", help="Airflow standalone (UI on :8080) on the embedded state")
+    ui = sub.add_parser(
+        "airflow-ui",
+        help="Airflow's UI (and scheduler, DAG processor, triggerer) on the embedded state, until Ctrl-C",
+    )
+    ui.add_argument("--port", type=int, default=8080)
+    ui.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     ui.set_defaults(func=cmd_airflow_ui)
-    mlui = sub.add_parser("mlflow-ui", help="MLflow UI on the embedded tracking database")
+    mlui = sub.add_parser("mlflow-ui", help="MLflow's UI on the embedded tracking database, until Ctrl-C")
     mlui.add_argument("--port", type=int, default=5000)
+    mlui.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     mlui.set_defaults(func=cmd_mlflow_ui)
 
     demo = sub.add_parser("demo-data", help="write the generated demo image set")

@@ -1,0 +1,5 @@
+import sys
+
+from wbc_tasks.cli.main import main
+
+sys.exit(main())
