@@ -10,6 +10,8 @@ import math
 import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -632,3 +634,42 @@ def test_drop_param_cannot_leave_the_classify_folder(tmp_path):
             classify.list_files(settings, drop=drop)
     with pytest.raises(ValueError, match="points outside the allowed folders"):
         classify.list_files(settings, drop="linked-out")
+
+
+def test_recorded_cli_classifications_appear_in_predictions_at_once(registry_settings, tmp_path):
+    """README's `wbc classify --record FILE…` then `wbc predictions`: a file in the classify
+    folder is listed under its relative path and real drop (the nightly run then adds no second
+    row), one elsewhere under drop `cli` and its absolute path, a rejection with its reason."""
+    settings = registry_settings.with_overrides(
+        classify_dir=tmp_path / "classify", work_dir=tmp_path / "work",
+        predictions_db_url=f"sqlite:///{tmp_path / 'predictions.db'}", allowed_roots=((tmp_path / "desk").resolve(),),
+    )
+    settings.classify_dir.mkdir()
+    drop = copy_drop("2026-11-24", settings)
+    inside = drop / "cell_0005.jpg"
+    desk = tmp_path / "desk"
+    desk.mkdir()
+    outside = Path(shutil.copy(drop_source("2026-11-24") / "cell_0007.jpg", desk / "mine.jpg"))
+    bad = desk / "bad.jpg"
+    bad.write_bytes(b"not a jpeg")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WBC_")}
+    env.update(
+        WBC_HOME=str(settings.home), WBC_CLASSIFY_DIR=str(settings.classify_dir), WBC_WORK_DIR=str(settings.work_dir),
+        WBC_PREDICTIONS_DB_URL=settings.predictions_db_url, WBC_ALLOWED_ROOTS=str(desk), WBC_WORKERS="1",
+    )
+    wbc = str(Path(sys.executable).with_name("wbc"))
+    done = subprocess.run([wbc, "classify", "--record", str(inside), str(outside), str(bad)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 3, done.stderr  # 3: at least one file was rejected
+    listed = subprocess.run([wbc, "predictions", "--format", "json"], env=env, capture_output=True, text=True,
+                            timeout=300, check=True)
+    rows = {r["path"]: r for r in json.loads(listed.stdout)}
+    assert set(rows) == {"2026-11-24/cell_0005.jpg", str(outside), str(bad)}
+    assert (rows["2026-11-24/cell_0005.jpg"]["drop"], rows["2026-11-24/cell_0005.jpg"]["status"]) == ("2026-11-24", "classified")
+    assert (rows[str(outside)]["drop"], rows[str(outside)]["status"]) == ("cli", "classified")
+    assert rows[str(bad)]["status"] == "rejected" and "not a readable image" in rows[str(bad)]["rejection_reason"]
+
+    classify.classify_new_images(settings.with_overrides(settle_minutes=0.0))
+    seen = [s for s in table_rows(settings, db.files_seen) if s["path"] == "2026-11-24/cell_0005.jpg"]
+    assert len(seen) == 1
+    assert [p["sha256"] for p in table_rows(settings, db.predictions)].count(sha(inside)) == 1

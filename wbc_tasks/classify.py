@@ -846,9 +846,9 @@ def classify_paths(
     ``model_ref``: a :class:`ModelRef`, an alias or version string, or None for the champion.
     Each dict has ``path``, ``sha256`` and either the prediction (``predicted_class``,
     ``confidence``, ``probabilities``, ``needs_review``, ``model_name``, ``model_version``) or
-    ``rejected`` (the reason). Nothing is written unless ``record`` is set: then predictions
-    and rejections (by absolute path) are stored, not ``files_seen`` (which lists the drop
-    folder only).
+    ``rejected`` (the reason). Nothing is written unless ``record`` is set: then predictions,
+    rejections and ``files_seen`` rows are stored (:func:`recorded_location`), so the files
+    appear in ``wbc predictions`` at once.
     """
     from wbc_tasks import predictions as db
     from wbc_tasks.registry import resolve_model
@@ -870,20 +870,64 @@ def classify_paths(
             result.update(prediction_fields(outcome.probabilities, ref, threshold))
             result.update(model_name=ref.name, model_version=ref.version)
     if record:
-        run_id = run_id or new_run_id("classify-paths")
-        now = db.utcnow()
-        db.upgrade_database(settings.predictions_db_url)
-        with db.open_engine(settings.predictions_db_url) as engine, engine.begin() as connection:
-            db.insert_ignore(connection, db.predictions, [
-                {"sha256": r["sha256"], "predicted_class": r["predicted_class"],
-                 "confidence": r["confidence"], "probabilities": r["probabilities"],
-                 "needs_review": r["needs_review"], "model_name": ref.name,
-                 "model_version": ref.version, "model_run_id": ref.run_id,
-                 "dag_run_id": run_id, "created_at": now}
-                for r in results if "predicted_class" in r
-            ])
-            db.insert_ignore(connection, db.rejections, [
-                _rejection_row(r["path"], r.get("sha256", ""), r["rejected"], run_id, now)
-                for r in results if "rejected" in r
-            ])
+        _record_paths(settings, ref, results, run_id or new_run_id("classify-paths"))
     return results
+
+
+#: The drop under which ``wbc classify --record`` files outside the classify folder are listed.
+CLI_DROP = "cli"
+
+
+def recorded_location(settings: Settings, path: Path) -> tuple[str, str]:
+    """(path, drop) a file given on the command line is recorded under: inside the classify
+    folder, its path relative to that folder and its drop, exactly as the nightly run records it
+    (so the nightly run adds no second row); elsewhere, its absolute path under drop ``cli``."""
+    base = settings.classify_dir.resolve()
+    candidates = [path]
+    try:
+        candidates.append(path.resolve())
+    except (OSError, RuntimeError):  # a symlink loop: recorded by its own path
+        pass
+    for candidate in candidates:
+        if candidate.is_relative_to(base):
+            rel = candidate.relative_to(base)
+            return str(rel), _drop_of(rel)
+    return str(path), CLI_DROP
+
+
+def _record_paths(settings: Settings, ref: ModelRef, results: list[dict[str, Any]], run_id: str) -> None:
+    """Store ``classify_paths`` results: predictions, rejections and the ``files_seen`` rows that
+    make them appear in ``wbc predictions`` at once, in one transaction."""
+    from wbc_tasks import predictions as db
+
+    now = db.utcnow()
+    prediction_rows, rejection_rows, seen_rows = [], [], []
+    for r in results:
+        path = Path(r["path"])
+        rel, drop = recorded_location(settings, path)
+        sha = r.get("sha256") or db.UNREADABLE_SHA
+        try:
+            stat = path.stat()
+            size, mtime = stat.st_size, stat.st_mtime
+        except OSError:
+            size = mtime = None
+        seen_rows.append(_seen_row(FoundFile(rel, drop, size, mtime, sha), run_id, now))
+        if "rejected" in r:
+            rejection_rows.append(_rejection_row(rel, sha, r["rejected"], run_id, now))
+        elif "predicted_class" in r:
+            prediction_rows.append({
+                "sha256": sha, "predicted_class": r["predicted_class"], "confidence": r["confidence"],
+                "probabilities": r["probabilities"], "needs_review": r["needs_review"],
+                "model_name": ref.name, "model_version": ref.version, "model_run_id": ref.run_id,
+                "dag_run_id": run_id, "created_at": now,
+            })
+
+    def commit(connection) -> None:
+        db.insert_ignore(connection, db.predictions, prediction_rows)
+        db.insert_ignore(connection, db.rejections, rejection_rows)
+        db.insert_ignore(connection, db.files_seen, seen_rows)
+
+    db.upgrade_database(settings.predictions_db_url)
+    with db.open_engine(settings.predictions_db_url) as engine:
+        db.transaction(settings, engine, commit, what="recording classified files")
+    log.info("recorded %d predictions and %d rejections (run %s)", len(prediction_rows), len(rejection_rows), run_id)
