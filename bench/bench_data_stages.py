@@ -48,7 +48,7 @@ GB = 1024**3
 
 
 def _settings(work: Path, workers: int):
-    from wbc_tasks.config import get_settings
+    from wbc_tasks.core.settings import get_settings
 
     return get_settings().with_overrides(home=work, work_dir=work, workers=workers)
 
@@ -60,10 +60,10 @@ def _import_everything() -> None:
     import pandas  # noqa: F401
     import sklearn.neighbors  # noqa: F401
 
-    import wbc_tasks.augment  # noqa: F401
-    import wbc_tasks.balance  # noqa: F401
-    import wbc_tasks.dataset  # noqa: F401
-    import wbc_tasks.preprocess  # noqa: F401
+    import wbc_tasks.data.augment  # noqa: F401
+    import wbc_tasks.data.balance  # noqa: F401
+    import wbc_tasks.data.dataset  # noqa: F401
+    import wbc_tasks.data.preprocess  # noqa: F401
 
 
 def child(args: argparse.Namespace) -> dict:
@@ -83,21 +83,21 @@ def _stage(args: argparse.Namespace) -> dict:
     run = work / "runs" / "bench"
     settings = _settings(work, args.workers)
     if args.stage == "split":
-        from wbc_tasks.dataset import split_dataset
-        from wbc_tasks.workdir import run_step
+        from wbc_tasks.data.dataset import split_dataset
+        from wbc_tasks.core.workdir import run_step
 
         summary = run_step(run / "split", lambda d: split_dataset(BENCH, d, settings), force=True)
         return {"images": summary["images"]}
     if args.stage == "preprocess":
-        from wbc_tasks.preprocess import preprocess_splits
-        from wbc_tasks.workdir import run_step
+        from wbc_tasks.data.preprocess import preprocess_splits
+        from wbc_tasks.core.workdir import run_step
 
         summary = run_step(
             run / "preprocess", lambda d: preprocess_splits(run / "split", d, settings, args.size), force=True
         )
         return {"images": sum(sum(c.values()) for c in summary["counts"].values())}
     if args.stage == "augment":
-        from wbc_tasks.augment import augment_training_set
+        from wbc_tasks.data.augment import augment_training_set
 
         out = Path(args.output)
         shutil.rmtree(out, ignore_errors=True)
@@ -106,7 +106,7 @@ def _stage(args: argparse.Namespace) -> dict:
         )
         return {"images": summary["images_out"], "in": summary["images_in"]}
     if args.stage == "smote":
-        from wbc_tasks.balance import balance_with_smote
+        from wbc_tasks.data.balance import balance_with_smote
 
         out = Path(args.output)
         shutil.rmtree(out, ignore_errors=True)
@@ -123,7 +123,7 @@ def baseline(store_path: Path, k: int, seed: int) -> dict:
     """The notebook's SMOTE: one float64 matrix of every flattened image, one fit_resample."""
     from imblearn.over_sampling import SMOTE
 
-    from wbc_tasks.store import open_store
+    from wbc_tasks.data.store import open_store
 
     store = open_store(store_path)
     n = len(store)
@@ -210,7 +210,7 @@ def make_subset(source: Path, target: Path, count: int, seed: int) -> None:
     """A store of ``count`` random rows of ``source`` (records kept), for the notebook-sized run."""
     import pandas as pd
 
-    from wbc_tasks.store import create_store, finish_store, open_store
+    from wbc_tasks.data.store import create_store, finish_store, open_store
 
     store = open_store(source)
     rows = np.sort(np.random.default_rng(seed).choice(len(store), size=min(count, len(store)), replace=False))

@@ -4,11 +4,11 @@
         [--modes fp32 fp32+xla mixed mixed+xla] [--peak-tflops N]
 
 Meant for a GPU worker (install with ``uv sync --extra gpu``); it also runs on a CPU, slowly, with
-``--size 64 --steps 5`` as a smoke test (fp32 modes only: a CPU emulates float16). Builds the production model (``wbc_tasks.model``: VGG16
+``--size 64 --steps 5`` as a smoke test (fp32 modes only: a CPU emulates float16). Builds the production model (``wbc_tasks.training.model``: VGG16
 from scratch, ``weights=none``, every layer trainable, which costs what fine-tuning all layers
 costs) and trains it on one batch of random uint8 images held on the device, so the number is
 the model's speed, not the input pipeline's (``bench_training_input.py`` measures that). Each
-mode compiles the way ``wbc_tasks.train`` does (mixed precision: ``mixed_float16`` policy with
+mode compiles the way ``wbc_tasks.training.train`` does (mixed precision: ``mixed_float16`` policy with
 a loss-scale optimizer; XLA: ``jit_compile=True``).
 
 FLOPs: counted from the model's own layers (2 x multiply-adds of every conv and dense layer;
@@ -82,8 +82,8 @@ def run_mode(mode: str, size: int, batch: int, steps: int, seed: int) -> tuple[f
     import keras
     import tensorflow as tf
 
-    from wbc_tasks.config import CLASS_NAMES, get_settings
-    from wbc_tasks.model import build_model
+    from wbc_tasks.core.settings import CLASS_NAMES, get_settings
+    from wbc_tasks.training.model import build_model
 
     mixed, xla = mode.startswith("mixed"), mode.endswith("+xla")
     previous = keras.mixed_precision.global_policy()

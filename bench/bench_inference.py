@@ -8,7 +8,7 @@ loaded back, and that load is timed apart. Then, alternating order, ``--repeats`
 
 - ``plain predict``: the files already decoded into one array (decoding not timed), then
   ``model.predict(x, batch_size)``: the compute bound, the baseline;
-- ``task``: ``wbc_tasks.classify.predict_images`` on the files: hashing, decoding and resizing
+- ``task``: ``wbc_tasks.serving.classify.predict_images`` on the files: hashing, decoding and resizing
   in a thread pool one batch ahead of the model, batches through ``predict_on_batch`` (what the
   nightly ``classify_chunk`` task runs between loading the model and writing rows);
 - ``one at a time``: a loop decoding one file and predicting it alone (the notebook's way).
@@ -32,10 +32,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from wbc_tasks.classify import predict_images  # noqa: E402
-from wbc_tasks.config import CLASS_NAMES, get_settings  # noqa: E402
-from wbc_tasks.images import load_image  # noqa: E402
-from wbc_tasks.registry import ModelRef  # noqa: E402
+from wbc_tasks.serving.classify import predict_images  # noqa: E402
+from wbc_tasks.core.settings import CLASS_NAMES, get_settings  # noqa: E402
+from wbc_tasks.data.images import load_image  # noqa: E402
+from wbc_tasks.registry.tracking import ModelRef  # noqa: E402
 
 DROP = REPO.parent / "shared" / "data" / "wbc-bench" / "classify-images" / "2026-11-24"
 
@@ -51,7 +51,7 @@ def main() -> None:
         raise SystemExit(f"{DROP} not found: the benchmark needs ../shared/data/wbc-bench")
     import keras
 
-    from wbc_tasks.model import build_model
+    from wbc_tasks.training.model import build_model
 
     # The drop is read where it lies: allowed like a lab share mounted outside the classify folder.
     settings = get_settings().with_overrides(classify_batch_size=args.batch_size, allowed_roots=(DROP.resolve(),))

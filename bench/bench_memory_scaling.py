@@ -39,7 +39,7 @@ sys.path.insert(0, str(HERE.parent))
 
 import bench_data_stages as stages  # noqa: E402
 
-from wbc_tasks.config import CLASS_NAMES  # noqa: E402
+from wbc_tasks.core.settings import CLASS_NAMES  # noqa: E402
 
 GB = stages.GB
 #: wbc-bench's labelled images per class (../shared/data/README.md): the proportions kept.
@@ -60,7 +60,7 @@ def proportional_subset(source: Path, target: Path, level: int, seed: int) -> in
     """A store of ``level`` rows of ``source`` with wbc-bench's class proportions (streamed)."""
     import pandas as pd
 
-    from wbc_tasks.store import create_store, finish_store, open_store, release_pages
+    from wbc_tasks.data.store import create_store, finish_store, open_store, release_pages
 
     store = open_store(source)
     rng = np.random.default_rng(seed)

@@ -22,9 +22,9 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from wbc_tasks.config import get_settings  # noqa: E402
-from wbc_tasks.images import load_image  # noqa: E402
-from wbc_tasks.parallel import parallel_map  # noqa: E402
+from wbc_tasks.core.settings import get_settings  # noqa: E402
+from wbc_tasks.data.images import load_image  # noqa: E402
+from wbc_tasks.core.parallel import parallel_map  # noqa: E402
 
 BENCH = REPO.parent / "shared" / "data" / "wbc-bench" / "WBC"
 

@@ -5,7 +5,7 @@
         [--home DIR]
     .venv/bin/python bench/bench_training.py --summarise HOME [HOME ...]   # mean/range over seeds
 
-Runs the training pipeline's own steps (``wbc_tasks.steps``: split, preprocess, augment, balance,
+Runs the training pipeline's own steps (``wbc_tasks.pipelines.training``: split, preprocess, augment, balance,
 train, evaluate), without Airflow, in three configurations with the same seed and params:
 
 - ``smote``: SMOTE on, class weights off (the pipeline's default balancing);
@@ -92,7 +92,7 @@ def base_params(args: argparse.Namespace) -> dict:
 def _timed(results: dict, stage: str, function, run_id: str, params: dict) -> dict:
     """Run one step; its wall time is kept in the run folder, so a resumed bench (``--stamp``)
     reports the time of the run that did the work, not of reusing its output."""
-    from wbc_tasks.config import get_settings
+    from wbc_tasks.core.settings import get_settings
 
     times_file = get_settings().run_dir(run_id) / "bench_seconds.json"
     times = json.loads(times_file.read_text()) if times_file.is_file() else {}
@@ -110,9 +110,9 @@ def run_config(name: str, run_id: str, params: dict, shared_run: str | None, sha
     """Run one configuration's steps; split+preprocess come from ``shared_run`` when given."""
     import keras
 
-    from wbc_tasks import steps
-    from wbc_tasks.config import get_settings
-    from wbc_tasks.registry import open_tracking_run
+    from wbc_tasks.pipelines import training as steps
+    from wbc_tasks.core.settings import get_settings
+    from wbc_tasks.registry.tracking import open_tracking_run
 
     settings = get_settings()
     result: dict = {"config": name, "run_id": run_id, "params": params, "stage_seconds": {}}
@@ -147,7 +147,7 @@ def run_config(name: str, run_id: str, params: dict, shared_run: str | None, sha
 
 
 def _store_size(folder: Path) -> int:
-    from wbc_tasks.store import open_store
+    from wbc_tasks.data.store import open_store
 
     return len(open_store(folder))
 

@@ -2,10 +2,10 @@
 
     .venv/bin/python bench/bench_training_input.py [--size 64] [--images 512] [--epochs 3] [--repeats 2]
 
-Builds one uint8 store (``wbc_tasks.store``) of ``--images`` wbc-bench images at ``--size`` px,
+Builds one uint8 store (``wbc_tasks.data.store``) of ``--images`` wbc-bench images at ``--size`` px,
 then trains the same VGG16 (from scratch, same seed) in alternating order, ``--repeats`` times:
 
-- ``pipeline``: ``model.fit`` on ``wbc_tasks.train.make_dataset`` (the training step's input:
+- ``pipeline``: ``model.fit`` on ``wbc_tasks.training.train.make_dataset`` (the training step's input:
   batches read from the memory map by ``tf.numpy_function``, shuffled per epoch, random flips);
 - ``pipeline, no flips``: the same without the flip augmentation;
 - ``preloaded``: ``model.fit(x, y)`` on the whole store already in memory as arrays (the
@@ -32,10 +32,10 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from wbc_tasks.config import CLASS_NAMES, get_settings  # noqa: E402
-from wbc_tasks.images import load_image  # noqa: E402
-from wbc_tasks.parallel import parallel_map  # noqa: E402
-from wbc_tasks.store import create_store, finish_store, open_store  # noqa: E402
+from wbc_tasks.core.settings import CLASS_NAMES, get_settings  # noqa: E402
+from wbc_tasks.data.images import load_image  # noqa: E402
+from wbc_tasks.core.parallel import parallel_map  # noqa: E402
+from wbc_tasks.data.store import create_store, finish_store, open_store  # noqa: E402
 
 BENCH = REPO.parent / "shared" / "data" / "wbc-bench" / "WBC"
 BATCH = 32
@@ -60,8 +60,8 @@ def timed_fit(method: str, store_path: Path, size: int, epochs: int, seed: int) 
     """Train a fresh model for ``epochs`` epochs; images/s of each epoch."""
     import keras
 
-    from wbc_tasks.model import build_model
-    from wbc_tasks.train import make_dataset
+    from wbc_tasks.training.model import build_model
+    from wbc_tasks.training.train import make_dataset
 
     store = open_store(store_path)
     n = len(store)
@@ -91,7 +91,7 @@ def timed_fit(method: str, store_path: Path, size: int, epochs: int, seed: int) 
 
 def pipeline_alone(store_path: Path, seed: int) -> float:
     """Images/s of iterating the input pipeline with no model (what it can deliver)."""
-    from wbc_tasks.train import make_dataset
+    from wbc_tasks.training.train import make_dataset
 
     store = open_store(store_path)
     data = make_dataset(store, BATCH, len(CLASS_NAMES), shuffle=True, seed=seed, flip_augment=True)

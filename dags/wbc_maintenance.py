@@ -2,7 +2,7 @@
 
 cleanup_runs
 
-One task, one call of ``wbc_tasks.retention.cleanup_step``. A training run's work folder
+One task, one call of ``wbc_tasks.ops.retention.cleanup_step``. A training run's work folder
 (``$WBC_WORK_DIR/runs/<run id>/``, several hundred MB) is deleted once it is older than
 ``WBC_RETENTION_DAYS`` and not among the newest ``WBC_RETENTION_KEEP_RUNS``; the folders of model
 versions holding an alias (champion, previous-champion) and of runs still RUNNING in MLflow are
@@ -19,9 +19,9 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import ExceptionRetryPolicy, Param, RetryAction, RetryRule, dag, get_current_context, task
 
-from wbc_tasks.alerts import alert_dag_failure, alert_task_failure  # stdlib only: cheap to parse
-from wbc_tasks.errors import PermanentError
-from wbc_tasks.config import get_settings
+from wbc_tasks.ops.alerts import alert_dag_failure, alert_task_failure  # stdlib only: cheap to parse
+from wbc_tasks.core.errors import PermanentError
+from wbc_tasks.core.settings import get_settings
 
 # Errors retrying cannot fix (bad input, param or configuration) fail a task at once; transient
 # ones (MLflow or the database unreachable, a lost worker) keep their retries.
@@ -64,7 +64,7 @@ PARAMS = {
 def wbc_maintenance() -> None:
     @task
     def cleanup_runs() -> dict:
-        from wbc_tasks.retention import cleanup_step
+        from wbc_tasks.ops.retention import cleanup_step
 
         params = get_current_context()["params"]
         return cleanup_step(get_settings(), dry_run=params["dry_run"], mlflow_artifacts=params["mlflow_artifacts"])

@@ -2,7 +2,7 @@
 
 split → preprocess → augment → balance (SMOTE) → train (queue ``gpu``) → evaluate → register → promote
 
-Each task is one call of one ``wbc_tasks.steps`` function. Tasks pass only small dicts; the data
+Each task is one call of one ``wbc_tasks.pipelines.training`` function. Tasks pass only small dicts; the data
 moves through the run's work folder (``$WBC_WORK_DIR/runs/<run id>/<step>/``). Trigger it from
 the Airflow UI: the form shows every param with its description.
 """
@@ -14,9 +14,9 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import ExceptionRetryPolicy, Param, RetryAction, RetryRule, chain, dag, get_current_context, task
 
-from wbc_tasks.alerts import alert_dag_failure, alert_task_failure  # stdlib only: cheap to parse
-from wbc_tasks.errors import PermanentError
-from wbc_tasks.params import TRAINING_PARAM_SPECS
+from wbc_tasks.ops.alerts import alert_dag_failure, alert_task_failure  # stdlib only: cheap to parse
+from wbc_tasks.core.errors import PermanentError
+from wbc_tasks.training.params import TRAINING_PARAM_SPECS
 
 # Errors retrying cannot fix (bad input, param or configuration) fail a task at once; transient
 # ones (MLflow or the database unreachable, a lost worker) keep their retries.
@@ -41,8 +41,8 @@ def _form() -> dict[str, Param]:
 
 
 def _run(step: str) -> dict:
-    """Call ``wbc_tasks.steps.<step>`` for this DAG run (imported here: heavy modules stay out of parsing)."""
-    from wbc_tasks import steps
+    """Call ``wbc_tasks.pipelines.training.<step>`` for this DAG run (imported here: heavy modules stay out of parsing)."""
+    from wbc_tasks.pipelines import training as steps
 
     context = get_current_context()
     return getattr(steps, step)(context["run_id"], dict(context["params"]))
@@ -50,7 +50,7 @@ def _run(step: str) -> dict:
 
 def _on_failure(context) -> None:
     """Close the run's MLflow run as FAILED so the UI shows it did not finish."""
-    from wbc_tasks import steps
+    from wbc_tasks.pipelines import training as steps
 
     steps.mark_run_failed(context["run_id"])
 

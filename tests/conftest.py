@@ -50,7 +50,7 @@ def seed_shaped() -> Path:
 @pytest.fixture
 def settings(tmp_path, monkeypatch):
     """Settings whose every state folder lives in this test's tmp folder."""
-    from wbc_tasks.config import get_settings
+    from wbc_tasks.core.settings import get_settings
 
     home = tmp_path / "wbc-home"
     for name in list(__import__("os").environ):

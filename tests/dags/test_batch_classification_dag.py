@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import parse_dag
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import REPO_ROOT  # noqa: E402
 DAG_ID = "wbc_batch_classification"
 DROP = REPO_ROOT.parent / "shared" / "data" / "wbc-bench" / "classify-images" / "2026-11-24"
 
@@ -52,10 +52,10 @@ def test_dag_test_classifies_a_real_drop_in_mapped_chunks(airflow_db, settings, 
         pytest.skip(f"real images absent: {DROP} not found (../shared/data is not checked out here)")
     from airflow.utils.state import DagRunState, TaskInstanceState
 
-    from tests.test_classify import register_tiny_model
-    from wbc_tasks import predictions as db
-    from wbc_tasks.classify import run_work_dir
-    from wbc_tasks.config import get_settings
+    from tests.serving.test_classify import register_tiny_model
+    from wbc_tasks.serving import predictions as db
+    from wbc_tasks.serving.classify import run_work_dir
+    from wbc_tasks.core.settings import get_settings
 
     classify_dir = tmp_path / "classify"
     shutil.copytree(DROP, classify_dir / DROP.name)

@@ -39,8 +39,8 @@ def test_parses_fast(settings):
 def test_dag_test_deletes_old_folders_but_not_the_champions(airflow_db, settings, monkeypatch, tmp_path):
     from airflow.utils.state import DagRunState
 
-    from tests.test_retention import make_run_folder, register_version
-    from wbc_tasks.config import get_settings
+    from tests.ops.test_retention import make_run_folder, register_version
+    from wbc_tasks.core.settings import get_settings
 
     for name, value in {
         "WBC_WORK_DIR": tmp_path / "work",

@@ -14,9 +14,9 @@ import pytest
 
 from tests.conftest import free_port, parse_dag, write_image
 
-from wbc_tasks.params import TRAINING_PARAM_SPECS
+from wbc_tasks.training.params import TRAINING_PARAM_SPECS
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import REPO_ROOT  # noqa: E402
 ORDER = ["split", "preprocess", "augment", "balance", "train_model", "evaluate", "register", "promote"]
 HEAVY = {"tensorflow", "keras", "mlflow", "pandas", "sqlalchemy", "numpy", "PIL", "sklearn", "imblearn", "alembic", "filelock"}
 
@@ -85,7 +85,7 @@ def small_labelled_set(seed_shaped, tmp_path):
 
 
 def isolate(monkeypatch, tmp_path):
-    from wbc_tasks.config import get_settings
+    from wbc_tasks.core.settings import get_settings
 
     monkeypatch.setenv("WBC_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("WBC_WORKERS", "1")
@@ -96,7 +96,7 @@ def isolate(monkeypatch, tmp_path):
 def test_data_stages_run_under_dag_test(airflow_db, small_labelled_set, monkeypatch, tmp_path):
     from airflow.utils.state import DagRunState
 
-    from wbc_tasks.store import open_store
+    from wbc_tasks.data.store import open_store
 
     settings = isolate(monkeypatch, tmp_path)
     dag = parse_dag("wbc_training").partial_subset(task_ids=ORDER[:4], include_upstream=True, include_downstream=False)

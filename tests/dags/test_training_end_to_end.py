@@ -34,7 +34,7 @@ STEPS = ["split_step", "preprocess_step", "augment_step", "balance_step", "train
 @pytest.fixture(scope="module")
 def state(tmp_path_factory, airflow_db):
     """Settings for a private home with generated demo images (distinct enough to learn fast)."""
-    from wbc_tasks.demo import generate_demo_dataset
+    from wbc_tasks.data.demo import generate_demo_dataset
 
     root = tmp_path_factory.mktemp("e2e")
     data = root / "WBC"
@@ -50,13 +50,13 @@ def env(state, monkeypatch):
         monkeypatch.delenv(name)
     for name, value in state["env"].items():
         monkeypatch.setenv(name, value)
-    from wbc_tasks.config import get_settings
+    from wbc_tasks.core.settings import get_settings
 
     return get_settings()
 
 
 def run_steps(run_id: str, params: dict) -> dict:
-    from wbc_tasks import steps
+    from wbc_tasks.pipelines import training as steps
 
     results = {}
     for name in STEPS:
@@ -65,7 +65,7 @@ def run_steps(run_id: str, params: dict) -> dict:
 
 
 def client_for(settings):
-    from wbc_tasks.registry import configure_mlflow
+    from wbc_tasks.registry.tracking import configure_mlflow
 
     return configure_mlflow(settings)
 

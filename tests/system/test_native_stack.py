@@ -35,7 +35,7 @@ RUN_TIMEOUT_S = 1800
 
 def stack_settings(stack: NativeStack):
     """The pipeline's settings as the stack's workers see them."""
-    from wbc_tasks.config import get_settings
+    from wbc_tasks.core.settings import get_settings
 
     with mock.patch.dict(os.environ, stack.env, clear=False):
         return get_settings()
@@ -52,7 +52,7 @@ def training_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
             for image in sorted(class_dir.iterdir())[:IMAGES_PER_CLASS]:
                 shutil.copy2(image, out / class_dir.name / image.name)
     else:
-        from wbc_tasks.demo import generate_demo_dataset
+        from wbc_tasks.data.demo import generate_demo_dataset
 
         generate_demo_dataset(out, per_class=IMAGES_PER_CLASS, size=64)
     return out
@@ -154,7 +154,7 @@ def test_batch_classification_writes_predictions_to_postgresql(
         for image in names:
             shutil.copy2(image, drop / image.name)
     else:
-        from wbc_tasks.demo import generate_demo_drop
+        from wbc_tasks.data.demo import generate_demo_drop
 
         generate_demo_drop(drop, DROP_SIZE, seed=3)
     dropped = sorted(p.name for p in drop.iterdir())
@@ -164,7 +164,7 @@ def test_batch_classification_writes_predictions_to_postgresql(
     airflow.wait_for_run("wbc_batch_classification", run_id, timeout=RUN_TIMEOUT_S)
     summary = airflow.xcom("wbc_batch_classification", run_id, "summarise")
 
-    from wbc_tasks.predictions import export_predictions
+    from wbc_tasks.serving.predictions import export_predictions
 
     out = tmp_path / "predictions.json"
     count = export_predictions(settings, drop=DROP_NAME, fmt="json", out=out)

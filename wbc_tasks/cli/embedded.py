@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from wbc_tasks.cli.supervise import Child, ChildFailed, Supervisor
-from wbc_tasks.config import Settings, dags_folder
+from wbc_tasks.core.settings import Settings, dags_folder
 
 #: The four components ``airflow standalone`` runs, in the order they are started.
 AIRFLOW_COMPONENTS = ("scheduler", "dag-processor", "triggerer", "api-server")

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from wbc_tasks.cli.embedded import airflow_environment, run_airflow_command, run_airflow_ui, run_mlflow_ui
-from wbc_tasks.config import Settings, get_settings
+from wbc_tasks.core.settings import Settings, get_settings
 
 #: Param sets for common machines. "cpu" fits a laptop/CI-class CPU; "gpu" is the production run.
 PROFILES: dict[str, dict[str, Any]] = {
@@ -70,10 +70,10 @@ def _parse_params(pairs: list[str]) -> dict[str, Any]:
 def _check_before_airflow(settings: Settings, conf: dict[str, Any]) -> None:
     """The checks that would fail the run's first task, made here in a second instead of after
     Airflow has started: params, weights, the data folder."""
-    from wbc_tasks.config import resolve_inside
-    from wbc_tasks.dataset import check_data_folder
-    from wbc_tasks.model import vgg16_weights_file
-    from wbc_tasks.params import training_params
+    from wbc_tasks.core.settings import resolve_inside
+    from wbc_tasks.data.dataset import check_data_folder
+    from wbc_tasks.training.model import vgg16_weights_file
+    from wbc_tasks.training.params import training_params
 
     params = training_params(conf)
     if params.weights == "imagenet":
@@ -88,7 +88,7 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
     from datetime import datetime, timezone
 
     from wbc_tasks.cli.run_summary import summarise_training
-    from wbc_tasks.errors import PermanentError
+    from wbc_tasks.core.errors import PermanentError
 
     conf = {**PROFILES.get(args.profile, {}), **_parse_params(args.param)}
     if settings.data_dir is None and "data_dir" not in conf and args.profile == "cpu":
@@ -116,7 +116,7 @@ def cmd_classify_night(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_predictions(args: argparse.Namespace, settings: Settings) -> int:
-    from wbc_tasks.predictions import export_predictions
+    from wbc_tasks.serving.predictions import export_predictions
 
     review = {"yes": True, "no": False}.get(args.needs_review) if args.needs_review else None
     rows = export_predictions(
@@ -136,7 +136,7 @@ def cmd_predictions(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_classify(args: argparse.Namespace, settings: Settings) -> int:
-    from wbc_tasks.classify import classify_paths
+    from wbc_tasks.serving.classify import classify_paths
 
     results = classify_paths(settings, [Path(p) for p in args.paths], model_ref=args.model, record=args.record)
     print(json.dumps(results, indent=2, default=str))
@@ -148,7 +148,7 @@ def _who(args: argparse.Namespace) -> str:
 
 
 def cmd_promote(args: argparse.Namespace, settings: Settings) -> int:
-    from wbc_tasks.promotion import promote_version
+    from wbc_tasks.registry.promotion import promote_version
 
     result = promote_version(settings, str(args.version), who=_who(args), why=args.why)
     print(json.dumps(result, indent=2, default=str))
@@ -156,7 +156,7 @@ def cmd_promote(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace, settings: Settings) -> int:
-    from wbc_tasks.promotion import rollback
+    from wbc_tasks.registry.promotion import rollback
 
     result = rollback(settings, who=_who(args), why=args.why)
     print(json.dumps(result, indent=2, default=str))
@@ -174,7 +174,7 @@ def cmd_mlflow_ui(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_cleanup(args: argparse.Namespace, settings: Settings) -> int:
     import logging
 
-    from wbc_tasks.retention import apply_retention
+    from wbc_tasks.ops.retention import apply_retention
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
     summary = apply_retention(settings, dry_run=args.dry_run, mlflow_artifacts=args.mlflow_artifacts or None)
@@ -183,7 +183,7 @@ def cmd_cleanup(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_demo_data(args: argparse.Namespace, settings: Settings) -> int:
-    from wbc_tasks.demo import generate_demo_dataset
+    from wbc_tasks.data.demo import generate_demo_dataset
 
     out = Path(args.out) if args.out else settings.home / "demo-data" / "WBC"
     summary = generate_demo_dataset(out, per_class=args.per_class, seed=args.seed)
@@ -194,7 +194,7 @@ def cmd_demo_data(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_pseudonym(args: argparse.Namespace, settings: Settings) -> int:
     """Print ``<pseudonym>\t<path>`` for each file (folders: every file under them), so a
     pseudonym seen in MLflow or a log can be found again among the lab's own files."""
-    from wbc_tasks.privacy import key_file, pseudonymiser
+    from wbc_tasks.core.privacy import key_file, pseudonymiser
 
     if settings.pseudonym_key is None and not key_file(settings).is_file():
         print(

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from wbc_tasks.config import COMPLETE_MARKER, Settings
+from wbc_tasks.core.settings import COMPLETE_MARKER, Settings
 
 DAG_ID = "wbc_training"
 #: Test metrics shown, in this order.

@@ -1,0 +1,42 @@
+"""Paths from the trigger form: a data_dir param must lie inside the configured folders."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from wbc_tasks.core.settings import OutsideAllowedFoldersError
+from wbc_tasks.training.params import training_params
+from wbc_tasks.pipelines.training import resolve_data_dir
+
+
+def test_data_dir_param_outside_the_configured_folders_is_refused(settings, tmp_path):
+    elsewhere = tmp_path / "elsewhere" / "WBC"
+    elsewhere.mkdir(parents=True)
+    with pytest.raises(OutsideAllowedFoldersError, match="WBC_ALLOWED_ROOTS") as raised:
+        resolve_data_dir(settings, training_params({"data_dir": str(elsewhere)}))
+    assert str(elsewhere) in str(raised.value)
+    for sneaky in ("/etc", str(settings.home / ".." / "elsewhere" / "WBC")):
+        with pytest.raises(OutsideAllowedFoldersError):
+            resolve_data_dir(settings, training_params({"data_dir": sneaky}))
+
+
+def test_data_dir_param_inside_home_or_an_allowed_root_is_used(settings, tmp_path):
+    inside = settings.home / "lab" / "WBC"
+    inside.mkdir(parents=True)
+    assert resolve_data_dir(settings, training_params({"data_dir": str(inside)})) == inside.resolve()
+    share = tmp_path / "share" / "WBC"
+    share.mkdir(parents=True)
+    allowed = settings.with_overrides(allowed_roots=(share.parent.resolve(),))
+    assert resolve_data_dir(allowed, training_params({"data_dir": str(share)})) == share.resolve()
+
+
+def test_a_link_inside_home_leading_out_is_refused(settings, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    settings.home.mkdir(parents=True, exist_ok=True)
+    link = settings.home / "link"
+    os.symlink(outside, link)
+    with pytest.raises(OutsideAllowedFoldersError, match="resolves to"):
+        resolve_data_dir(settings, training_params({"data_dir": str(link)}))

@@ -1,0 +1,297 @@
+"""Training: outputs, per-epoch logging (Python log and MLflow), phases, checkpoints and resume."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pandas as pd
+import pytest
+
+keras = pytest.importorskip("keras")
+
+from wbc_tasks.core.settings import CLASS_NAMES
+from wbc_tasks.data.demo import build_demo_stores
+from wbc_tasks.training.params import training_params
+from wbc_tasks.data.store import create_store, finish_store, open_store
+from wbc_tasks.training.train import (
+    CHECKPOINT_STATE_FILE,
+    balanced_class_weights,
+    make_dataset,
+    plan_phases,
+    train_model,
+)
+
+SIZE = 32
+#: Small and fast: a tiny head; VGG16 itself is the cost.
+FAST = {"dense_units": 16}
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    """Generated demo images: 2 per class to train on, 1 per class to validate on."""
+    root = tmp_path_factory.mktemp("train-stores")
+    return build_demo_stores(root, splits={"train": 2, "val": 1}, size=SIZE, render_size=48)
+
+
+def _params(**overrides):
+    values = {
+        "image_size": SIZE, "weights": "none", "epochs_head": 0, "epochs_finetune": 2,
+        "batch_size": 8, "learning_rate_finetune": 1e-4, "early_stopping_patience": 0, "seed": 1,
+    }
+    values.update(overrides)
+    return training_params(values)
+
+
+def _epoch_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "wbc_tasks.training.train" and r.getMessage().startswith("epoch ")]
+
+
+def test_train_writes_model_history_checkpoints_logs_and_mlflow_metrics(stores, tmp_path, settings, caplog):
+    import mlflow
+
+    caplog.set_level(logging.INFO, logger="wbc_tasks.training.train")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        with mlflow.start_run() as run:
+            summary = train_model(
+                stores["train"], stores["val"], tmp_path / "train", _params(class_weights=True), settings,
+                checkpoint_dir=tmp_path / "ckpt", **FAST,
+            )
+        client = mlflow.MlflowClient()
+        val_loss = client.get_metric_history(run.info.run_id, "val_loss")
+        images_per_s = client.get_metric_history(run.info.run_id, "images_per_s")
+    finally:
+        mlflow.set_tracking_uri(None)
+
+    model = keras.models.load_model(tmp_path / "train" / "model.keras")
+    probabilities = model.predict(np.asarray(open_store(stores["val"]).images), verbose=0)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+
+    history = pd.read_csv(tmp_path / "train" / "history.csv")
+    assert list(history["epoch"]) == [1, 2]
+    assert list(history["phase"]) == ["scratch", "scratch"]
+    assert history[["loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "images_per_s"]].notna().all().all()
+    assert history["learning_rate"].tolist() == pytest.approx([1e-4, 1e-4])
+
+    lines = _epoch_lines(caplog)
+    assert len(lines) == 2
+    assert lines[0].startswith("epoch 1/2 [scratch] loss=") and "val_accuracy=" in lines[0] and "images/s=" in lines[0]
+
+    assert sorted((m.step, m.value) for m in val_loss) == sorted(zip([1, 2], history["val_loss"]))
+    assert [m.step for m in images_per_s] == [1, 2]
+
+    state = json.loads((tmp_path / "ckpt" / CHECKPOINT_STATE_FILE).read_text())
+    assert state["epochs_done"] == 2
+    assert (tmp_path / "ckpt" / "epoch-0002.keras").is_file()
+    assert not (tmp_path / "ckpt" / "epoch-0001.keras").exists()  # only the latest is kept
+
+    assert summary["epochs"] == {"scratch": 2}
+    assert summary["resumed_from_epoch"] == 0
+    assert summary["monitor"] == "val_loss"
+    assert summary["best_value"] == pytest.approx(history["val_loss"].min())
+    assert summary["class_weights"] == {name: pytest.approx(1.0) for name in CLASS_NAMES}  # balanced store
+    assert summary["model_path"] == str(tmp_path / "train" / "model.keras")
+
+
+def test_a_retry_resumes_after_the_last_finished_epoch_of_the_same_setup(stores, tmp_path, settings, caplog):
+    caplog.set_level(logging.INFO, logger="wbc_tasks.training.train")
+    checkpoints = tmp_path / "train_checkpoints"  # outside the step folder a retry wipes
+    first = train_model(stores["train"], stores["val"], tmp_path / "try1" / "train", _params(epochs_finetune=1),
+                        settings, checkpoint_dir=checkpoints, **FAST)
+    assert first["resumed_from_epoch"] == 0
+    history_before = pd.read_csv(tmp_path / "try1" / "train" / "history.csv")
+    caplog.clear()
+
+    second = train_model(stores["train"], stores["val"], tmp_path / "try2" / "train", _params(epochs_finetune=2),
+                         settings, checkpoint_dir=checkpoints, **FAST)
+
+    assert second["resumed_from_epoch"] == 1
+    assert [line.split(" [")[0] for line in _epoch_lines(caplog)] == ["epoch 2/2"]  # epoch 1 not redone
+    assert any("resuming from" in r.getMessage() for r in caplog.records)
+    history = pd.read_csv(tmp_path / "try2" / "train" / "history.csv")
+    assert list(history["epoch"]) == [1, 2]
+    assert history.iloc[0]["loss"] == pytest.approx(history_before.iloc[0]["loss"])  # carried over
+    assert second["epochs"] == {"scratch": 2}
+
+    # checkpoints of a different setup are not resumed: a new learning rate starts afresh
+    caplog.clear()
+    third = train_model(stores["train"], stores["val"], tmp_path / "try3" / "train",
+                        _params(epochs_finetune=1, learning_rate_finetune=3e-4), settings,
+                        checkpoint_dir=checkpoints, **FAST)
+    assert third["resumed_from_epoch"] == 0
+    assert any("learning_rate_finetune" in r.getMessage() and "afresh" in r.getMessage() for r in caplog.records)
+    assert list(pd.read_csv(tmp_path / "try3" / "train" / "history.csv")["epoch"]) == [1]
+
+
+def test_pretrained_weights_train_head_then_top_conv_layers(stores, tmp_path, settings):
+    keras.utils.set_random_seed(11)
+    source = keras.applications.VGG16(include_top=False, weights=None, input_shape=(SIZE, SIZE, 3))
+    weights_file = tmp_path / "vgg16.weights.h5"
+    source.save_weights(weights_file)
+    before = {layer.name: layer.get_weights()[0] for layer in source.layers if layer.get_weights()}
+    settings = settings.with_overrides(vgg16_weights_path=weights_file)
+    params = _params(weights="imagenet", epochs_head=1, epochs_finetune=1, unfreeze_layers=2,
+                     learning_rate_head=1e-3, learning_rate_finetune=1e-4)
+
+    summary = train_model(stores["train"], stores["val"], tmp_path / "train", params, settings,
+                          checkpoint_dir=tmp_path / "ckpt", **FAST)
+
+    history = pd.read_csv(tmp_path / "train" / "history.csv")
+    assert list(history["phase"]) == ["head", "finetune"]
+    assert history["learning_rate"].tolist() == pytest.approx([1e-3, 1e-4])
+    assert summary["epochs"] == {"head": 1, "finetune": 1}
+    base = keras.models.load_model(tmp_path / "train" / "model.keras").get_layer("vgg16")
+    after = {layer.name: layer.get_weights()[0] for layer in base.layers if layer.get_weights()}
+    frozen = [name for name in before if name not in ("block5_conv2", "block5_conv3")]
+    for name in frozen:  # never unfrozen: still exactly the pretrained weights
+        np.testing.assert_array_equal(after[name], before[name])
+    assert not np.array_equal(after["block5_conv3"], before["block5_conv3"])  # fine-tuned
+
+
+def test_missing_pretrained_weights_fail_before_training(stores, tmp_path, settings):
+    from wbc_tasks.training.model import MissingWeightsError
+
+    settings = settings.with_overrides(keras_home=tmp_path / "empty-keras-home", vgg16_weights_path=None)
+    with pytest.raises(MissingWeightsError, match="weights=none"):
+        train_model(stores["train"], stores["val"], tmp_path / "train", _params(weights="imagenet"), settings,
+                    checkpoint_dir=tmp_path / "ckpt")
+    assert not (tmp_path / "train" / "model.keras").exists()
+    assert not list((tmp_path / "ckpt").iterdir())
+
+
+def test_empty_validation_store_monitors_training_loss(stores, tmp_path, settings, caplog):
+    empty = tmp_path / "empty-val"
+    images = create_store(empty, 0, SIZE)
+    finish_store(empty, images, np.zeros(0, dtype=np.int16), pd.DataFrame(columns=["path", "class", "sha256"]))
+    caplog.set_level(logging.INFO, logger="wbc_tasks.training.train")
+
+    summary = train_model(stores["train"], empty, tmp_path / "train", _params(epochs_finetune=1, early_stopping_patience=2),
+                          settings, checkpoint_dir=tmp_path / "ckpt", **FAST)
+
+    assert summary["monitor"] == "loss"
+    assert any("empty" in r.getMessage() and "training loss" in r.getMessage() for r in caplog.records)
+    assert pd.read_csv(tmp_path / "train" / "history.csv")["val_loss"].isna().all()
+
+
+def test_image_size_mismatch_is_refused(stores, tmp_path, settings):
+    with pytest.raises(ValueError, match="32 px"):
+        train_model(stores["train"], stores["val"], tmp_path / "t", _params(image_size=64), settings)
+
+
+def test_balanced_class_weights_follow_sklearn():
+    labels = np.array([0, 0, 0, 1], dtype=np.int16)
+    weights = balanced_class_weights(labels, 3)
+    assert weights == {0: pytest.approx(4 / (2 * 3)), 1: pytest.approx(4 / (2 * 1)), 2: 1.0}
+
+
+def test_phase_plan():
+    assert [(p.name, p.epochs, p.learning_rate) for p in plan_phases(_params(weights="imagenet", epochs_head=3, epochs_finetune=4))] == [
+        ("head", 3, 1e-3), ("finetune", 4, 1e-4)
+    ]
+    assert [(p.name, p.epochs) for p in plan_phases(_params(weights="none", epochs_head=3, epochs_finetune=4))] == [("scratch", 7)]
+
+
+def test_dataset_batches_one_hot_and_reshuffles_per_epoch(stores):
+    store = open_store(stores["train"])
+    from wbc_tasks.training.train import _EpochClock
+
+    clock = _EpochClock()
+    dataset = make_dataset(store, 8, len(CLASS_NAMES), shuffle=True, seed=3, clock=clock)
+    epoch0 = [(x.numpy(), y.numpy()) for x, y in dataset]
+    clock.epoch = 1
+    epoch1 = [(x.numpy(), y.numpy()) for x, y in dataset]
+    clock.epoch = 0
+    again = [(x.numpy(), y.numpy()) for x, y in dataset]
+
+    assert [len(x) for x, _ in epoch0] == [8, 8, 2]
+    images = np.concatenate([x for x, _ in epoch0])
+    labels = np.concatenate([y for _, y in epoch0])
+    assert images.dtype == np.uint8 and labels.shape == (18, len(CLASS_NAMES))
+    # every image exactly once, with its own label
+    order = [int(np.flatnonzero((store.images.reshape(18, -1) == img.reshape(1, -1)).all(1))[0]) for img in images]
+    assert sorted(order) == list(range(18))
+    assert list(labels.argmax(1)) == [int(store.labels[i]) for i in order]
+    assert not all(np.array_equal(a[0], b[0]) for a, b in zip(epoch0, epoch1))  # a new order
+    assert all(np.array_equal(a[0], b[0]) for a, b in zip(epoch0, again))  # same epoch, same order
+
+
+# ------------------------------------------------------------------ a worker killed mid-task (real process)
+
+TRAIN_STEP_SCRIPT = "import json, sys; from wbc_tasks.pipelines.training import train_step; train_step(sys.argv[1], json.loads(sys.argv[2]))"
+
+
+@pytest.mark.slow  # a second process imports TensorFlow and trains
+def test_train_task_killed_after_an_epoch_resumes_from_its_checkpoint(stores, tmp_path, settings, monkeypatch,
+                                                                       caplog):
+    """The worker running the train task is SIGKILLed once an epoch is checkpointed; the retried
+    task (same run, same params) resumes after that epoch and ends with each epoch once, in its
+    history and in MLflow."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import mlflow
+
+    from wbc_tasks.pipelines import training as steps
+    from wbc_tasks.core.settings import COMPLETE_MARKER, get_settings
+    from wbc_tasks.registry.tracking import configure_mlflow, find_tracking_run
+    from wbc_tasks.core.workdir import mark_complete
+
+    run_id = "manual__killed-worker"
+    monkeypatch.setenv("WBC_WORK_DIR", str(tmp_path / "work"))
+    monkeypatch.setenv("WBC_MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("WBC_MLFLOW_ARTIFACT_ROOT", str(tmp_path / "artifacts"))
+    run = get_settings().run_dir(run_id)
+    shutil.copytree(stores["train"], run / "balance")  # the upstream steps' outputs
+    shutil.copytree(stores["val"], run / "preprocess" / "val")
+    mark_complete(run / "balance", {"counts": {}})
+    params = {"image_size": SIZE, "weights": "none", "epochs_head": 0, "epochs_finetune": 5, "batch_size": 8,
+              "learning_rate_finetune": 1e-4, "early_stopping_patience": 0, "seed": 1}
+    state_file = run / "train_checkpoints" / CHECKPOINT_STATE_FILE
+
+    repo = Path(__file__).resolve().parents[2]
+    log = open(tmp_path / "worker.log", "wb")
+    worker = subprocess.Popen(
+        [sys.executable, "-c", TRAIN_STEP_SCRIPT, run_id, json.dumps(params)], cwd=repo,
+        env={**os.environ, "PYTHONPATH": str(repo), "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "3"},
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    log.close()
+    try:
+        deadline = time.monotonic() + 300
+        while not (state_file.is_file() and json.loads(state_file.read_text())["epochs_done"] >= 1):
+            assert worker.poll() is None, (tmp_path / "worker.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no epoch checkpoint within 5 minutes"
+            time.sleep(0.05)
+        assert worker.poll() is None, "the task finished before it could be killed"
+        worker.send_signal(signal.SIGKILL)
+    finally:
+        worker.kill()
+        worker.wait(timeout=60)
+    assert worker.returncode == -signal.SIGKILL
+    done_before = json.loads(state_file.read_text())["epochs_done"]
+    assert 1 <= done_before < 5
+    assert not (run / "train" / COMPLETE_MARKER).exists()
+
+    caplog.set_level(logging.INFO, logger="wbc_tasks.training.train")
+    summary = steps.train_step(run_id, params)  # Airflow's retry of the task
+
+    assert summary["resumed_from_epoch"] == done_before, "the retry did not resume from the checkpoint"
+    epochs_run = [int(line.split("/")[0].removeprefix("epoch ")) for line in _epoch_lines(caplog)]
+    assert epochs_run == list(range(done_before + 1, 6)), "the retry redid finished epochs"
+    assert list(pd.read_csv(run / "train" / "history.csv")["epoch"]) == [1, 2, 3, 4, 5]
+    assert summary["epochs"] == {"scratch": 5} and (run / "train" / "model.keras").is_file()
+    assert (run / "train" / COMPLETE_MARKER).is_file()
+
+    settings_now = get_settings()
+    steps_logged = [m.step for m in configure_mlflow(settings_now).get_metric_history(
+        find_tracking_run(settings_now, run_id), "val_loss")]
+    mlflow.set_tracking_uri(None)
+    assert len(steps_logged) == len(set(steps_logged)), f"epochs logged twice: {sorted(steps_logged)}"
+    assert set(range(done_before + 1, 6)) <= set(steps_logged) <= set(range(1, 6))

@@ -1,0 +1,344 @@
+"""Find labelled images, validate them, drop duplicates and split by content hash.
+
+Layout: ``<data dir>/<class>/<images>``. Sub-folders inside a class folder are used: their
+images take the class of the top-level folder (``blasts/2024/a.png`` is a blast). Symlinks (to
+files or folders, at any depth) are followed only when their target lies under the data folder
+or ``settings.allowed_roots``; links out of them, broken links and symlink loops are rejected.
+Every file found ends up in the manifest or in the rejections, each rejection with its reason;
+the input folder is only read.
+"""
+
+from __future__ import annotations
+
+from wbc_tasks.core.errors import PermanentError
+
+import logging
+import os
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import pandas as pd
+
+from wbc_tasks.core.settings import CLASS_NAMES, IMAGE_EXTENSIONS, Settings
+from wbc_tasks.data.images import ImageError, inspect_image, resolve_within
+from wbc_tasks.core.parallel import parallel_map
+from wbc_tasks.core.privacy import pseudonymiser
+from wbc_tasks.core.workdir import write_json_atomic
+
+log = logging.getLogger(__name__)
+
+MANIFEST_FILE = "manifest.csv"
+REJECTED_FILE = "rejected.csv"
+LEDGER_FILE = "split_ledger.csv"
+SPLITS = ("train", "val", "test")
+MANIFEST_COLUMNS = ["path", "class", "sha256", "split", "width", "height"]
+REJECTED_COLUMNS = ["path", "class", "sha256", "reason"]
+
+
+class DatasetError(PermanentError, ValueError):
+    """The labelled folder cannot be trained on at all."""
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A file (or folder) left out, and why."""
+
+    path: str
+    reason: str
+    label: str = ""
+    sha256: str = ""
+
+    def as_row(self) -> dict[str, str]:
+        return {"path": self.path, "class": self.label, "sha256": self.sha256, "reason": self.reason}
+
+
+def resolve_inside(path: Path, roots: tuple[Path, ...]) -> Path:
+    """Resolve ``path`` (following links) and insist it lies under one of ``roots`` and exists."""
+    return resolve_within(path, roots)
+
+
+def _walk_class_folder(folder: Path, roots: tuple[Path, ...]) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Files under ``folder`` at any depth (as found: a link's own path) and the entries that
+    cannot be files, with reasons. Folder links are followed into ``roots``, each folder once:
+    ``rglob`` skipped linked folders silently and crashed on a symlink loop (RuntimeError)."""
+    files: list[Path] = []
+    problems: list[tuple[Path, str]] = []
+    visited = {folder.resolve()}
+    stack = [folder]
+    while stack:
+        current = stack.pop()
+        try:
+            # Real entries before links, so a real folder is scanned under its own path.
+            entries = sorted(os.scandir(current), key=lambda e: (e.is_symlink(), e.name))
+        except OSError as exc:  # vanished or unreadable since listed
+            problems.append((current, f"cannot list folder: {exc.strerror or exc}"))
+            continue
+        for entry in entries:
+            path = Path(entry.path)
+            try:
+                target = resolve_within(path, roots) if entry.is_symlink() else path
+            except ImageError as exc:
+                problems.append((path, exc.reason))
+                continue
+            if entry.is_dir():  # follows a link, like target.is_dir()
+                real = target.resolve()
+                if real in visited:
+                    problems.append((path, f"symlink loop or second path to folder {real} (already scanned)"))
+                    continue
+                visited.add(real)
+                stack.append(path)
+            elif entry.is_file():
+                files.append(path)
+            else:
+                problems.append((path, "not a regular file"))
+    return sorted(files), problems
+
+
+def _class_folders(folder: Path) -> list[str]:
+    """Names of the known class folders directly in ``folder`` that hold at least one file."""
+    known = {name.lower() for name in CLASS_NAMES}
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError:
+        return []
+    found = []
+    for entry in entries:
+        try:
+            if entry.name.lower() in known and entry.is_dir() and any(p.is_file() for p in entry.rglob("*")):
+                found.append(entry.name)
+        except (OSError, RuntimeError):  # unreadable folder, symlink loop: the split reports it
+            continue
+    return found
+
+
+def check_data_folder(data_dir: Path) -> None:
+    """Fail in seconds, saying what was found, when ``data_dir`` cannot be trained on: missing,
+    not a folder, or fewer than two class folders with files in it. Suggests the folder one
+    level down that holds class folders (a common slip: pointing at the folder above ``WBC/``)."""
+    if not data_dir.is_dir():
+        raise DatasetError(f"data folder {data_dir} does not exist or is not a folder (WBC_DATA_DIR or the data_dir param)")
+    classes = _class_folders(data_dir)
+    if len(classes) >= 2:
+        return
+    try:
+        others = sorted(e.name for e in data_dir.iterdir() if e.is_dir() and e.name not in classes)
+    except OSError as exc:
+        raise DatasetError(f"data folder {data_dir} cannot be listed: {exc}") from exc
+    found = (
+        f"class folders with images: {', '.join(classes) or 'none'}; "
+        f"other folders: {', '.join(others[:10]) or 'none'}{' ...' if len(others) > 10 else ''}"
+    )
+    hints = []
+    for name in others:
+        below = _class_folders(data_dir / name)
+        if len(below) >= 2:
+            hints.append(f"{data_dir / name} holds class folders ({', '.join(below)}): did you mean that folder?")
+    if data_dir.name.lower() in {c.lower() for c in CLASS_NAMES}:
+        hints.append(f"{data_dir.name} is a class name: point at the folder that holds the class folders, {data_dir.parent}")
+    raise DatasetError(
+        f"{data_dir}: training needs images in at least two class folders "
+        f"({', '.join(CLASS_NAMES)}); found {found}." + (" " + " ".join(hints) if hints else "")
+    )
+
+
+def find_labelled_images(
+    data_dir: Path, settings: Settings
+) -> tuple[list[tuple[Path, str]], list[Rejection]]:
+    """Candidate (file, class) pairs under ``data_dir`` and everything that cannot be one."""
+    data_dir = data_dir.resolve()
+    check_data_folder(data_dir)
+    roots = (data_dir, *settings.allowed_roots)
+    known = {name.lower(): name for name in CLASS_NAMES}
+    found: list[tuple[Path, str]] = []
+    rejected: list[Rejection] = []
+    for entry in sorted(data_dir.iterdir()):
+        rel = entry.relative_to(data_dir)
+        try:
+            # A class folder may itself be a link (labs mount shares that way): same rules.
+            resolve_within(entry, roots)
+        except ImageError as exc:
+            rejected.append(Rejection(str(rel), exc.reason))
+            continue
+        if entry.is_file():
+            rejected.append(Rejection(str(rel), "file outside any class folder"))
+            continue
+        if not entry.is_dir():
+            rejected.append(Rejection(str(rel), "not a file or folder"))
+            continue
+        label = known.get(entry.name.lower())
+        files, problems = _walk_class_folder(entry, roots)
+        rejected.extend(
+            Rejection(str(p.relative_to(data_dir)), reason, label or "") for p, reason in problems
+        )
+        if label is None:
+            reason = f"unknown class folder '{entry.name}'; known classes: {', '.join(CLASS_NAMES)}"
+            rejected.extend(Rejection(str(p.relative_to(data_dir)), reason) for p in files)
+            if not files and not problems:
+                rejected.append(Rejection(str(rel), reason))
+            continue
+        if not files and not problems:
+            rejected.append(Rejection(str(rel), "empty class folder", label=label))
+            continue
+        for path in files:
+            prel = str(path.relative_to(data_dir))
+            if path.suffix.lower() not in IMAGE_EXTENSIONS:
+                rejected.append(Rejection(prel, f"unsupported file type '{path.suffix}'", label))
+                continue
+            found.append((path, label))
+    return found, rejected
+
+
+def split_of(sha256: str, test_fraction: float, val_fraction: float) -> str:
+    """The split an image belongs to, from its content hash alone."""
+    u = int(sha256[:16], 16) / float(1 << 64)
+    if u < test_fraction:
+        return "test"
+    if u < test_fraction + val_fraction:
+        return "val"
+    return "train"
+
+
+def _hash_position(sha256: str) -> int:
+    return int(sha256[:16], 16)
+
+
+def _inspect(path: Path, *, max_pixels: int, min_side: int) -> tuple[str, object]:
+    try:
+        return "ok", inspect_image(path, max_pixels=max_pixels, min_side=min_side)
+    except ImageError as exc:
+        return "rejected", exc.reason
+
+
+def load_ledger(work_dir: Path) -> dict[str, str]:
+    """Splits earlier runs assigned, by content hash."""
+    path = work_dir / LEDGER_FILE
+    if not path.is_file():
+        return {}
+    table = pd.read_csv(path, dtype=str)
+    return dict(zip(table["sha256"], table["split"], strict=True))
+
+
+def save_ledger(work_dir: Path, ledger: dict[str, str]) -> None:
+    work_dir.mkdir(parents=True, exist_ok=True)
+    table = pd.DataFrame(sorted(ledger.items()), columns=["sha256", "split"])
+    tmp = work_dir / f".{LEDGER_FILE}.tmp-{os.getpid()}"
+    table.to_csv(tmp, index=False)
+    os.replace(tmp, work_dir / LEDGER_FILE)
+
+
+def _ensure_test_and_train(manifest: pd.DataFrame, ledger: dict[str, str]) -> list[str]:
+    """Give each class of two or more images a test image and a training image.
+
+    A hash threshold leaves tiny classes (4 blasts) with no test image about 40 % of the time.
+    The image moved is the one nearest the threshold; the move is recorded in the ledger so it
+    holds in later runs (images already in the ledger are never moved).
+    """
+    notes = []
+    for label, group in manifest.groupby("class"):
+        if len(group) < 2:
+            continue
+        order = group.assign(pos=group["sha256"].map(_hash_position)).sort_values("pos")
+        if not (group["split"] == "test").any():
+            movable = order[~order["sha256"].isin(ledger)]
+            if len(movable):
+                idx = movable.index[0]
+                manifest.loc[idx, "split"] = "test"
+                notes.append(f"{label}: no test image by hash; moved {manifest.loc[idx, 'path']} to test")
+        if not manifest.loc[group.index, "split"].isin(["train", "val"]).any():
+            movable = order[~order["sha256"].isin(ledger)]
+            if len(movable):
+                idx = movable.index[-1]
+                manifest.loc[idx, "split"] = "train"
+                notes.append(f"{label}: every image fell in test; moved {manifest.loc[idx, 'path']} to train")
+    return notes
+
+
+def split_dataset(data_dir: Path, out_dir: Path, settings: Settings) -> dict:
+    """Validate, de-duplicate and split ``data_dir``; write the manifest and rejections.
+
+    Returns a small summary (counts per class and split, rejections, file locations).
+    """
+    candidates, rejected = find_labelled_images(data_dir, settings)
+    data_dir = data_dir.resolve()
+    log.info("found %d candidate images, %d entries rejected while listing", len(candidates), len(rejected))
+    check = partial(_inspect, max_pixels=settings.max_image_pixels, min_side=settings.min_image_side)
+    results = parallel_map(check, [p for p, _ in candidates], workers=settings.worker_count())
+    rows = []
+    for (path, label), (status, value) in zip(candidates, results, strict=True):
+        rel = str(path.relative_to(data_dir))
+        if status == "rejected":
+            rejected.append(Rejection(rel, str(value), label))
+            continue
+        rows.append(
+            {"path": rel, "class": label, "sha256": value.sha256, "width": value.width, "height": value.height}
+        )
+    table = pd.DataFrame(rows, columns=["path", "class", "sha256", "width", "height"])
+
+    # One image under two classes: nobody knows which label is right, so neither copy is used.
+    labels_per_hash = table.groupby("sha256")["class"].nunique()
+    conflicted = set(labels_per_hash[labels_per_hash > 1].index)
+    for row in table[table["sha256"].isin(conflicted)].to_dict("records"):
+        classes = sorted(table.loc[table["sha256"] == row["sha256"], "class"].unique())
+        reason = f"label conflict: the same image is filed under {', '.join(classes)}"
+        rejected.append(Rejection(row["path"], reason, row["class"], row["sha256"]))
+    table = table[~table["sha256"].isin(conflicted)]
+    # Exact duplicates within a class: keep the first path, record the others.
+    dupes = table.duplicated("sha256", keep="first")
+    first_path = table.drop_duplicates("sha256").set_index("sha256")["path"]
+    for row in table[dupes].to_dict("records"):
+        reason = f"duplicate of {first_path[row['sha256']]}"
+        rejected.append(Rejection(row["path"], reason, row["class"], row["sha256"]))
+    manifest = table[~dupes].reset_index(drop=True)
+
+    ledger = load_ledger(settings.work_dir)
+    manifest["split"] = [
+        ledger.get(sha, split_of(sha, settings.test_fraction, settings.val_fraction))
+        for sha in manifest["sha256"]
+    ]
+    notes = _ensure_test_and_train(manifest, ledger)
+    # Log lines name files by pseudonym when WBC_PSEUDONYMISE_NAMES is on (the files written
+    # here keep the real paths: they stay in the work folder).
+    names = pseudonymiser(settings, data_dir)
+    known = names.known([*table["path"], *(r.path for r in rejected)])
+    for note in notes:
+        log.warning("split fallback: %s", names.text(note, known))
+    classes_present = sorted(manifest["class"].unique())
+    if len(classes_present) < 2:
+        raise DatasetError(
+            f"{data_dir}: training needs images in at least two classes; found "
+            f"{len(classes_present)} ({', '.join(classes_present) or 'none'}) after "
+            f"{len(rejected)} rejections (see the log)"
+        )
+    ledger.update(zip(manifest["sha256"], manifest["split"], strict=True))
+    save_ledger(settings.work_dir, ledger)
+
+    manifest = manifest[MANIFEST_COLUMNS].sort_values(["class", "path"]).reset_index(drop=True)
+    manifest.to_csv(out_dir / MANIFEST_FILE, index=False)
+    rejected_table = pd.DataFrame([r.as_row() for r in rejected], columns=REJECTED_COLUMNS)
+    rejected_table.to_csv(out_dir / REJECTED_FILE, index=False)
+    counts = {
+        split: {c: int(n) for c, n in manifest[manifest["split"] == split]["class"].value_counts().sort_index().items()}
+        for split in SPLITS
+    }
+    for row in rejected_table.to_dict("records"):
+        log.warning("rejected %s: %s", names.path(row["path"]), names.text(row["reason"], known))
+    for split in SPLITS:
+        log.info("%s: %d images %s", split, sum(counts[split].values()), counts[split])
+    summary = {
+        "data_dir": str(data_dir),
+        "manifest": str(out_dir / MANIFEST_FILE),
+        "rejected_file": str(out_dir / REJECTED_FILE),
+        "images": int(len(manifest)),
+        "rejected": int(len(rejected_table)),
+        "classes": classes_present,
+        "counts": counts,
+        "split_fallbacks": notes,
+    }
+    write_json_atomic(out_dir / "class_counts.json", counts)
+    return summary
+
+
+def read_manifest(split_dir: Path) -> pd.DataFrame:
+    """The manifest a split step wrote."""
+    return pd.read_csv(split_dir / MANIFEST_FILE, dtype={"sha256": str}, keep_default_na=False)

@@ -1,0 +1,280 @@
+"""One function per DAG task: read settings and params, run one step in the run's work folder.
+
+Each returns the small dict the step's completion marker holds (counts, locations, metrics):
+that, and nothing bigger, is what Airflow's XCom carries. A step that already completed in this
+run returns its recorded summary instead of running again (retries are safe).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from wbc_tasks.core.settings import Settings, get_settings, resolve_inside
+from wbc_tasks.training.params import TrainingParams, training_params
+from wbc_tasks.core.workdir import require_complete, run_step
+
+log = logging.getLogger(__name__)
+
+
+def _context(run_id: str, params: dict[str, Any] | None) -> tuple[Settings, TrainingParams, Path]:
+    settings = get_settings()
+    return settings, training_params(params), settings.run_dir(run_id)
+
+
+def resolve_data_dir(settings: Settings, params: TrainingParams) -> Path:
+    """The labelled folder: the param (inside :meth:`Settings.input_roots`), else ``WBC_DATA_DIR``,
+    else generated demo data."""
+    if params.data_dir:
+        return resolve_inside(params.data_dir, settings.input_roots(), "data_dir")
+    if settings.data_dir is not None:
+        return settings.data_dir
+    from wbc_tasks.data.demo import generate_demo_dataset
+
+    demo = settings.home / "demo-data" / "WBC"
+    if not demo.is_dir():
+        log.info("no data folder configured: generating demo images in %s", demo)
+        generate_demo_dataset(demo, seed=params.seed)
+    return demo
+
+
+def _log_artifacts(
+    settings: Settings, run_id: str, folder: Path, artifact_path: str, data_dir: Path | None = None
+) -> None:
+    """Log a step folder's result files (pseudonymised copies when ``WBC_PSEUDONYMISE_NAMES``)."""
+    from wbc_tasks.registry.tracking import log_stage_artifacts
+
+    log_stage_artifacts(settings, run_id, folder, artifact_path, roots=(data_dir,) if data_dir else ())
+
+
+def _for_logs(settings: Settings, summary: dict, data_dir: Path, manifest) -> dict:
+    """The split summary as returned to Airflow (which logs return values): the fallback notes,
+    which name files, pseudonymised when the option is on. The marker keeps the real text."""
+    from wbc_tasks.core.privacy import pseudonymiser
+
+    names = pseudonymiser(settings, data_dir)
+    if not names.enabled or not summary.get("split_fallbacks"):
+        return summary
+    known = names.known(manifest["path"])
+    return {**summary, "split_fallbacks": [names.text(n, known) for n in summary["split_fallbacks"]]}
+
+
+def split_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
+    """Validate, de-duplicate and split the labelled images; open the run's MLflow run."""
+    from wbc_tasks.data.dataset import read_manifest, split_dataset
+    from wbc_tasks.registry.tracking import log_split_manifest, open_tracking_run
+
+    settings, p, run = _context(run_id, params)
+    if p.weights == "imagenet":
+        # Fail in seconds, before any data step, not after an hour of preprocessing.
+        from wbc_tasks.training.model import vgg16_weights_file
+
+        vgg16_weights_file(settings)
+    data_dir = resolve_data_dir(settings, p)
+    summary = run_step(run / "split", lambda out: split_dataset(data_dir, out, settings))
+    open_tracking_run(settings, run_id, {**p.as_dict(), "data_dir": str(data_dir)})
+    manifest = read_manifest(run / "split")
+    log_split_manifest(settings, run_id, manifest, data_dir)
+    _log_artifacts(settings, run_id, run / "split", "data/split", data_dir)
+    return _for_logs(settings, summary, data_dir, manifest)
+
+
+def preprocess_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
+    """Decode and resize every split into memory-mapped uint8 stores."""
+    from wbc_tasks.data.preprocess import preprocess_splits
+
+    settings, p, run = _context(run_id, params)
+    require_complete(run / "split")
+    return run_step(
+        run / "preprocess", lambda out: preprocess_splits(run / "split", out, settings, p.image_size)
+    )
+
+
+def augment_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
+    """Top up every training class with augmented copies (train split only)."""
+    from wbc_tasks.data.augment import augment_training_set
+
+    settings, p, run = _context(run_id, params)
+    require_complete(run / "preprocess")
+    summary = run_step(
+        run / "augment",
+        lambda out: augment_training_set(
+            run / "preprocess" / "train", out, per_class=p.augment_per_class, seed=p.seed, settings=settings
+        ),
+    )
+    _log_artifacts(settings, run_id, run / "augment", "data/augment")
+    return summary
+
+
+def balance_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
+    """Balance the augmented training classes with SMOTE (or pass them through when off)."""
+    from wbc_tasks.data.balance import balance_with_smote
+
+    settings, p, run = _context(run_id, params)
+    require_complete(run / "augment")
+    summary = run_step(
+        run / "balance",
+        lambda out: balance_with_smote(
+            run / "augment", out, enabled=p.smote, k=p.smote_k, seed=p.seed, settings=settings
+        ),
+    )
+    _log_artifacts(settings, run_id, run / "balance", "data/balance")
+    return summary
+
+
+def train_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
+    """Fine-tune VGG16 on the balanced training store; resumes from its last checkpoint."""
+    from wbc_tasks.registry.tracking import tracking_run
+    from wbc_tasks.training.train import train_model
+
+    settings, p, run = _context(run_id, params)
+    require_complete(run / "balance")
+    with tracking_run(settings, run_id):
+        return run_step(
+            run / "train",
+            lambda out: train_model(
+                run / "balance",
+                run / "preprocess" / "val",
+                out,
+                p,
+                settings,
+                checkpoint_dir=run / "train_checkpoints",
+            ),
+        )
+
+
+def _groups_csv(data_dir: Path) -> Path | None:
+    """An optional ``groups.csv`` beside the data (lab, scanner...) for broken-down metrics."""
+    for candidate in (data_dir / "groups.csv", data_dir.parent / "groups.csv"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def evaluate_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
+    """Evaluate the trained model on the untouched test split (argmax); log metrics and figures."""
+    from wbc_tasks.core.settings import CLASS_NAMES
+    from wbc_tasks.training.evaluate import evaluate_model
+    from wbc_tasks.registry.tracking import log_metrics
+
+    settings, p, run = _context(run_id, params)
+    trained = require_complete(run / "train")
+    data_dir = Path(require_complete(run / "split")["data_dir"])
+    summary = run_step(
+        run / "evaluate",
+        lambda out: evaluate_model(
+            Path(trained["model_path"]),
+            run / "preprocess" / "test",
+            out,
+            class_names=CLASS_NAMES,
+            groups_csv=_groups_csv(data_dir),
+            batch_size=p.batch_size,
+        ),
+    )
+    log_metrics(settings, run_id, summary["metrics"], prefix="test")
+    _log_artifacts(settings, run_id, run / "evaluate", "evaluation", data_dir)
+    return summary
+
+
+def register_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
+    """Log the model with its signature and model card; register a new version."""
+    import keras
+
+    from wbc_tasks.core.settings import CLASS_NAMES
+    from wbc_tasks.registry.tracking import register_model
+
+    settings, p, run = _context(run_id, params)
+    trained = require_complete(run / "train")
+    evaluated = require_complete(run / "evaluate")
+    split = require_complete(run / "split")
+
+    def build(out: Path) -> dict:
+        model = keras.models.load_model(trained["model_path"])
+        ref = register_model(
+            settings,
+            run_id,
+            model,
+            image_size=p.image_size,
+            class_names=CLASS_NAMES,
+            metrics=evaluated["metrics"],
+            data_summary={"counts": split["counts"], "data_dir": split["data_dir"], "rejected": split["rejected"]},
+            params=p.as_dict(),
+        )
+        return {"model_name": ref.name, "version": ref.version, "uri": ref.uri, "mlflow_run_id": ref.run_id}
+
+    return run_step(run / "register", build)
+
+
+def champion_metrics_on_this_test_split(settings: Settings, run: Path, batch_size: int):
+    """A function giving a registered model's metrics on this run's test images.
+
+    The champion is evaluated on the SAME images as the candidate (the current hash-stable test
+    split), at its own image size and with its own class list.
+    """
+
+    def evaluate(ref) -> dict:
+        import numpy as np
+
+        from wbc_tasks.data.dataset import read_manifest
+        from wbc_tasks.training.evaluate import compute_metrics
+        from wbc_tasks.data.preprocess import build_split_store
+        from wbc_tasks.registry.tracking import load_keras_model
+        from wbc_tasks.data.store import open_store
+
+        test_dir = run / "preprocess" / "test"
+        if open_store(test_dir).image_size != ref.image_size:
+            test_dir = run / "promote_inputs" / f"test-{ref.image_size}px"
+            if not (test_dir / "labels.npy").exists():
+                manifest = read_manifest(run / "split")
+                data_dir = Path(require_complete(run / "split")["data_dir"])
+                table = manifest[manifest["split"] == "test"].reset_index(drop=True)
+                build_split_store(table, data_dir, test_dir, ref.image_size, settings)
+        store = open_store(test_dir)
+        known = {name: i for i, name in enumerate(ref.class_names)}
+        missing = sorted(set(store.records["class"]) - set(known))
+        if missing:
+            raise ValueError(f"champion {ref.uri} cannot classify test classes {missing}")
+        model = load_keras_model(settings, ref)
+        probabilities = np.concatenate(
+            [model.predict(store.images[a:b], verbose=0) for a, b in store.chunks(max(batch_size, 1) * 8)]
+        ) if len(store) else np.zeros((0, len(ref.class_names)))
+        y_true = np.array([known[c] for c in store.records["class"]], dtype=np.int64)
+        return compute_metrics(y_true, probabilities, tuple(ref.class_names))
+
+    return evaluate
+
+
+def promote_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
+    """Promote the new version to champion only if it beats the champion on the same test images."""
+    from wbc_tasks.registry.promotion import promote_if_better
+    from wbc_tasks.registry.tracking import finish_tracking_run, resolve_model
+
+    settings, p, run = _context(run_id, params)
+    registered = require_complete(run / "register")
+    evaluated = require_complete(run / "evaluate")
+
+    def build(out: Path) -> dict:
+        candidate = resolve_model(settings, registered["version"])
+        return promote_if_better(
+            settings,
+            candidate,
+            evaluated["metrics"],
+            champion_metrics_on_this_test_split(settings, run, p.batch_size),
+            metric=p.promotion_metric,
+            margin=p.promotion_margin,
+            min_metric=p.min_metric,
+            min_class_recall=p.min_class_recall,
+            min_blast_recall=p.min_blast_recall,
+        )
+
+    summary = run_step(run / "promote", build)
+    finish_tracking_run(settings, run_id, "FINISHED")
+    return summary
+
+
+def mark_run_failed(run_id: str) -> None:
+    """Close the DAG run's MLflow run as FAILED (called by the DAG's failure callback)."""
+    from wbc_tasks.registry.tracking import finish_tracking_run
+
+    finish_tracking_run(get_settings(), run_id, "FAILED")

@@ -1,0 +1,433 @@
+"""Champion/challenger promotion: decide, record, move the aliases, one run at a time.
+
+A new version becomes champion only if it passes the floors (the promotion metric, every class's
+recall, blasts' recall) and beats the current champion evaluated on the SAME test images by more
+than a margin (ties keep the champion). The previous champion keeps the rollback alias. Every
+decision is recorded as tags on the candidate version (``promotion.*``), hand moves as
+``manual_promotion.*`` / ``rollback.*`` on the version promoted and ``demotion.*`` on the one it
+replaced.
+
+Serialised: "read the champion -> evaluate it -> decide -> move the aliases" runs under a file
+lock in the shared work folder (:func:`promotion_lock`), and the champion is read inside it, so
+two runs finishing together cannot both win on a stale comparison. Aliases move only once the
+version is READY, rollback alias first and champion last; if a move fails, both aliases are put
+back as they were, so there is never a half-promoted state.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from datetime import datetime, timezone
+from typing import Any
+
+from wbc_tasks.core.settings import Settings
+from wbc_tasks.registry.tracking import (
+    ModelRef,
+    NoModelError,
+    call_with_retries,
+    configure_mlflow,
+    current_aliases,
+    describe_registered_model,
+    model_ref_from_version,
+    per_class_values,
+    resolve_model,
+    version_metrics,
+    wait_until_ready,
+)
+
+log = logging.getLogger(__name__)
+
+#: The class whose misses cost most; it has its own recall floor.
+BLAST_CLASS = "blasts"
+PROMOTED = "promoted"
+REJECTED = "rejected"  # failed a floor
+KEPT_CHAMPION = "kept_champion"  # lost or tied the comparison
+ALREADY_CHAMPION = "already_champion"
+ERROR = "error"  # an alias move failed; aliases were put back
+LOCK_FILE = "promotion.lock"
+
+
+class PromotionConflict(RuntimeError):
+    """The champion changed between the decision and the alias move: decide again."""
+
+
+@dataclass(frozen=True)
+class PromotionDecision:
+    """What :func:`decide_promotion` concluded, and the numbers behind it."""
+
+    promote: bool
+    outcome: str
+    reason: str
+    metric: str
+    candidate_value: float | None
+    champion_version: str | None
+    champion_value: float | None
+    margin: float
+    failed_floors: tuple[str, ...] = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["failed_floors"] = list(self.failed_floors)
+        return out
+
+    def as_tags(self, decided_at: str) -> dict[str, str]:
+        """The ``promotion.*`` tags recorded on the candidate version."""
+        def num(value: float | None) -> str:
+            return "none" if value is None else repr(float(value))
+
+        return {
+            "promotion.decision": self.outcome,
+            "promotion.reason": self.reason,
+            "promotion.metric": self.metric,
+            "promotion.candidate_value": num(self.candidate_value),
+            "promotion.champion_value": num(self.champion_value),
+            "promotion.margin": repr(float(self.margin)),
+            "promotion.compared_with_version": self.champion_version or "none",
+            "promotion.failed_floors": json.dumps(list(self.failed_floors)),
+            "promotion.decided_at": decided_at,
+        }
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _metric_value(metrics: Mapping[str, Any], metric: str, whose: str) -> float:
+    value = metrics.get(metric)
+    if value is None or isinstance(value, Mapping):
+        raise ValueError(f"{whose} metrics have no '{metric}' (keys: {sorted(metrics)})")
+    return float(value)
+
+
+def classes_in_test(metrics: Mapping[str, Any]) -> list[str]:
+    """Classes with test images: support > 0 where support is given, else a defined recall."""
+    recall = per_class_values(metrics, "recall")
+    support = per_class_values(metrics, "support")
+    if support:
+        return [c for c in recall if support.get(c, 0) > 0]
+    return [c for c in recall if not math.isnan(recall[c])]
+
+
+def check_floors(
+    metrics: Mapping[str, Any],
+    *,
+    metric: str,
+    min_metric: float,
+    min_class_recall: float,
+    min_blast_recall: float,
+) -> list[str]:
+    """Each floor the candidate misses, worded for people (empty: it passes them all)."""
+    failures = []
+    value = _metric_value(metrics, metric, "candidate")
+    if math.isnan(value) or value < min_metric:
+        failures.append(f"{metric} {value:.4f} is below the floor {min_metric:.4f} (min_metric)")
+    recall = per_class_values(metrics, "recall")
+    if not recall:
+        raise ValueError(
+            "candidate metrics carry no per-class recall ({'recall': {class: value}}); "
+            "promotion needs it to check the class floors"
+        )
+    for cls in classes_in_test(metrics):
+        r = recall[cls]
+        if math.isnan(r) or r < min_class_recall:
+            failures.append(f"recall of {cls} {r:.4f} is below the floor {min_class_recall:.4f} (min_class_recall)")
+        if cls == BLAST_CLASS and (math.isnan(r) or r < min_blast_recall):
+            failures.append(f"recall of {cls} {r:.4f} is below the floor {min_blast_recall:.4f} (min_blast_recall)")
+    return failures
+
+
+def decide_promotion(
+    candidate_metrics: Mapping[str, Any],
+    champion_metrics: Mapping[str, Any] | None,
+    *,
+    champion_version: str | None,
+    metric: str,
+    margin: float,
+    min_metric: float,
+    min_class_recall: float,
+    min_blast_recall: float,
+) -> PromotionDecision:
+    """Promote, reject (a floor) or keep the champion; pure, no MLflow.
+
+    ``champion_metrics`` are the champion's metrics on the same test split as the candidate's
+    (None, with ``champion_version`` None, when there is no champion yet).
+    """
+    candidate_value = _metric_value(candidate_metrics, metric, "candidate")
+    failures = check_floors(
+        candidate_metrics, metric=metric, min_metric=min_metric,
+        min_class_recall=min_class_recall, min_blast_recall=min_blast_recall,
+    )
+    common = {"metric": metric, "candidate_value": candidate_value, "champion_version": champion_version,
+              "margin": margin}
+    champion_value = None
+    if champion_version is not None:
+        if champion_metrics is None:
+            raise ValueError(f"champion version {champion_version} given without its metrics")
+        champion_value = _metric_value(champion_metrics, metric, f"champion (version {champion_version})")
+        if math.isnan(champion_value):
+            raise ValueError(f"champion version {champion_version} has no {metric} on this test split (NaN)")
+    if failures:
+        return PromotionDecision(False, REJECTED, "failed floors: " + "; ".join(failures),
+                                 champion_value=champion_value, failed_floors=tuple(failures), **common)
+    if champion_version is None:
+        return PromotionDecision(True, PROMOTED, f"passes every floor and there is no champion yet "
+                                 f"({metric} {candidate_value:.4f})", champion_value=None, **common)
+    if candidate_value > champion_value + margin:
+        return PromotionDecision(
+            True, PROMOTED,
+            f"{metric} {candidate_value:.4f} beats champion version {champion_version}'s "
+            f"{champion_value:.4f} by more than the margin {margin:.4f}",
+            champion_value=champion_value, **common,
+        )
+    return PromotionDecision(
+        False, KEPT_CHAMPION,
+        f"{metric} {candidate_value:.4f} does not beat champion version {champion_version}'s "
+        f"{champion_value:.4f} by more than the margin {margin:.4f}",
+        champion_value=champion_value, **common,
+    )
+
+
+@contextmanager
+def promotion_lock(settings: Settings) -> Iterator[None]:
+    """Hold ``<work_dir>/locks/promotion.lock`` (filelock) while reading, deciding and moving
+    the champion. Works across processes and hosts sharing the work folder."""
+    import filelock
+
+    path = settings.work_dir / "locks" / LOCK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = filelock.FileLock(path, timeout=settings.lock_timeout)
+    try:
+        lock.acquire(blocking=False)
+    except filelock.Timeout:
+        log.info("another promotion holds %s; waiting up to %.0f s", path, settings.lock_timeout)
+        try:
+            lock.acquire()
+        except filelock.Timeout as exc:
+            raise TimeoutError(
+                f"another promotion held {path} for over {settings.lock_timeout:.0f} s "
+                f"(WBC_LOCK_TIMEOUT); if no promotion is running, check that process"
+            ) from exc
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _set_tags(settings: Settings, version: str, tags: Mapping[str, str]) -> None:
+    client = configure_mlflow(settings)
+    for key, value in tags.items():
+        call_with_retries(settings, client.set_model_version_tag, settings.model_name, str(version), key, value)
+
+
+def _point_alias(settings: Settings, alias: str, version: str | None) -> None:
+    """Point ``alias`` at ``version``; None removes the alias."""
+    from mlflow.exceptions import MlflowException
+
+    client = configure_mlflow(settings)
+    if version is not None:
+        call_with_retries(settings, client.set_registered_model_alias, settings.model_name, alias, str(version))
+        return
+    try:
+        call_with_retries(settings, client.delete_registered_model_alias, settings.model_name, alias)
+    except MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise
+
+
+def _move_champion(settings: Settings, new_champion: str, aliases: Mapping[str, str]) -> dict[str, str | None]:
+    """Champion -> ``new_champion``, rollback -> the old champion; all or nothing.
+
+    ``aliases`` are the aliases as read under the lock. On failure both aliases are put back.
+    """
+    old_champion = aliases.get(settings.champion_alias)
+    old_rollback = aliases.get(settings.rollback_alias)
+    new_rollback = old_champion if old_champion not in (None, new_champion) else old_rollback
+    try:
+        if new_rollback != old_rollback:
+            _point_alias(settings, settings.rollback_alias, new_rollback)
+        _point_alias(settings, settings.champion_alias, new_champion)
+    except Exception:
+        log.error("moving the aliases failed; putting them back (champion %s, rollback %s)", old_champion, old_rollback)
+        for alias, version in ((settings.champion_alias, old_champion), (settings.rollback_alias, old_rollback)):
+            try:
+                _point_alias(settings, alias, version)
+            except Exception as exc:  # keep going: restore what can be restored, report the rest
+                log.critical("could not restore alias @%s to version %s: %s", alias, version, exc)
+        raise
+    log.info("@%s -> version %s; @%s -> version %s", settings.champion_alias, new_champion,
+             settings.rollback_alias, new_rollback)
+    return {"champion": new_champion, "rollback": new_rollback, "previous_champion": old_champion}
+
+
+def _after_move(settings: Settings, new_champion: str, headline: str, demoted: str | None,
+                demotion_tags: Mapping[str, str]) -> None:
+    """Bookkeeping once the champion moved; a failure here is logged, never undoes the move."""
+    try:
+        describe_registered_model(settings, new_champion, headline)
+        if demoted is not None:
+            _set_tags(settings, demoted, demotion_tags)
+    except Exception as exc:
+        log.warning("champion moved to version %s, but updating descriptions/tags failed: %s", new_champion, exc)
+
+
+def apply_decision(settings: Settings, candidate: ModelRef, decision: PromotionDecision) -> dict[str, Any]:
+    """Record ``decision`` on the candidate version and, if it promotes, move the aliases.
+
+    Call it under :func:`promotion_lock`. Raises :class:`PromotionConflict` when the champion is
+    no longer the one the decision compared with.
+    """
+    # Only a fully registered version moves: READY and tagged with what inference needs
+    # (model_ref_from_version refuses a version without its image size and class names).
+    model_ref_from_version(settings, wait_until_ready(settings, candidate.version))
+    aliases = current_aliases(settings)
+    champion_now = aliases.get(settings.champion_alias)
+    if decision.outcome != ALREADY_CHAMPION and champion_now != decision.champion_version:
+        raise PromotionConflict(
+            f"the champion is version {champion_now}, but the decision on version "
+            f"{candidate.version} compared with {decision.champion_version}; decide again"
+        )
+    decided_at = _now()
+    result = {**decision.as_dict(), "version": candidate.version, "decided_at": decided_at,
+              "compared_with_version": decision.champion_version,
+              "champion": champion_now, "rollback": aliases.get(settings.rollback_alias)}
+    if decision.outcome == ALREADY_CHAMPION:
+        return result
+    _set_tags(settings, candidate.version, decision.as_tags(decided_at))
+    log.info("version %s: %s (%s)", candidate.version, decision.outcome, decision.reason)
+    if not decision.promote:
+        return result
+    try:
+        moved = _move_champion(settings, candidate.version, aliases)
+    except Exception as exc:
+        _set_tags(settings, candidate.version, {
+            "promotion.decision": ERROR,
+            "promotion.reason": f"decided to promote ({decision.reason}) but moving the aliases failed "
+                                f"({exc}); the aliases were put back",
+        })
+        raise
+    _after_move(
+        settings, candidate.version, f"Champion: version {candidate.version} (promoted {decided_at}: {decision.reason})",
+        champion_now, {"demotion.replaced_by": candidate.version, "demotion.at": decided_at,
+                       "demotion.by": "automatic promotion", "demotion.why": decision.reason},
+    )
+    return {**result, **moved}
+
+
+def promote_if_better(
+    settings: Settings,
+    candidate: ModelRef,
+    candidate_metrics: Mapping[str, Any],
+    champion_metrics_fn: Callable[[ModelRef], Mapping[str, Any]],
+    *,
+    metric: str,
+    margin: float,
+    min_metric: float,
+    min_class_recall: float,
+    min_blast_recall: float,
+) -> dict[str, Any]:
+    """Decide on ``candidate`` against the champion of this moment and apply the decision.
+
+    Under :func:`promotion_lock`: read the champion, evaluate it with ``champion_metrics_fn`` on
+    the same test split the candidate's metrics come from (skipped when the candidate already
+    fails a floor), decide (:func:`decide_promotion`), record and move (:func:`apply_decision`).
+    Returns a small JSON-able dict (the decision, the numbers, the aliases after it).
+    """
+    wait_until_ready(settings, candidate.version)
+    floors = {"metric": metric, "min_metric": min_metric, "min_class_recall": min_class_recall,
+              "min_blast_recall": min_blast_recall}
+    with promotion_lock(settings):
+        champion_version = current_aliases(settings).get(settings.champion_alias)
+        if champion_version == candidate.version:
+            # A retried promote task whose first attempt already won.
+            value = _metric_value(candidate_metrics, metric, "candidate")
+            decision = PromotionDecision(True, ALREADY_CHAMPION, f"version {candidate.version} is already the champion",
+                                         metric, value, champion_version, value, margin)
+        elif check_floors(candidate_metrics, **floors) or champion_version is None:
+            decision = decide_promotion(candidate_metrics, None, champion_version=None, margin=margin, **floors)
+            if champion_version is not None:  # rejected on floors: say which champion stays
+                decision = replace(decision, champion_version=champion_version)
+        else:
+            champion = resolve_model(settings, champion_version)
+            log.info("evaluating champion version %s on the candidate's test split", champion_version)
+            champion_metrics = champion_metrics_fn(champion)
+            decision = decide_promotion(candidate_metrics, champion_metrics, champion_version=champion_version,
+                                        margin=margin, **floors)
+        return apply_decision(settings, candidate, decision)
+
+
+def _require(who: str, why: str) -> None:
+    if not who or not who.strip():
+        raise ValueError("say who moves the champion (who=...)")
+    if not why or not why.strip():
+        raise ValueError("say why the champion moves (why=...)")
+
+
+def _ready_ref(settings: Settings, version: str) -> ModelRef:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mv = wait_until_ready(settings, version)
+    except MlflowException as exc:
+        raise NoModelError(f"no version {version} of '{settings.model_name}' in the registry at "
+                           f"{settings.mlflow_tracking_uri}") from exc
+    return model_ref_from_version(settings, mv)
+
+
+def promote_version(settings: Settings, version: str, *, who: str, why: str) -> dict[str, Any]:
+    """Make ``version`` the champion by hand (no floors); the old champion gets the rollback
+    alias. Who, when and why go into tags on both versions."""
+    _require(who, why)
+    version = str(version)
+    with promotion_lock(settings):
+        ref = _ready_ref(settings, version)
+        aliases = current_aliases(settings)
+        old = aliases.get(settings.champion_alias)
+        at = _now()
+        result = {"action": "promote", "version": version, "by": who, "why": why, "at": at,
+                  "metrics": version_metrics(settings, version)}
+        if old == version:
+            return {**result, "changed": False, "champion": version,
+                    "rollback": aliases.get(settings.rollback_alias)}
+        _set_tags(settings, ref.version, {"manual_promotion.by": who, "manual_promotion.at": at,
+                                          "manual_promotion.why": why,
+                                          "manual_promotion.replaced_version": old or "none"})
+        moved = _move_champion(settings, ref.version, aliases)
+        _after_move(settings, ref.version, f"Champion: version {version} (promoted by hand by {who}, {at}: {why})",
+                    old, {"demotion.replaced_by": version, "demotion.at": at, "demotion.by": who, "demotion.why": why})
+    log.info("%s promoted version %s by hand (was %s): %s", who, version, old, why)
+    return {**result, "changed": True, **moved}
+
+
+def rollback(settings: Settings, *, who: str, why: str) -> dict[str, Any]:
+    """Champion <- the rollback alias's version; the former champion becomes the rollback target.
+
+    Who, when and why go into ``rollback.*`` tags on the restored version and ``demotion.*``
+    tags on the former champion.
+    """
+    _require(who, why)
+    with promotion_lock(settings):
+        aliases = current_aliases(settings)
+        target = aliases.get(settings.rollback_alias)
+        if target is None:
+            raise NoModelError(
+                f"'{settings.model_name}' has no @{settings.rollback_alias} version to roll back to "
+                f"(a promotion sets it); promote a version by hand instead (`wbc promote VERSION`)"
+            )
+        old = aliases.get(settings.champion_alias)
+        at = _now()
+        result = {"action": "rollback", "version": target, "by": who, "why": why, "at": at}
+        if old == target:
+            return {**result, "changed": False, "champion": target, "rollback": target}
+        ref = _ready_ref(settings, target)
+        _set_tags(settings, ref.version, {"rollback.by": who, "rollback.at": at, "rollback.why": why,
+                                          "rollback.replaced_version": old or "none"})
+        moved = _move_champion(settings, ref.version, aliases)
+        _after_move(settings, ref.version, f"Champion: version {target} (rolled back by {who}, {at}: {why})",
+                    old, {"demotion.replaced_by": target, "demotion.at": at, "demotion.by": who, "demotion.why": why})
+    log.info("%s rolled the champion back from version %s to %s: %s", who, old, target, why)
+    return {**result, "changed": True, **moved}

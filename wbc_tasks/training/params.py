@@ -1,0 +1,232 @@
+"""Per-run training params: one table feeds the Airflow trigger form, validation and the CLI.
+
+Each entry is a JSON-schema fragment (what Airflow's ``Param`` takes) plus a description the
+trigger form shows. :func:`training_params` validates a mapping against the same table, so a run
+started from the CLI or a test is checked exactly like one started from the UI.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+from wbc_tasks.core.errors import PermanentError
+
+
+class ParamError(PermanentError, ValueError):
+    """A training param is unknown, missing or out of its range."""
+
+
+#: name -> JSON-schema fragment with "default" and "description".
+TRAINING_PARAM_SPECS: dict[str, dict[str, Any]] = {
+    "data_dir": {
+        "default": None,
+        "type": ["null", "string"],
+        "description": "Folder laid out as <class>/<images>, inside WBC_DATA_DIR, WBC_HOME or WBC_ALLOWED_ROOTS. "
+        "Empty: WBC_DATA_DIR, else generated demo data.",
+    },
+    "image_size": {
+        "default": 256,
+        "type": "integer",
+        "minimum": 32,
+        "maximum": 512,
+        "description": "Side in pixels the images are resized to (VGG16 needs at least 32).",
+    },
+    "weights": {
+        "default": "imagenet",
+        "type": "string",
+        "enum": ["imagenet", "none"],
+        "description": "imagenet: fine-tune ImageNet weights (need the weights file); none: train from scratch.",
+    },
+    "epochs_head": {
+        "default": 5,
+        "type": "integer",
+        "minimum": 0,
+        "maximum": 500,
+        "description": "Epochs training the head with the VGG16 base frozen (imagenet weights only).",
+    },
+    "epochs_finetune": {
+        "default": 10,
+        "type": "integer",
+        "minimum": 0,
+        "maximum": 500,
+        "description": "Epochs with the last conv layers unfrozen (or the whole network, from scratch).",
+    },
+    "batch_size": {
+        "default": 32,
+        "type": "integer",
+        "minimum": 1,
+        "maximum": 1024,
+        "description": "Images per training step.",
+    },
+    "learning_rate_head": {
+        "default": 1e-3,
+        "type": "number",
+        "exclusiveMinimum": 0,
+        "maximum": 1,
+        "description": "Adam learning rate while the base is frozen.",
+    },
+    "learning_rate_finetune": {
+        "default": 1e-5,
+        "type": "number",
+        "exclusiveMinimum": 0,
+        "maximum": 1,
+        "description": "Adam learning rate once conv layers are unfrozen (from scratch: the only rate).",
+    },
+    "unfreeze_layers": {
+        "default": 4,
+        "type": "integer",
+        "minimum": 0,
+        "maximum": 13,
+        "description": "How many of VGG16's 13 conv layers, counted from the top, fine-tuning unfreezes.",
+    },
+    "early_stopping_patience": {
+        "default": 3,
+        "type": "integer",
+        "minimum": 0,
+        "maximum": 100,
+        "description": "Epochs without validation improvement before stopping (best weights restored); 0 = off.",
+    },
+    "augment_per_class": {
+        "default": 200,
+        "type": "integer",
+        "minimum": 0,
+        "maximum": 100000,
+        "description": "Training images per class after augmentation, before SMOTE (classes above it are kept as they are).",
+    },
+    "smote": {
+        "default": True,
+        "type": "boolean",
+        "description": "Balance the training classes with SMOTE (off: compare against class weights).",
+    },
+    "smote_k": {
+        "default": 5,
+        "type": "integer",
+        "minimum": 1,
+        "maximum": 50,
+        "description": "SMOTE neighbours (k = min(k, n-1) for small classes).",
+    },
+    "class_weights": {
+        "default": False,
+        "type": "boolean",
+        "description": "Weight the loss by inverse class frequency (an alternative to SMOTE).",
+    },
+    "promotion_metric": {
+        "default": "balanced_accuracy",
+        "type": "string",
+        "enum": ["balanced_accuracy", "accuracy", "macro_f1"],
+        "description": "Test metric a new model must beat the champion on.",
+    },
+    "promotion_margin": {
+        "default": 0.0,
+        "type": "number",
+        "minimum": 0,
+        "maximum": 1,
+        "description": "How much higher than the champion's the metric must be (ties keep the champion).",
+    },
+    "min_metric": {
+        "default": 0.5,
+        "type": "number",
+        "minimum": 0,
+        "maximum": 1,
+        "description": "Floor the promotion metric must reach for any promotion.",
+    },
+    "min_class_recall": {
+        "default": 0.3,
+        "type": "number",
+        "minimum": 0,
+        "maximum": 1,
+        "description": "Floor every class's test recall must reach.",
+    },
+    "min_blast_recall": {
+        "default": 0.8,
+        "type": "number",
+        "minimum": 0,
+        "maximum": 1,
+        "description": "Floor for blasts' test recall (a missed blast costs most).",
+    },
+    "seed": {
+        "default": 42,
+        "type": "integer",
+        "minimum": 0,
+        "description": "Seed for augmentation, SMOTE, shuffling and initialisation.",
+    },
+}
+
+
+@dataclass(frozen=True)
+class TrainingParams:
+    """Validated params of one training run."""
+
+    data_dir: str | None
+    image_size: int
+    weights: str
+    epochs_head: int
+    epochs_finetune: int
+    batch_size: int
+    learning_rate_head: float
+    learning_rate_finetune: float
+    unfreeze_layers: int
+    early_stopping_patience: int
+    augment_per_class: int
+    smote: bool
+    smote_k: int
+    class_weights: bool
+    promotion_metric: str
+    promotion_margin: float
+    min_metric: float
+    min_class_recall: float
+    min_blast_recall: float
+    seed: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _check(name: str, value: Any, spec: dict[str, Any]) -> Any:
+    types = spec["type"] if isinstance(spec["type"], list) else [spec["type"]]
+    if value is None:
+        if "null" in types:
+            return None
+        raise ParamError(f"param {name}: a value is required")
+    if "boolean" in types:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ParamError(f"param {name}: expected true or false, got {value!r}")
+    if "integer" in types:
+        if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).lstrip("-").isdigit():
+            raise ParamError(f"param {name}: expected an integer, got {value!r}")
+        value = int(value)
+    elif "number" in types:
+        try:
+            value = float(value)
+        except (TypeError, ValueError) as exc:
+            raise ParamError(f"param {name}: expected a number, got {value!r}") from exc
+    elif "string" in types:
+        value = str(value)
+        if value == "" and "null" in types:
+            return None
+    if "enum" in spec and value not in spec["enum"]:
+        raise ParamError(f"param {name}: {value!r} is not one of {spec['enum']}")
+    if "minimum" in spec and value < spec["minimum"]:
+        raise ParamError(f"param {name}: {value} is below the minimum {spec['minimum']}")
+    if "exclusiveMinimum" in spec and value <= spec["exclusiveMinimum"]:
+        raise ParamError(f"param {name}: {value} must be greater than {spec['exclusiveMinimum']}")
+    if "maximum" in spec and value > spec["maximum"]:
+        raise ParamError(f"param {name}: {value} is above the maximum {spec['maximum']}")
+    return value
+
+
+def training_params(values: dict[str, Any] | None = None) -> TrainingParams:
+    """Defaults overridden by ``values``, each checked against its spec."""
+    values = dict(values or {})
+    unknown = set(values) - set(TRAINING_PARAM_SPECS)
+    if unknown:
+        raise ParamError(f"unknown params: {sorted(unknown)}; known: {sorted(TRAINING_PARAM_SPECS)}")
+    checked = {
+        name: _check(name, values.get(name, spec["default"]), spec)
+        for name, spec in TRAINING_PARAM_SPECS.items()
+    }
+    return TrainingParams(**checked)
