@@ -60,8 +60,8 @@ def main() -> None:
         for dag_file in sorted((REPO / "dags").glob("*.py")):
             rows.append((dag_file.name, parse_seconds(dag_file, args.repeat)))
     base = statistics.median(rows[0][1])
-    print(f"| DAG file | median parse (s) | max (s) | vs empty DAG |")
-    print(f"|---|---|---|---|")
+    print("| DAG file | median parse (s) | max (s) | vs empty DAG |")
+    print("|---|---|---|---|")
     for name, times in rows:
         med = statistics.median(times)
         print(f"| {name} | {med:.3f} | {max(times):.3f} | {med / base:.2f}x |")

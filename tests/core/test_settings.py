@@ -1,6 +1,7 @@
 import pytest
 
-from wbc_tasks.core.settings import get_settings, safe_name
+from wbc_tasks.core.settings import get_settings
+from wbc_tasks.core.paths import safe_name
 
 
 def test_embedded_defaults_live_under_one_home(settings):

@@ -1,15 +1,18 @@
-"""The whole training DAG under ``dag.test()``, then the promotion outcomes on the same registry.
+"""The whole training DAG under ``dag.test()``, then the promotion outcomes against a registry.
 
-One module-scoped registry: an untrained first model becomes the first champion (nothing to beat),
-then a model rejected by a floor, a trained model that wins (the old champion moves to the
-rollback alias) and an untrained one that loses. The later runs call the same step functions the
-DAG's tasks call: the DAG adds nothing to promotion's behaviour.
+Each test has its own home (registry, work folders) and builds the history it needs: an untrained
+first model becomes the first champion (nothing to beat); a model rejected by a floor; a trained
+model that wins (the old champion moves to the rollback alias); an untrained one that loses.
+Only the generated images are shared (read-only). The runs after the first call the same step
+functions the DAG's tasks call: the DAG adds nothing to promotion's behaviour.
 """
 
 from __future__ import annotations
 
 import json
+import os
 
+import mlflow
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -28,40 +31,62 @@ BASE = {
     "min_blast_recall": 0.0,
     "seed": 7,
 }
-STEPS = ["split_step", "preprocess_step", "augment_step", "balance_step", "train_step", "evaluate_step", "register_step", "promote_step"]
 
 
 @pytest.fixture(scope="module")
-def state(tmp_path_factory, airflow_db):
-    """Settings for a private home with generated demo images (distinct enough to learn fast)."""
+def demo_images(tmp_path_factory):
+    """Generated demo images (distinct enough to learn fast), shared read-only by the tests."""
     from wbc_tasks.data.demo import generate_demo_dataset
 
-    root = tmp_path_factory.mktemp("e2e")
-    data = root / "WBC"
+    data = tmp_path_factory.mktemp("e2e-data") / "WBC"
     generate_demo_dataset(data, per_class=40, seed=3)
-    BASE["data_dir"] = str(data)
-    env = {"WBC_HOME": str(root / "home"), "WBC_WORKERS": "1", "WBC_ALLOWED_ROOTS": str(root)}
-    return {"data": data, "env": env}
+    return data
 
 
 @pytest.fixture
-def env(state, monkeypatch):
-    for name in [n for n in __import__("os").environ if n.startswith("WBC_")]:
+def env(demo_images, tmp_path, monkeypatch):
+    """Settings for this test's own home; runs may read the shared demo images."""
+    for name in [n for n in os.environ if n.startswith("WBC_")]:
         monkeypatch.delenv(name)
-    for name, value in state["env"].items():
-        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("WBC_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("WBC_WORKERS", "1")
+    monkeypatch.setenv("WBC_ALLOWED_ROOTS", f"{demo_images.parent}{os.pathsep}{tmp_path}")
     from wbc_tasks.core.settings import get_settings
 
     return get_settings()
 
 
+@pytest.fixture
+def base(demo_images):
+    """Params of an untrained, fast run on the demo images, every floor off."""
+    return {**BASE, "data_dir": str(demo_images)}
+
+
+@pytest.fixture
+def demo_params(demo_images):
+    """The profile `make demo` uses, on the demo images, floors off (this is about the comparison:
+    63 test images make per-class recall of one run too noisy to gate on)."""
+    from wbc_tasks.training.params import PROFILES
+
+    floors_off = {"min_metric": 0.0, "min_class_recall": 0.0, "min_blast_recall": 0.0}
+    return {**PROFILES["demo"], **floors_off, "data_dir": str(demo_images), "seed": 7}
+
+
 def run_steps(run_id: str, params: dict) -> dict:
+    """The training DAG's step functions in task order, as its tasks call them."""
     from wbc_tasks.pipelines import training as steps
 
-    results = {}
-    for name in STEPS:
-        results[name] = getattr(steps, name)(run_id, params)
-    return results
+    order = [
+        steps.split_step,
+        steps.preprocess_step,
+        steps.augment_step,
+        steps.balance_step,
+        steps.train_step,
+        steps.evaluate_step,
+        steps.register_step,
+        steps.promote_step,
+    ]
+    return {step.__name__: step(run_id, params) for step in order}
 
 
 def client_for(settings):
@@ -70,14 +95,14 @@ def client_for(settings):
     return configure_mlflow(settings)
 
 
-def test_1_dag_run_registers_and_crowns_the_first_model(state, env):
+def test_dag_run_registers_and_crowns_the_first_model(env, base, airflow_db):
     from airflow.dag_processing.dagbag import DagBag
     from airflow.utils.state import DagRunState
 
     from tests.conftest import REPO_ROOT
 
     dag = DagBag(dag_folder=str(REPO_ROOT / "dags" / "wbc_training.py")).dags["wbc_training"]
-    run = dag.test(run_conf=BASE)
+    run = dag.test(run_conf=base)
     assert run.state == DagRunState.SUCCESS
 
     client = client_for(env)
@@ -97,8 +122,9 @@ def test_1_dag_run_registers_and_crowns_the_first_model(state, env):
     assert "not a diagnostic device" in description.lower() or "research use" in description.lower()
 
 
-def test_2_floor_rejects_and_champion_stays(env):
-    results = run_steps("floor-run", {**BASE, "min_metric": 1.0})
+def test_a_model_under_a_floor_is_rejected_and_the_champion_stays(env, base):
+    assert run_steps("first-run", base)["promote_step"]["outcome"] == "promoted"
+    results = run_steps("floor-run", {**base, "min_metric": 1.0})
     decision = results["promote_step"]
     assert decision["outcome"] == "rejected"
     client = client_for(env)
@@ -107,14 +133,10 @@ def test_2_floor_rejects_and_champion_stays(env):
     assert version.tags["promotion.decision"] == "rejected" and "min_metric" in version.tags["promotion.reason"]
 
 
-def test_3_demo_profile_learns_wins_and_old_champion_moves_to_rollback(env):
-    from wbc_tasks.cli import PROFILES
-
-    # The profile `make demo` uses, on the demo images it generates: well above chance (1/9).
-    # Floors off: this case is about winning the comparison (63 test images make per-class
-    # recall of one run too noisy to gate on).
-    floors_off = {"min_metric": 0.0, "min_class_recall": 0.0, "min_blast_recall": 0.0}
-    results = run_steps("win-run", {**PROFILES["demo"], **floors_off, "data_dir": BASE["data_dir"], "seed": 7})
+def test_a_trained_model_wins_and_the_old_champion_moves_to_rollback(env, base, demo_params):
+    assert run_steps("first-run", base)["promote_step"]["outcome"] == "promoted"
+    results = run_steps("win-run", demo_params)
+    # The demo profile on the demo images: well above chance (1/9).
     assert results["evaluate_step"]["balanced_accuracy"] > 0.4, results["evaluate_step"]
     client = client_for(env)
     new = results["register_step"]["version"]
@@ -123,10 +145,11 @@ def test_3_demo_profile_learns_wins_and_old_champion_moves_to_rollback(env):
     assert results["promote_step"]["outcome"] == "promoted"
 
 
-def test_4_worse_model_loses_and_aliases_stay(env):
+def test_a_worse_model_loses_and_the_aliases_stay(env, base, demo_params):
+    assert run_steps("trained-run", demo_params)["promote_step"]["outcome"] == "promoted"
     client = client_for(env)
-    before = client.get_model_version_by_alias(env.model_name, env.champion_alias).version
-    results = run_steps("lose-run", BASE)
+    results = run_steps("lose-run", base)
     assert results["promote_step"]["outcome"] == "kept_champion"
-    assert client.get_model_version_by_alias(env.model_name, env.champion_alias).version == before
-    assert client.get_model_version_by_alias(env.model_name, env.rollback_alias).version == 1
+    assert client.get_model_version_by_alias(env.model_name, env.champion_alias).version == 1
+    with pytest.raises(mlflow.exceptions.MlflowException, match="not found"):
+        client.get_model_version_by_alias(env.model_name, env.rollback_alias)

@@ -392,7 +392,7 @@ def test_failed_nightly_classification_sends_one_alert(dag_env):
     assert body["event"] == "task_failed" and body["dag_id"] == "wbc_batch_classification"
     assert body["run_id"] == run.run_id and body["task_id"] == "resolve_model" and body["try_number"] == 1
     assert body["exception"].startswith("NoModelError: no model 'wbc-classifier@champion'")
-    assert f"/dags/wbc_batch_classification/runs/" in body["log_url"] and body["log_url"].endswith("try_number=1")
+    assert "/dags/wbc_batch_classification/runs/" in body["log_url"] and body["log_url"].endswith("try_number=1")
 
 
 def test_failed_training_alerts_and_still_marks_the_mlflow_run_failed(dag_env):

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from wbc_tasks.core.settings import OutsideAllowedFoldersError
+from wbc_tasks.core.paths import OutsideAllowedFoldersError
 from wbc_tasks.training.params import training_params
 from wbc_tasks.pipelines.training import resolve_data_dir
 

@@ -23,36 +23,7 @@ from typing import Any
 
 from wbc_tasks.cli.embedded import airflow_environment, run_airflow_command, run_airflow_ui, run_mlflow_ui
 from wbc_tasks.core.settings import Settings, get_settings
-
-#: Param sets for common machines. "cpu" fits a laptop/CI-class CPU; "gpu" is the production run.
-PROFILES: dict[str, dict[str, Any]] = {
-    "cpu": {
-        "image_size": 64,
-        "weights": "none",
-        "epochs_head": 0,
-        "epochs_finetune": 12,
-        "batch_size": 32,
-        "learning_rate_finetune": 1e-4,
-        "augment_per_class": 150,
-        "early_stopping_patience": 4,
-    },
-    "demo": {
-        "image_size": 32,
-        "weights": "none",
-        "epochs_head": 0,
-        "epochs_finetune": 5,
-        "batch_size": 16,
-        "learning_rate_finetune": 1e-4,
-        "augment_per_class": 30,
-        "early_stopping_patience": 3,
-        # A few CPU minutes on generated images: floors low enough that the first run is crowned.
-        "min_metric": 0.3,
-        "min_class_recall": 0.0,
-        "min_blast_recall": 0.0,
-    },
-    "gpu": {"image_size": 256, "weights": "imagenet"},
-}
-
+from wbc_tasks.training.params import PROFILES
 
 def _parse_params(pairs: list[str]) -> dict[str, Any]:
     params: dict[str, Any] = {}
@@ -70,7 +41,7 @@ def _parse_params(pairs: list[str]) -> dict[str, Any]:
 def _check_before_airflow(settings: Settings, conf: dict[str, Any]) -> None:
     """The checks that would fail the run's first task, made here in a second instead of after
     Airflow has started: params, weights, the data folder."""
-    from wbc_tasks.core.settings import resolve_inside
+    from wbc_tasks.core.paths import resolve_inside
     from wbc_tasks.data.dataset import check_data_folder
     from wbc_tasks.training.model import vgg16_weights_file
     from wbc_tasks.training.params import training_params

@@ -53,11 +53,6 @@ class Rejection:
         return {"path": self.path, "class": self.label, "sha256": self.sha256, "reason": self.reason}
 
 
-def resolve_inside(path: Path, roots: tuple[Path, ...]) -> Path:
-    """Resolve ``path`` (following links) and insist it lies under one of ``roots`` and exists."""
-    return resolve_within(path, roots)
-
-
 def _walk_class_folder(folder: Path, roots: tuple[Path, ...]) -> tuple[list[Path], list[tuple[Path, str]]]:
     """Files under ``folder`` at any depth (as found: a link's own path) and the entries that
     cannot be files, with reasons. Folder links are followed into ``roots``, each folder once:

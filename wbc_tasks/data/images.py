@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from wbc_tasks.core.paths import is_inside
+
 #: Alpha is composited onto white: slide background is light, black would look like a stain.
 _ALPHA_BACKGROUND = (255, 255, 255)
 
@@ -55,7 +57,7 @@ def resolve_within(path: Path, roots: Sequence[Path]) -> Path:
         target = path.resolve()
     except (RuntimeError, OSError) as exc:  # Python 3.11 raises RuntimeError on a loop
         raise ImageError(path, "symlink loop (the link leads back to itself)") from exc
-    if not any(target == root or target.is_relative_to(root) for root in roots):
+    if not is_inside(target, roots):
         allowed = ", ".join(str(r) for r in roots) or "(none)"
         what = "symlink points" if os.path.islink(path) else "file lies"
         raise ImageError(path, f"{what} outside the allowed folders ({target} not under {allowed})")

@@ -44,7 +44,8 @@ from email.message import EmailMessage
 from typing import Any
 from urllib.parse import urlsplit
 
-from wbc_tasks.core.settings import Settings, get_settings, safe_name
+from wbc_tasks.core.settings import Settings, get_settings
+from wbc_tasks.core.paths import safe_name
 
 log = logging.getLogger(__name__)
 

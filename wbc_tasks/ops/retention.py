@@ -41,7 +41,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from wbc_tasks.core.settings import COMPLETE_MARKER, Settings, safe_name
+from wbc_tasks.core.settings import COMPLETE_MARKER, Settings
+from wbc_tasks.core.paths import safe_name
 
 log = logging.getLogger(__name__)
 

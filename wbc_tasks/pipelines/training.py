@@ -11,7 +11,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from wbc_tasks.core.settings import Settings, get_settings, resolve_inside
+from wbc_tasks.core.settings import Settings, get_settings
+from wbc_tasks.core.paths import resolve_inside
 from wbc_tasks.training.params import TrainingParams, training_params
 from wbc_tasks.core.workdir import require_complete, run_step
 

@@ -25,7 +25,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
-from wbc_tasks.core.settings import COMPLETE_MARKER, Settings, safe_name
+from wbc_tasks.core.settings import COMPLETE_MARKER, Settings
+from wbc_tasks.core.paths import safe_name
 from wbc_tasks.core.retry import call_with_backoff
 
 log = logging.getLogger(__name__)

@@ -54,7 +54,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from wbc_tasks.core.settings import IMAGE_EXTENSIONS, Settings, safe_name
+from wbc_tasks.core.settings import IMAGE_EXTENSIONS, Settings
+from wbc_tasks.core.paths import safe_name
 from wbc_tasks.data.images import DISAPPEARED, ImageError, load_image, resolve_within, sha256_of_file
 from wbc_tasks.core.privacy import pseudonymiser
 from wbc_tasks.registry.tracking import ModelRef
@@ -850,7 +851,6 @@ def classify_paths(
     rejections and ``files_seen`` rows are stored (:func:`recorded_location`), so the files
     appear in ``wbc predictions`` at once.
     """
-    from wbc_tasks.serving import predictions as db
     from wbc_tasks.registry.tracking import resolve_model
 
     ref = model_ref if isinstance(model_ref, ModelRef) else resolve_model(settings, model_ref)

@@ -154,6 +154,36 @@ TRAINING_PARAM_SPECS: dict[str, dict[str, Any]] = {
 }
 
 
+#: Param sets for common machines. "cpu" fits a laptop/CI-class CPU; "gpu" is the production run.
+PROFILES: dict[str, dict[str, Any]] = {
+    "cpu": {
+        "image_size": 64,
+        "weights": "none",
+        "epochs_head": 0,
+        "epochs_finetune": 12,
+        "batch_size": 32,
+        "learning_rate_finetune": 1e-4,
+        "augment_per_class": 150,
+        "early_stopping_patience": 4,
+    },
+    "demo": {
+        "image_size": 32,
+        "weights": "none",
+        "epochs_head": 0,
+        "epochs_finetune": 5,
+        "batch_size": 16,
+        "learning_rate_finetune": 1e-4,
+        "augment_per_class": 30,
+        "early_stopping_patience": 3,
+        # A few CPU minutes on generated images: floors low enough that the first run is crowned.
+        "min_metric": 0.3,
+        "min_class_recall": 0.0,
+        "min_blast_recall": 0.0,
+    },
+    "gpu": {"image_size": 256, "weights": "imagenet"},
+}
+
+
 @dataclass(frozen=True)
 class TrainingParams:
     """Validated params of one training run."""
