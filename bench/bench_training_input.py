@@ -5,7 +5,7 @@
 Builds one uint8 store (``wbc_tasks.data.store``) of ``--images`` wbc-bench images at ``--size`` px,
 then trains the same VGG16 (from scratch, same seed) in alternating order, ``--repeats`` times:
 
-- ``pipeline``: ``model.fit`` on ``wbc_tasks.training.train.make_dataset`` (the training step's input:
+- ``pipeline``: ``model.fit`` on ``wbc_tasks.training.input.make_dataset`` (the training step's input:
   batches read from the memory map by ``tf.numpy_function``, shuffled per epoch, random flips);
 - ``pipeline, no flips``: the same without the flip augmentation;
 - ``preloaded``: ``model.fit(x, y)`` on the whole store already in memory as arrays (the
@@ -61,7 +61,7 @@ def timed_fit(method: str, store_path: Path, size: int, epochs: int, seed: int) 
     import keras
 
     from wbc_tasks.training.model import build_model
-    from wbc_tasks.training.train import make_dataset
+    from wbc_tasks.training.input import make_dataset
 
     store = open_store(store_path)
     n = len(store)
@@ -91,7 +91,7 @@ def timed_fit(method: str, store_path: Path, size: int, epochs: int, seed: int) 
 
 def pipeline_alone(store_path: Path, seed: int) -> float:
     """Images/s of iterating the input pipeline with no model (what it can deliver)."""
-    from wbc_tasks.training.train import make_dataset
+    from wbc_tasks.training.input import make_dataset
 
     store = open_store(store_path)
     data = make_dataset(store, BATCH, len(CLASS_NAMES), shuffle=True, seed=seed, flip_augment=True)

@@ -15,13 +15,8 @@ from wbc_tasks.core.settings import CLASS_NAMES
 from wbc_tasks.data.demo import build_demo_stores
 from wbc_tasks.training.params import training_params
 from wbc_tasks.data.store import create_store, finish_store, open_store
-from wbc_tasks.training.train import (
-    CHECKPOINT_STATE_FILE,
-    balanced_class_weights,
-    make_dataset,
-    plan_phases,
-    train_model,
-)
+from wbc_tasks.training.checkpoints import CHECKPOINT_STATE_FILE
+from wbc_tasks.training.train import train_model
 
 SIZE = 32
 #: Small and fast: a tiny head; VGG16 itself is the cost.
@@ -45,13 +40,13 @@ def _params(**overrides):
 
 
 def _epoch_lines(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "wbc_tasks.training.train" and r.getMessage().startswith("epoch ")]
+    return [r.getMessage() for r in caplog.records if r.name == "wbc_tasks.training.checkpoints" and r.getMessage().startswith("epoch ")]
 
 
 def test_train_writes_model_history_checkpoints_logs_and_mlflow_metrics(stores, tmp_path, settings, caplog):
     import mlflow
 
-    caplog.set_level(logging.INFO, logger="wbc_tasks.training.train")
+    caplog.set_level(logging.INFO, logger="wbc_tasks.training")
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     try:
         with mlflow.start_run() as run:
@@ -96,7 +91,7 @@ def test_train_writes_model_history_checkpoints_logs_and_mlflow_metrics(stores, 
 
 
 def test_a_retry_resumes_after_the_last_finished_epoch_of_the_same_setup(stores, tmp_path, settings, caplog):
-    caplog.set_level(logging.INFO, logger="wbc_tasks.training.train")
+    caplog.set_level(logging.INFO, logger="wbc_tasks.training")
     checkpoints = tmp_path / "train_checkpoints"  # outside the step folder a retry wipes
     first = train_model(stores["train"], stores["val"], tmp_path / "try1" / "train", _params(epochs_finetune=1),
                         settings, checkpoint_dir=checkpoints, **FAST)
@@ -165,7 +160,7 @@ def test_empty_validation_store_monitors_training_loss(stores, tmp_path, setting
     empty = tmp_path / "empty-val"
     images = create_store(empty, 0, SIZE)
     finish_store(empty, images, np.zeros(0, dtype=np.int16), pd.DataFrame(columns=["path", "class", "sha256"]))
-    caplog.set_level(logging.INFO, logger="wbc_tasks.training.train")
+    caplog.set_level(logging.INFO, logger="wbc_tasks.training")
 
     summary = train_model(stores["train"], empty, tmp_path / "train", _params(epochs_finetune=1, early_stopping_patience=2),
                           settings, checkpoint_dir=tmp_path / "ckpt", **FAST)
@@ -179,45 +174,6 @@ def test_image_size_mismatch_is_refused(stores, tmp_path, settings):
     with pytest.raises(ValueError, match="32 px"):
         train_model(stores["train"], stores["val"], tmp_path / "t", _params(image_size=64), settings)
 
-
-def test_balanced_class_weights_follow_sklearn():
-    labels = np.array([0, 0, 0, 1], dtype=np.int16)
-    weights = balanced_class_weights(labels, 3)
-    assert weights == {0: pytest.approx(4 / (2 * 3)), 1: pytest.approx(4 / (2 * 1)), 2: 1.0}
-
-
-def test_phase_plan():
-    assert [(p.name, p.epochs, p.learning_rate) for p in plan_phases(_params(weights="imagenet", epochs_head=3, epochs_finetune=4))] == [
-        ("head", 3, 1e-3), ("finetune", 4, 1e-4)
-    ]
-    assert [(p.name, p.epochs) for p in plan_phases(_params(weights="none", epochs_head=3, epochs_finetune=4))] == [("scratch", 7)]
-
-
-def test_dataset_batches_one_hot_and_reshuffles_per_epoch(stores):
-    store = open_store(stores["train"])
-    from wbc_tasks.training.train import _EpochClock
-
-    clock = _EpochClock()
-    dataset = make_dataset(store, 8, len(CLASS_NAMES), shuffle=True, seed=3, clock=clock)
-    epoch0 = [(x.numpy(), y.numpy()) for x, y in dataset]
-    clock.epoch = 1
-    epoch1 = [(x.numpy(), y.numpy()) for x, y in dataset]
-    clock.epoch = 0
-    again = [(x.numpy(), y.numpy()) for x, y in dataset]
-
-    assert [len(x) for x, _ in epoch0] == [8, 8, 2]
-    images = np.concatenate([x for x, _ in epoch0])
-    labels = np.concatenate([y for _, y in epoch0])
-    assert images.dtype == np.uint8 and labels.shape == (18, len(CLASS_NAMES))
-    # every image exactly once, with its own label
-    order = [int(np.flatnonzero((store.images.reshape(18, -1) == img.reshape(1, -1)).all(1))[0]) for img in images]
-    assert sorted(order) == list(range(18))
-    assert list(labels.argmax(1)) == [int(store.labels[i]) for i in order]
-    assert not all(np.array_equal(a[0], b[0]) for a, b in zip(epoch0, epoch1))  # a new order
-    assert all(np.array_equal(a[0], b[0]) for a, b in zip(epoch0, again))  # same epoch, same order
-
-
-# ------------------------------------------------------------------ a worker killed mid-task (real process)
 
 TRAIN_STEP_SCRIPT = "import json, sys; from wbc_tasks.pipelines.training import train_step; train_step(sys.argv[1], json.loads(sys.argv[2]))"
 
@@ -279,7 +235,7 @@ def test_train_task_killed_after_an_epoch_resumes_from_its_checkpoint(stores, tm
     assert 1 <= done_before < 5
     assert not (run / "train" / COMPLETE_MARKER).exists()
 
-    caplog.set_level(logging.INFO, logger="wbc_tasks.training.train")
+    caplog.set_level(logging.INFO, logger="wbc_tasks.training")
     summary = steps.train_step(run_id, params)  # Airflow's retry of the task
 
     assert summary["resumed_from_epoch"] == done_before, "the retry did not resume from the checkpoint"

@@ -1,0 +1,77 @@
+"""The training input: ``tf.data`` pipelines that read batches from the memory-mapped stores,
+shuffled and flipped from (seed, epoch, batch) so that a resumed run sees the same batches."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from wbc_tasks.data.store import ImageStore, release_pages
+
+
+class EpochClock:
+    """The epoch the input pipeline is producing; set by the monitor at each epoch start.
+
+    Shuffling and flips are drawn from (seed, epoch, batch), never from a running random state,
+    so a resumed run sees exactly the batches an uninterrupted run would have seen.
+    """
+
+    epoch = 0
+
+
+def make_dataset(
+    store: ImageStore,
+    batch_size: int,
+    n_classes: int,
+    *,
+    shuffle: bool,
+    seed: int,
+    clock: EpochClock | None = None,
+    flip_augment: bool = False,
+):
+    """A ``tf.data`` pipeline of (uint8 images, one-hot labels) batches read from the memory map.
+
+    Batches of indices come from a generator; the rows are read by ``tf.numpy_function`` (in
+    parallel, order kept), so only a few batches are ever in memory. ``flip_augment`` applies a
+    random one of the eight flips/right-angle rotations per image: a cell has no up or left.
+    """
+    import tensorflow as tf
+
+    n = len(store)
+    clock = clock or EpochClock()
+    images, labels = store.images, store.labels.astype(np.int32)
+
+    def index_batches():
+        epoch = clock.epoch
+        order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+        for number, start in enumerate(range(0, n, batch_size)):
+            yield np.int64(epoch), np.int64(number), order[start : start + batch_size].astype(np.int64)
+
+    def read(epoch: np.int64, number: np.int64, index: np.ndarray):
+        index = np.sort(index)  # ascending reads are kinder to the page cache; order is irrelevant
+        batch = np.asarray(images[index])
+        release_pages(images)  # resident memory stays at a few batches, whatever the store's size
+        if flip_augment:
+            rng = np.random.default_rng([seed, int(epoch), int(number), 1])
+            batch = batch.copy()
+            for i, (turns, mirror) in enumerate(zip(rng.integers(0, 4, len(index)), rng.random(len(index)) < 0.5)):
+                view = np.rot90(batch[i], int(turns))
+                batch[i] = view[:, ::-1] if mirror else view
+        return batch, labels[index]
+
+    def load(epoch, number, index):
+        batch, batch_labels = tf.numpy_function(read, [epoch, number, index], [tf.uint8, tf.int32])
+        batch.set_shape((None, store.image_size, store.image_size, 3))
+        batch_labels.set_shape((None,))
+        return batch, tf.one_hot(batch_labels, n_classes)
+
+    signature = (
+        tf.TensorSpec((), tf.int64),
+        tf.TensorSpec((), tf.int64),
+        tf.TensorSpec((None,), tf.int64),
+    )
+    dataset = tf.data.Dataset.from_generator(index_batches, output_signature=signature)
+    dataset = dataset.apply(tf.data.experimental.assert_cardinality(math.ceil(n / batch_size)))
+    dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return dataset.prefetch(tf.data.AUTOTUNE)
