@@ -8,11 +8,15 @@ live in :mod:`wbc_tasks.training.params`.
 
 from __future__ import annotations
 
-from wbc_tasks.core.paths import safe_name
-
 import os
-from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, AliasChoices, BeforeValidator, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from wbc_tasks.core.errors import PermanentError
+from wbc_tasks.core.paths import safe_name
 
 #: The nine classes, in the order the model's outputs use.
 CLASS_NAMES: tuple[str, ...] = (
@@ -55,98 +59,86 @@ def dags_folder() -> Path:
     return Path(__file__).resolve().parents[1] / "_dags"
 
 
-def _env_path(name: str, default: Path) -> Path:
-    value = os.environ.get(name)
-    return Path(value).expanduser().resolve() if value else default
+def _resolved(path: Path) -> Path:
+    return Path(path).expanduser().resolve()
 
 
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name)
-    if value in (None, ""):
-        return default
-    try:
-        return int(value)
-    except ValueError as exc:
-        raise ValueError(f"setting {name}={value!r} is not an integer") from exc
+#: A path from the environment: ``~`` expanded, made absolute, links followed.
+ResolvedPath = Annotated[Path, AfterValidator(_resolved)]
 
 
-def _env_float(name: str, default: float) -> float:
-    value = os.environ.get(name)
-    if value in (None, ""):
-        return default
-    try:
-        return float(value)
-    except ValueError as exc:
-        raise ValueError(f"setting {name}={value!r} is not a number") from exc
+def _split(separator: str):
+    """A before-validator reading a list from one environment string (``a:b``, ``x,y``)."""
+
+    def split(value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(separator) if part.strip())
+        return value
+
+    return BeforeValidator(split)
 
 
-def _env_str(name: str, default: str) -> str:
-    value = os.environ.get(name)
-    return value if value not in (None, "") else default
+class SettingsError(PermanentError, ValueError):
+    """A ``WBC_*`` variable holds a value of the wrong kind (retrying cannot fix the environment)."""
 
 
-def _env_bool(name: str, default: bool) -> bool:
-    value = os.environ.get(name)
-    if value in (None, ""):
-        return default
-    text = value.strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"setting {name}={value!r} is not a boolean (true/false, yes/no, 1/0, on/off)")
+class Settings(BaseSettings):
+    """Where things live and the defaults that are not per-run params.
 
+    Each field is read from ``WBC_<FIELD NAME>`` (``KERAS_HOME`` for ``keras_home``); an empty
+    variable counts as unset. Defaults are stated here once; the folders and URIs of the
+    embedded default derive from ``home`` (see :meth:`_embedded_defaults_under_home`).
+    """
 
-def _env_optional(name: str) -> str | None:
-    value = os.environ.get(name)
-    return value if value not in (None, "") else None
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Where things live and the defaults that are not per-run params."""
+    model_config = SettingsConfigDict(
+        env_prefix="WBC_", env_ignore_empty=True, frozen=True, extra="ignore", populate_by_name=True
+    )
 
     #: Project-local state folder of the embedded default (SQLite files, artifacts, work folders).
-    home: Path
+    home: ResolvedPath = Field(default_factory=default_home)
     #: Labelled images laid out as ``<data_dir>/<class>/<image>``; None = use generated demo data.
-    data_dir: Path | None
-    #: Per-run work folders live under ``<work_dir>/runs/<run id>/<step>/``.
-    work_dir: Path
-    #: Where lab staff drop unlabelled images for the nightly classification.
-    classify_dir: Path
+    data_dir: ResolvedPath | None = None
+    #: Per-run work folders live under ``<work_dir>/runs/<run id>/<step>/`` (default ``home/work``).
+    work_dir: ResolvedPath
+    #: Where lab staff drop unlabelled images for the nightly classification
+    #: (default ``home/classify-images``).
+    classify_dir: ResolvedPath
     #: MLflow tracking URI (``sqlite:///...`` embedded, ``http://mlflow:5000`` in the stack).
     mlflow_tracking_uri: str
     #: Artifact root for a file-based/SQLite MLflow; ignored by a server with proxied artifacts.
-    mlflow_artifact_root: Path
-    mlflow_experiment: str
+    mlflow_artifact_root: ResolvedPath
+    mlflow_experiment: str = "wbc-training"
     #: Registered model name and the aliases promotion uses.
-    model_name: str
-    champion_alias: str
-    rollback_alias: str
+    model_name: str = "wbc-classifier"
+    champion_alias: str = "champion"
+    rollback_alias: str = "previous-champion"
     #: SQLAlchemy URL of the predictions database.
     predictions_db_url: str
     #: Explicit path to VGG16 ImageNet no-top weights (.h5); else the Keras cache is searched.
-    vgg16_weights_path: Path | None
+    vgg16_weights_path: ResolvedPath | None = Field(default=None, validation_alias=AliasChoices("WBC_VGG16_WEIGHTS"))
     #: Default image side in pixels (the model's input is side x side x 3).
-    image_size: int
-    seed: int
-    test_fraction: float
-    val_fraction: float
+    image_size: int = 256
+    seed: int = 42
+    test_fraction: float = 0.2
+    val_fraction: float = 0.1
     #: Decoding refuses images with more pixels than this (decompression bombs).
-    max_image_pixels: int
+    max_image_pixels: int = 40_000_000
     #: Images with a side shorter than this are rejected (nothing to classify at 8x8).
-    min_image_side: int
+    min_image_side: int = 32
     #: Worker processes for decoding/resizing (0 = all cores).
-    workers: int
+    workers: int = 0
     #: Images per chunk when streaming through memory-mapped stores.
-    chunk_size: int
+    chunk_size: int = 256
     #: Side of the reduced copy SMOTE finds neighbours on.
-    smote_neighbour_size: int
+    smote_neighbour_size: int = 16
     #: Folders symlinks may point into (labs mount shares that way); others are rejected.
-    allowed_roots: tuple[Path, ...] = field(default_factory=tuple)
+    #: One variable, folders separated by ``os.pathsep``.
+    allowed_roots: Annotated[tuple[ResolvedPath, ...], NoDecode, _split(os.pathsep)] = ()
     #: Keras's own home (env ``KERAS_HOME``, default ``~/.keras``): its ``models/`` cache is where
     #: pretrained weights are looked for when ``vgg16_weights_path`` is unset.
-    keras_home: Path = field(default_factory=lambda: Path("~/.keras").expanduser())
+    keras_home: ResolvedPath = Field(
+        default_factory=lambda: Path("~/.keras").expanduser(), validation_alias=AliasChoices("KERAS_HOME")
+    )
     #: Retries (after the first try) of an MLflow call that failed for a passing reason.
     mlflow_retries: int = 3
     #: Seconds before the first retry; doubled each time.
@@ -157,8 +149,8 @@ class Settings:
     model_ready_timeout: float = 300.0
     #: MLflow's own HTTP client (a tracking server): retries of one request, their backoff factor
     #: (whole seconds; waits of 0, 2, 4, 8... times it) and the timeout of one request, in
-    #: seconds. Exported to MLflow's ``MLFLOW_HTTP_REQUEST_*`` variables by
-    #: :func:`wbc_tasks.registry.tracking.configure_mlflow`; ``mlflow_retries`` retry on top of them.
+    #: seconds. Exported to MLflow's ``MLFLOW_HTTP_REQUEST_*`` variables when the client is set
+    #: up; ``mlflow_retries`` retry on top of them.
     mlflow_http_retries: int = 5
     mlflow_http_backoff: int = 1
     mlflow_http_timeout: int = 60
@@ -181,10 +173,10 @@ class Settings:
     #: Predictions less confident than this are flagged ``needs_review``.
     review_threshold: float = 0.7
     #: If set, classified/rejected files are moved here (after their rows are committed).
-    archive_dir: Path | None = None
+    archive_dir: ResolvedPath | None = None
     #: MLflow experiment the nightly run summaries are logged to.
     classify_experiment: str = "wbc-classification"
-    #: Retention (wbc_tasks.ops.retention): a training run's work folder untouched for this many days
+    #: Retention (wbc_tasks.ops): a training run's work folder untouched for this many days
     #: is deleted, except the newest ``retention_keep_runs`` folders, folders of model versions
     #: holding an alias and runs whose MLflow run is still RUNNING.
     retention_days: float = 30.0
@@ -194,108 +186,58 @@ class Settings:
     #: When the wbc_maintenance DAG (retention) runs, in ``timezone``.
     maintenance_schedule: str = "30 3 * * *"
     #: Failure alerts (wbc_tasks.ops.alerts). Secrets stay out of ``repr`` and so out of logs.
-    alert_webhook_url: str | None = field(default=None, repr=False)
-    alert_email: tuple[str, ...] = ()
+    alert_webhook_url: str | None = Field(default=None, repr=False)
+    #: Addresses, comma-separated in the variable.
+    alert_email: Annotated[tuple[str, ...], NoDecode, _split(",")] = ()
     alert_callback: str | None = None
     #: Seconds each network call of an alert (webhook POST, SMTP session) may take.
     alert_timeout: float = 10.0
     smtp_host: str | None = None
     smtp_port: int = 587
     smtp_user: str | None = None
-    smtp_password: str | None = field(default=None, repr=False)
+    smtp_password: str | None = Field(default=None, repr=False)
     smtp_starttls: bool = True
     smtp_from: str = "wbc-pipeline@localhost"
     #: Privacy (wbc_tasks.core.privacy): image file names in MLflow artifacts and task logs become
     #: keyed pseudonyms. The key (HMAC) stays out of ``repr``; unset, one is generated once into
     #: ``<work_dir>/.pseudonym_key`` (mode 0600).
     pseudonymise_names: bool = False
-    pseudonym_key: str | None = field(default=None, repr=False)
+    pseudonym_key: str | None = Field(default=None, repr=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _embedded_defaults_under_home(cls, data: Any) -> Any:
+        """The embedded default keeps all state under one folder: the folders and URIs not set
+        explicitly derive from ``home``."""
+        if not isinstance(data, dict):
+            return data
+        home = _resolved(data.get("home") or default_home())
+        derived = {
+            "work_dir": home / "work",
+            "classify_dir": home / "classify-images",
+            "mlflow_tracking_uri": f"sqlite:///{home / 'mlflow' / 'mlflow.db'}",
+            "mlflow_artifact_root": home / "mlflow" / "artifacts",
+            "predictions_db_url": f"sqlite:///{home / 'predictions.db'}",
+        }
+        return {**derived, **{k: v for k, v in data.items() if v not in (None, "")}, "home": home}
 
     @classmethod
     def from_env(cls) -> "Settings":
-        """Read every ``WBC_*`` variable, falling back to the embedded defaults."""
-        home = _env_path("WBC_HOME", default_home())
-        data = os.environ.get("WBC_DATA_DIR")
-        weights = os.environ.get("WBC_VGG16_WEIGHTS")
-        archive = os.environ.get("WBC_ARCHIVE_DIR")
-        roots = tuple(
-            Path(p).expanduser().resolve()
-            for p in os.environ.get("WBC_ALLOWED_ROOTS", "").split(os.pathsep)
-            if p
-        )
-        return cls(
-            home=home,
-            data_dir=Path(data).expanduser().resolve() if data else None,
-            work_dir=_env_path("WBC_WORK_DIR", home / "work"),
-            classify_dir=_env_path("WBC_CLASSIFY_DIR", home / "classify-images"),
-            mlflow_tracking_uri=_env_str(
-                "WBC_MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow' / 'mlflow.db'}"
-            ),
-            mlflow_artifact_root=_env_path("WBC_MLFLOW_ARTIFACT_ROOT", home / "mlflow" / "artifacts"),
-            mlflow_experiment=_env_str("WBC_MLFLOW_EXPERIMENT", "wbc-training"),
-            model_name=_env_str("WBC_MODEL_NAME", "wbc-classifier"),
-            champion_alias=_env_str("WBC_CHAMPION_ALIAS", "champion"),
-            rollback_alias=_env_str("WBC_ROLLBACK_ALIAS", "previous-champion"),
-            predictions_db_url=_env_str(
-                "WBC_PREDICTIONS_DB_URL", f"sqlite:///{home / 'predictions.db'}"
-            ),
-            vgg16_weights_path=Path(weights).expanduser().resolve() if weights else None,
-            image_size=_env_int("WBC_IMAGE_SIZE", 256),
-            seed=_env_int("WBC_SEED", 42),
-            test_fraction=_env_float("WBC_TEST_FRACTION", 0.2),
-            val_fraction=_env_float("WBC_VAL_FRACTION", 0.1),
-            max_image_pixels=_env_int("WBC_MAX_IMAGE_PIXELS", 40_000_000),
-            min_image_side=_env_int("WBC_MIN_IMAGE_SIDE", 32),
-            workers=_env_int("WBC_WORKERS", 0),
-            chunk_size=_env_int("WBC_CHUNK_SIZE", 256),
-            smote_neighbour_size=_env_int("WBC_SMOTE_NEIGHBOUR_SIZE", 16),
-            allowed_roots=roots,
-            keras_home=_env_path("KERAS_HOME", Path("~/.keras").expanduser()),
-            mlflow_retries=_env_int("WBC_MLFLOW_RETRIES", 3),
-            mlflow_retry_wait=_env_float("WBC_MLFLOW_RETRY_WAIT", 1.0),
-            lock_timeout=_env_float("WBC_LOCK_TIMEOUT", 3600.0),
-            model_ready_timeout=_env_float("WBC_MODEL_READY_TIMEOUT", 300.0),
-            mlflow_http_retries=_env_int("WBC_MLFLOW_HTTP_RETRIES", 5),
-            mlflow_http_backoff=_env_int("WBC_MLFLOW_HTTP_BACKOFF", 1),
-            mlflow_http_timeout=_env_int("WBC_MLFLOW_HTTP_TIMEOUT", 60),
-            predictions_db_retries=_env_int("WBC_PREDICTIONS_DB_RETRIES", 5),
-            predictions_db_retry_wait=_env_float("WBC_PREDICTIONS_DB_RETRY_WAIT", 1.0),
-            classify_schedule=_env_str("WBC_CLASSIFY_SCHEDULE", "0 2 * * *"),
-            timezone=_env_str("WBC_TIMEZONE", "UTC"),
-            settle_minutes=_env_float("WBC_SETTLE_MINUTES", 5.0),
-            classify_chunk_size=_env_int("WBC_CLASSIFY_CHUNK_SIZE", 500),
-            max_chunks=_env_int("WBC_MAX_CHUNKS", 32),
-            classify_batch_size=_env_int("WBC_CLASSIFY_BATCH_SIZE", 32),
-            review_threshold=_env_float("WBC_REVIEW_THRESHOLD", 0.7),
-            archive_dir=Path(archive).expanduser().resolve() if archive else None,
-            classify_experiment=_env_str("WBC_CLASSIFY_EXPERIMENT", "wbc-classification"),
-            retention_days=_env_float("WBC_RETENTION_DAYS", 30.0),
-            retention_keep_runs=_env_int("WBC_RETENTION_KEEP_RUNS", 5),
-            retention_mlflow_artifacts=_env_bool("WBC_RETENTION_MLFLOW_ARTIFACTS", False),
-            maintenance_schedule=_env_str("WBC_MAINTENANCE_SCHEDULE", "30 3 * * *"),
-            alert_webhook_url=_env_optional("WBC_ALERT_WEBHOOK_URL"),
-            alert_email=tuple(
-                a.strip() for a in os.environ.get("WBC_ALERT_EMAIL", "").split(",") if a.strip()
-            ),
-            alert_callback=_env_optional("WBC_ALERT_CALLBACK"),
-            alert_timeout=_env_float("WBC_ALERT_TIMEOUT", 10.0),
-            smtp_host=_env_optional("WBC_SMTP_HOST"),
-            smtp_port=_env_int("WBC_SMTP_PORT", 587),
-            smtp_user=_env_optional("WBC_SMTP_USER"),
-            smtp_password=_env_optional("WBC_SMTP_PASSWORD"),
-            smtp_starttls=_env_bool("WBC_SMTP_STARTTLS", True),
-            smtp_from=_env_str("WBC_SMTP_FROM", "wbc-pipeline@localhost"),
-            pseudonymise_names=_env_bool("WBC_PSEUDONYMISE_NAMES", False),
-            pseudonym_key=_env_optional("WBC_PSEUDONYM_KEY"),
-        )
+        """Read every ``WBC_*`` variable; a malformed one raises :class:`SettingsError` naming it."""
+        try:
+            return cls()
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"setting {env_variable(str(e['loc'][0]))}={e.get('input')!r}: {e['msg']}" for e in exc.errors()
+            )
+            raise SettingsError(problems) from None
 
     def with_overrides(self, **changes: object) -> "Settings":
         """A copy with some fields replaced (tests and the CLI use this)."""
-        known = {f.name for f in fields(self)}
-        unknown = set(changes) - known
+        unknown = set(changes) - set(type(self).model_fields)
         if unknown:
             raise TypeError(f"unknown settings: {sorted(unknown)}")
-        return replace(self, **changes)  # type: ignore[arg-type]
+        return self.model_copy(update=changes)
 
     def worker_count(self) -> int:
         """Processes to use for CPU-bound image work."""
@@ -311,6 +253,15 @@ class Settings:
         if self.data_dir is not None:
             roots.insert(0, self.data_dir)
         return tuple(dict.fromkeys(Path(r).expanduser().resolve() for r in roots))
+
+
+def env_variable(field_name: str) -> str:
+    """The environment variable a settings field is read from."""
+    field = Settings.model_fields[field_name] if field_name in Settings.model_fields else None
+    alias = field.validation_alias if field is not None else None
+    if isinstance(alias, AliasChoices):
+        return str(alias.choices[0])
+    return f"WBC_{field_name.upper()}"
 
 
 def get_settings() -> Settings:
