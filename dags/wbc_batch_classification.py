@@ -20,6 +20,7 @@ from airflow.sdk import ExceptionRetryPolicy, Param, RetryAction, RetryRule, dag
 from wbc_tasks.ops.alerts import alert_dag_failure, alert_task_failure  # stdlib only: cheap to parse
 from wbc_tasks.core.errors import PermanentError
 from wbc_tasks.core.settings import get_settings
+from wbc_tasks.pipelines.params import classification_param_specs
 
 # Errors retrying cannot fix (bad input, param or configuration) fail a task at once; transient
 # ones (MLflow or the database unreachable, a lost worker) keep their retries.
@@ -29,42 +30,7 @@ FAIL_AT_ONCE_ON_PERMANENT_ERRORS = ExceptionRetryPolicy(
 
 SETTINGS = get_settings()
 
-PARAMS = {
-    "drop": Param(
-        "",
-        type="string",
-        title="Drop folder",
-        description="Only this sub-folder of the classify folder (e.g. 2026-11-24); empty: all.",
-    ),
-    "model": Param(
-        SETTINGS.champion_alias,
-        type="string",
-        title="Model alias or version",
-        description="Registry alias (e.g. champion) or version number; resolved once per run.",
-    ),
-    "threshold": Param(
-        SETTINGS.review_threshold,
-        type="number",
-        minimum=0,
-        maximum=1,
-        title="Review threshold",
-        description="Predictions less confident than this are flagged needs_review.",
-    ),
-    "chunk_size": Param(
-        SETTINGS.classify_chunk_size,
-        type="integer",
-        minimum=1,
-        title="Chunk size",
-        description=f"Images per classify task (grown so a run has at most {SETTINGS.max_chunks} chunks).",
-    ),
-    "reclassify": Param(
-        False,
-        type="boolean",
-        title="Reclassify",
-        description="Classify images again with this model version even if an older version "
-        "already classified them (older rows are kept).",
-    ),
-}
+PARAMS = {name: Param(**spec) for name, spec in classification_param_specs(SETTINGS).items()}
 
 
 def _run_id_and_params() -> tuple[str, dict]:

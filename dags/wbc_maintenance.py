@@ -22,6 +22,7 @@ from airflow.sdk import ExceptionRetryPolicy, Param, RetryAction, RetryRule, dag
 from wbc_tasks.ops.alerts import alert_dag_failure, alert_task_failure  # stdlib only: cheap to parse
 from wbc_tasks.core.errors import PermanentError
 from wbc_tasks.core.settings import get_settings
+from wbc_tasks.pipelines.params import maintenance_param_specs
 
 # Errors retrying cannot fix (bad input, param or configuration) fail a task at once; transient
 # ones (MLflow or the database unreachable, a lost worker) keep their retries.
@@ -31,21 +32,7 @@ FAIL_AT_ONCE_ON_PERMANENT_ERRORS = ExceptionRetryPolicy(
 
 SETTINGS = get_settings()
 
-PARAMS = {
-    "dry_run": Param(
-        False,
-        type="boolean",
-        title="Dry run",
-        description="Only report what would be deleted (the task log and its return value).",
-    ),
-    "mlflow_artifacts": Param(
-        SETTINGS.retention_mlflow_artifacts,
-        type="boolean",
-        title="Delete MLflow artifacts",
-        description="Also delete the MLflow artifacts of old training runs that never registered "
-        "a model version (their params and metrics stay).",
-    ),
-}
+PARAMS = {name: Param(**spec) for name, spec in maintenance_param_specs(SETTINGS).items()}
 
 
 @dag(

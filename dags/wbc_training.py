@@ -16,7 +16,7 @@ from airflow.sdk import ExceptionRetryPolicy, Param, RetryAction, RetryRule, cha
 
 from wbc_tasks.ops.alerts import alert_dag_failure, alert_task_failure  # stdlib only: cheap to parse
 from wbc_tasks.core.errors import PermanentError
-from wbc_tasks.training.params import TRAINING_PARAM_SPECS
+from wbc_tasks.pipelines.params import training_param_specs
 
 # Errors retrying cannot fix (bad input, param or configuration) fail a task at once; transient
 # ones (MLflow or the database unreachable, a lost worker) keep their retries.
@@ -33,19 +33,12 @@ DEFAULT_ARGS = {
 }
 
 
-def _form() -> dict[str, Param]:
-    return {
-        name: Param(spec["default"], **{k: v for k, v in spec.items() if k != "default"})
-        for name, spec in TRAINING_PARAM_SPECS.items()
-    }
+PARAMS = {name: Param(**spec) for name, spec in training_param_specs().items()}
 
 
-def _run(step: str) -> dict:
-    """Call ``wbc_tasks.pipelines.training.<step>`` for this DAG run (imported here: heavy modules stay out of parsing)."""
-    from wbc_tasks.pipelines import training as steps
-
+def _run_id_and_params() -> tuple[str, dict]:
     context = get_current_context()
-    return getattr(steps, step)(context["run_id"], dict(context["params"]))
+    return context["run_id"], dict(context["params"])
 
 
 def _on_failure(context) -> None:
@@ -60,7 +53,7 @@ def _on_failure(context) -> None:
     schedule=None,
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
-    params=_form(),
+    params=PARAMS,
     default_args=DEFAULT_ARGS,
     tags=["wbc", "training"],
     doc_md=__doc__,
@@ -68,37 +61,54 @@ def _on_failure(context) -> None:
     on_failure_callback=[alert_dag_failure, _on_failure],
 )
 def wbc_training() -> None:
+    # Each task imports its step when it runs: TensorFlow and MLflow stay out of DAG parsing.
     @task
     def split() -> dict:
-        return _run("split_step")
+        from wbc_tasks.pipelines.training import split_step
+
+        return split_step(*_run_id_and_params())
 
     @task
     def preprocess() -> dict:
-        return _run("preprocess_step")
+        from wbc_tasks.pipelines.training import preprocess_step
+
+        return preprocess_step(*_run_id_and_params())
 
     @task
     def augment() -> dict:
-        return _run("augment_step")
+        from wbc_tasks.pipelines.training import augment_step
+
+        return augment_step(*_run_id_and_params())
 
     @task
     def balance() -> dict:
-        return _run("balance_step")
+        from wbc_tasks.pipelines.training import balance_step
+
+        return balance_step(*_run_id_and_params())
 
     @task(queue="gpu", retry_delay=timedelta(seconds=10))
     def train_model() -> dict:
-        return _run("train_step")
+        from wbc_tasks.pipelines.training import train_step
+
+        return train_step(*_run_id_and_params())
 
     @task
     def evaluate() -> dict:
-        return _run("evaluate_step")
+        from wbc_tasks.pipelines.training import evaluate_step
+
+        return evaluate_step(*_run_id_and_params())
 
     @task
     def register() -> dict:
-        return _run("register_step")
+        from wbc_tasks.pipelines.training import register_step
+
+        return register_step(*_run_id_and_params())
 
     @task
     def promote() -> dict:
-        return _run("promote_step")
+        from wbc_tasks.pipelines.training import promote_step
+
+        return promote_step(*_run_id_and_params())
 
     chain(split(), preprocess(), augment(), balance(), train_model(), evaluate(), register(), promote())
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
+from jsonschema import Draft202012Validator
+
 from wbc_tasks.core.errors import PermanentError
 
 
@@ -213,50 +215,37 @@ class TrainingParams:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-def _check(name: str, value: Any, spec: dict[str, Any]) -> Any:
-    types = spec["type"] if isinstance(spec["type"], list) else [spec["type"]]
-    if value is None:
-        if "null" in types:
-            return None
-        raise ParamError(f"param {name}: a value is required")
-    if "boolean" in types:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return value.lower() == "true"
-        raise ParamError(f"param {name}: expected true or false, got {value!r}")
-    if "integer" in types:
-        if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).lstrip("-").isdigit():
-            raise ParamError(f"param {name}: expected an integer, got {value!r}")
-        value = int(value)
-    elif "number" in types:
-        try:
-            value = float(value)
-        except (TypeError, ValueError) as exc:
-            raise ParamError(f"param {name}: expected a number, got {value!r}") from exc
-    elif "string" in types:
-        value = str(value)
-        if value == "" and "null" in types:
-            return None
-    if "enum" in spec and value not in spec["enum"]:
-        raise ParamError(f"param {name}: {value!r} is not one of {spec['enum']}")
-    if "minimum" in spec and value < spec["minimum"]:
-        raise ParamError(f"param {name}: {value} is below the minimum {spec['minimum']}")
-    if "exclusiveMinimum" in spec and value <= spec["exclusiveMinimum"]:
-        raise ParamError(f"param {name}: {value} must be greater than {spec['exclusiveMinimum']}")
-    if "maximum" in spec and value > spec["maximum"]:
-        raise ParamError(f"param {name}: {value} is above the maximum {spec['maximum']}")
-    return value
+def _schema() -> dict[str, Any]:
+    """The table as one JSON schema (the same checks Airflow's ``Param`` runs on the form)."""
+    form_only = ("default", "description", "title")
+    properties = {
+        name: {k: v for k, v in spec.items() if k not in form_only} for name, spec in TRAINING_PARAM_SPECS.items()
+    }
+    return {"type": "object", "properties": properties}
 
 
 def training_params(values: dict[str, Any] | None = None) -> TrainingParams:
-    """Defaults overridden by ``values``, each checked against its spec."""
+    """Defaults overridden by ``values``, checked against the table's JSON schema (a ``ParamError``
+    names every param that fails)."""
     values = dict(values or {})
     unknown = set(values) - set(TRAINING_PARAM_SPECS)
     if unknown:
         raise ParamError(f"unknown params: {sorted(unknown)}; known: {sorted(TRAINING_PARAM_SPECS)}")
-    checked = {
-        name: _check(name, values.get(name, spec["default"]), spec)
-        for name, spec in TRAINING_PARAM_SPECS.items()
+    merged = {name: values.get(name, spec["default"]) for name, spec in TRAINING_PARAM_SPECS.items()}
+    # The trigger form sends an emptied optional text field as "": that means unset.
+    merged = {
+        name: None if value == "" and "null" in TRAINING_PARAM_SPECS[name]["type"] else value
+        for name, value in merged.items()
     }
-    return TrainingParams(**checked)
+    problems = [
+        f"param {'.'.join(map(str, error.path)) or '?'}: {error.message}"
+        for error in sorted(Draft202012Validator(_schema()).iter_errors(merged), key=lambda e: list(e.path))
+    ]
+    if problems:
+        raise ParamError("; ".join(problems))
+    # JSON schema's "integer" also admits 3.0, its "number" 3: store each as its Python type.
+    typed = {
+        name: int(value) if spec["type"] == "integer" else float(value) if spec["type"] == "number" else value
+        for (name, spec), value in zip(TRAINING_PARAM_SPECS.items(), merged.values())
+    }
+    return TrainingParams(**typed)

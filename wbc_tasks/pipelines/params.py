@@ -1,0 +1,77 @@
+"""The params of each DAG's trigger form, declared one way: a table of JSON-schema fragments
+(``default``, ``type``, bounds, ``title``, ``description``), exactly the keyword arguments of
+Airflow's ``Param``. The DAG files turn each table into ``Param`` objects; the CLI and tests
+validate against the same tables. Light to import: the scheduler parses the DAG files often."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from wbc_tasks.core.settings import Settings
+from wbc_tasks.training.params import TRAINING_PARAM_SPECS
+
+ParamSpecs = dict[str, dict[str, Any]]
+
+
+def training_param_specs() -> ParamSpecs:
+    """The ``wbc_training`` form: every training param (see :mod:`wbc_tasks.training.params`)."""
+    return TRAINING_PARAM_SPECS
+
+
+def classification_param_specs(settings: Settings) -> ParamSpecs:
+    """The ``wbc_batch_classification`` form; defaults come from the settings."""
+    return {
+        "drop": {
+            "default": "",
+            "type": "string",
+            "title": "Drop folder",
+            "description": "Only this sub-folder of the classify folder (e.g. 2026-11-24); empty: all.",
+        },
+        "model": {
+            "default": settings.champion_alias,
+            "type": "string",
+            "title": "Model alias or version",
+            "description": "Registry alias (e.g. champion) or version number; resolved once per run.",
+        },
+        "threshold": {
+            "default": settings.review_threshold,
+            "type": "number",
+            "minimum": 0,
+            "maximum": 1,
+            "title": "Review threshold",
+            "description": "Predictions less confident than this are flagged needs_review.",
+        },
+        "chunk_size": {
+            "default": settings.classify_chunk_size,
+            "type": "integer",
+            "minimum": 1,
+            "title": "Chunk size",
+            "description": f"Images per classify task (grown so a run has at most {settings.max_chunks} chunks).",
+        },
+        "reclassify": {
+            "default": False,
+            "type": "boolean",
+            "title": "Reclassify",
+            "description": "Classify images again with this model version even if an older version "
+            "already classified them (older rows are kept).",
+        },
+    }
+
+
+def maintenance_param_specs(settings: Settings) -> ParamSpecs:
+    """The ``wbc_maintenance`` form; defaults come from the settings."""
+    return {
+        "dry_run": {
+            "default": False,
+            "type": "boolean",
+            "title": "Dry run",
+            "description": "Only report what would be deleted (the task log and its return value).",
+        },
+        "mlflow_artifacts": {
+            "default": settings.retention_mlflow_artifacts,
+            "type": "boolean",
+            "title": "Delete MLflow artifacts",
+            "description": "Also delete the MLflow artifacts of old training runs that never registered "
+            "a model version (their params and metrics stay).",
+        },
+    }
