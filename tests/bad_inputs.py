@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 
 #: Side of the generated images: above the default minimum side (32), small enough to be fast.
@@ -117,7 +116,7 @@ def _truncated_jpeg(path: Path, scratch: Path, seed: int) -> None:
 
 
 def _tiff16_rgb(path: Path, scratch: Path, seed: int) -> None:
-    tifffile = pytest.importorskip("tifffile")  # scikit-image's dependency; Pillow cannot write it
+    import tifffile  # scikit-image's dependency; Pillow cannot write it
     rng = np.random.default_rng(seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     tifffile.imwrite(path, rng.integers(0, 65536, (SIDE, SIDE, 3), dtype=np.uint16), photometric="rgb")

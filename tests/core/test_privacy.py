@@ -13,7 +13,13 @@ import pandas as pd
 import pytest
 
 from tests.conftest import write_image
+from wbc_tasks.core.privacy import pseudonymiser
 from wbc_tasks.core.settings import get_settings
+
+
+def pseudonymise_path(path, settings) -> str:
+    """The pseudonym the pipeline writes for ``path`` under ``settings``."""
+    return pseudonymiser(settings).path(path)
 
 #: What a lab's file names carry; must never reach MLflow or a log line with the option on.
 PATIENT = "PATIENT-12345"
@@ -104,7 +110,7 @@ def _log_text(caplog) -> str:
 
 def test_with_the_option_on_no_patient_name_reaches_mlflow_or_the_logs(env, labelled, tmp_path, caplog):
     from wbc_tasks.pipelines import training as steps
-    from wbc_tasks.core.privacy import KEY_FILE, pseudonymise_path
+    from wbc_tasks.core.privacy import KEY_FILE
 
     env.setenv("WBC_PSEUDONYMISE_NAMES", "true")
     caplog.set_level(logging.INFO)
@@ -171,7 +177,7 @@ def test_with_the_option_off_names_are_logged_as_they_are(env, tmp_path, caplog)
 
 
 def test_pseudonyms_are_stable_keyed_and_keep_class_and_extension(settings, tmp_path):
-    from wbc_tasks.core.privacy import Pseudonymiser, pseudonymise_path
+    from wbc_tasks.core.privacy import Pseudonymiser
 
     on = settings.with_overrides(pseudonymise_names=True, pseudonym_key="k" * 32, data_dir=tmp_path / "WBC")
     name = f"blasts/2024/{PATIENT}_cell.JPG"
@@ -188,7 +194,7 @@ def test_pseudonyms_are_stable_keyed_and_keep_class_and_extension(settings, tmp_
 
 
 def test_a_missing_key_is_generated_once_and_a_short_one_refused(settings):
-    from wbc_tasks.core.privacy import KEY_FILE, pseudonymise_path
+    from wbc_tasks.core.privacy import KEY_FILE
 
     on = settings.with_overrides(pseudonymise_names=True)
     first = pseudonymise_path("blasts/a.jpg", on)
@@ -200,7 +206,7 @@ def test_a_missing_key_is_generated_once_and_a_short_one_refused(settings):
 
 
 def test_copies_of_csv_and_json_pseudonymise_path_fields_and_paths_in_text(settings, tmp_path):
-    from wbc_tasks.core.privacy import pseudonymise_path, write_pseudonymised_copy
+    
 
     on = settings.with_overrides(pseudonymise_names=True, pseudonym_key="k" * 32)
     table = tmp_path / "rejected.csv"
@@ -210,7 +216,7 @@ def test_copies_of_csv_and_json_pseudonymise_path_fields_and_paths_in_text(setti
         "reason": [f"cannot open image: [Errno 13] Permission denied: '/else/{PATIENT} x.jpg'",
                    f"unknown class folder '{PATIENT}'"],
     }).to_csv(table, index=False)
-    copy = pd.read_csv(write_pseudonymised_copy(table, tmp_path / "out" / "rejected.csv", on))
+    copy = pd.read_csv(pseudonymiser(on).write_copy(table, tmp_path / "out" / "rejected.csv"))
     assert PATIENT not in copy.to_csv()
     assert list(copy["path"]) == [pseudonymise_path(f"blasts/{PATIENT}_b.jpg", on), pseudonymise_path(f"{PATIENT}/c.jpg", on)]
     assert copy["reason"][1] == f"unknown class folder '{pseudonymise_path(PATIENT, on)}'"
@@ -218,17 +224,17 @@ def test_copies_of_csv_and_json_pseudonymise_path_fields_and_paths_in_text(setti
     doc = tmp_path / "summary.json"
     doc.write_text(json.dumps({"files": [{"path": f"d/{PATIENT}.jpg"}], "note": f"moved blasts/{PATIENT}.jpg",
                                "model_uri": "models:/wbc/3", "store": str(on.work_dir / "runs" / "x")}))
-    copied = json.loads(write_pseudonymised_copy(doc, tmp_path / "out" / "summary.json", on).read_text())
+    copied = json.loads(pseudonymiser(on).write_copy(doc, tmp_path / "out" / "summary.json").read_text())
     assert PATIENT not in json.dumps(copied)
     assert copied["files"][0]["path"] == pseudonymise_path(f"d/{PATIENT}.jpg", on)
     assert copied["model_uri"] == "models:/wbc/3" and copied["store"] == str(on.work_dir / "runs" / "x")
-    plain = write_pseudonymised_copy(doc, tmp_path / "off" / "summary.json", settings)
+    plain = pseudonymiser(settings).write_copy(doc, tmp_path / "off" / "summary.json")
     assert plain.read_text() == doc.read_text()
 
 
 def test_cli_prints_the_same_pseudonyms(settings, tmp_path, monkeypatch, capsys):
     from wbc_tasks.cli import main
-    from wbc_tasks.core.privacy import pseudonymise_path
+    
 
     data = tmp_path / "WBC"
     image = write_image(data / "blasts" / f"{PATIENT}_cell.jpg")
@@ -246,7 +252,7 @@ def test_cli_prints_the_same_pseudonyms(settings, tmp_path, monkeypatch, capsys)
 
 def test_nightly_rejections_are_logged_by_pseudonym(settings, tmp_path, caplog):
     from wbc_tasks.serving import classify
-    from wbc_tasks.core.privacy import pseudonymise_path
+    
     from wbc_tasks.registry.tracking import ModelRef
 
     on = settings.with_overrides(

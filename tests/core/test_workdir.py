@@ -1,5 +1,7 @@
 import pytest
 
+from tests.conftest import skip_unless_required
+
 from wbc_tasks.core.settings import COMPLETE_MARKER
 from wbc_tasks.core.workdir import read_marker, require_complete, run_step
 
@@ -50,11 +52,11 @@ def small_disk(tmp_path):
     folder = tmp_path / "small-disk"
     folder.mkdir()
     if os.geteuid() != 0:
-        pytest.skip("disk-full test needs root to mount a small tmpfs")
+        skip_unless_required("disk-full test needs root to mount a small tmpfs")
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(folder)],
                              capture_output=True, text=True)
     if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+        skip_unless_required(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
     try:
         yield folder
     finally:

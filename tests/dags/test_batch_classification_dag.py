@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from tests.conftest import parse_dag
+from tests.conftest import parse_dag, skip_unless_required
 
 from tests.conftest import REPO_ROOT  # noqa: E402
 DAG_ID = "wbc_batch_classification"
@@ -48,7 +48,7 @@ def test_schedule_and_timezone_come_from_settings(settings, monkeypatch):
 @pytest.mark.slow
 def test_dag_test_classifies_a_real_drop_in_mapped_chunks(airflow_db, settings, monkeypatch, tmp_path):
     if not DROP.is_dir():
-        pytest.skip(f"real images absent: {DROP} not found (../shared/data is not checked out here)")
+        skip_unless_required(f"real images absent: {DROP} not found (../shared/data is not checked out here)")
     from airflow.utils.state import DagRunState, TaskInstanceState
 
     from tests.serving.test_classify import register_tiny_model

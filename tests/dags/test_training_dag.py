@@ -11,11 +11,12 @@ import sys
 
 import pytest
 
-from tests.conftest import free_port, parse_dag, write_image
+from airflow.sdk.definitions.param import ParamValidationError
+
+from tests.conftest import REPO_ROOT, free_port, parse_dag, write_image
 
 from wbc_tasks.training.params import TRAINING_PARAM_SPECS
 
-from tests.conftest import REPO_ROOT  # noqa: E402
 ORDER = ["split", "preprocess", "augment", "balance", "train_model", "evaluate", "register", "promote"]
 HEAVY = {"tensorflow", "keras", "mlflow", "pandas", "sqlalchemy", "numpy", "PIL", "sklearn", "imblearn", "alembic", "filelock"}
 
@@ -45,7 +46,7 @@ def test_trigger_form_has_every_param_described_and_validated():
         param = form.get_param(name)
         assert param.description == spec["description"]
         assert param.schema["type"] == spec["type"]
-    with pytest.raises(Exception):
+    with pytest.raises(ParamValidationError, match="minimum"):
         form.get_param("image_size").resolve(8)  # below the minimum: the form refuses it
 
 

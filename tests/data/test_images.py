@@ -1,7 +1,6 @@
 import io
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -122,12 +121,10 @@ def test_declared_huge_dimensions_rejected_from_the_header(tmp_path, monkeypatch
         raise AssertionError("the pixels were decoded")
 
     monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
-    started = time.perf_counter()
     for check in (lambda: load_image(path, 32, max_pixels=LIMIT), lambda: inspect_image(path, max_pixels=LIMIT)):
         with pytest.raises(ImageError, match="too large") as info:
             check()
         assert info.value.path == str(path)
-    assert time.perf_counter() - started < 1.0
 
 
 def test_declared_huge_dimensions_cost_no_memory(tmp_path):

@@ -276,10 +276,15 @@ def test_metrics_logged_while_the_server_is_unreachable_arrive_once(mlflow_setti
     _, gate = server
     run_id = open_tracking_run(mlflow_settings, "manual__outage-log", {"image_size": 32})
     gate.close()
-    threading.Timer(1.5, gate.open).start()
-    started = time.monotonic()
+    reopened = threading.Event()
+
+    def reopen() -> None:
+        reopened.set()  # before opening: a call that got through necessarily sees it set
+        gate.open()
+
+    threading.Timer(1.5, reopen).start()
     log_metrics(mlflow_settings, "manual__outage-log", {"loss": 0.5, "per_class": {"blasts": 0.9}}, step=1)
-    assert time.monotonic() - started >= 1.0, "the call did not wait for the server"
+    assert reopened.is_set(), "the call returned before the server was reachable again"
     client = _client(mlflow_settings)
     assert [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")] == [(1, 0.5)]
     assert len(client.get_metric_history(run_id, "per_class_blasts")) == 1
@@ -435,13 +440,11 @@ def test_server_dead_past_the_retries_fails_clearly_and_leaves_the_champion(mlfl
         mlflow_server.kill()
         return _metrics(0.7)
 
-    started = time.monotonic()
     with pytest.raises(MlflowUnavailableError) as failed:
         promote_if_better(s, v2, _metrics(0.9), champion_metrics, **FLOORS)
     message = str(failed.value)
     assert f"MLflow at {gate.url} is unreachable" in message and "3 times" in message
     assert "WBC_MLFLOW_RETRIES" in message and "retried safely" in message
-    assert time.monotonic() - started < 30
 
     registry = MlflowClient(tracking_uri=mlflow_server.backend_uri, registry_uri=mlflow_server.backend_uri)
     aliases = registry.get_registered_model(s.model_name).aliases

@@ -17,7 +17,7 @@ import pytest
 
 from wbc_tasks.core.settings import CLASS_NAMES, COMPLETE_MARKER, get_settings
 
-from tests.conftest import REPO_ROOT  # noqa: E402
+from tests.conftest import REPO_ROOT, skip_unless_required
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 
@@ -359,7 +359,7 @@ def test_source_counts_from_real_sources_file():
 
     sources_file = SHARED_DATA / "wbc-seed-shaped" / "SOURCES.csv"
     if not sources_file.is_file():
-        pytest.skip(f"real images absent: {sources_file} not found (../shared/data is not checked out here)")
+        skip_unless_required(f"real images absent: {sources_file} not found (../shared/data is not checked out here)")
     table = pd.read_csv(sources_file, dtype=str)
     manifest = table.rename(columns={"file": "path"})[["path", "class", "sha256"]]
     counts = source_counts(manifest, sources_file.parent / "WBC")

@@ -26,7 +26,7 @@ from wbc_tasks.core.settings import CLASS_NAMES, get_settings
 from wbc_tasks.data.images import DISAPPEARED
 from wbc_tasks.registry.tracking import ModelRef, NoModelError
 
-from tests.conftest import REPO_ROOT  # noqa: E402
+from tests.conftest import REPO_ROOT, skip_unless_required
 DROPS = REPO_ROOT.parent / "shared" / "data" / "wbc-bench" / "classify-images"
 V2_CLASSES = (*CLASS_NAMES, "smudge")  # a later model with another class list
 THRESHOLD = 0.65  # near the median confidence of the tiny seed-1 model on these images
@@ -35,7 +35,7 @@ THRESHOLD = 0.65  # near the median confidence of the tiny seed-1 model on these
 def drop_source(name: str) -> Path:
     path = DROPS / name
     if not path.is_dir():
-        pytest.skip(f"real images absent: {path} not found (../shared/data is not checked out here)")
+        skip_unless_required(f"real images absent: {path} not found (../shared/data is not checked out here)")
     return path
 
 

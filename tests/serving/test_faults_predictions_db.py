@@ -25,7 +25,7 @@ import pytest
 from sqlalchemy import create_engine, event, func, select, text
 from sqlalchemy.engine import Engine
 
-from tests.conftest import write_image, free_port
+from tests.conftest import free_port, skip_unless_required, write_image
 from wbc_tasks.serving import classify
 from wbc_tasks.serving import predictions as db
 from wbc_tasks.core.settings import CLASS_NAMES
@@ -87,7 +87,7 @@ def pg_cluster():
     """One throwaway cluster per module (initdb takes a few seconds); skips without PostgreSQL."""
     bindir = _pg_bindir()
     if bindir is None:
-        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found; set WBC_TEST_PG_BINDIR")
+        skip_unless_required("PostgreSQL server binaries (initdb, pg_ctl) not found; set WBC_TEST_PG_BINDIR")
     # Not under pytest's tmp folder: the server's user must be able to reach its data folder.
     root = Path(tempfile.mkdtemp(prefix="wbc-test-pg-"))
     as_user: list[str] = []
@@ -96,10 +96,10 @@ def pg_cluster():
             account = pwd.getpwnam("postgres")
         except KeyError:
             shutil.rmtree(root)
-            pytest.skip("running as root and there is no `postgres` user to run a PostgreSQL cluster as")
+            skip_unless_required("running as root and there is no `postgres` user to run a PostgreSQL cluster as")
         if shutil.which("runuser") is None:
             shutil.rmtree(root)
-            pytest.skip("running as root without `runuser` to start PostgreSQL as the `postgres` user")
+            skip_unless_required("running as root without `runuser` to start PostgreSQL as the `postgres` user")
         os.chown(root, account.pw_uid, account.pw_gid)
         as_user = ["runuser", "-u", "postgres", "--"]
     cluster = PgCluster(bindir, root, as_user)

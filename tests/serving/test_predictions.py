@@ -22,6 +22,8 @@ from sqlalchemy.exc import OperationalError
 from wbc_tasks.serving import predictions as db
 from wbc_tasks.core.settings import CLASS_NAMES
 
+from tests.conftest import skip_unless_required
+
 #: Maintenance database of the local PostgreSQL (trust auth); throwaway databases are made there.
 POSTGRES_ADMIN_URL = os.environ.get(
     "WBC_TEST_POSTGRES_URL", "postgresql+psycopg2://postgres@localhost:5432/postgres"
@@ -41,7 +43,7 @@ def throwaway_database(kind: str, folder: Path):
         connection = admin.connect()
     except OperationalError as exc:
         admin.dispose()
-        pytest.skip(f"PostgreSQL is not reachable at {POSTGRES_ADMIN_URL}: {exc.orig}")
+        skip_unless_required(f"PostgreSQL is not reachable at {POSTGRES_ADMIN_URL}: {exc.orig}")
     name = f"wbc_test_{uuid.uuid4().hex[:12]}"
     connection.execute(text(f'CREATE DATABASE "{name}"'))
     try:

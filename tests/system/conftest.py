@@ -21,6 +21,8 @@ from typing import Any, Iterator
 
 import pytest
 
+from tests.conftest import skip_unless_required
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STACK_DIR = REPO_ROOT / "stack"
 #: Start-up includes migrating two fresh databases on a 2-core machine (~1-2 min measured).
@@ -118,7 +120,7 @@ def native_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NativeSta
     """Start the native stack for the session; stop it and drop its databases afterwards."""
     reason = _services_reachable()
     if reason:
-        pytest.skip(f"native stack needs PostgreSQL and Redis on localhost: {reason}")
+        skip_unless_required(f"native stack needs PostgreSQL and Redis on localhost: {reason}")
     prefix = f"wbct_{secrets.token_hex(4)}"
     root = tmp_path_factory.mktemp("native-stack")
     state_dir = root / "state"

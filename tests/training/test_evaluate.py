@@ -65,9 +65,9 @@ def test_bad_inputs_are_refused():
 @pytest.fixture(scope="module")
 def evaluation(tmp_path_factory):
     """An (untrained, but deterministic) model evaluated on 27 generated test images with groups."""
-    keras = pytest.importorskip("keras")
+    import keras
     from wbc_tasks.core.settings import get_settings
-    from wbc_tasks.data.demo import build_demo_stores
+    from tests.demo_stores import build_demo_stores
     from wbc_tasks.training.model import build_model
 
     root = tmp_path_factory.mktemp("evaluate")

@@ -6,7 +6,7 @@ import h5py
 import numpy as np
 import pytest
 
-keras = pytest.importorskip("keras")
+import keras
 
 from wbc_tasks.core.settings import CLASS_NAMES
 from wbc_tasks.training.model import (

@@ -9,10 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-keras = pytest.importorskip("keras")
+import keras
 
 from wbc_tasks.core.settings import CLASS_NAMES
-from wbc_tasks.data.demo import build_demo_stores
+from tests.demo_stores import build_demo_stores
 from wbc_tasks.training.params import training_params
 from wbc_tasks.data.store import create_store, finish_store, open_store
 from wbc_tasks.training.checkpoints import CHECKPOINT_STATE_FILE

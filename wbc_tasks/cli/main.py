@@ -6,7 +6,7 @@
     wbc classify PATH...                                            classify a few images now
     wbc promote VERSION --why TEXT / wbc rollback --why TEXT        move the champion by hand
     wbc airflow-ui / wbc mlflow-ui                                  open the UIs on the same state
-    wbc demo-data [--per-class N]                                   write the generated demo set
+    wbc demo-data [--per-class N] | --drop NAME [--count N]         write generated demo images
     wbc cleanup [--dry-run] [--mlflow-artifacts]                    delete old run work folders
     wbc pseudonym [--root DIR] PATH...                              the pseudonyms of your files
 """
@@ -154,8 +154,16 @@ def cmd_cleanup(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_demo_data(args: argparse.Namespace, settings: Settings) -> int:
-    from wbc_tasks.data.demo import generate_demo_dataset
+    from wbc_tasks.data.demo import generate_demo_dataset, generate_demo_drop
 
+    if args.drop:
+        # Unlabelled images for the nightly run, for a lab without images of its own yet.
+        if Path(args.drop).name != args.drop or args.drop in (".", ".."):
+            raise SystemExit(f"--drop {args.drop!r}: give a folder name (e.g. 2026-12-02), not a path")
+        drop = settings.classify_dir / args.drop
+        paths = generate_demo_drop(drop, args.count, args.seed)
+        print(json.dumps({"drop": str(drop), "images": len(paths)}, indent=2))
+        return 0
     out = Path(args.out) if args.out else settings.home / "demo-data" / "WBC"
     summary = generate_demo_dataset(out, per_class=args.per_class, seed=args.seed)
     print(json.dumps(summary, indent=2, default=str))
@@ -241,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out")
     demo.add_argument("--per-class", type=int, default=40)
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--drop", metavar="NAME", help="instead: an unlabelled drop NAME in the classify folder")
+    demo.add_argument("--count", type=int, default=50, help="images in the --drop (default 50)")
     demo.set_defaults(func=cmd_demo_data)
 
     cleanup = sub.add_parser(

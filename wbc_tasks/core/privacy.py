@@ -79,10 +79,6 @@ class Pseudonymiser:
     def enabled(self) -> bool:
         return self.key is not None
 
-    def with_roots(self, *roots: Path | str) -> "Pseudonymiser":
-        """The same key, with ``roots`` tried first when making absolute paths relative."""
-        return Pseudonymiser(self.key, roots=(*roots, *self.roots), keep=self.keep)
-
     # ---------------------------------------------------------------- one path
 
     def path(self, path: str | os.PathLike[str]) -> str:
@@ -331,18 +327,3 @@ def pseudonymiser(settings: Settings, *roots: Path | str) -> Pseudonymiser:
         roots=[Path(r) for r in (*roots, *configured) if r is not None],
         keep=[settings.work_dir],
     )
-
-
-def pseudonymise_path(path: str | os.PathLike[str], settings: Settings) -> str:
-    """The pseudonym of one path (the path itself when the option is off)."""
-    return pseudonymiser(settings).path(path)
-
-
-def pseudonymise_text(text: str, settings: Settings, known: Iterable[str] = ()) -> str:
-    """``text`` with the paths in it pseudonymised (unchanged when the option is off)."""
-    return pseudonymiser(settings).text(text, known)
-
-
-def write_pseudonymised_copy(source: Path, target: Path, settings: Settings, known: Iterable[str] = ()) -> Path:
-    """A pseudonymised copy of a CSV or JSON file with path columns/fields (a plain copy when off)."""
-    return pseudonymiser(settings).write_copy(source, target, known)

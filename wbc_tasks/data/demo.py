@@ -10,7 +10,6 @@ writes the same files, and growing ``per_class`` adds images without changing ea
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import math
@@ -18,7 +17,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter
 
 from wbc_tasks.core.settings import CLASS_NAMES
@@ -232,50 +230,3 @@ def generate_demo_drop(out_dir: Path, n: int, seed: int, *, size: int = 96) -> l
         paths.append(path)
     log.info("demo drop in %s: %d images", out_dir, n)
     return paths
-
-
-def build_demo_stores(
-    out_dir: Path, *, splits: dict[str, int], size: int, render_size: int = 96, seed: int = 0
-) -> dict[str, Path]:
-    """Generate demo images and build one memory-mapped store per split (for tests and benches).
-
-    ``splits`` maps split name -> images per class, e.g. ``{"train": 30, "val": 5, "test": 10}``;
-    the images are ``out_dir/images/<class>/<n>.png`` (consecutive ``n`` per split) and are
-    decoded with the project's image loader, as the preprocess step would.
-    """
-    from wbc_tasks.data.images import load_image
-    from wbc_tasks.data.store import create_store, finish_store
-
-    image_dir = Path(out_dir) / "images"
-    generate_demo_dataset(image_dir, per_class=sum(splits.values()), size=render_size, seed=seed)
-    stores: dict[str, Path] = {}
-    first = 0
-    for split, per_class in splits.items():
-        rows = [
-            (name, image_dir / name / f"{n}.png")
-            for name in CLASS_NAMES
-            for n in range(first, first + per_class)
-        ]
-        first += per_class
-        store_dir = Path(out_dir) / split
-        images = create_store(store_dir, len(rows), size)
-        records = []
-        for i, (name, path) in enumerate(rows):
-            images[i] = load_image(path, size, max_pixels=render_size * render_size, min_side=8)
-            digest = hashlib.sha256(path.read_bytes()).hexdigest()
-            records.append(
-                {
-                    "path": str(path.relative_to(image_dir)),
-                    "class": name,
-                    "sha256": digest,
-                    "split": split,
-                    "width": render_size,
-                    "height": render_size,
-                    "origin": "original",
-                    "parents": digest,
-                }
-            )
-        labels = np.array([CLASS_NAMES.index(name) for name, _ in rows], dtype=np.int16)
-        finish_store(store_dir, images, labels, pd.DataFrame(records))
-        stores[split] = store_dir
-    return stores
