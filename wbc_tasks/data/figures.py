@@ -1,4 +1,5 @@
-"""Figures of the data stages: class counts per stage and sample grids of generated images.
+"""Figures: the one way we make and save one, and the data stages' plots (class counts per
+stage, sample grids of generated images).
 
 Drawn on matplotlib's Agg canvas directly (``Figure`` + ``FigureCanvasAgg``), never through
 ``pyplot``: no global backend state, no display needed, safe in worker processes.
@@ -13,16 +14,18 @@ import numpy as np
 from wbc_tasks.core.settings import CLASS_NAMES
 
 
-def _new_figure(width: float, height: float):  # -> matplotlib.figure.Figure
+def new_figure(width: float, height: float, dpi: int = 100):  # -> matplotlib.figure.Figure
+    """A figure on its own Agg canvas (inches; constrained layout), for every plot we draw."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    figure = Figure(figsize=(width, height), dpi=dpi, layout="constrained")
     FigureCanvasAgg(figure)
     return figure
 
 
-def _save(figure, path: Path) -> Path:
+def save_figure(figure, path: Path) -> Path:
+    """Write ``figure`` to ``path`` whole or not at all (a temporary file, then a rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
     figure.savefig(tmp)
@@ -39,7 +42,7 @@ def save_class_counts_plot(counts_by_stage: dict[str, dict[str, int]], path: Pat
     present = [c for c in CLASS_NAMES if any(counts_by_stage[s].get(c, 0) for s in stages)]
     extra = sorted({c for s in stages for c in counts_by_stage[s]} - set(CLASS_NAMES))
     classes = present + extra
-    figure = _new_figure(max(6.0, 0.9 * len(classes) + 2.0), 4.5)
+    figure = new_figure(max(6.0, 0.9 * len(classes) + 2.0), 4.5)
     axes = figure.add_subplot()
     width = 0.8 / max(1, len(stages))
     x = np.arange(len(classes))
@@ -53,7 +56,7 @@ def save_class_counts_plot(counts_by_stage: dict[str, dict[str, int]], path: Pat
     top = max((v for s in stages for v in counts_by_stage[s].values()), default=1)
     axes.set_ylim(0, top * 1.2 + 1)
     axes.legend(ncol=len(stages), loc="upper center", frameon=False)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def save_sample_grid(store_path: Path, path: Path, *, origin: str, per_class: int, seed: int) -> Path:
@@ -75,9 +78,9 @@ def save_sample_grid(store_path: Path, path: Path, *, origin: str, per_class: in
             chosen = np.sort(rng.choice(rows, size=min(per_class, len(rows)), replace=False))
             rows_by_class.append((name, chosen))
     if not rows_by_class:
-        figure = _new_figure(6.0, 1.5)
+        figure = new_figure(6.0, 1.5)
         figure.text(0.5, 0.5, f"no {origin} images in {store_path.name}", ha="center", va="center")
-        return _save(figure, path)
+        return save_figure(figure, path)
     # One mosaic and one imshow: a subplot per tile takes seconds at a few dozen tiles.
     columns = max(len(rows) for _, rows in rows_by_class)
     side = store.image_size
@@ -86,7 +89,7 @@ def save_sample_grid(store_path: Path, path: Path, *, origin: str, per_class: in
     row_height = top + side + 2
     mosaic = np.full((len(rows_by_class) * row_height, columns * cell, 3), 255, dtype=np.uint8)
     gap = store.records["gap"].astype(str).to_numpy() if "gap" in store.records else None
-    figure = _new_figure(1.2 * columns + 1.6, 1.2 * len(rows_by_class) + 0.6)
+    figure = new_figure(1.2 * columns + 1.6, 1.2 * len(rows_by_class) + 0.6)
     axes = figure.add_subplot()
     for r, (_, rows) in enumerate(rows_by_class):
         for c, row in enumerate(rows):
@@ -100,4 +103,4 @@ def save_sample_grid(store_path: Path, path: Path, *, origin: str, per_class: in
     )
     axes.set_xticks([])
     axes.set_title(f"{origin} samples ({store_path.name})", fontsize=9)
-    return _save(figure, path)
+    return save_figure(figure, path)

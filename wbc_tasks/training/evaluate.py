@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from wbc_tasks.data.figures import new_figure, save_figure
 from wbc_tasks.data.store import ImageStore, open_store, release_pages
 from wbc_tasks.core.workdir import write_json_atomic
 
@@ -123,31 +124,24 @@ def _true_labels(store: ImageStore, class_names: tuple[str, ...]) -> np.ndarray:
     return np.array([index[c] for c in store.records["class"]], dtype=np.int64)
 
 
-def _figure(width: float, height: float):
-    # Figure objects, not pyplot: no global state, safe in worker threads, renders with Agg.
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, height), layout="constrained")
-
-
 def _plot_confusion(matrix: np.ndarray, class_names: list[str], path: Path, *, title: str, fmt: str) -> None:
     from sklearn.metrics import ConfusionMatrixDisplay
 
     size = 1.0 + 0.75 * len(class_names)
-    fig = _figure(size + 1.5, size)
+    fig = new_figure(size + 1.5, size, dpi=110)
     ax = fig.subplots()
     ConfusionMatrixDisplay(matrix, display_labels=class_names).plot(
         ax=ax, cmap="Blues", xticks_rotation=45, values_format=fmt, colorbar=True
     )
     ax.set_title(title)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 def _plot_gallery(store: ImageStore, rows: pd.DataFrame, path: Path, class_names: tuple[str, ...]) -> None:
     shown = rows.head(GALLERY_LIMIT)
     columns = 6
     n_rows = max(1, int(np.ceil(len(shown) / columns)))
-    fig = _figure(2.0 * columns, 2.3 * n_rows)
+    fig = new_figure(2.0 * columns, 2.3 * n_rows)
     axes = np.atleast_1d(fig.subplots(n_rows, columns)).ravel()
     for ax in axes:
         ax.axis("off")
@@ -159,7 +153,7 @@ def _plot_gallery(store: ImageStore, rows: pd.DataFrame, path: Path, class_names
     fig.suptitle(
         f"misclassified test images: {len(rows)}" + (f" (showing the {len(shown)} most confident)" if len(rows) > len(shown) else "")
     )
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path)
 
 
 def read_groups(groups_csv: Path, records: pd.DataFrame) -> pd.Series:
