@@ -68,7 +68,9 @@ def register_version(settings, dag_run_id: str, *, alias: str | None = None, tag
     does); the version points at an empty folder (retention never loads the model)."""
     from mlflow.exceptions import MlflowException
 
-    from wbc_tasks.registry.tracking import TAG_AIRFLOW_RUN_ID, configure_mlflow, finish_tracking_run, open_tracking_run
+    from wbc_tasks.registry.client import configure_mlflow
+    from wbc_tasks.registry.runs import finish_tracking_run, open_tracking_run
+    from wbc_tasks.registry.tags import TAG_AIRFLOW_RUN_ID
 
     run_id = open_tracking_run(settings, dag_run_id)
     finish_tracking_run(settings, dag_run_id, "FINISHED")
@@ -169,7 +171,7 @@ def test_symlinks_pointing_outside_are_never_followed(retention_settings, tmp_pa
 
 
 def test_a_run_still_running_in_mlflow_keeps_its_old_folder(retention_settings, caplog):
-    from wbc_tasks.registry.tracking import finish_tracking_run, open_tracking_run
+    from wbc_tasks.registry.runs import finish_tracking_run, open_tracking_run
     from wbc_tasks.ops.retention import apply_retention
 
     s = retention_settings
@@ -237,7 +239,8 @@ def test_retention_below_one_day_is_refused(retention_settings, monkeypatch):
 
 
 def test_mlflow_artifacts_of_unregistered_runs_only_when_asked(retention_settings):
-    from wbc_tasks.registry.tracking import configure_mlflow, ensure_experiment, open_tracking_run
+    from wbc_tasks.registry.client import configure_mlflow, ensure_experiment
+    from wbc_tasks.registry.runs import open_tracking_run
     from wbc_tasks.ops.retention import ARTIFACTS_DELETED_TAG, apply_retention
 
     s = retention_settings

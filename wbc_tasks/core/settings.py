@@ -158,7 +158,7 @@ class Settings:
     #: MLflow's own HTTP client (a tracking server): retries of one request, their backoff factor
     #: (whole seconds; waits of 0, 2, 4, 8... times it) and the timeout of one request, in
     #: seconds. Exported to MLflow's ``MLFLOW_HTTP_REQUEST_*`` variables by
-    #: :func:`wbc_tasks.registry.tracking.configure_mlflow`; ``mlflow_retries`` retry on top of them.
+    #: :func:`wbc_tasks.registry.client.configure_mlflow`; ``mlflow_retries`` retry on top of them.
     mlflow_http_retries: int = 5
     mlflow_http_backoff: int = 1
     mlflow_http_timeout: int = 60

@@ -211,7 +211,9 @@ def protected_run_folders(settings: Settings) -> tuple[dict[str, str], set[str]]
     """
     from mlflow.exceptions import MlflowException
 
-    from wbc_tasks.registry.tracking import TAG_AIRFLOW_RUN_ID, call_with_retries, configure_mlflow, current_aliases
+    from wbc_tasks.registry.client import call_with_retries, configure_mlflow
+    from wbc_tasks.registry.tags import TAG_AIRFLOW_RUN_ID
+    from wbc_tasks.registry.versions import current_aliases
 
     client = configure_mlflow(settings)
     protected: dict[str, str] = {}
@@ -412,7 +414,7 @@ def purge_unregistered_artifacts(
     """
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
-    from wbc_tasks.registry.tracking import call_with_retries, configure_mlflow
+    from wbc_tasks.registry.client import call_with_retries, configure_mlflow
 
     check_settings(settings)
     now = time.time() if now is None else now
