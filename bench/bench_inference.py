@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 from wbc_tasks.serving.classify import predict_images  # noqa: E402
 from wbc_tasks.core.settings import CLASS_NAMES, get_settings  # noqa: E402
 from wbc_tasks.data.images import load_image  # noqa: E402
-from wbc_tasks.registry.tracking import ModelRef  # noqa: E402
+from wbc_tasks.registry.versions import ModelRef  # noqa: E402
 
 DROP = REPO.parent / "shared" / "data" / "wbc-bench" / "classify-images" / "2026-11-24"
 

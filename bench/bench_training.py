@@ -112,7 +112,7 @@ def run_config(name: str, run_id: str, params: dict, shared_run: str | None, sha
 
     from wbc_tasks.pipelines import training as steps
     from wbc_tasks.core.settings import get_settings
-    from wbc_tasks.registry.tracking import open_tracking_run
+    from wbc_tasks.registry.runs import open_tracking_run
 
     settings = get_settings()
     result: dict = {"config": name, "run_id": run_id, "params": params, "stage_seconds": {}}

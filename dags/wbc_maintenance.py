@@ -2,7 +2,7 @@
 
 cleanup_runs
 
-One task, one call of ``wbc_tasks.ops.retention.cleanup_step``. A training run's work folder
+One task, one call of ``wbc_tasks.ops.cleanup.cleanup_step``. A training run's work folder
 (``$WBC_WORK_DIR/runs/<run id>/``, several hundred MB) is deleted once it is older than
 ``WBC_RETENTION_DAYS`` and not among the newest ``WBC_RETENTION_KEEP_RUNS``; the folders of model
 versions holding an alias (champion, previous-champion) and of runs still RUNNING in MLflow are
@@ -51,7 +51,7 @@ PARAMS = {name: Param(**spec) for name, spec in maintenance_param_specs(SETTINGS
 def wbc_maintenance() -> None:
     @task
     def cleanup_runs() -> dict:
-        from wbc_tasks.ops.retention import cleanup_step
+        from wbc_tasks.ops.cleanup import cleanup_step
 
         params = get_current_context()["params"]
         return cleanup_step(get_settings(), dry_run=params["dry_run"], mlflow_artifacts=params["mlflow_artifacts"])

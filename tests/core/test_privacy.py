@@ -83,7 +83,8 @@ def _fake_training(run_id: str) -> None:
 def _everything_in_mlflow(run_id_of_dag: str, dst: Path) -> dict[str, str]:
     """Every artifact of the DAG run's MLflow run (by path) as text, plus its params, tags and
     dataset inputs, keyed ``mlflow:<what>``."""
-    from wbc_tasks.registry.tracking import configure_mlflow, find_tracking_run
+    from wbc_tasks.registry.client import configure_mlflow
+    from wbc_tasks.registry.runs import find_tracking_run
 
     settings = get_settings()
     client = configure_mlflow(settings)
@@ -252,8 +253,7 @@ def test_cli_prints_the_same_pseudonyms(settings, tmp_path, monkeypatch, capsys)
 
 def test_nightly_rejections_are_logged_by_pseudonym(settings, tmp_path, caplog):
     from wbc_tasks.serving import classify
-    
-    from wbc_tasks.registry.tracking import ModelRef
+    from wbc_tasks.registry.versions import ModelRef
 
     on = settings.with_overrides(
         pseudonymise_names=True, pseudonym_key="k" * 32, settle_minutes=0.0,

@@ -29,7 +29,7 @@ def test_schedule_timezone_and_artifact_default_come_from_settings(settings, mon
 def test_dag_test_deletes_old_folders_but_not_the_champions(airflow_db, settings, monkeypatch, tmp_path):
     from airflow.utils.state import DagRunState
 
-    from tests.ops.test_retention import make_run_folder, register_version
+    from tests.ops.conftest import make_run_folder, register_version
     from wbc_tasks.core.settings import get_settings
 
     for name, value in {

@@ -90,7 +90,7 @@ def run_steps(run_id: str, params: dict) -> dict:
 
 
 def client_for(settings):
-    from wbc_tasks.registry.tracking import configure_mlflow
+    from wbc_tasks.registry.client import configure_mlflow
 
     return configure_mlflow(settings)
 

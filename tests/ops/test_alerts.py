@@ -400,7 +400,8 @@ def test_failed_training_alerts_and_still_marks_the_mlflow_run_failed(dag_env):
     from airflow.utils.state import DagRunState
     from airflow.utils.types import DagRunType
 
-    from wbc_tasks.registry.tracking import configure_mlflow, find_tracking_run, open_tracking_run
+    from wbc_tasks.registry.client import configure_mlflow
+    from wbc_tasks.registry.runs import find_tracking_run, open_tracking_run
 
     settings = get_settings()
     dag = parse_dag("wbc_training").partial_subset(

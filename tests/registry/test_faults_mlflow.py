@@ -26,12 +26,12 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import free_port
-
 from wbc_tasks.core.settings import CLASS_NAMES, get_settings
 
 pytestmark = pytest.mark.slow  # starts an MLflow server (~30 s on two cores)
 
-from tests.conftest import REPO_ROOT  # noqa: E402
+from tests.conftest import REPO_ROOT
+
 FLOORS = {"metric": "balanced_accuracy", "margin": 0.0, "min_metric": 0.5, "min_class_recall": 0.3,
           "min_blast_recall": 0.8}
 
@@ -48,7 +48,7 @@ class MlflowServer:
     def start(self, timeout: float = 300) -> None:
         import requests
 
-        log = open(self.folder / "server.log", "ab")
+        log = open(self.folder / "server.log", "ab")  # noqa: SIM115 - the server writes to it until stopped
         self.process = subprocess.Popen(
             [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1",
              "--port", str(self.port), "--workers", "1", "--backend-store-uri", self.backend_uri,
@@ -235,7 +235,7 @@ def mlflow_settings(server, settings, tmp_path, monkeypatch, request):
 
 
 def _client(settings):
-    from wbc_tasks.registry.tracking import configure_mlflow
+    from wbc_tasks.registry.client import configure_mlflow
 
     return configure_mlflow(settings)
 
@@ -251,7 +251,8 @@ def _add_version(settings, balanced: float):
     its source is a placeholder)."""
     from mlflow.exceptions import MlflowException
 
-    from wbc_tasks.registry.tracking import metric_tags, model_ref_from_version
+    from wbc_tasks.registry.tags import metric_tags
+    from wbc_tasks.registry.versions import model_ref_from_version
 
     client = _client(settings)
     try:
@@ -271,7 +272,8 @@ def _versions(settings) -> list:
 
 
 def test_metrics_logged_while_the_server_is_unreachable_arrive_once(mlflow_settings, server):
-    from wbc_tasks.registry.tracking import log_metrics, open_tracking_run
+    from wbc_tasks.registry.artifacts import log_metrics
+    from wbc_tasks.registry.runs import open_tracking_run
 
     _, gate = server
     run_id = open_tracking_run(mlflow_settings, "manual__outage-log", {"image_size": 32})
@@ -296,7 +298,8 @@ def test_registration_whose_version_creation_reply_is_lost_ends_with_one_version
     fully tagged (retrying the create blindly would register the model twice)."""
     import keras
 
-    from wbc_tasks.registry.tracking import open_tracking_run, register_model
+    from wbc_tasks.registry.registration import register_model
+    from wbc_tasks.registry.runs import open_tracking_run
 
     _, gate = server
     model = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Rescaling(1 / 255), keras.layers.Flatten(),
@@ -317,8 +320,12 @@ def test_registration_whose_version_creation_reply_is_lost_ends_with_one_version
 def test_promotion_cut_off_at_the_champion_move_completes_once(mlflow_settings, server):
     """The champion alias move (after the rollback alias moved) is lost and the server is away
     for 1.5 s: the promotion retries and completes, aliases and decision tags consistent."""
-    from wbc_tasks.registry.promotion import PROMOTED, promote_if_better, promote_version
-    from wbc_tasks.registry.tracking import current_aliases
+    from wbc_tasks.registry.promotion import (
+        PROMOTED,
+        promote_if_better,
+        promote_version,
+    )
+    from wbc_tasks.registry.versions import current_aliases
 
     _, gate = server
     s = mlflow_settings
@@ -345,7 +352,7 @@ from pathlib import Path
 
 from wbc_tasks.core.settings import get_settings
 from wbc_tasks.registry.promotion import promote_if_better
-from wbc_tasks.registry.tracking import resolve_model, version_metrics
+from wbc_tasks.registry.versions import resolve_model, version_metrics
 
 version, delay, folder = sys.argv[1], float(sys.argv[2]), Path(sys.argv[3])
 settings = get_settings()
@@ -374,7 +381,7 @@ def test_two_processes_promoting_together_end_with_the_better_champion(mlflow_se
     without the lock the worse would move the champion last and win. With it, the evaluations
     never overlap, the better one is compared with the worse one and ends as champion."""
     from wbc_tasks.registry.promotion import PROMOTED, promote_version
-    from wbc_tasks.registry.tracking import current_aliases
+    from wbc_tasks.registry.versions import current_aliases
 
     s = mlflow_settings
     v0, worse, better = (_add_version(s, b) for b in (0.6, 0.7, 0.8))
@@ -404,8 +411,8 @@ def test_two_processes_promoting_together_end_with_the_better_champion(mlflow_se
     assert all(p.returncode == 0 for p in processes.values()), outputs
     done = {v: json.loads((tmp_path / f"result-{v}.json").read_text()) for v in processes}
 
-    (w_start, w_end), = done[worse.version]["windows"]
-    (b_start, b_end), = done[better.version]["windows"]
+    (_w_start, w_end), = done[worse.version]["windows"]
+    (b_start, _b_end), = done[better.version]["windows"]
     assert w_end <= b_start, "the two champion evaluations overlapped: promotion was not serialised"
     assert done[worse.version]["result"]["outcome"] == PROMOTED
     assert done[worse.version]["result"]["compared_with_version"] == v0.version
@@ -427,9 +434,8 @@ def test_server_dead_past_the_retries_fails_clearly_and_leaves_the_champion(mlfl
     with a clear error naming the server, and the registry (read from its database) still has the
     old champion, no rollback alias and no decision on the candidate."""
     from mlflow import MlflowClient
-
+    from wbc_tasks.registry.client import MlflowUnavailableError
     from wbc_tasks.registry.promotion import promote_if_better, promote_version
-    from wbc_tasks.registry.tracking import MlflowUnavailableError
 
     mlflow_server, gate = server
     s = mlflow_settings.with_overrides(mlflow_retries=2, mlflow_retry_wait=0.1)

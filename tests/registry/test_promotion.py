@@ -6,11 +6,10 @@ from __future__ import annotations
 import json
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
-from wbc_tasks.core.settings import CLASS_NAMES, get_settings
+from wbc_tasks.core.settings import CLASS_NAMES
 from wbc_tasks.registry.promotion import (
     KEPT_CHAMPION,
     PROMOTED,
@@ -22,7 +21,12 @@ from wbc_tasks.registry.promotion import (
     promote_version,
     rollback,
 )
-from wbc_tasks.registry.tracking import NoModelError, current_aliases, metric_tags, model_ref_from_version
+from wbc_tasks.registry.tags import metric_tags
+from wbc_tasks.registry.versions import (
+    NoModelError,
+    current_aliases,
+    model_ref_from_version,
+)
 
 # A margin exact in binary, so the "exactly the margin" case is a true tie.
 FLOORS = {"metric": "balanced_accuracy", "margin": 0.0625, "min_metric": 0.5, "min_class_recall": 0.3,
@@ -91,29 +95,12 @@ def test_decision_needs_the_numbers():
 # ------------------------------------------------------------------ against a real registry
 
 
-@pytest.fixture(scope="module")
-def mlflow_dir(tmp_path_factory) -> Path:
-    """One SQLite MLflow per module (creating its tables takes seconds); each test has its own
-    registered model name."""
-    return tmp_path_factory.mktemp("mlflow")
-
-
-@pytest.fixture
-def mlflow_settings(settings, mlflow_dir, tmp_path, monkeypatch, request):
-    monkeypatch.setenv("WBC_MLFLOW_TRACKING_URI", f"sqlite:///{mlflow_dir / 'mlflow.db'}")
-    monkeypatch.setenv("WBC_MLFLOW_ARTIFACT_ROOT", str(mlflow_dir / "artifacts"))
-    monkeypatch.setenv("WBC_MODEL_NAME", f"wbc-{request.node.name}"[:60])
-    monkeypatch.setenv("WBC_WORK_DIR", str(tmp_path / "work"))
-    monkeypatch.setenv("WBC_MLFLOW_RETRY_WAIT", "0")
-    return get_settings()
-
-
 def add_version(settings, test_metrics: dict):
     """A registered version with this project's tags and test-metric tags. Promotion never loads
     the model, so the version points at an empty folder instead of a logged model (fast)."""
     from mlflow.exceptions import MlflowException
 
-    from wbc_tasks.registry.tracking import configure_mlflow
+    from wbc_tasks.registry.client import configure_mlflow
 
     client = configure_mlflow(settings)
     try:
@@ -128,7 +115,7 @@ def add_version(settings, test_metrics: dict):
 
 
 def tags_of(settings, version: str) -> dict[str, str]:
-    from wbc_tasks.registry.tracking import configure_mlflow
+    from wbc_tasks.registry.client import configure_mlflow
 
     return configure_mlflow(settings).get_model_version(settings.model_name, version).tags
 
@@ -168,7 +155,7 @@ def test_promotion_sequence_moves_and_records(mlflow_settings):
     assert promote_if_better(s, v2, metrics(0.80), champion_metrics, **FLOORS)["outcome"] == "already_champion"
     assert current_aliases(s) == {s.champion_alias: v2.version, s.rollback_alias: v1.version}
 
-    from wbc_tasks.registry.tracking import configure_mlflow
+    from wbc_tasks.registry.client import configure_mlflow
 
     card = configure_mlflow(s).get_registered_model(s.model_name).description
     assert card.startswith(f"**Champion: version {v2.version}")
@@ -238,7 +225,7 @@ def test_stale_decision_is_refused(mlflow_settings):
 def test_failed_alias_move_leaves_no_half_promotion(mlflow_settings, monkeypatch):
     from mlflow.exceptions import MlflowException
 
-    import wbc_tasks.registry.promotion as promotion
+    from wbc_tasks.registry import promotion
 
     s = mlflow_settings
     v1, v2, v3 = (add_version(s, metrics(b)) for b in (0.6, 0.7, 0.9))
@@ -282,7 +269,7 @@ def test_simultaneous_promotions_end_with_the_better_champion(mlflow_settings):
             start.wait()
             results[candidate.version] = promote_if_better(s, candidate, scores[candidate.version],
                                                            champion_metrics, **FLOORS)
-        except Exception as exc:  # surfaced below
+        except Exception as exc:  # noqa: BLE001 - surfaced below
             errors.append(exc)
 
     threads = [threading.Thread(target=run, args=(worse, 1.5)), threading.Thread(target=run, args=(better, 0.2))]
@@ -306,7 +293,7 @@ def test_a_version_without_its_registration_tags_is_never_promoted(mlflow_settin
     not become champion, however good its numbers."""
     from dataclasses import replace
 
-    from wbc_tasks.registry.tracking import configure_mlflow
+    from wbc_tasks.registry.client import configure_mlflow
 
     s = mlflow_settings
     v1 = add_version(s, metrics(0.7))

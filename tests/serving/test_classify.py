@@ -24,7 +24,7 @@ from wbc_tasks.serving import classify
 from wbc_tasks.serving import predictions as db
 from wbc_tasks.core.settings import CLASS_NAMES, get_settings
 from wbc_tasks.data.images import DISAPPEARED
-from wbc_tasks.registry.tracking import ModelRef, NoModelError
+from wbc_tasks.registry.versions import ModelRef, NoModelError
 
 from tests.conftest import REPO_ROOT, skip_unless_required
 DROPS = REPO_ROOT.parent / "shared" / "data" / "wbc-bench" / "classify-images"
@@ -44,7 +44,8 @@ def register_tiny_model(settings, *, class_names=CLASS_NAMES, seed=0, alias=None
     import keras
     import mlflow
 
-    from wbc_tasks.registry import tracking as registry
+    from wbc_tasks.registry.client import configure_mlflow, ensure_experiment
+    from wbc_tasks.registry.registration import log_model_version
 
     keras.utils.set_random_seed(seed)
     model = keras.Sequential([
@@ -55,10 +56,10 @@ def register_tiny_model(settings, *, class_names=CLASS_NAMES, seed=0, alias=None
         keras.layers.Dense(len(class_names), activation="softmax",
                            kernel_initializer=keras.initializers.RandomNormal(stddev=0.05, seed=seed)),
     ])
-    with mlflow.start_run(experiment_id=registry.ensure_experiment(settings)):
-        ref = registry.log_model_version(settings, model, image_size=32, class_names=tuple(class_names))
+    with mlflow.start_run(experiment_id=ensure_experiment(settings)):
+        ref = log_model_version(settings, model, image_size=32, class_names=tuple(class_names))
     if alias:
-        registry.configure_mlflow(settings).set_registered_model_alias(settings.model_name, alias, ref.version)
+        configure_mlflow(settings).set_registered_model_alias(settings.model_name, alias, ref.version)
     return ref
 
 
@@ -182,7 +183,7 @@ def test_each_image_classified_once_reruns_add_nothing_new_drops_add_theirs(nigh
     assert after == before  # the drop folder is only read
 
     # The summary went to MLflow, tagged with the model version it used.
-    from wbc_tasks.registry.tracking import configure_mlflow
+    from wbc_tasks.registry.client import configure_mlflow
 
     client = configure_mlflow(settings)
     run = client.get_run(summary["mlflow_run_id"])
@@ -214,7 +215,7 @@ def test_each_image_classified_once_reruns_add_nothing_new_drops_add_theirs(nigh
 
 
 def test_new_champion_classifies_only_new_images_unless_reclassify(night):
-    from wbc_tasks.registry.tracking import configure_mlflow
+    from wbc_tasks.registry.client import configure_mlflow
 
     settings = night
     client = configure_mlflow(settings)
@@ -609,7 +610,7 @@ def test_files_vanishing_mid_run_are_recorded_and_classified_when_back(night_sql
 def test_models_load_only_from_the_configured_registry(registry_settings, tmp_path):
     from dataclasses import replace
 
-    from wbc_tasks.registry.tracking import load_keras_model, resolve_model
+    from wbc_tasks.registry.versions import load_keras_model, resolve_model
 
     ref = resolve_model(registry_settings, "1")
     assert load_keras_model(registry_settings, ref) is not None

@@ -29,7 +29,7 @@ from tests.conftest import free_port, skip_unless_required, write_image
 from wbc_tasks.serving import classify
 from wbc_tasks.serving import predictions as db
 from wbc_tasks.core.settings import CLASS_NAMES
-from wbc_tasks.registry.tracking import ModelRef
+from wbc_tasks.registry.versions import ModelRef
 
 N_IMAGES = 12
 CHUNK = 4
@@ -121,7 +121,7 @@ def tiny_model(tmp_path_factory) -> tuple[ModelRef, str]:
     import mlflow.tensorflow
     from mlflow import MlflowClient
 
-    from wbc_tasks.registry.tracking import model_ref_from_version
+    from wbc_tasks.registry.versions import model_ref_from_version
 
     folder = tmp_path_factory.mktemp("registry")
     keras.utils.set_random_seed(3)

@@ -196,7 +196,8 @@ def test_train_task_killed_after_an_epoch_resumes_from_its_checkpoint(stores, tm
 
     from wbc_tasks.pipelines import training as steps
     from wbc_tasks.core.settings import COMPLETE_MARKER, get_settings
-    from wbc_tasks.registry.tracking import configure_mlflow, find_tracking_run
+    from wbc_tasks.registry.client import configure_mlflow
+    from wbc_tasks.registry.runs import find_tracking_run
     from wbc_tasks.core.workdir import mark_complete
 
     run_id = "manual__killed-worker"

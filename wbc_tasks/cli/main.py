@@ -145,7 +145,7 @@ def cmd_mlflow_ui(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_cleanup(args: argparse.Namespace, settings: Settings) -> int:
     import logging
 
-    from wbc_tasks.ops.retention import apply_retention
+    from wbc_tasks.ops.cleanup import apply_retention
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
     summary = apply_retention(settings, dry_run=args.dry_run, mlflow_artifacts=args.mlflow_artifacts or None)

@@ -149,8 +149,8 @@ class Settings(BaseSettings):
     model_ready_timeout: float = 300.0
     #: MLflow's own HTTP client (a tracking server): retries of one request, their backoff factor
     #: (whole seconds; waits of 0, 2, 4, 8... times it) and the timeout of one request, in
-    #: seconds. Exported to MLflow's ``MLFLOW_HTTP_REQUEST_*`` variables when the client is set
-    #: up; ``mlflow_retries`` retry on top of them.
+    #: seconds. Exported to MLflow's ``MLFLOW_HTTP_REQUEST_*`` variables by
+    #: :func:`wbc_tasks.registry.client.configure_mlflow`; ``mlflow_retries`` retry on top of them.
     mlflow_http_retries: int = 5
     mlflow_http_backoff: int = 1
     mlflow_http_timeout: int = 60

@@ -44,7 +44,7 @@ def _log_artifacts(
     settings: Settings, run_id: str, folder: Path, artifact_path: str, data_dir: Path | None = None
 ) -> None:
     """Log a step folder's result files (pseudonymised copies when ``WBC_PSEUDONYMISE_NAMES``)."""
-    from wbc_tasks.registry.tracking import log_stage_artifacts
+    from wbc_tasks.registry.artifacts import log_stage_artifacts
 
     log_stage_artifacts(settings, run_id, folder, artifact_path, roots=(data_dir,) if data_dir else ())
 
@@ -64,7 +64,8 @@ def _for_logs(settings: Settings, summary: dict, data_dir: Path, manifest) -> di
 def split_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
     """Validate, de-duplicate and split the labelled images; open the run's MLflow run."""
     from wbc_tasks.data.dataset import read_manifest, split_dataset
-    from wbc_tasks.registry.tracking import log_split_manifest, open_tracking_run
+    from wbc_tasks.registry.artifacts import log_split_manifest
+    from wbc_tasks.registry.runs import open_tracking_run
 
     settings, p, run = _context(run_id, params)
     if p.weights == "imagenet":
@@ -126,7 +127,7 @@ def balance_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
 
 def train_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
     """Fine-tune VGG16 on the balanced training store; resumes from its last checkpoint."""
-    from wbc_tasks.registry.tracking import tracking_run
+    from wbc_tasks.registry.runs import tracking_run
     from wbc_tasks.training.train import train_model
 
     settings, p, run = _context(run_id, params)
@@ -157,7 +158,7 @@ def evaluate_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
     """Evaluate the trained model on the untouched test split (argmax); log metrics and figures."""
     from wbc_tasks.core.settings import CLASS_NAMES
     from wbc_tasks.training.evaluate import evaluate_model
-    from wbc_tasks.registry.tracking import log_metrics
+    from wbc_tasks.registry.artifacts import log_metrics
 
     settings, p, run = _context(run_id, params)
     trained = require_complete(run / "train")
@@ -183,7 +184,7 @@ def register_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
     import keras
 
     from wbc_tasks.core.settings import CLASS_NAMES
-    from wbc_tasks.registry.tracking import register_model
+    from wbc_tasks.registry.registration import register_model
 
     settings, p, run = _context(run_id, params)
     trained = require_complete(run / "train")
@@ -220,7 +221,7 @@ def champion_metrics_on_this_test_split(settings: Settings, run: Path, batch_siz
         from wbc_tasks.data.dataset import read_manifest
         from wbc_tasks.training.evaluate import compute_metrics
         from wbc_tasks.data.preprocess import build_split_store
-        from wbc_tasks.registry.tracking import load_keras_model
+        from wbc_tasks.registry.versions import load_keras_model
         from wbc_tasks.data.store import open_store
 
         test_dir = run / "preprocess" / "test"
@@ -249,7 +250,8 @@ def champion_metrics_on_this_test_split(settings: Settings, run: Path, batch_siz
 def promote_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
     """Promote the new version to champion only if it beats the champion on the same test images."""
     from wbc_tasks.registry.promotion import promote_if_better
-    from wbc_tasks.registry.tracking import finish_tracking_run, resolve_model
+    from wbc_tasks.registry.runs import finish_tracking_run
+    from wbc_tasks.registry.versions import resolve_model
 
     settings, p, run = _context(run_id, params)
     registered = require_complete(run / "register")
@@ -276,6 +278,6 @@ def promote_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
 
 def mark_run_failed(run_id: str) -> None:
     """Close the DAG run's MLflow run as FAILED (called by the DAG's failure callback)."""
-    from wbc_tasks.registry.tracking import finish_tracking_run
+    from wbc_tasks.registry.runs import finish_tracking_run
 
     finish_tracking_run(get_settings(), run_id, "FAILED")

@@ -1,3 +1,5 @@
-"""Everything MLflow: the client and its retries, the one MLflow run per DAG run, artifact and
-metric logging, the model card, registered versions and aliases, and promotion. Imports
-``core``, ``data`` and ``training``."""
+"""Everything MLflow, one module per job, lowest first: ``client`` (set-up, retries, the
+experiment), ``tags`` (tag names, metrics as version tags), ``runs`` (one MLflow run per DAG
+run), ``artifacts`` (what the steps log), ``model_card``, ``versions`` (finding, waiting for and
+loading a version), ``registration`` (logging and registering a trained model) and
+``promotion`` (champion and challenger, aliases). Imports ``core``, ``data`` and ``training``."""

@@ -22,19 +22,18 @@ import math
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from wbc_tasks.core.settings import Settings
-from wbc_tasks.registry.tracking import (
+from wbc_tasks.registry.client import call_with_retries, configure_mlflow
+from wbc_tasks.registry.model_card import describe_registered_model
+from wbc_tasks.registry.tags import per_class_values
+from wbc_tasks.registry.versions import (
     ModelRef,
     NoModelError,
-    call_with_retries,
-    configure_mlflow,
     current_aliases,
-    describe_registered_model,
     model_ref_from_version,
-    per_class_values,
     resolve_model,
     version_metrics,
     wait_until_ready,
@@ -94,7 +93,7 @@ class PromotionDecision:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def _metric_value(metrics: Mapping[str, Any], metric: str, whose: str) -> float:
@@ -256,7 +255,7 @@ def _move_champion(settings: Settings, new_champion: str, aliases: Mapping[str, 
         for alias, version in ((settings.champion_alias, old_champion), (settings.rollback_alias, old_rollback)):
             try:
                 _point_alias(settings, alias, version)
-            except Exception as exc:  # keep going: restore what can be restored, report the rest
+            except Exception as exc:  # noqa: BLE001 - keep going: restore what can be restored, report the rest
                 log.critical("could not restore alias @%s to version %s: %s", alias, version, exc)
         raise
     log.info("@%s -> version %s; @%s -> version %s", settings.champion_alias, new_champion,
@@ -271,7 +270,7 @@ def _after_move(settings: Settings, new_champion: str, headline: str, demoted: s
         describe_registered_model(settings, new_champion, headline)
         if demoted is not None:
             _set_tags(settings, demoted, demotion_tags)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - the aliases moved: bookkeeping must not fail the promotion
         log.warning("champion moved to version %s, but updating descriptions/tags failed: %s", new_champion, exc)
 
 

@@ -58,7 +58,7 @@ from wbc_tasks.core.settings import IMAGE_EXTENSIONS, Settings
 from wbc_tasks.core.paths import safe_name
 from wbc_tasks.data.images import DISAPPEARED, ImageError, load_image, resolve_within, sha256_of_file
 from wbc_tasks.core.privacy import pseudonymiser
-from wbc_tasks.registry.tracking import ModelRef
+from wbc_tasks.registry.versions import ModelRef
 
 log = logging.getLogger(__name__)
 
@@ -94,12 +94,12 @@ def model_ref_from_dict(data: ModelRef | dict[str, Any]) -> ModelRef:
 def resolve_run_model(settings: Settings, ref: str | None = None) -> dict[str, Any]:
     """Resolve an alias or version (default: the champion) to one fixed version, as a dict.
 
-    Raises :class:`wbc_tasks.registry.tracking.NoModelError` (whose message says how to get a model)
+    Raises :class:`wbc_tasks.registry.versions.NoModelError` (whose message says how to get a model)
     when there is none.
     """
-    from wbc_tasks.registry import tracking as registry
+    from wbc_tasks.registry.versions import resolve_model
 
-    model = registry.resolve_model(settings, ref)
+    model = resolve_model(settings, ref)
     log.info(
         "classifying with %s version %s (asked for %r; run %s; %d px; classes %s)",
         model.name, model.version, ref or settings.champion_alias, model.run_id,
@@ -569,10 +569,10 @@ def prediction_fields(probabilities: Sequence[float], ref: ModelRef, threshold: 
 
 def load_model(settings: Settings, ref: ModelRef) -> Any:
     """The Keras model of ``ref`` (from the configured registry)."""
-    from wbc_tasks.registry import tracking as registry
+    from wbc_tasks.registry.versions import load_keras_model
 
     started = time.perf_counter()
-    model = registry.load_keras_model(settings, ref)
+    model = load_keras_model(settings, ref)
     log.info("loaded %s version %s in %.1f s", ref.name, ref.version, time.perf_counter() - started)
     return model
 
@@ -761,10 +761,10 @@ def _log_summary_to_mlflow(settings: Settings, ref: ModelRef, summary: dict, par
     """One MLflow run per classification run (client API: no process-global active run)."""
     from mlflow.entities import Metric, Param
 
-    from wbc_tasks.registry import tracking as registry
+    from wbc_tasks.registry.client import configure_mlflow, ensure_experiment
 
-    client = registry.configure_mlflow(settings)
-    experiment_id = registry.ensure_experiment(
+    client = configure_mlflow(settings)
+    experiment_id = ensure_experiment(
         settings.with_overrides(mlflow_experiment=settings.classify_experiment)
     )
     tags = {
@@ -851,7 +851,7 @@ def classify_paths(
     rejections and ``files_seen`` rows are stored (:func:`recorded_location`), so the files
     appear in ``wbc predictions`` at once.
     """
-    from wbc_tasks.registry.tracking import resolve_model
+    from wbc_tasks.registry.versions import resolve_model
 
     ref = model_ref if isinstance(model_ref, ModelRef) else resolve_model(settings, model_ref)
     threshold = settings.review_threshold if threshold is None else float(threshold)

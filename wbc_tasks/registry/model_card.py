@@ -1,0 +1,278 @@
+"""The model card: what a registered version is, what it was trained on, how it tested, where
+it falls short.
+
+:func:`model_card` writes the markdown card of one version (intended use, training data per
+split and source with the sets' required citations, test metrics, params, limitations);
+registration stores it as the version's description and the run artifact ``model_card.md``, and
+:func:`describe_registered_model` puts a version's card under a headline into the registered
+model's description, cut to the registry's 5,000-character column. Imports ``core`` and the
+``registry`` client and tags.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from wbc_tasks.core.settings import Settings
+from wbc_tasks.registry.client import call_with_retries, configure_mlflow
+from wbc_tasks.registry.tags import is_number, param_text, per_class_values
+
+log = logging.getLogger(__name__)
+
+#: The registry stores descriptions in a 5,000-character column (PostgreSQL enforces it).
+MAX_DESCRIPTION_CHARS = 5000
+#: File name of the full model card among the run's artifacts.
+MODEL_CARD_FILE = "model_card.md"
+
+#: Citations of the public sets the shared development data comes from (their licences require
+#: attribution wherever they are used), matched by the start of a SOURCES.csv ``source`` value.
+KNOWN_SOURCE_CITATIONS: dict[str, str] = {
+    "pbc": (
+        'PBC dataset: A. Acevedo et al., "A dataset of microscopic peripheral blood cell images '
+        'for development of automatic recognition systems", Data in Brief 30 (2020) 105474; '
+        "CC BY 4.0."
+    ),
+    "matek": (
+        'AML-Cytomorphology_LMU: C. Matek et al., "Human-level recognition of blast cells in '
+        'acute myeloid leukaemia with convolutional neural networks", Nature Machine Intelligence '
+        "1 (2019) 538-544; TCIA doi:10.7937/tcia.2019.36f5o9ld; CC BY."
+    ),
+}
+#: Below this many test images a class's recall is a rough estimate; the card says so.
+FEW_TEST_IMAGES = 30
+SOURCES_FILE = "SOURCES.csv"
+
+
+def source_counts(
+    manifest: Any, data_dir: Path | str
+) -> dict[str, dict[str, int]] | None:
+    """``{class: {source: images}}`` for the manifest's images, from a ``SOURCES.csv`` (columns
+    ``sha256`` and ``source``) in ``data_dir`` or its parent; None where there is none."""
+    import pandas as pd
+
+    data_dir = Path(data_dir)
+    for candidate in (data_dir / SOURCES_FILE, data_dir.parent / SOURCES_FILE):
+        if candidate.is_file():
+            sources = pd.read_csv(candidate, dtype=str, keep_default_na=False)
+            break
+    else:
+        return None
+    if not {"sha256", "source"} <= set(sources.columns):
+        log.warning(
+            "%s lacks the sha256/source columns; sources left out of the model card",
+            candidate,
+        )
+        return None
+    by_hash = dict(zip(sources["sha256"], sources["source"], strict=True))
+    counts: dict[str, dict[str, int]] = {}
+    for cls, sha in zip(manifest["class"], manifest["sha256"], strict=True):
+        source = by_hash.get(sha, "unknown")
+        counts.setdefault(str(cls), {}).setdefault(source, 0)
+        counts[str(cls)][source] += 1
+    return counts
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)
+
+
+def model_card(
+    *,
+    model_name: str,
+    version: str,
+    dag_run_id: str,
+    mlflow_run_id: str,
+    image_size: int,
+    class_names: tuple[str, ...],
+    metrics: Mapping[str, Any],
+    data_summary: Mapping[str, Any],
+    params: Mapping[str, Any],
+    registered_at: str | None = None,
+) -> str:
+    """The model card (markdown) of one version.
+
+    ``data_summary`` is the split step's summary: ``counts`` (``{split: {class: n}}``),
+    ``data_dir``, ``rejected``; optionally ``sources`` (``{class: {source: n}}``, see
+    :func:`source_counts`), ``train_after_balancing`` (``{class: n}``) and ``attribution`` (text).
+    """
+    registered_at = registered_at or datetime.now(UTC).isoformat(timespec="seconds")
+    lines = [
+        f"# {model_name} version {version}: model card",
+        "",
+        (
+            f"White-blood-cell classifier; input {image_size}x{image_size} RGB uint8 pixels "
+            f"(normalisation inside the model); outputs probabilities for {len(class_names)} "
+            f"classes: {', '.join(class_names)}. Registered {registered_at} by Airflow DAG run "
+            f"`{dag_run_id}` (MLflow run `{mlflow_run_id}`)."
+        ),
+        "",
+        "## Intended use",
+        "- **Research use only. Not a diagnostic device**; not cleared or approved for clinical use.",
+        (
+            "- Suggests a class for single-cell images like the training images; **every result "
+            "needs review by a qualified person** before it informs any decision about a patient."
+        ),
+        (
+            "- Not for other cell types, whole slides, or classes outside the list above (it "
+            "always answers one of them)."
+        ),
+        "",
+        "## Training data",
+    ]
+    counts: Mapping[str, Mapping[str, int]] = data_summary.get("counts") or {}
+    splits = [s for s in ("train", "val", "test") if s in counts] + [
+        s for s in counts if s not in ("train", "val", "test")
+    ]
+    balanced = data_summary.get("train_after_balancing") or {}
+    if data_summary.get("data_dir"):
+        lines.append(
+            f"Images from `{data_summary['data_dir']}`, split by content hash."
+        )
+    if counts:
+        header = ["class", *splits, "total"] + (
+            ["train after balancing"] if balanced else []
+        )
+        lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        classes = [c for c in class_names if any(c in counts[s] for s in splits)]
+        for cls in classes:
+            row = [int(counts[s].get(cls, 0)) for s in splits]
+            cells = [cls, *map(str, row), str(sum(row))] + (
+                [str(balanced.get(cls, ""))] if balanced else []
+            )
+            lines.append("| " + " | ".join(cells) + " |")
+        totals = [sum(int(v) for v in counts[s].values()) for s in splits]
+        lines.append(
+            "| **all** | "
+            + " | ".join(map(str, totals))
+            + f" | {sum(totals)} |"
+            + (" |" if balanced else "")
+        )
+    if data_summary.get("rejected"):
+        lines.append(
+            f"\n{data_summary['rejected']} files were rejected (unreadable, duplicate or conflicting labels; see the run's split artifacts)."
+        )
+    sources: Mapping[str, Mapping[str, int]] = data_summary.get("sources") or {}
+    if sources:
+        per_source: dict[str, int] = {}
+        for by_source in sources.values():
+            for source, n in by_source.items():
+                per_source[source] = per_source.get(source, 0) + int(n)
+        lines.append(
+            "\nSources: "
+            + ", ".join(f"{s} ({n} images)" for s, n in sorted(per_source.items()))
+            + "."
+        )
+        citations = [
+            text
+            for prefix, text in KNOWN_SOURCE_CITATIONS.items()
+            if any(s.lower().startswith(prefix) for s in per_source)
+        ]
+        if citations:
+            lines += ["", "Attribution (required by the sets' licences):"] + [
+                f"- {c}" for c in citations
+            ]
+    if data_summary.get("attribution"):
+        lines += ["", str(data_summary["attribution"])]
+    if not sources and not data_summary.get("attribution"):
+        lines.append(
+            "\nSources and licences: see the data folder's own README / SOURCES file."
+        )
+
+    lines += ["", "## Test metrics", ""]
+    headline = {
+        k: v for k, v in metrics.items() if not isinstance(v, Mapping) and is_number(v)
+    }
+    if headline:
+        lines.append(
+            ", ".join(f"{k} **{_fmt(float(v))}**" for k, v in headline.items())
+            + " on the test split."
+        )
+    recall = per_class_values(metrics, "recall")
+    precision = per_class_values(metrics, "precision")
+    support = per_class_values(metrics, "support")
+    if recall:
+        lines += [
+            "",
+            "| class | recall | precision | test images |",
+            "|---|---|---|---|",
+        ]
+        for cls in [c for c in class_names if c in recall] + sorted(
+            set(recall) - set(class_names)
+        ):
+            n = support.get(cls, counts.get("test", {}).get(cls, ""))
+            lines.append(
+                f"| {cls} | {_fmt(recall[cls])} | {_fmt(precision.get(cls, ''))} | {_fmt(int(n)) if n != '' else ''} |"
+            )
+
+    lines += ["", "## Training params", ""]
+    lines.append(
+        "; ".join(f"{k}={param_text(v)}" for k, v in params.items())
+        or "(none recorded)"
+    )
+
+    lines += ["", "## Limitations"]
+    lines.append(
+        "- Lab, stain and scanner shift: it has only seen the labs and scanners above. Cells from "
+        "another lab, stain or magnification may be misclassified with high confidence; validate "
+        "on local images before relying on it."
+    )
+    single_source = sorted(
+        (cls, next(iter(by_source)))
+        for cls, by_source in sources.items()
+        if len(by_source) == 1 and len(sources) > 1
+    )
+    if single_source:
+        lines.append(
+            "- Classes from a single source: "
+            + ", ".join(f"{cls} (only {src})" for cls, src in single_source)
+            + ". The model may have learnt that source's look instead of the cell: an unfamiliar "
+            "stain can be called one of these classes."
+        )
+    few = sorted(
+        cls
+        for cls, n in (support or counts.get("test", {})).items()
+        if 0 < float(n) < FEW_TEST_IMAGES
+    )
+    if few:
+        lines.append(
+            f"- Few test images (under {FEW_TEST_IMAGES}) for {', '.join(few)}: their recall is a rough estimate."
+        )
+    lines.append(
+        "- Neighbouring maturation stages (bands vs neutrophils, metamyelocytes vs myelocytes) are "
+        "the most confused pairs."
+    )
+    if params.get("smote"):
+        lines.append(
+            "- Minority classes were oversampled with SMOTE (synthetic training images)."
+        )
+    return "\n".join(lines) + "\n"
+
+
+def fit_description(text: str, note: str) -> str:
+    """``text`` cut at a line to fit the registry's description column, ending with ``note``."""
+    if len(text) <= MAX_DESCRIPTION_CHARS:
+        return text
+    budget = MAX_DESCRIPTION_CHARS - len(note) - 2
+    cut = text[:budget].rsplit("\n", 1)[0]
+    return f"{cut}\n\n{note}"
+
+
+def describe_registered_model(settings: Settings, version: str, headline: str) -> None:
+    """Set the registered model's description: ``headline`` and the card of ``version``."""
+    client = configure_mlflow(settings)
+    mv = call_with_retries(
+        settings, client.get_model_version, settings.model_name, str(version)
+    )
+    text = fit_description(
+        f"**{headline}**\n\n{mv.description or ''}",
+        f"(cut to fit; the full card is `{MODEL_CARD_FILE}` in MLflow run {mv.run_id})",
+    )
+    call_with_retries(
+        settings, client.update_registered_model, settings.model_name, description=text
+    )
