@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -30,7 +31,7 @@ from stack.native.config import (
     load_secrets,
     read_env_file,
 )
-from stack.native.processes import _proc_stat, running_pid, start_process, stop_stack
+from stack.native.processes import alive, running_pid, start_process, stop_stack
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TOPOLOGY = tomllib.loads((REPO_ROOT / "stack" / "stack.toml").read_text())
@@ -354,9 +355,29 @@ def test_stop_kills_each_process_group_with_its_children_and_cleans_pid_files(tm
 
     assert stopped == ["mlflow"]
     for gone in (pid, child):
-        assert _proc_stat(gone) is None, f"process {gone} survived stop"
+        assert not alive(gone), f"process {gone} survived stop"
     assert list(config.pid_dir.glob("*.pid")) == []
 
+
+def test_pid_files_keep_the_start_time_in_clock_ticks_since_boot(tmp_path: Path) -> None:
+    """Pid files keep their format (pid, /proc/<pid>/stat's start time), so stop still finds a
+    stack that an earlier version of the supervisor started."""
+    config = StackConfig(
+        prefix="wbc_unit", state_dir=tmp_path / "state", pg_url="postgresql://u@h/db",
+        redis_url="redis://h:6379/0", api_port=1, mlflow_port=2,
+    )  # fmt: skip
+    config.state_dir.mkdir(parents=True)
+    pid = start_process(config, ProcessSpec(name="mlflow", argv=["sleep", "300"], env=dict(os.environ)))
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        start_ticks = int(stat[stat.rindex(")") + 2 :].split()[19])
+        assert (config.pid_dir / "mlflow.pid").read_text() == f"{pid} {start_ticks}\n"
+        assert running_pid(config, "mlflow") == pid
+        (config.pid_dir / "mlflow.pid").write_text(f"{pid} {start_ticks + 1}\n")  # as if the pid were reused
+        assert running_pid(config, "mlflow") is None
+        assert not (config.pid_dir / "mlflow.pid").exists()
+    finally:
+        os.killpg(pid, signal.SIGKILL)
 
 
 # --------------------------------------------------------------------------- entry points

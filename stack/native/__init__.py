@@ -13,7 +13,8 @@ The services, queues and shared settings come from ``stack/stack.toml``, the sam
 tests/test_stack_config.py checks docker-compose.yml against. Every name this stack creates
 (databases, Redis keys, the state folder) carries its prefix, so a throwaway prefix never touches
 another stack. Written by hand (no library runs Airflow + MLflow as supervised local processes
-without Docker); it uses only the standard library and packages the project already depends on.
+without Docker); it uses only the standard library and packages the project already depends on
+(psutil to inspect processes).
 
 Modules, each importing only those listed above it (no cycles):
 

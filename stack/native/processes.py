@@ -4,10 +4,10 @@ A service starts in a new session, so its pid is also its process group id and i
 Its pid file (``pids/<name>.pid`` in the state folder) holds the pid and the process's start time
 in clock ticks since boot, so a pid the system reused for another process does not match. Stop
 signals whole process groups (workers first), escalates to SIGKILL after a timeout, then kills
-strays: children that left their process group but not the session. Processes are inspected by
-reading ``/proc/<pid>/stat``.
+strays: children that left their process group but not the session. Processes are inspected with
+psutil; their process group and session with ``os.getpgid``/``os.getsid``, which psutil lacks.
 
-Imports: ``config`` of this package.
+Imports: ``config`` of this package; psutil.
 """
 
 from __future__ import annotations
@@ -19,24 +19,46 @@ import subprocess
 import time
 from pathlib import Path
 
+import psutil
+
 from .config import ProcessSpec, StackConfig, StackError, load_topology
+
+#: Clock ticks per second, the unit of start times in pid files (that of /proc/<pid>/stat).
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+#: Exited processes that their parent has not reaped yet: they hold a pid but run no more.
+_EXITED = (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
 
 
 def _pid_file(config: StackConfig, name: str) -> Path:
     return config.pid_dir / f"{name}.pid"
 
 
-def _proc_stat(pid: int) -> tuple[int, int, int] | None:
-    """(process group, session, start time in clock ticks) of a live process, else None."""
+def _live_process(pid: int) -> psutil.Process | None:
+    """The process with this pid, unless there is none or it has exited."""
     try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        process = psutil.Process(pid)
+        if process.status() in _EXITED:
+            return None
+    except (
+        psutil.Error,
+        ValueError,
+    ):  # gone, or no valid pid (psutil refuses negative ones)
         return None
-    # Fields after the command name, which may itself contain spaces and parentheses.
-    rest = text[text.rindex(")") + 2 :].split()
-    if rest[0] in ("Z", "X"):  # exited, waiting to be reaped
-        return None
-    return int(rest[2]), int(rest[3]), int(rest[19])
+    return process
+
+
+def alive(pid: int) -> bool:
+    """Whether a process with this pid runs (an exited one not yet reaped does not)."""
+    return _live_process(pid) is not None
+
+
+def _start_ticks(process: psutil.Process) -> int:
+    """When the process started, in clock ticks since boot.
+
+    psutil gives seconds since the epoch (boot time + ticks / tick rate); counting from boot
+    again keeps pid files as they always were, and independent of later changes to the clock.
+    """
+    return round((process.create_time() - psutil.boot_time()) * _CLOCK_TICKS)
 
 
 def running_pid(config: StackConfig, name: str) -> int | None:
@@ -53,9 +75,16 @@ def running_pid(config: StackConfig, name: str) -> int | None:
     except (FileNotFoundError, ValueError):
         path.unlink(missing_ok=True)
         return None
-    stat = _proc_stat(pid)
-    if stat is not None and stat[1] == pid and stat[2] == started:
-        return pid
+    process = _live_process(pid)
+    try:
+        if (
+            process is not None
+            and os.getsid(pid) == pid
+            and _start_ticks(process) == started
+        ):
+            return pid
+    except (ProcessLookupError, psutil.Error):  # exited meanwhile
+        pass
     path.unlink(missing_ok=True)
     return None
 
@@ -64,10 +93,10 @@ def start_process(config: StackConfig, spec: ProcessSpec) -> int:
     """Start one service in its own session (= process group); returns its pid."""
     config.log_dir.mkdir(parents=True, exist_ok=True)
     config.pid_dir.mkdir(parents=True, exist_ok=True)
-    with (config.log_dir / f"{spec.name}.log").open("ab") as log:
-        log.write(
-            f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} start: {shlex.join(spec.argv)}\n".encode()
-        )
+    log_path = config.log_dir / f"{spec.name}.log"
+    with log_path.open("ab") as log:
+        started_at = time.strftime("%Y-%m-%d %H:%M:%S")
+        log.write(f"\n=== {started_at} start: {shlex.join(spec.argv)}\n".encode())
         log.flush()
         proc = subprocess.Popen(
             spec.argv,
@@ -78,34 +107,49 @@ def start_process(config: StackConfig, spec: ProcessSpec) -> int:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    stat = _proc_stat(proc.pid)
-    if stat is None:
-        raise StackError(
-            f"{spec.name} exited at once: see {config.log_dir / (spec.name + '.log')}"
-        )
-    _pid_file(config, spec.name).write_text(f"{proc.pid} {stat[2]}\n")
+    process = _live_process(proc.pid)
+    try:
+        started = _start_ticks(process) if process is not None else None
+    except psutil.Error:
+        started = None
+    if started is None:
+        raise StackError(f"{spec.name} exited at once: see {log_path}")
+    _pid_file(config, spec.name).write_text(f"{proc.pid} {started}\n")
     return proc.pid
 
 
-def _group_alive(pgid: int) -> bool:
-    """Whether any live (not zombie) process is left in this process group."""
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            stat = _proc_stat(int(entry.name))
-            if stat is not None and stat[0] == pgid:
-                return True
-    return False
+def _live_processes() -> list[tuple[int, int, int]]:
+    """(pid, process group, session) of every process that has not exited."""
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if process.status() in _EXITED:
+                continue
+            found.append((process.pid, os.getpgid(process.pid), os.getsid(process.pid)))
+        except (psutil.Error, ProcessLookupError):  # exited meanwhile
+            pass
+    return found
+
+
+def _live_groups(pgids: set[int]) -> set[int]:
+    """Those of these process groups that still hold a process that has not exited."""
+    return {pgid for _, pgid, _ in _live_processes() if pgid in pgids}
 
 
 def _session_members(session_ids: set[int]) -> list[int]:
-    """Live processes in any of these sessions (children that left their process group)."""
-    members = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            stat = _proc_stat(int(entry.name))
-            if stat is not None and stat[1] in session_ids:
-                members.append(int(entry.name))
-    return members
+    """Live processes in any of these sessions (also children that left their process group)."""
+    return [pid for pid, _, sid in _live_processes() if sid in session_ids]
+
+
+def _signal(pid: int, sig: signal.Signals, *, group: bool) -> None:
+    """Send a signal to a process or process group that may have gone already."""
+    try:
+        if group:
+            os.killpg(pid, sig)
+        else:
+            os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 def stop_stack(config: StackConfig, timeout: float = 30.0) -> list[str]:
@@ -116,29 +160,21 @@ def stop_stack(config: StackConfig, timeout: float = 30.0) -> list[str]:
         pid = running_pid(config, name)
         if pid is not None:
             groups[name] = pid
-            try:
-                os.killpg(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+            _signal(pid, signal.SIGTERM, group=True)
+    pgids = set(groups.values())
     deadline = time.monotonic() + timeout
-    while any(_group_alive(p) for p in groups.values()) and time.monotonic() < deadline:
+    while _live_groups(pgids) and time.monotonic() < deadline:
         time.sleep(0.3)
+    alive_groups = _live_groups(pgids)
     for pgid in groups.values():
-        if _group_alive(pgid):
-            try:
-                os.killpg(pgid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    sessions = set(groups.values())
-    for pid in _session_members(sessions):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        if pgid in alive_groups:
+            _signal(pgid, signal.SIGKILL, group=True)
+    for pid in _session_members(pgids):
+        _signal(pid, signal.SIGKILL, group=False)
     # SIGKILL is delivered asynchronously: return only once the processes are really gone, so a
     # start right after a stop cannot meet them (ports, pid files) and a check sees none alive.
     deadline = time.monotonic() + 10
-    while _session_members(sessions) and time.monotonic() < deadline:
+    while _session_members(pgids) and time.monotonic() < deadline:
         time.sleep(0.05)
     if config.pid_dir.is_dir():
         for path in config.pid_dir.glob("*.pid"):
