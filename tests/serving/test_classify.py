@@ -19,9 +19,10 @@ import pytest
 from sqlalchemy import select
 
 from tests.bad_inputs import CASES, build_cases, check_exif_orientation, snapshot
-from tests.serving.test_predictions import throwaway_database
+from tests.serving.conftest import throwaway_database
 from wbc_tasks.serving import classify
 from wbc_tasks.serving import predictions as db
+from wbc_tasks.serving import queries
 from wbc_tasks.core.settings import CLASS_NAMES, get_settings
 from wbc_tasks.data.images import DISAPPEARED
 from wbc_tasks.registry.tracking import ModelRef, NoModelError
@@ -257,9 +258,9 @@ def test_export_in_every_format_matches_the_database(night, tmp_path):
     truth = {r["path"]: r for r in joined}
     assert len(truth) == 100
 
-    for fmt in db.EXPORT_FORMATS:
+    for fmt in queries.EXPORT_FORMATS:
         out = tmp_path / f"predictions.{fmt}"
-        assert db.export_predictions(settings, fmt=fmt, out=out) == 103
+        assert queries.export_predictions(settings, fmt=fmt, out=out) == 103
         if fmt == "json":
             records = json.loads(out.read_text())
             probs = {r["path"]: r["probabilities"] for r in records}
@@ -279,10 +280,10 @@ def test_export_in_every_format_matches_the_database(night, tmp_path):
         assert exported["2026-11-24/empty.png"]["status"] == "rejected"
 
     flagged = sum(r["needs_review"] for r in truth.values())
-    assert db.export_predictions(settings, needs_review=True, out=tmp_path / "review.csv") == flagged
+    assert queries.export_predictions(settings, needs_review=True, out=tmp_path / "review.csv") == flagged
     some_class = next(iter(truth.values()))["predicted_class"]
     n_class = sum(r["predicted_class"] == some_class for r in truth.values())
-    assert db.export_predictions(settings, predicted_class=some_class, out=tmp_path / "c.csv") == n_class
+    assert queries.export_predictions(settings, predicted_class=some_class, out=tmp_path / "c.csv") == n_class
 
 
 def test_a_chunk_commits_all_its_rows_or_none_and_retries_cleanly(night_sqlite, monkeypatch, tmp_path):

@@ -87,7 +87,7 @@ def cmd_classify_night(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_predictions(args: argparse.Namespace, settings: Settings) -> int:
-    from wbc_tasks.serving.predictions import export_predictions
+    from wbc_tasks.serving.queries import export_predictions
 
     review = {"yes": True, "no": False}.get(args.needs_review) if args.needs_review else None
     rows = export_predictions(

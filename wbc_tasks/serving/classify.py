@@ -310,6 +310,7 @@ def find_new_images(
     ``chunks`` (the chunk file paths).
     """
     from wbc_tasks.serving import predictions as db
+    from wbc_tasks.serving import queries
 
     ref = model_ref_from_dict(model)
     db.with_db_retries(
@@ -319,7 +320,7 @@ def find_new_images(
     now = db.utcnow()
     with db.open_engine(settings.predictions_db_url) as engine:
         known = db.read_with_retries(
-            settings, engine, lambda connection: db.seen_files(connection, [f.path for f in listing.files]),
+            settings, engine, lambda connection: queries.seen_files(connection, [f.path for f in listing.files]),
             what="reading the files seen",
         )
         rejected = _hash_files(settings, listing.files, known)
@@ -336,9 +337,9 @@ def find_new_images(
 
         def lookups(connection):
             return (
-                db.rejected_files(connection, paths),
-                {(p, row["sha256"]) for p, rows in db.seen_files(connection, paths).items() for row in rows},
-                db.predicted_hashes(
+                queries.rejected_files(connection, paths),
+                {(p, row["sha256"]) for p, rows in queries.seen_files(connection, paths).items() for row in rows},
+                queries.predicted_hashes(
                     connection, [f.sha256 for f in candidates], model_name=ref.name,
                     model_version=ref.version if reclassify else None,
                 ),
@@ -600,6 +601,7 @@ def classify_chunk(
     committed before) returns that summary.
     """
     from wbc_tasks.serving import predictions as db
+    from wbc_tasks.serving import queries
 
     chunk_file = Path(chunk_file)
     done_file = chunk_file.with_suffix(".done.json")
@@ -616,7 +618,7 @@ def classify_chunk(
     with db.open_engine(settings.predictions_db_url) as engine:
         already = db.read_with_retries(
             settings, engine,
-            lambda connection: db.predicted_hashes(
+            lambda connection: queries.predicted_hashes(
                 connection, [i["sha256"] for i in items], model_name=ref.name, model_version=ref.version
             ),
             what=f"reading earlier predictions of chunk {chunk_file.name}",
