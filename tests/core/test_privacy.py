@@ -245,9 +245,9 @@ def test_cli_prints_the_same_pseudonyms(settings, tmp_path, monkeypatch, capsys)
 
 
 def test_nightly_rejections_are_logged_by_pseudonym(settings, tmp_path, caplog):
-    from wbc_tasks.serving import classify
     from wbc_tasks.core.privacy import pseudonymise_path
     from wbc_tasks.registry.tracking import ModelRef
+    from wbc_tasks.serving import plan
 
     on = settings.with_overrides(
         pseudonymise_names=True, pseudonym_key="k" * 32, settle_minutes=0.0,
@@ -257,7 +257,7 @@ def test_nightly_rejections_are_logged_by_pseudonym(settings, tmp_path, caplog):
     (on.classify_dir / "2024-05-01" / f"{PATIENT} notes.txt").write_text("not an image")
     model = ModelRef("wbc", "1", "r", "models:/wbc/1", 32, ("blasts", "neutrophils"))
     caplog.set_level(logging.INFO)
-    found = classify.find_new_images(on, run_id="night", model=model)
+    found = plan.find_new_images(on, run_id="night", model=model)
 
     assert found["files_rejected"] == 1
     logs = _log_text(caplog)

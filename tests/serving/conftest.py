@@ -1,19 +1,24 @@
-"""Shared by the serving tests: a real predictions database (SQLite, or a throwaway database on
-the local PostgreSQL) and rows to write into it."""
+"""Shared by the serving tests: a real (tiny) registered model, the real images of
+``../shared/data/wbc-bench/classify-images``, settings for nightly runs and a real predictions
+database (SQLite, or a throwaway database on the local PostgreSQL)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 
-from wbc_tasks.core.settings import CLASS_NAMES
+from tests.conftest import REPO_ROOT
+from wbc_tasks.core.settings import CLASS_NAMES, get_settings
+from wbc_tasks.registry.tracking import ModelRef
 from wbc_tasks.serving import predictions as db
 
 #: Maintenance database of the local PostgreSQL (trust auth); throwaway databases are made there.
@@ -21,6 +26,9 @@ POSTGRES_ADMIN_URL = os.environ.get(
     "WBC_TEST_POSTGRES_URL", "postgresql+psycopg2://postgres@localhost:5432/postgres"
 )
 DB_KINDS = ["sqlite", "postgresql"]
+DROPS = REPO_ROOT.parent / "shared" / "data" / "wbc-bench" / "classify-images"
+V2_CLASSES = (*CLASS_NAMES, "smudge")  # a later model with another class list
+THRESHOLD = 0.65  # near the median confidence of the tiny seed-1 model on these images
 
 
 @contextmanager
@@ -101,4 +109,148 @@ def make_seen(path: str, sha: str, drop: str, seen_at=None) -> dict:
         "mtime": 1.5,
         "seen_at": seen_at or db.utcnow(),
         "dag_run_id": "night",
+    }
+
+
+def drop_source(name: str) -> Path:
+    path = DROPS / name
+    if not path.is_dir():
+        pytest.skip(
+            f"real images absent: {path} not found (../shared/data is not checked out here)"
+        )
+    return path
+
+
+def register_tiny_model(
+    settings, *, class_names=CLASS_NAMES, seed=0, alias=None
+) -> ModelRef:
+    """A 32 px Rescaling + Flatten + Dense softmax model, registered like a trained one."""
+    import keras
+
+    import mlflow
+    from wbc_tasks.registry import tracking as registry
+
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential(
+        [
+            keras.Input((32, 32, 3)),
+            keras.layers.Rescaling(1 / 255),
+            keras.layers.Flatten(),
+            # Spread-out weights: confidences on both sides of the review threshold.
+            keras.layers.Dense(
+                len(class_names),
+                activation="softmax",
+                kernel_initializer=keras.initializers.RandomNormal(
+                    stddev=0.05, seed=seed
+                ),
+            ),
+        ]
+    )
+    with mlflow.start_run(experiment_id=registry.ensure_experiment(settings)):
+        ref = registry.log_model_version(
+            settings, model, image_size=32, class_names=tuple(class_names)
+        )
+    if alias:
+        registry.configure_mlflow(settings).set_registered_model_alias(
+            settings.model_name, alias, ref.version
+        )
+    return ref
+
+
+def base_settings(folder: Path):
+    """Settings whose state lives in ``folder`` (module fixtures cannot use monkeypatch)."""
+    return get_settings().with_overrides(
+        home=folder,
+        work_dir=folder / "work",
+        classify_dir=folder / "classify",
+        mlflow_tracking_uri=f"sqlite:///{folder / 'mlflow' / 'mlflow.db'}",
+        mlflow_artifact_root=folder / "mlflow" / "artifacts",
+        mlflow_experiment="wbc-training",
+        classify_experiment="wbc-classification",
+        model_name="wbc-classifier",
+        champion_alias="champion",
+        predictions_db_url=f"sqlite:///{folder / 'predictions.db'}",
+        archive_dir=None,
+        allowed_roots=(),
+        settle_minutes=0.0,
+        workers=1,
+        classify_chunk_size=500,
+        max_chunks=32,
+        classify_batch_size=16,
+        review_threshold=THRESHOLD,
+    )
+
+
+@pytest.fixture(scope="session")
+def registry_settings(tmp_path_factory):
+    """One MLflow registry for the serving tests: v1 (the champion) and v2 (another class list)."""
+    settings = base_settings(tmp_path_factory.mktemp("registry"))
+    v1 = register_tiny_model(settings, seed=1, alias="champion")
+    v2 = register_tiny_model(settings, class_names=V2_CLASSES, seed=2)
+    assert (v1.version, v2.version) == ("1", "2")
+    return settings
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def night(request, registry_settings, tmp_path):
+    """Settings for nightly runs: this test's classify/work folders and predictions database."""
+    with throwaway_database(request.param, tmp_path) as url:
+        settings = registry_settings.with_overrides(
+            classify_dir=tmp_path / "classify",
+            work_dir=tmp_path / "work",
+            predictions_db_url=url,
+        )
+        settings.classify_dir.mkdir()
+        yield settings
+
+
+@pytest.fixture
+def night_sqlite(registry_settings, tmp_path):
+    settings = registry_settings.with_overrides(
+        classify_dir=tmp_path / "classify",
+        work_dir=tmp_path / "work",
+        predictions_db_url=f"sqlite:///{tmp_path / 'predictions.db'}",
+    )
+    settings.classify_dir.mkdir()
+    return settings
+
+
+def copy_drop(name: str, settings) -> Path:
+    return Path(shutil.copytree(drop_source(name), settings.classify_dir / name))
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def files_under(folder: Path) -> dict[str, str]:
+    """relative path -> sha256 of every file under ``folder``."""
+    return {
+        str(p.relative_to(folder)): sha(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def table_rows(settings, table) -> list[dict]:
+    with (
+        db.open_engine(settings.predictions_db_url) as engine,
+        engine.connect() as connection,
+    ):
+        return [
+            dict(r)
+            for r in connection.execute(select(table).order_by(table.c.id)).mappings()
+        ]
+
+
+def add_bad_files(folder: Path, good: Path) -> dict[str, str]:
+    """A truncated JPEG, an empty PNG and a text file; returns name -> expected reason fragment."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "truncated.jpg").write_bytes(good.read_bytes()[:3000])
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "notes.txt").write_text("slide 14 re-stained\n")
+    return {
+        "truncated.jpg": "truncated",
+        "empty.png": "empty",
+        "notes.txt": "unsupported file type",
     }

@@ -26,8 +26,10 @@ from sqlalchemy import create_engine, event, func, select, text
 from sqlalchemy.engine import Engine
 
 from tests.conftest import write_image, free_port
-from wbc_tasks.serving import classify
 from wbc_tasks.serving import predictions as db
+from wbc_tasks.serving.commit import classify_chunk
+from wbc_tasks.serving.model import model_ref_to_dict
+from wbc_tasks.serving.plan import find_new_images
 from wbc_tasks.core.settings import CLASS_NAMES
 from wbc_tasks.registry.tracking import ModelRef
 
@@ -225,21 +227,21 @@ def test_server_crash_mid_transaction_then_restart_retries_the_chunk_once(night,
     """The server crashes inside chunk 2's transaction (its predictions sent, not committed) and
     is back 1.5 s later: the commit is retried whole and the run ends with one row per image."""
     caplog.set_level(logging.WARNING, logger="wbc_tasks.serving.predictions")
-    model = classify.model_ref_to_dict(tiny_model[0])
-    found = classify.find_new_images(night, run_id="night-1", model=model, chunk_size=CHUNK)
+    model = model_ref_to_dict(tiny_model[0])
+    found = find_new_images(night, run_id="night-1", model=model, chunk_size=CHUNK)
     assert len(found["chunks"]) == N_IMAGES // CHUNK
     first, second, third = found["chunks"]
-    classify.classify_chunk(night, first, model, run_id="night-1")
+    classify_chunk(night, first, model, run_id="night-1")
 
     with CrashAt(pg_cluster, "INSERT INTO FILES_SEEN", restart_after=1.5) as crash:
         crash.armed = True
-        summary = classify.classify_chunk(night, second, model, run_id="night-1")
+        summary = classify_chunk(night, second, model, run_id="night-1")
     assert crash.fired == 1 and pg_cluster.running()
     retries = [r.getMessage() for r in caplog.records if "committing chunk" in r.getMessage()]
     assert retries and "retry 1 of 8" in retries[0], "the commit was not retried"
     assert summary["images_classified"] == CHUNK
 
-    classify.classify_chunk(night, third, model, run_id="night-1")
+    classify_chunk(night, third, model, run_id="night-1")
     _assert_each_image_exactly_once(night)
 
 
@@ -248,14 +250,14 @@ def test_server_down_longer_than_the_retries_commits_nothing_then_the_rerun_comm
     """The server crashes inside chunk 1's transaction and stays down past the retries: a clear
     error, no row of the chunk, no summary file; the retried task commits the chunk exactly once."""
     settings = night.with_overrides(predictions_db_retries=2, predictions_db_retry_wait=0.1)
-    model = classify.model_ref_to_dict(tiny_model[0])
-    found = classify.find_new_images(settings, run_id="night-2", model=model, chunk_size=CHUNK)
+    model = model_ref_to_dict(tiny_model[0])
+    found = find_new_images(settings, run_id="night-2", model=model, chunk_size=CHUNK)
     chunk = found["chunks"][0]
 
     with CrashAt(pg_cluster, "INSERT INTO FILES_SEEN", restart_after=None) as crash:
         crash.armed = True
         with pytest.raises(db.DatabaseUnavailableError) as failed:
-            classify.classify_chunk(settings, chunk, model, run_id="night-2")
+            classify_chunk(settings, chunk, model, run_id="night-2")
     message = str(failed.value)
     assert crash.fired == 1
     assert "is unreachable" in message and "committing chunk chunk-0000.json" in message
@@ -269,7 +271,7 @@ def test_server_down_longer_than_the_retries_commits_nothing_then_the_rerun_comm
         assert connection.execute(select(func.count()).select_from(db.files_seen)).scalar_one() == 0
 
     for chunk in found["chunks"]:  # Airflow retries the failed chunk; the others run as usual
-        classify.classify_chunk(settings, chunk, model, run_id="night-2")
+        classify_chunk(settings, chunk, model, run_id="night-2")
     _assert_each_image_exactly_once(settings)
 
 

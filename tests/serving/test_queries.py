@@ -1,5 +1,5 @@
 """Reading the predictions database: the export of every file seen with each prediction of its
-content, its filters and formats, on known rows (SQLite and PostgreSQL)."""
+content, its filters and formats, on known rows (SQLite and PostgreSQL) and after a real night."""
 
 from __future__ import annotations
 
@@ -9,11 +9,13 @@ from datetime import UTC, datetime, timedelta
 
 import pandas as pd
 import pytest
+from sqlalchemy import select
 
-from tests.serving.conftest import make_prediction, make_seen
+from tests.serving.conftest import add_bad_files, copy_drop, make_prediction, make_seen
 from wbc_tasks.core.settings import CLASS_NAMES
 from wbc_tasks.serving import predictions as db
 from wbc_tasks.serving import queries
+from wbc_tasks.serving.nightly import classify_new_images
 
 
 @pytest.fixture
@@ -185,3 +187,76 @@ def test_export_to_stdout_and_bad_format(known_rows, capsysbinary):
     assert lines[0].startswith("path,drop,status") and len(lines) == 3
     with pytest.raises(ValueError, match="unknown export format 'xlsx'"):
         queries.export_predictions(known_rows, fmt="xlsx")
+
+
+def test_export_in_every_format_matches_the_database(night, tmp_path):
+    settings = night
+    folder = copy_drop("2026-11-24", settings)
+    add_bad_files(folder, folder / "cell_0002.jpg")
+    classify_new_images(settings)
+    with (
+        db.open_engine(settings.predictions_db_url) as engine,
+        engine.connect() as connection,
+    ):
+        joined = (
+            connection.execute(
+                select(db.files_seen.c.path, db.predictions).join(
+                    db.predictions, db.predictions.c.sha256 == db.files_seen.c.sha256
+                )
+            )
+            .mappings()
+            .all()
+        )
+    truth = {r["path"]: r for r in joined}
+    assert len(truth) == 100
+
+    for fmt in queries.EXPORT_FORMATS:
+        out = tmp_path / f"predictions.{fmt}"
+        assert queries.export_predictions(settings, fmt=fmt, out=out) == 103
+        if fmt == "json":
+            records = json.loads(out.read_text())
+            probs = {r["path"]: r["probabilities"] for r in records}
+        else:
+            table = (
+                pd.read_csv(out, dtype={"model_version": str})
+                if fmt == "csv"
+                else pd.read_parquet(out)
+            )
+            records = table.to_dict("records")
+            probs = {
+                r["path"]: {c: r[f"prob_{c}"] for c in CLASS_NAMES} for r in records
+            }
+        exported = {r["path"]: r for r in records}
+        assert set(exported) == set(truth) | {
+            f"2026-11-24/{n}" for n in ("truncated.jpg", "empty.png", "notes.txt")
+        }
+        for path, row in truth.items():
+            got = exported[path]
+            assert (
+                got["status"] == "classified"
+                and got["predicted_class"] == row["predicted_class"]
+            )
+            assert got["confidence"] == pytest.approx(row["confidence"])
+            assert bool(got["needs_review"]) == row["needs_review"]
+            assert (
+                str(got["model_version"]) == row["model_version"]
+                and got["sha256"] == row["sha256"]
+            )
+            assert probs[path] == pytest.approx(row["probabilities"])
+        assert exported["2026-11-24/empty.png"]["status"] == "rejected"
+
+    flagged = sum(r["needs_review"] for r in truth.values())
+    assert (
+        queries.export_predictions(
+            settings, needs_review=True, out=tmp_path / "review.csv"
+        )
+        == flagged
+    )
+    some_class = next(iter(truth.values()))["predicted_class"]
+    n_class = sum(r["predicted_class"] == some_class for r in truth.values())
+    assert (
+        queries.export_predictions(
+            settings, predicted_class=some_class, out=tmp_path / "c.csv"
+        )
+        == n_class
+    )
