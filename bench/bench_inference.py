@@ -8,7 +8,7 @@ loaded back, and that load is timed apart. Then, alternating order, ``--repeats`
 
 - ``plain predict``: the files already decoded into one array (decoding not timed), then
   ``model.predict(x, batch_size)``: the compute bound, the baseline;
-- ``task``: ``wbc_tasks.serving.classify.predict_images`` on the files: hashing, decoding and resizing
+- ``task``: ``wbc_tasks.serving.infer.predict_images`` on the files: hashing, decoding and resizing
   in a thread pool one batch ahead of the model, batches through ``predict_on_batch`` (what the
   nightly ``classify_chunk`` task runs between loading the model and writing rows);
 - ``one at a time``: a loop decoding one file and predicting it alone (the notebook's way).
@@ -32,10 +32,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from wbc_tasks.serving.classify import predict_images  # noqa: E402
 from wbc_tasks.core.settings import CLASS_NAMES, get_settings  # noqa: E402
 from wbc_tasks.data.images import load_image  # noqa: E402
 from wbc_tasks.registry.versions import ModelRef  # noqa: E402
+from wbc_tasks.serving.infer import predict_images  # noqa: E402
 
 DROP = REPO.parent / "shared" / "data" / "wbc-bench" / "classify-images" / "2026-11-24"
 

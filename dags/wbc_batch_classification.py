@@ -3,7 +3,7 @@
 resolve the model (alias → one fixed version) → find new images → classify (one mapped task per
 chunk file) → summarise
 
-Every task is one call of one ``wbc_tasks.serving.classify`` function. The model is resolved once, at
+Every task is one call of one ``wbc_tasks.serving`` function. The model is resolved once, at
 the start, so every chunk uses the same version even if a promotion happens mid-run. Tasks pass
 only small dicts and chunk-file paths; the images stay on disk. Results land in the predictions
 database (``WBC_PREDICTIONS_DB_URL``); fetch them with ``wbc predictions``. Runs nightly
@@ -53,14 +53,14 @@ def _run_id_and_params() -> tuple[str, dict]:
 def wbc_batch_classification() -> None:
     @task
     def resolve_model() -> dict:
-        from wbc_tasks.serving.classify import resolve_run_model
+        from wbc_tasks.serving.model import resolve_run_model
 
         _, params = _run_id_and_params()
         return resolve_run_model(get_settings(), params["model"])
 
     @task
     def find_new_images(model: dict) -> dict:
-        from wbc_tasks.serving.classify import find_new_images as find
+        from wbc_tasks.serving.plan import find_new_images as find
 
         run_id, params = _run_id_and_params()
         return find(
@@ -75,7 +75,7 @@ def wbc_batch_classification() -> None:
 
     @task(retries=2, retry_delay=timedelta(seconds=30))
     def classify_chunk(chunk: str, model: dict) -> dict:
-        from wbc_tasks.serving.classify import classify_chunk as classify
+        from wbc_tasks.serving.commit import classify_chunk as classify
 
         run_id, params = _run_id_and_params()
         return classify(get_settings(), chunk, model, run_id=run_id, threshold=params["threshold"])
@@ -83,7 +83,7 @@ def wbc_batch_classification() -> None:
     # none_failed: a night with nothing new maps zero chunks (skipped) and still gets a summary.
     @task(trigger_rule="none_failed")
     def summarise(model: dict, found: dict, chunks: list[dict] | None) -> dict:
-        from wbc_tasks.serving.classify import summarise_run
+        from wbc_tasks.serving.summary import summarise_run
 
         run_id, params = _run_id_and_params()
         return summarise_run(

@@ -207,7 +207,6 @@ def test_a_missing_key_is_generated_once_and_a_short_one_refused(settings):
 
 
 def test_copies_of_csv_and_json_pseudonymise_path_fields_and_paths_in_text(settings, tmp_path):
-    
 
     on = settings.with_overrides(pseudonymise_names=True, pseudonym_key="k" * 32)
     table = tmp_path / "rejected.csv"
@@ -235,7 +234,6 @@ def test_copies_of_csv_and_json_pseudonymise_path_fields_and_paths_in_text(setti
 
 def test_cli_prints_the_same_pseudonyms(settings, tmp_path, monkeypatch, capsys):
     from wbc_tasks.cli import main
-    
 
     data = tmp_path / "WBC"
     image = write_image(data / "blasts" / f"{PATIENT}_cell.jpg")
@@ -252,8 +250,8 @@ def test_cli_prints_the_same_pseudonyms(settings, tmp_path, monkeypatch, capsys)
 
 
 def test_nightly_rejections_are_logged_by_pseudonym(settings, tmp_path, caplog):
-    from wbc_tasks.serving import classify
     from wbc_tasks.registry.versions import ModelRef
+    from wbc_tasks.serving import plan
 
     on = settings.with_overrides(
         pseudonymise_names=True, pseudonym_key="k" * 32, settle_minutes=0.0,
@@ -263,7 +261,7 @@ def test_nightly_rejections_are_logged_by_pseudonym(settings, tmp_path, caplog):
     (on.classify_dir / "2024-05-01" / f"{PATIENT} notes.txt").write_text("not an image")
     model = ModelRef("wbc", "1", "r", "models:/wbc/1", 32, ("blasts", "neutrophils"))
     caplog.set_level(logging.INFO)
-    found = classify.find_new_images(on, run_id="night", model=model)
+    found = plan.find_new_images(on, run_id="night", model=model)
 
     assert found["files_rejected"] == 1
     logs = _log_text(caplog)

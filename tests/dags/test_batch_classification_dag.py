@@ -51,10 +51,10 @@ def test_dag_test_classifies_a_real_drop_in_mapped_chunks(airflow_db, settings, 
         skip_unless_required(f"real images absent: {DROP} not found (../shared/data is not checked out here)")
     from airflow.utils.state import DagRunState, TaskInstanceState
 
-    from tests.serving.test_classify import register_tiny_model
-    from wbc_tasks.serving import predictions as db
-    from wbc_tasks.serving.classify import run_work_dir
+    from tests.serving.conftest import register_tiny_model
     from wbc_tasks.core.settings import get_settings
+    from wbc_tasks.serving import predictions as db
+    from wbc_tasks.serving.plan import run_work_dir
 
     classify_dir = tmp_path / "classify"
     shutil.copytree(DROP, classify_dir / DROP.name)

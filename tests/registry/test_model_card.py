@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pandas as pd
-import pytest
 
 from tests.conftest import SHARED_DATA, skip_unless_required
 from wbc_tasks.core.settings import CLASS_NAMES

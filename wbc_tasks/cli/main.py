@@ -87,7 +87,7 @@ def cmd_classify_night(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_predictions(args: argparse.Namespace, settings: Settings) -> int:
-    from wbc_tasks.serving.predictions import export_predictions
+    from wbc_tasks.serving.queries import export_predictions
 
     review = {"yes": True, "no": False}.get(args.needs_review) if args.needs_review else None
     rows = export_predictions(
@@ -107,7 +107,7 @@ def cmd_predictions(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_classify(args: argparse.Namespace, settings: Settings) -> int:
-    from wbc_tasks.serving.classify import classify_paths
+    from wbc_tasks.serving.single import classify_paths
 
     results = classify_paths(settings, [Path(p) for p in args.paths], model_ref=args.model, record=args.record)
     print(json.dumps(results, indent=2, default=str))

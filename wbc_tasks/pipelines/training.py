@@ -208,48 +208,12 @@ def register_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
     return run_step(run / "register", build)
 
 
-def champion_metrics_on_this_test_split(settings: Settings, run: Path, batch_size: int):
-    """A function giving a registered model's metrics on this run's test images.
-
-    The champion is evaluated on the SAME images as the candidate (the current hash-stable test
-    split), at its own image size and with its own class list.
-    """
-
-    def evaluate(ref) -> dict:
-        import numpy as np
-
-        from wbc_tasks.data.dataset import read_manifest
-        from wbc_tasks.training.evaluate import compute_metrics
-        from wbc_tasks.data.preprocess import build_split_store
-        from wbc_tasks.registry.versions import load_keras_model
-        from wbc_tasks.data.store import open_store
-
-        test_dir = run / "preprocess" / "test"
-        if open_store(test_dir).image_size != ref.image_size:
-            test_dir = run / "promote_inputs" / f"test-{ref.image_size}px"
-            if not (test_dir / "labels.npy").exists():
-                manifest = read_manifest(run / "split")
-                data_dir = Path(require_complete(run / "split")["data_dir"])
-                table = manifest[manifest["split"] == "test"].reset_index(drop=True)
-                build_split_store(table, data_dir, test_dir, ref.image_size, settings)
-        store = open_store(test_dir)
-        known = {name: i for i, name in enumerate(ref.class_names)}
-        missing = sorted(set(store.records["class"]) - set(known))
-        if missing:
-            raise ValueError(f"champion {ref.uri} cannot classify test classes {missing}")
-        model = load_keras_model(settings, ref)
-        probabilities = np.concatenate(
-            [model.predict(store.images[a:b], verbose=0) for a, b in store.chunks(max(batch_size, 1) * 8)]
-        ) if len(store) else np.zeros((0, len(ref.class_names)))
-        y_true = np.array([known[c] for c in store.records["class"]], dtype=np.int64)
-        return compute_metrics(y_true, probabilities, tuple(ref.class_names))
-
-    return evaluate
-
-
 def promote_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
     """Promote the new version to champion only if it beats the champion on the same test images."""
-    from wbc_tasks.registry.promotion import promote_if_better
+    from wbc_tasks.registry.promotion import (
+        champion_metrics_on_this_test_split,
+        promote_if_better,
+    )
     from wbc_tasks.registry.runs import finish_tracking_run
     from wbc_tasks.registry.versions import resolve_model
 

@@ -22,22 +22,15 @@ import math
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
-from datetime import UTC, datetime
+from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from wbc_tasks.core.settings import Settings
 from wbc_tasks.registry.client import call_with_retries, configure_mlflow
 from wbc_tasks.registry.model_card import describe_registered_model
 from wbc_tasks.registry.tags import per_class_values
-from wbc_tasks.registry.versions import (
-    ModelRef,
-    NoModelError,
-    current_aliases,
-    model_ref_from_version,
-    resolve_model,
-    version_metrics,
-    wait_until_ready,
-)
+from wbc_tasks.registry.versions import ModelRef, NoModelError, current_aliases, model_ref_from_version, resolve_model, version_metrics, wait_until_ready
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +86,7 @@ class PromotionDecision:
 
 
 def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def _metric_value(metrics: Mapping[str, Any], metric: str, whose: str) -> float:
@@ -255,7 +248,7 @@ def _move_champion(settings: Settings, new_champion: str, aliases: Mapping[str, 
         for alias, version in ((settings.champion_alias, old_champion), (settings.rollback_alias, old_rollback)):
             try:
                 _point_alias(settings, alias, version)
-            except Exception as exc:  # noqa: BLE001 - keep going: restore what can be restored, report the rest
+            except Exception as exc:  # keep going: restore what can be restored, report the rest
                 log.critical("could not restore alias @%s to version %s: %s", alias, version, exc)
         raise
     log.info("@%s -> version %s; @%s -> version %s", settings.champion_alias, new_champion,
@@ -270,7 +263,7 @@ def _after_move(settings: Settings, new_champion: str, headline: str, demoted: s
         describe_registered_model(settings, new_champion, headline)
         if demoted is not None:
             _set_tags(settings, demoted, demotion_tags)
-    except Exception as exc:  # noqa: BLE001 - the aliases moved: bookkeeping must not fail the promotion
+    except Exception as exc:
         log.warning("champion moved to version %s, but updating descriptions/tags failed: %s", new_champion, exc)
 
 
@@ -357,6 +350,49 @@ def promote_if_better(
             decision = decide_promotion(candidate_metrics, champion_metrics, champion_version=champion_version,
                                         margin=margin, **floors)
         return apply_decision(settings, candidate, decision)
+
+
+def champion_metrics_on_this_test_split(
+    settings: Settings, run: Path, batch_size: int
+) -> Callable[[ModelRef], dict[str, Any]]:
+    """A function giving a registered model's metrics on a training run's test images.
+
+    The champion is evaluated on the SAME images as the candidate (the current hash-stable test
+    split in ``run``, the run's work folder), at its own image size and with its own class list.
+    """
+
+    def evaluate(ref: ModelRef) -> dict[str, Any]:
+        import numpy as np
+
+        from wbc_tasks.core.workdir import require_complete
+        from wbc_tasks.data.dataset import read_manifest
+        from wbc_tasks.data.preprocess import build_split_store
+        from wbc_tasks.data.store import open_store
+        from wbc_tasks.registry.versions import load_keras_model
+        from wbc_tasks.training.evaluate import compute_metrics
+        from wbc_tasks.training.predict import predict_store
+
+        test_dir = run / "preprocess" / "test"
+        if open_store(test_dir).image_size != ref.image_size:
+            test_dir = run / "promote_inputs" / f"test-{ref.image_size}px"
+            if not (test_dir / "labels.npy").exists():
+                manifest = read_manifest(run / "split")
+                data_dir = Path(require_complete(run / "split")["data_dir"])
+                table = manifest[manifest["split"] == "test"].reset_index(drop=True)
+                build_split_store(table, data_dir, test_dir, ref.image_size, settings)
+        store = open_store(test_dir)
+        known = {name: i for i, name in enumerate(ref.class_names)}
+        missing = sorted(set(store.records["class"]) - set(known))
+        if missing:
+            raise ValueError(
+                f"champion {ref.uri} cannot classify test classes {missing}"
+            )
+        model = load_keras_model(settings, ref)
+        probabilities = predict_store(model, store, batch_size)
+        y_true = np.array([known[c] for c in store.records["class"]], dtype=np.int64)
+        return compute_metrics(y_true, probabilities, tuple(ref.class_names))
+
+    return evaluate
 
 
 def _require(who: str, why: str) -> None:

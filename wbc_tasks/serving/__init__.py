@@ -1,3 +1,10 @@
 """Nightly classification: scan the drop folders, plan chunks, infer with a registered model,
 commit rows per chunk, summarise the night; and the predictions database (schema, migrations,
-export). Imports ``core``, ``data``, ``training`` and ``registry``."""
+look-ups, export). Imports ``core``, ``data``, ``training`` and ``registry``.
+
+Modules, lowest first: ``predictions`` (tables, migrations, writes) and ``queries`` (reads,
+export); ``model`` (which version a run uses); ``scan`` (what lies in the classify folder);
+``archive``; ``infer`` (decode and predict); ``commit`` (rows, the chunk task); ``plan`` (what is
+new, chunk files); ``summary``; ``nightly`` (one run in one process) and ``single``
+(``wbc classify``). The DAG's tasks are ``model.resolve_run_model``, ``plan.find_new_images``,
+``commit.classify_chunk`` and ``summary.summarise_run``."""

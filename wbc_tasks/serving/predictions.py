@@ -1,4 +1,6 @@
-"""The predictions database: its tables, migrations, idempotent writes and the export users fetch.
+"""The predictions database: its tables, migrations, connections that retry, and idempotent
+writes. Reading it (the nightly look-ups, the export) is :mod:`wbc_tasks.serving.queries`.
+Imports ``core``.
 
 Three tables (SQLite by default, PostgreSQL through ``WBC_PREDICTIONS_DB_URL``):
 
@@ -25,15 +27,12 @@ use Alembic's default table name.
 
 from __future__ import annotations
 
-import io
-import json
 import logging
-import sys
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     JSON,
@@ -49,19 +48,13 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
-    and_,
     create_engine,
     event,
-    or_,
-    select,
 )
 from sqlalchemy.engine import Connection, Engine, make_url
 
-from wbc_tasks.core.settings import CLASS_NAMES, Settings
 from wbc_tasks.core.retry import call_with_backoff
-
-if TYPE_CHECKING:
-    import pandas as pd
+from wbc_tasks.core.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -72,18 +65,14 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 LOOSE_DROP = ""
 #: sha256 recorded for a file that could not be read at all.
 UNREADABLE_SHA = ""
-EXPORT_FORMATS = ("csv", "parquet", "json")
-#: Columns of an export, in order (csv/parquet add one ``prob_<class>`` column per class).
-EXPORT_COLUMNS = (
-    "path", "drop", "status", "predicted_class", "confidence", "needs_review", "model_name",
-    "model_version", "model_run_id", "predicted_at", "prediction_dag_run_id", "rejection_reason",
-    "rejected_at", "sha256", "size", "seen_at", "probabilities",
-)
-#: SQLite allows a limited number of bound parameters per statement; IN lists are split.
-_IN_BATCH = 500
 #: Connection failures that retrying cannot fix (checked before retrying one).
-_PERMANENT_CONNECT_ERRORS = ("authentication failed", "does not exist", "pg_hba.conf", "no password",
-                             "permission denied")
+_PERMANENT_CONNECT_ERRORS = (
+    "authentication failed",
+    "does not exist",
+    "pg_hba.conf",
+    "no password",
+    "permission denied",
+)
 
 T = TypeVar("T")
 
@@ -155,7 +144,7 @@ _CONFLICT_KEYS = {
 
 def utcnow() -> datetime:
     """Timestamps are stored in UTC (SQLite keeps no offset, so everything must agree)."""
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def make_engine(url: str) -> Engine:
@@ -186,7 +175,9 @@ def is_transient_db_error(exc: BaseException) -> bool:
     refused or reset (a restarting server), a deadlock or serialisation failure, SQLite busy."""
     from sqlalchemy import exc as sa_exc
 
-    if isinstance(exc, (sa_exc.DisconnectionError, sa_exc.TimeoutError)):  # pool: reconnect / wait
+    if isinstance(
+        exc, (sa_exc.DisconnectionError, sa_exc.TimeoutError)
+    ):  # pool: reconnect / wait
         return True
     if not isinstance(exc, sa_exc.DBAPIError):
         return False
@@ -221,12 +212,19 @@ def with_db_retries(settings: Settings, fn: Callable[[], T], *, what: str) -> T:
         )
 
     return call_with_backoff(
-        fn, retries=settings.predictions_db_retries, first_wait=settings.predictions_db_retry_wait,
-        is_transient=is_transient_db_error, what=f"predictions database {url}: {what}", give_up=give_up, log=log,
+        fn,
+        retries=settings.predictions_db_retries,
+        first_wait=settings.predictions_db_retry_wait,
+        is_transient=is_transient_db_error,
+        what=f"predictions database {url}: {what}",
+        give_up=give_up,
+        log=log,
     )
 
 
-def transaction(settings: Settings, engine: Engine, work: Callable[[Connection], T], *, what: str) -> T:
+def transaction(
+    settings: Settings, engine: Engine, work: Callable[[Connection], T], *, what: str
+) -> T:
     """``work(connection)`` in one transaction, committed whole or not at all, and retried whole
     when the connection fails (:func:`with_db_retries`)."""
 
@@ -293,11 +291,15 @@ def current_revision(engine: Engine) -> str | None:
     from alembic.runtime.migration import MigrationContext
 
     with engine.connect() as connection:
-        context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
+        context = MigrationContext.configure(
+            connection, opts={"version_table": VERSION_TABLE}
+        )
         return context.get_current_revision()
 
 
-def insert_ignore(connection: Connection, table: Table, rows: Sequence[dict[str, Any]]) -> None:
+def insert_ignore(
+    connection: Connection, table: Table, rows: Sequence[dict[str, Any]]
+) -> None:
     """Insert ``rows``, silently keeping rows that already exist (by the table's unique key)."""
     if not rows:
         return
@@ -310,265 +312,7 @@ def insert_ignore(connection: Connection, table: Table, rows: Sequence[dict[str,
         raise NotImplementedError(
             f"the predictions database supports SQLite and PostgreSQL, not {dialect}"
         )
-    stmt = insert(table).on_conflict_do_nothing(index_elements=list(_CONFLICT_KEYS[table.name]))
+    stmt = insert(table).on_conflict_do_nothing(
+        index_elements=list(_CONFLICT_KEYS[table.name])
+    )
     connection.execute(stmt, list(rows))
-
-
-def _batches(items: Sequence[Any], size: int = _IN_BATCH) -> Iterator[Sequence[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
-def predicted_hashes(
-    connection: Connection,
-    hashes: Iterable[str],
-    *,
-    model_name: str,
-    model_version: str | None = None,
-) -> set[str]:
-    """Which of ``hashes`` have a prediction by ``model_name`` (any version when None)."""
-    hashes = sorted(set(hashes))
-    found: set[str] = set()
-    for part in _batches(hashes):
-        query = select(predictions.c.sha256).where(
-            predictions.c.sha256.in_(part), predictions.c.model_name == model_name
-        )
-        if model_version is not None:
-            query = query.where(predictions.c.model_version == str(model_version))
-        found.update(connection.execute(query).scalars())
-    return found
-
-
-def seen_files(connection: Connection, paths: Iterable[str]) -> dict[str, list[dict[str, Any]]]:
-    """``files_seen`` rows of ``paths``: path -> [{sha256, size, mtime}, ...]."""
-    paths = sorted(set(paths))
-    rows: dict[str, list[dict[str, Any]]] = {}
-    for part in _batches(paths):
-        query = select(
-            files_seen.c.path, files_seen.c.sha256, files_seen.c.size, files_seen.c.mtime
-        ).where(files_seen.c.path.in_(part))
-        for row in connection.execute(query).mappings():
-            rows.setdefault(row["path"], []).append(dict(row))
-    return rows
-
-
-def rejected_files(connection: Connection, paths: Iterable[str]) -> set[tuple[str, str]]:
-    """(path, sha256) pairs of ``paths`` that already have a rejection."""
-    paths = sorted(set(paths))
-    found: set[tuple[str, str]] = set()
-    for part in _batches(paths):
-        query = select(rejections.c.path, rejections.c.sha256).where(rejections.c.path.in_(part))
-        found.update((p, s) for p, s in connection.execute(query))
-    return found
-
-
-# --------------------------------------------------------------------------------------------
-# Fetching
-# --------------------------------------------------------------------------------------------
-
-def _as_utc(value: datetime | str | None) -> datetime | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        value = datetime.fromisoformat(value)
-    if value.tzinfo is None:
-        return value.replace(tzinfo=timezone.utc)
-    return value.astimezone(timezone.utc)
-
-
-def _for_db(value: datetime, connection: Connection) -> datetime:
-    # SQLite stores naive UTC text; compare like with like.
-    return value.replace(tzinfo=None) if connection.dialect.name == "sqlite" else value
-
-
-def query_predictions(
-    settings: Settings,
-    *,
-    drop: str | None = None,
-    since: datetime | str | None = None,
-    predicted_class: str | None = None,
-    needs_review: bool | None = None,
-    model_version: str | int | None = None,
-    latest: bool = False,
-) -> "pd.DataFrame":
-    """One row per file seen and prediction of its content (long form: ``probabilities`` dict).
-
-    A file whose content was classified by two model versions has two rows (``latest=True``
-    keeps only the newest prediction per file). Rejected files appear with ``status``
-    ``rejected`` and their ``reason`` unless a prediction filter (class, review, version) is
-    given. ``since`` keeps rows whose file was first seen, or whose prediction or rejection was
-    made, at or after that time (naive times are UTC).
-    """
-    import pandas as pd
-
-    fs, p, r = files_seen, predictions, rejections
-    query = (
-        select(
-            fs.c.path,
-            fs.c.drop,
-            fs.c.sha256,
-            fs.c.size,
-            fs.c.seen_at,
-            p.c.predicted_class,
-            p.c.confidence,
-            p.c.needs_review,
-            p.c.probabilities,
-            p.c.model_name,
-            p.c.model_version,
-            p.c.model_run_id,
-            p.c.created_at.label("predicted_at"),
-            p.c.dag_run_id.label("prediction_dag_run_id"),
-            r.c.reason.label("rejection_reason"),
-            r.c.created_at.label("rejected_at"),
-        )
-        .select_from(fs)
-        .outerjoin(p, and_(p.c.sha256 == fs.c.sha256, fs.c.sha256 != UNREADABLE_SHA))
-        .outerjoin(r, and_(r.c.path == fs.c.path, r.c.sha256 == fs.c.sha256))
-        .order_by(fs.c.path, fs.c.sha256, p.c.created_at, p.c.model_version)
-    )
-    if drop is not None:
-        query = query.where(fs.c.drop == drop)
-    if predicted_class is not None:
-        query = query.where(p.c.predicted_class == predicted_class)
-    if needs_review is not None:
-        query = query.where(p.c.needs_review == bool(needs_review))
-    if model_version is not None:
-        query = query.where(p.c.model_version == str(model_version))
-    since_utc = _as_utc(since)
-
-    def fetch(connection: Connection) -> list[dict[str, Any]]:
-        selected = query
-        if since_utc is not None:
-            bound = _for_db(since_utc, connection)
-            selected = selected.where(
-                or_(fs.c.seen_at >= bound, p.c.created_at >= bound, r.c.created_at >= bound)
-            )
-        return [dict(row) for row in connection.execute(selected).mappings()]
-
-    with open_engine(settings.predictions_db_url) as engine:
-        rows = read_with_retries(settings, engine, fetch, what="reading predictions")
-    table = pd.DataFrame(rows, columns=list(query.selected_columns.keys()))
-    for column in ("seen_at", "predicted_at", "rejected_at"):
-        table[column] = pd.to_datetime(table[column], utc=True)
-    table["status"] = "pending"
-    table.loc[table["rejection_reason"].notna(), "status"] = "rejected"
-    table.loc[table["predicted_class"].notna(), "status"] = "classified"
-    table = table[[c for c in EXPORT_COLUMNS if c in table.columns]]
-    if latest and len(table):
-        table = (
-            table.sort_values(["path", "sha256", "predicted_at"], na_position="first")
-            .groupby(["path", "sha256"], sort=False)
-            .tail(1)
-            .sort_values(["path", "sha256"])
-        )
-    return table.reset_index(drop=True)
-
-
-def probability_columns(table: "pd.DataFrame") -> list[str]:
-    """Class names across every prediction in ``table``: the project's order first, then others."""
-    seen: set[str] = set()
-    for probs in table["probabilities"].dropna():
-        seen.update(probs)
-    known = [c for c in CLASS_NAMES if c in seen]
-    return known + sorted(seen - set(known))
-
-
-def wide_table(table: "pd.DataFrame") -> "pd.DataFrame":
-    """``probabilities`` spread into one column per class, ``prob_<class>`` (NaN where absent)."""
-    classes = probability_columns(table)
-    wide = table.drop(columns=["probabilities"]).copy()
-    for name in classes:
-        wide[f"prob_{name}"] = [
-            probs.get(name) if isinstance(probs, dict) else None for probs in table["probabilities"]
-        ]
-    return wide
-
-
-def _iso(value: Any) -> Any:
-    return value.isoformat() if hasattr(value, "isoformat") and not _is_null(value) else None
-
-
-def _is_null(value: Any) -> bool:
-    import pandas as pd
-
-    return value is None or (not isinstance(value, dict) and bool(pd.isna(value)))
-
-
-def _json_records(table: "pd.DataFrame") -> list[dict[str, Any]]:
-    records = []
-    for row in table.to_dict("records"):
-        record = {}
-        for key, value in row.items():
-            if key in ("seen_at", "predicted_at", "rejected_at"):
-                record[key] = _iso(value)
-            elif isinstance(value, dict):
-                record[key] = value
-            elif _is_null(value):
-                record[key] = None
-            elif hasattr(value, "item"):
-                record[key] = value.item()  # numpy scalar
-            else:
-                record[key] = value
-        records.append(record)
-    return records
-
-
-def export_predictions(
-    settings: Settings,
-    *,
-    drop: str | None = None,
-    since: datetime | str | None = None,
-    predicted_class: str | None = None,
-    needs_review: bool | None = None,
-    model_version: str | int | None = None,
-    latest: bool = False,
-    fmt: str = "csv",
-    out: Path | str | IO | None = None,
-) -> int:
-    """Write the predictions of the files seen (filters as :func:`query_predictions`).
-
-    ``fmt``: ``csv`` and ``parquet`` are wide (one ``prob_<class>`` column per class); ``json``
-    is a list of records with ``probabilities`` as an object. ``out``: a file path, an open
-    file, or None for stdout. Returns the number of rows written.
-    """
-    if fmt not in EXPORT_FORMATS:
-        raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
-    table = query_predictions(
-        settings,
-        drop=drop,
-        since=since,
-        predicted_class=predicted_class,
-        needs_review=needs_review,
-        model_version=model_version,
-        latest=latest,
-    )
-    if fmt == "json":
-        payload: bytes | str = json.dumps(_json_records(table), indent=1, ensure_ascii=False) + "\n"
-    elif fmt == "csv":
-        wide = wide_table(table)
-        payload = wide.to_csv(index=False, date_format="%Y-%m-%dT%H:%M:%S.%f%z")
-    else:
-        buffer = io.BytesIO()
-        wide_table(table).to_parquet(buffer, index=False)
-        payload = buffer.getvalue()
-    _write(payload, out)
-    log.info("exported %d rows as %s to %s", len(table), fmt, out or "stdout")
-    return len(table)
-
-
-def _write(payload: bytes | str, out: Path | str | IO | None) -> None:
-    data = payload.encode() if isinstance(payload, str) else payload
-    if out is None:
-        sys.stdout.flush()
-        sys.stdout.buffer.write(data)
-        sys.stdout.buffer.flush()
-    elif isinstance(out, (str, Path)):
-        path = Path(out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(data)
-        tmp.replace(path)
-    elif isinstance(out, io.TextIOBase):
-        out.write(data.decode())
-    else:
-        out.write(data)

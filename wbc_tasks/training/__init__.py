@@ -1,3 +1,4 @@
 """The model and its training: per-run params, VGG16 with our head, the training loop
-(schedule, input, checkpoints, precision) and evaluation on the untouched test split.
+(schedule, input, checkpoints, precision), evaluation on the untouched test split and the
+batched prediction that evaluation, promotion and serving share.
 Imports ``core`` and ``data``; never MLflow."""

@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from wbc_tasks.data.figures import new_figure, save_figure
-from wbc_tasks.data.store import ImageStore, open_store, release_pages
 from wbc_tasks.core.workdir import write_json_atomic
+from wbc_tasks.data.figures import new_figure, save_figure
+from wbc_tasks.data.store import ImageStore, open_store
+from wbc_tasks.training.predict import predict_store
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,6 @@ log = logging.getLogger(__name__)
 GALLERY_LIMIT = 36
 #: Group given to test images the groups file does not mention.
 NO_GROUP = "(no group)"
-PREDICTION_CHUNK = 512
 
 
 def compute_metrics(y_true, probabilities, class_names: tuple[str, ...] | list[str]) -> dict:
@@ -95,24 +95,6 @@ def compute_metrics(y_true, probabilities, class_names: tuple[str, ...] | list[s
             [None if np.isnan(v) else float(v) for v in row] for row in normalised
         ],
     }
-
-
-def predict_store(model, store: ImageStore, batch_size: int = 32) -> np.ndarray:
-    """Class probabilities for every image of ``store``, read from its memory map in chunks."""
-    n_classes = int(model.output_shape[-1])
-    if len(store) == 0:
-        return np.zeros((0, n_classes), dtype=np.float32)
-    expected = tuple(model.input_shape[1:3])
-    if expected != (store.image_size, store.image_size):
-        raise ValueError(
-            f"model expects {expected[0]}x{expected[1]} px images; store {store.path} holds "
-            f"{store.image_size} px images"
-        )
-    parts = []
-    for start, stop in store.chunks(PREDICTION_CHUNK):
-        parts.append(model.predict(np.asarray(store.images[start:stop]), batch_size=batch_size, verbose=0))
-        release_pages(store.images)
-    return np.concatenate(parts).astype(np.float32)
 
 
 def _true_labels(store: ImageStore, class_names: tuple[str, ...]) -> np.ndarray:

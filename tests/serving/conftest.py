@@ -1,0 +1,257 @@
+"""Shared by the serving tests: a real (tiny) registered model, the real images of
+``../shared/data/wbc-bench/classify-images``, settings for nightly runs and a real predictions
+database (SQLite, or a throwaway database on the local PostgreSQL)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, select, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
+
+from tests.conftest import REPO_ROOT, skip_unless_required
+from wbc_tasks.core.settings import CLASS_NAMES, get_settings
+from wbc_tasks.registry.versions import ModelRef
+from wbc_tasks.serving import predictions as db
+
+#: Maintenance database of the local PostgreSQL (trust auth); throwaway databases are made there.
+POSTGRES_ADMIN_URL = os.environ.get(
+    "WBC_TEST_POSTGRES_URL", "postgresql+psycopg2://postgres@localhost:5432/postgres"
+)
+DB_KINDS = ["sqlite", "postgresql"]
+DROPS = REPO_ROOT.parent / "shared" / "data" / "wbc-bench" / "classify-images"
+V2_CLASSES = (*CLASS_NAMES, "smudge")  # a later model with another class list
+THRESHOLD = 0.65  # near the median confidence of the tiny seed-1 model on these images
+
+
+@contextmanager
+def throwaway_database(kind: str, folder: Path):
+    """A URL to an empty database: a SQLite file in ``folder``, or ``wbc_test_<random>`` on the
+    local PostgreSQL (dropped afterwards). Skips when PostgreSQL is not running."""
+    if kind == "sqlite":
+        yield f"sqlite:///{folder / 'predictions.db'}"
+        return
+    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        connection = admin.connect()
+    except OperationalError as exc:
+        admin.dispose()
+        skip_unless_required(f"PostgreSQL is not reachable at {POSTGRES_ADMIN_URL}: {exc.orig}")
+    name = f"wbc_test_{uuid.uuid4().hex[:12]}"
+    connection.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield (
+            make_url(POSTGRES_ADMIN_URL)
+            .set(database=name)
+            .render_as_string(hide_password=False)
+        )
+    finally:
+        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        connection.close()
+        admin.dispose()
+
+
+@pytest.fixture(params=DB_KINDS)
+def db_url(request, tmp_path):
+    with throwaway_database(request.param, tmp_path) as url:
+        yield url
+
+
+@pytest.fixture
+def db_settings(settings, db_url):
+    db.upgrade_database(db_url)
+    return settings.with_overrides(predictions_db_url=db_url)
+
+
+def make_prediction(
+    sha: str,
+    version: str = "1",
+    *,
+    classes=CLASS_NAMES,
+    best=0,
+    confidence=0.9,
+    created_at=None,
+    review=False,
+) -> dict:
+    """A ``predictions`` row of model ``version`` whose class ``best`` has ``confidence``."""
+    rest = (1.0 - confidence) / (len(classes) - 1)
+    probabilities = {
+        name: (confidence if i == best else rest) for i, name in enumerate(classes)
+    }
+    return {
+        "sha256": sha,
+        "predicted_class": classes[best],
+        "confidence": confidence,
+        "probabilities": probabilities,
+        "model_name": "wbc-classifier",
+        "model_version": version,
+        "model_run_id": f"run{version}",
+        "dag_run_id": "night",
+        "needs_review": review,
+        "created_at": created_at or db.utcnow(),
+    }
+
+
+def make_seen(path: str, sha: str, drop: str, seen_at=None) -> dict:
+    """A ``files_seen`` row."""
+    return {
+        "path": path,
+        "drop": drop,
+        "sha256": sha,
+        "size": 10,
+        "mtime": 1.5,
+        "seen_at": seen_at or db.utcnow(),
+        "dag_run_id": "night",
+    }
+
+
+def drop_source(name: str) -> Path:
+    path = DROPS / name
+    if not path.is_dir():
+        skip_unless_required(
+            f"real images absent: {path} not found (../shared/data is not checked out here)"
+        )
+    return path
+
+
+def register_tiny_model(
+    settings, *, class_names=CLASS_NAMES, seed=0, alias=None
+) -> ModelRef:
+    """A 32 px Rescaling + Flatten + Dense softmax model, registered like a trained one."""
+    import keras
+
+    import mlflow
+    from wbc_tasks.registry.client import configure_mlflow, ensure_experiment
+    from wbc_tasks.registry.registration import log_model_version
+
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential(
+        [
+            keras.Input((32, 32, 3)),
+            keras.layers.Rescaling(1 / 255),
+            keras.layers.Flatten(),
+            # Spread-out weights: confidences on both sides of the review threshold.
+            keras.layers.Dense(
+                len(class_names),
+                activation="softmax",
+                kernel_initializer=keras.initializers.RandomNormal(
+                    stddev=0.05, seed=seed
+                ),
+            ),
+        ]
+    )
+    with mlflow.start_run(experiment_id=ensure_experiment(settings)):
+        ref = log_model_version(
+            settings, model, image_size=32, class_names=tuple(class_names)
+        )
+    if alias:
+        configure_mlflow(settings).set_registered_model_alias(
+            settings.model_name, alias, ref.version
+        )
+    return ref
+
+
+def base_settings(folder: Path):
+    """Settings whose state lives in ``folder`` (module fixtures cannot use monkeypatch)."""
+    return get_settings().with_overrides(
+        home=folder,
+        work_dir=folder / "work",
+        classify_dir=folder / "classify",
+        mlflow_tracking_uri=f"sqlite:///{folder / 'mlflow' / 'mlflow.db'}",
+        mlflow_artifact_root=folder / "mlflow" / "artifacts",
+        mlflow_experiment="wbc-training",
+        classify_experiment="wbc-classification",
+        model_name="wbc-classifier",
+        champion_alias="champion",
+        predictions_db_url=f"sqlite:///{folder / 'predictions.db'}",
+        archive_dir=None,
+        allowed_roots=(),
+        settle_minutes=0.0,
+        workers=1,
+        classify_chunk_size=500,
+        max_chunks=32,
+        classify_batch_size=16,
+        review_threshold=THRESHOLD,
+    )
+
+
+@pytest.fixture(scope="session")
+def registry_settings(tmp_path_factory):
+    """One MLflow registry for the serving tests: v1 (the champion) and v2 (another class list)."""
+    settings = base_settings(tmp_path_factory.mktemp("registry"))
+    v1 = register_tiny_model(settings, seed=1, alias="champion")
+    v2 = register_tiny_model(settings, class_names=V2_CLASSES, seed=2)
+    assert (v1.version, v2.version) == ("1", "2")
+    return settings
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def night(request, registry_settings, tmp_path):
+    """Settings for nightly runs: this test's classify/work folders and predictions database."""
+    with throwaway_database(request.param, tmp_path) as url:
+        settings = registry_settings.with_overrides(
+            classify_dir=tmp_path / "classify",
+            work_dir=tmp_path / "work",
+            predictions_db_url=url,
+        )
+        settings.classify_dir.mkdir()
+        yield settings
+
+
+@pytest.fixture
+def night_sqlite(registry_settings, tmp_path):
+    settings = registry_settings.with_overrides(
+        classify_dir=tmp_path / "classify",
+        work_dir=tmp_path / "work",
+        predictions_db_url=f"sqlite:///{tmp_path / 'predictions.db'}",
+    )
+    settings.classify_dir.mkdir()
+    return settings
+
+
+def copy_drop(name: str, settings) -> Path:
+    return Path(shutil.copytree(drop_source(name), settings.classify_dir / name))
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def files_under(folder: Path) -> dict[str, str]:
+    """relative path -> sha256 of every file under ``folder``."""
+    return {
+        str(p.relative_to(folder)): sha(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def table_rows(settings, table) -> list[dict]:
+    with (
+        db.open_engine(settings.predictions_db_url) as engine,
+        engine.connect() as connection,
+    ):
+        return [
+            dict(r)
+            for r in connection.execute(select(table).order_by(table.c.id)).mappings()
+        ]
+
+
+def add_bad_files(folder: Path, good: Path) -> dict[str, str]:
+    """A truncated JPEG, an empty PNG and a text file; returns name -> expected reason fragment."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "truncated.jpg").write_bytes(good.read_bytes()[:3000])
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "notes.txt").write_text("slide 14 re-stained\n")
+    return {
+        "truncated.jpg": "truncated",
+        "empty.png": "empty",
+        "notes.txt": "unsupported file type",
+    }

@@ -1,0 +1,238 @@
+"""The rows a classification writes and the chunk task that commits them: one chunk file's
+images are classified and their predictions, rejections and ``files_seen`` rows go into the
+database in one transaction (all or none), after which the chunk's files may be archived. Safe
+to retry. Imports ``core``, ``registry`` (the model reference) and the serving modules below it:
+predictions, queries, scan, infer, archive and model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.engine import Connection
+
+from wbc_tasks.core.privacy import pseudonymiser
+from wbc_tasks.core.settings import Settings
+from wbc_tasks.core.workdir import write_json_atomic
+from wbc_tasks.registry.versions import ModelRef
+from wbc_tasks.serving import predictions as db
+from wbc_tasks.serving import queries
+from wbc_tasks.serving.archive import archive_files
+from wbc_tasks.serving.infer import predict_images, prediction_fields
+from wbc_tasks.serving.model import load_model, model_ref_from_dict
+from wbc_tasks.serving.scan import FoundFile
+
+log = logging.getLogger(__name__)
+
+#: The fields of a prediction that :func:`wbc_tasks.serving.infer.prediction_fields` gives.
+PREDICTION_FIELDS = ("predicted_class", "confidence", "probabilities", "needs_review")
+
+
+def seen_row(found: FoundFile, run_id: str, seen_at: datetime) -> dict[str, Any]:
+    """The ``files_seen`` row of one file."""
+    return {
+        "path": found.path,
+        "drop": found.drop,
+        "sha256": found.sha256,
+        "size": found.size,
+        "mtime": found.mtime,
+        "seen_at": seen_at,
+        "dag_run_id": run_id,
+    }
+
+
+def rejection_row(
+    path: str, sha256: str, reason: str, run_id: str, created_at: datetime
+) -> dict[str, Any]:
+    """The ``rejections`` row of one file."""
+    return {
+        "path": path,
+        "sha256": sha256,
+        "reason": reason,
+        "created_at": created_at,
+        "dag_run_id": run_id,
+    }
+
+
+def prediction_row(
+    sha256: str,
+    fields: Mapping[str, Any],
+    ref: ModelRef,
+    run_id: str,
+    created_at: datetime,
+) -> dict[str, Any]:
+    """The ``predictions`` row of one image, from its :data:`PREDICTION_FIELDS`."""
+    return {
+        "sha256": sha256,
+        **{key: fields[key] for key in PREDICTION_FIELDS},
+        "model_name": ref.name,
+        "model_version": ref.version,
+        "model_run_id": ref.run_id,
+        "dag_run_id": run_id,
+        "created_at": created_at,
+    }
+
+
+def write_rows(
+    connection: Connection,
+    *,
+    predictions: Sequence[dict[str, Any]] = (),
+    rejections: Sequence[dict[str, Any]] = (),
+    seen: Sequence[dict[str, Any]] = (),
+) -> None:
+    """Insert the rows (existing ones kept), predictions before the files that point to them."""
+    db.insert_ignore(connection, db.predictions, predictions)
+    db.insert_ignore(connection, db.rejections, rejections)
+    db.insert_ignore(connection, db.files_seen, seen)
+
+
+def empty_stats() -> dict[str, Any]:
+    """The counters of a chunk, all zero."""
+    return {
+        "images_classified": 0,
+        "images_already_classified": 0,
+        "files_rejected": 0,
+        "files_recorded": 0,
+        "files_changed": 0,
+        "needs_review": 0,
+        "confidence_sum": 0.0,
+        "per_class": {},
+        "classify_seconds": 0.0,
+    }
+
+
+def classify_chunk(
+    settings: Settings,
+    chunk_file: str | Path,
+    model: ModelRef | dict[str, Any] | None = None,
+    *,
+    run_id: str,
+    threshold: float | None = None,
+) -> dict[str, Any]:
+    """Classify one chunk file and commit its rows in one transaction; return its counts.
+
+    Safe to retry: images this model version already classified (an earlier attempt) are not
+    run again, every insert ignores existing rows, and a chunk whose summary file exists (it
+    committed before) returns that summary.
+    """
+    chunk_file = Path(chunk_file)
+    done_file = chunk_file.with_suffix(".done.json")
+    if done_file.is_file():
+        log.info("chunk %s already committed; reusing its summary", chunk_file.name)
+        return json.loads(done_file.read_text())
+    chunk = json.loads(chunk_file.read_text())
+    ref = model_ref_from_dict(model if model is not None else chunk["model"])
+    threshold = settings.review_threshold if threshold is None else float(threshold)
+    items = chunk["items"]
+    stats = empty_stats()
+    started = time.perf_counter()
+
+    with db.open_engine(settings.predictions_db_url) as engine:
+        already = db.read_with_retries(
+            settings,
+            engine,
+            lambda connection: queries.predicted_hashes(
+                connection,
+                [i["sha256"] for i in items],
+                model_name=ref.name,
+                model_version=ref.version,
+            ),
+            what=f"reading earlier predictions of chunk {chunk_file.name}",
+        )
+        todo = [i for i in items if i["sha256"] not in already]
+        stats["images_already_classified"] = len(items) - len(todo)
+        per_class: Counter[str] = Counter()
+        prediction_rows, rejection_rows, seen_rows, committed_paths = [], [], [], []
+        now = db.utcnow()
+        for item in items:
+            if item["sha256"] in already:
+                for f in item["files"]:
+                    seen_rows.append(seen_row(FoundFile(**f), run_id, now))
+                    committed_paths.append(f["path"])
+        if todo:
+            keras_model = load_model(settings, ref)
+            jobs = [
+                (
+                    index,
+                    settings.classify_dir / item["files"][0]["path"],
+                    item["sha256"],
+                )
+                for index, item in enumerate(todo)
+            ]
+            predict_started = time.perf_counter()
+            for outcome in predict_images(settings, keras_model, ref, jobs):
+                item = todo[outcome.key]
+                files = [FoundFile(**f) for f in item["files"]]
+                if outcome.probabilities is None and outcome.reason is None:
+                    stats["files_changed"] += len(files)
+                    continue
+                if outcome.reason is not None:
+                    if not outcome.sha256:
+                        # Only the first file was tried and could not be read (e.g. it vanished):
+                        # that says nothing about the other copies, which wait for the next run.
+                        stats["files_changed"] += len(files) - 1
+                        files = [replace(files[0], sha256=outcome.sha256)]
+                    for f in files:
+                        rejection_rows.append(
+                            rejection_row(f.path, f.sha256, outcome.reason, run_id, now)
+                        )
+                        names = pseudonymiser(settings)
+                        log.warning(
+                            "rejected %s: %s",
+                            names.path(f.path),
+                            names.text(outcome.reason, [f.path]),
+                        )
+                    stats["files_rejected"] += len(files)
+                else:
+                    fields = prediction_fields(outcome.probabilities, ref, threshold)
+                    prediction_rows.append(
+                        prediction_row(item["sha256"], fields, ref, run_id, now)
+                    )
+                    per_class[fields["predicted_class"]] += 1
+                    stats["confidence_sum"] += fields["confidence"]
+                    stats["needs_review"] += int(fields["needs_review"])
+                seen_rows.extend(seen_row(f, run_id, now) for f in files)
+                committed_paths.extend(f.path for f in files)
+            stats["classify_seconds"] = time.perf_counter() - predict_started
+
+        def commit(connection: Connection) -> None:
+            write_rows(
+                connection,
+                predictions=prediction_rows,
+                rejections=rejection_rows,
+                seen=seen_rows,
+            )
+
+        # One transaction, retried whole if the connection fails: all the chunk's rows or none.
+        db.transaction(
+            settings, engine, commit, what=f"committing chunk {chunk_file.name}"
+        )
+    stats.update(
+        chunk=chunk_file.name,
+        images_classified=len(prediction_rows),
+        files_recorded=len(seen_rows),
+        per_class=dict(sorted(per_class.items())),
+        seconds=time.perf_counter() - started,
+    )
+    write_json_atomic(done_file, stats)
+    log.info(
+        "chunk %s: %d images classified (%s), %d flagged for review, %d files rejected, "
+        "%d already classified by this version, %.1f s",
+        chunk_file.name,
+        stats["images_classified"],
+        ", ".join(f"{k} {v}" for k, v in stats["per_class"].items()) or "none",
+        stats["needs_review"],
+        stats["files_rejected"],
+        stats["images_already_classified"],
+        stats["seconds"],
+    )
+    stats["files_archived"] = archive_files(settings, committed_paths)
+    return stats

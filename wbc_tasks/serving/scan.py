@@ -1,0 +1,214 @@
+"""What lies in the classify folder: every file under it (or under one drop), with the link
+policy and the settle time applied, and each file's sha256. It only reads the folder; the
+``files_seen`` rows it reuses hashes from are passed in. Imports ``core`` and ``data``.
+
+Rules:
+- A file's *drop* is its first-level folder (``""`` for a file lying directly in the classify
+  folder). Sub-folders of a drop are scanned.
+- Files modified (mtime or ctime) within ``settings.settle_minutes`` may still be copying: they
+  are set aside and picked up by a later run.
+- Symlinks are followed only into the classify folder or ``settings.allowed_roots``; anything
+  else (a link out, a broken link, a symlink loop, a second link to a folder already scanned)
+  becomes a rejection. A file that vanishes between listing and reading (a drop folder renamed
+  mid-run) is rejected with :data:`~wbc_tasks.data.images.DISAPPEARED` and no content hash.
+- A file's sha256 is reused from ``files_seen`` when its size and mtime are unchanged (as make
+  and rsync do), so a nightly scan does not re-read the whole archive of drops.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from stat import S_ISREG
+from typing import Any
+
+from wbc_tasks.core.settings import IMAGE_EXTENSIONS, Settings
+from wbc_tasks.data.images import (
+    DISAPPEARED,
+    ImageError,
+    resolve_within,
+    sha256_of_file,
+)
+
+
+@dataclass
+class FoundFile:
+    """A file under the classify folder (``path`` relative to it, as recorded)."""
+
+    path: str
+    drop: str
+    size: int | None = None
+    mtime: float | None = None
+    sha256: str = ""
+
+
+@dataclass
+class Listing:
+    """What a scan of the classify folder found."""
+
+    files: list[FoundFile] = field(default_factory=list)
+    #: (relative path, reason): entries that cannot be read as files at all.
+    rejected: list[tuple[str, str]] = field(default_factory=list)
+    #: Files left for a later run because they changed within the settle time.
+    settling: list[str] = field(default_factory=list)
+
+
+def drop_of(rel: Path) -> str:
+    """The drop of a path relative to the classify folder: its first folder, or ``""``."""
+    return rel.parts[0] if len(rel.parts) > 1 else ""
+
+
+def allowed_roots(settings: Settings) -> tuple[Path, ...]:
+    """The folders links may lead into: the classify folder and ``settings.allowed_roots``."""
+    return (settings.classify_dir.resolve(), *settings.allowed_roots)
+
+
+def _inside(target: Path, roots: Sequence[Path]) -> bool:
+    return any(target == root or target.is_relative_to(root) for root in roots)
+
+
+def _scan_root(settings: Settings, drop: str | None) -> Path:
+    base = settings.classify_dir
+    if not base.is_dir():
+        raise FileNotFoundError(
+            f"classify folder {base} does not exist; set WBC_CLASSIFY_DIR to the folder lab "
+            f"staff drop images into"
+        )
+    if not drop:
+        return base
+    if Path(drop).name != drop or drop in (".", ".."):
+        raise ValueError(
+            f"drop {drop!r} must be the name of a folder directly in {base}"
+        )
+    root = base / drop
+    if not root.is_dir():
+        raise FileNotFoundError(f"drop folder {root} does not exist")
+    if not _inside(root.resolve(), allowed_roots(settings)):
+        raise ValueError(f"drop folder {root} points outside the allowed folders")
+    return root
+
+
+def list_files(
+    settings: Settings, *, drop: str | None = None, now: float | None = None
+) -> Listing:
+    """Every file under the classify folder (or one drop), with symlinks checked and settling
+    files set aside. Paths are recorded as found (a link's own path), relative to the folder."""
+    base = settings.classify_dir
+    root = _scan_root(settings, drop)
+    roots = allowed_roots(settings)
+    archive = settings.archive_dir.resolve() if settings.archive_dir else None
+    settle_seconds = settings.settle_minutes * 60.0
+    now = time.time() if now is None else now
+    listing = Listing()
+    visited = {root.resolve()}
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            # Real entries before links, so a real folder is scanned under its own path.
+            entries = sorted(os.scandir(folder), key=lambda e: (e.is_symlink(), e.name))
+        except OSError as exc:  # e.g. the drop folder was renamed since it was listed
+            listing.rejected.append(
+                (str(folder.relative_to(base)), f"cannot list folder: {exc}")
+            )
+            continue
+        for entry in entries:
+            path = Path(entry.path)
+            rel = path.relative_to(base)
+            try:
+                # Outside the roots, broken, a loop (path.resolve() used to raise on one and
+                # crash the run) or gone since scandir: a rejection with the reason.
+                target = resolve_within(path, roots)
+            except ImageError as exc:
+                listing.rejected.append((str(rel), exc.reason))
+                continue
+            if archive is not None and (
+                target == archive or target.is_relative_to(archive)
+            ):
+                continue
+            if target.is_dir():
+                if target in visited:
+                    # Recorded, not skipped silently: a link back up the tree, or a second link.
+                    listing.rejected.append(
+                        (
+                            str(rel),
+                            f"symlink loop or second path to folder {target} (already scanned)",
+                        )
+                    )
+                    continue
+                visited.add(target)
+                stack.append(path)
+                continue
+            try:
+                stat = target.stat()
+            except FileNotFoundError:
+                listing.rejected.append((str(rel), DISAPPEARED))
+                continue
+            except OSError as exc:
+                listing.rejected.append((str(rel), f"cannot read file: {exc}"))
+                continue
+            if not S_ISREG(stat.st_mode):
+                listing.rejected.append((str(rel), "not a regular file"))
+                continue
+            # ctime too: `cp -p` / `rsync -t` give a fresh copy an old mtime.
+            if now - max(stat.st_mtime, stat.st_ctime) < settle_seconds:
+                listing.settling.append(str(rel))
+                continue
+            listing.files.append(
+                FoundFile(str(rel), drop_of(rel), stat.st_size, stat.st_mtime)
+            )
+    listing.files.sort(key=lambda f: f.path)
+    return listing
+
+
+def _hash(path: Path) -> tuple[str, str | None]:
+    try:
+        return sha256_of_file(path), None
+    except FileNotFoundError:
+        return "", DISAPPEARED
+    except OSError as exc:
+        return "", f"cannot read file: {exc}"
+
+
+def hash_files(
+    settings: Settings,
+    files: Sequence[FoundFile],
+    known: dict[str, list[dict[str, Any]]],
+) -> list[tuple[FoundFile, str]]:
+    """Set each file's sha256: reused from ``known`` (``files_seen`` rows by path) when size and
+    mtime are unchanged, else read (in threads: this is I/O). Returns the files that could not
+    be read, with the reason."""
+    to_hash = []
+    for found in files:
+        same = [
+            row
+            for row in known.get(found.path, [])
+            if row["sha256"]
+            and row["size"] == found.size
+            and row["mtime"] == found.mtime
+        ]
+        if same:
+            found.sha256 = same[0]["sha256"]
+        else:
+            to_hash.append(found)
+    unreadable = []
+    with ThreadPoolExecutor(max_workers=settings.worker_count()) as pool:
+        results = pool.map(lambda f: _hash(settings.classify_dir / f.path), to_hash)
+        for found, (digest, error) in zip(to_hash, results, strict=True):
+            found.sha256 = digest
+            if error:
+                unreadable.append((found, error))
+    return unreadable
+
+
+def unsupported_reason(path: str) -> str:
+    """The rejection reason of a file whose extension is not an image type we read."""
+    suffix = Path(path).suffix or "(none)"
+    return (
+        f"unsupported file type '{suffix}'; "
+        f"accepted: {', '.join(sorted(IMAGE_EXTENSIONS))}"
+    )

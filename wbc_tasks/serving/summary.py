@@ -1,0 +1,160 @@
+"""The end of a nightly run: its chunks' counts added up (per class, mean confidence, flagged for
+review, rejected, images per second), logged, written to the run's work folder and recorded as
+one MLflow run in ``settings.classify_experiment``, tagged with the model name, version and run.
+Imports ``core``, ``registry`` and the serving modules below it: model, plan and commit.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from wbc_tasks.core.settings import Settings
+from wbc_tasks.core.workdir import write_json_atomic
+from wbc_tasks.registry.versions import ModelRef
+from wbc_tasks.serving.commit import empty_stats
+from wbc_tasks.serving.model import model_ref_from_dict
+from wbc_tasks.serving.plan import run_work_dir
+
+log = logging.getLogger(__name__)
+
+SUMMARY_FILE = "summary.json"
+#: Chunk counters that add up across a run.
+_CHUNK_TOTALS = (
+    "images_classified",
+    "images_already_classified",
+    "files_rejected",
+    "files_recorded",
+    "files_changed",
+    "needs_review",
+    "confidence_sum",
+    "classify_seconds",
+)
+#: Summary numbers logged to MLflow as metrics (when not None).
+_METRICS = (
+    "images_classified",
+    "mean_confidence",
+    "needs_review",
+    "files_rejected",
+    "files_linked_to_existing_predictions",
+    "files_settling",
+    "images_per_second",
+)
+
+
+def summarise_run(
+    settings: Settings,
+    *,
+    run_id: str,
+    model: ModelRef | dict[str, Any],
+    found: dict[str, Any],
+    chunk_summaries: Sequence[dict[str, Any]] | None,
+    params: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Totals of one run, logged and recorded as an MLflow run tagged with the model version."""
+    ref = model_ref_from_dict(model)
+    chunk_summaries = [c for c in (chunk_summaries or []) if c]
+    per_class: Counter[str] = Counter()
+    totals = empty_stats()
+    for chunk in chunk_summaries:
+        per_class.update(chunk.get("per_class", {}))
+        for key in _CHUNK_TOTALS:
+            totals[key] += chunk.get(key, 0)
+    classified = totals["images_classified"]
+    summary = {
+        "run_id": run_id,
+        "model_name": ref.name,
+        "model_version": ref.version,
+        "model_run_id": ref.run_id,
+        "chunks": len(chunk_summaries),
+        "files_found": found.get("files_found", 0),
+        "files_settling": found.get("files_settling", 0),
+        "files_linked_to_existing_predictions": found.get(
+            "files_linked_to_existing_predictions", 0
+        ),
+        "files_already_done": found.get("files_already_done", 0),
+        "images_classified": classified,
+        "per_class": dict(sorted(per_class.items())),
+        "mean_confidence": totals["confidence_sum"] / classified
+        if classified
+        else None,
+        "needs_review": totals["needs_review"],
+        "files_rejected": found.get("files_rejected", 0) + totals["files_rejected"],
+        "files_changed_during_run": totals["files_changed"],
+        "classify_seconds": totals["classify_seconds"],
+        "images_per_second": classified / totals["classify_seconds"]
+        if totals["classify_seconds"]
+        else None,
+    }
+    log.info(
+        "run %s with %s v%s: %d images classified (%s), mean confidence %s, %d for review, "
+        "%d files rejected, %d linked to earlier predictions, %d waiting to settle, %s images/s",
+        run_id,
+        ref.name,
+        ref.version,
+        classified,
+        ", ".join(f"{k} {v}" for k, v in summary["per_class"].items()) or "none",
+        "n/a"
+        if summary["mean_confidence"] is None
+        else f"{summary['mean_confidence']:.3f}",
+        summary["needs_review"],
+        summary["files_rejected"],
+        summary["files_linked_to_existing_predictions"],
+        summary["files_settling"],
+        "n/a"
+        if summary["images_per_second"] is None
+        else f"{summary['images_per_second']:.1f}",
+    )
+    summary["mlflow_run_id"] = _log_summary_to_mlflow(
+        settings, ref, summary, params or {}
+    )
+    work = (
+        Path(found["work_dir"])
+        if found.get("work_dir")
+        else run_work_dir(settings, run_id)
+    )
+    work.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(work / SUMMARY_FILE, summary)
+    return summary
+
+
+def _log_summary_to_mlflow(
+    settings: Settings, ref: ModelRef, summary: dict, params: dict
+) -> str:
+    """One MLflow run per classification run (client API: no process-global active run)."""
+    from mlflow.entities import Metric, Param
+
+    from wbc_tasks.registry.client import configure_mlflow, ensure_experiment
+
+    client = configure_mlflow(settings)
+    experiment_id = ensure_experiment(
+        settings.with_overrides(mlflow_experiment=settings.classify_experiment)
+    )
+    tags = {
+        "model_name": ref.name,
+        "model_version": ref.version,
+        "model_run_id": ref.run_id,
+        "model_uri": ref.uri,
+        "dag_run_id": summary["run_id"],
+    }
+    metrics = {key: float(summary[key]) for key in _METRICS if summary[key] is not None}
+    metrics.update(
+        {f"count_{name}": float(n) for name, n in summary["per_class"].items()}
+    )
+    run = client.create_run(
+        experiment_id, run_name=f"classify {summary['run_id']}", tags=tags
+    )
+    run_id = run.info.run_id
+    stamp = int(time.time() * 1000)
+    client.log_batch(
+        run_id,
+        metrics=[Metric(key, value, stamp, 0) for key, value in metrics.items()],
+        params=[Param(key, str(value)) for key, value in params.items()],
+    )
+    client.log_dict(run_id, summary, "summary.json")
+    client.set_terminated(run_id)
+    return run_id
