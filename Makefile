@@ -6,7 +6,7 @@ unexport PYTHONDONTWRITEBYTECODE
 PY := .venv/bin/python
 EXTRA ?= cpu
 
-.PHONY: setup demo train test test-fast test-system airflow-ui mlflow-ui bench bench-gpu stack-start stack-stop clean
+.PHONY: setup lint format demo train test test-fast test-system airflow-ui mlflow-ui bench bench-gpu stack-start stack-stop clean
 
 setup: .venv/.synced
 
@@ -18,6 +18,17 @@ setup: .venv/.synced
 ## Train end to end on $WBC_DATA_DIR (or generated demo data when unset), embedded state in .wbc/
 demo: setup
 	$(PY) -m wbc_tasks.cli train --profile cpu $(ARGS)
+
+## Lint and types (what CI runs before the tests): ruff (lint + format) and mypy on wbc_tasks/
+lint: setup
+	.venv/bin/ruff check wbc_tasks dags tests stack bench
+	.venv/bin/ruff format --check wbc_tasks dags tests stack bench
+	.venv/bin/mypy wbc_tasks
+
+## Apply ruff's fixes and formatting
+format: setup
+	.venv/bin/ruff check --fix wbc_tasks dags tests stack bench
+	.venv/bin/ruff format wbc_tasks dags tests stack bench
 
 ## The whole test suite (what CI runs): unit, DAG and end-to-end tests, then the native-stack system test
 test: setup

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-EMPTY_DAG = '''
+EMPTY_DAG = """
 import pendulum
 from airflow.sdk import dag, task
 
@@ -28,7 +28,7 @@ def empty():
     nothing()
 
 empty()
-'''
+"""
 
 
 def parse_seconds(path: Path, repeat: int) -> list[float]:

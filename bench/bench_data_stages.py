@@ -60,9 +60,9 @@ def _import_everything() -> None:
     import pandas  # noqa: F401
     import sklearn.neighbors  # noqa: F401
 
-    import wbc_tasks.data.augment  # noqa: F401
-    import wbc_tasks.data.balance  # noqa: F401
-    import wbc_tasks.data.dataset  # noqa: F401
+    import wbc_tasks.data.augment
+    import wbc_tasks.data.balance
+    import wbc_tasks.data.dataset
     import wbc_tasks.data.preprocess  # noqa: F401
 
 
@@ -83,14 +83,14 @@ def _stage(args: argparse.Namespace) -> dict:
     run = work / "runs" / "bench"
     settings = _settings(work, args.workers)
     if args.stage == "split":
-        from wbc_tasks.data.dataset import split_dataset
         from wbc_tasks.core.workdir import run_step
+        from wbc_tasks.data.dataset import split_dataset
 
         summary = run_step(run / "split", lambda d: split_dataset(BENCH, d, settings), force=True)
         return {"images": summary["images"]}
     if args.stage == "preprocess":
-        from wbc_tasks.data.preprocess import preprocess_splits
         from wbc_tasks.core.workdir import run_step
+        from wbc_tasks.data.preprocess import preprocess_splits
 
         summary = run_step(
             run / "preprocess", lambda d: preprocess_splits(run / "split", d, settings, args.size), force=True
@@ -129,12 +129,12 @@ def baseline(store_path: Path, k: int, seed: int) -> dict:
     n = len(store)
     where = "loading"
     try:
-        X = np.empty((n, int(np.prod(store.images.shape[1:]))), dtype=np.float64)  # noqa: N806
+        X = np.empty((n, int(np.prod(store.images.shape[1:]))), dtype=np.float64)
         for start in range(0, n, 64):
             X[start : start + 64] = store.images[start : start + 64].reshape(len(X[start : start + 64]), -1)
         y = store.labels.astype(np.int64)
         where = "fit_resample"
-        X_res, y_res = SMOTE(k_neighbors=k, random_state=seed).fit_resample(X, y)  # noqa: N806
+        X_res, y_res = SMOTE(k_neighbors=k, random_state=seed).fit_resample(X, y)
         return {"status": "completed", "images": int(len(y_res)), "in": n, "matrix_gb": X.nbytes / GB}
     except MemoryError as exc:
         return {"status": f"MemoryError in {where}", "in": n, "error": str(exc)[:200]}
@@ -176,9 +176,7 @@ def measure(argv: list[str], cap_bytes: int | None = None) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     env["PYTHONPYCACHEPREFIX"] = str(Path(tempfile.gettempdir()) / "wbc-bench-pycache")
     start = time.perf_counter()
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=limit, env=env
-    )
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=limit, env=env)
     peak = [0, 0]
     done = threading.Event()
 
@@ -251,8 +249,18 @@ def main() -> None:
     cap = int(min(args.cap_gb * GB, free - 3 * GB))
     work = Path(tempfile.mkdtemp(prefix="wbc-bench-data-"))
     run = work / "runs" / "bench"
-    common = ["--work", str(work), "--size", str(args.size), "--per-class", str(args.per_class),
-              "--k", str(args.k), "--seed", str(args.seed)]
+    common = [
+        "--work",
+        str(work),
+        "--size",
+        str(args.size),
+        "--per-class",
+        str(args.per_class),
+        "--k",
+        str(args.k),
+        "--seed",
+        str(args.seed),
+    ]
     rows: list[tuple[str, str, dict]] = []
 
     def stage(label: str, method: str, extra: list[str], n_workers: int = workers, cap_b: int | None = None):
@@ -270,40 +278,68 @@ def main() -> None:
         train = run / "preprocess" / "train"
         aug = run / "augment"
         stage("augment", "ours, 1 process", ["--stage", "augment", "--input", str(train), "--output", str(aug)], 1)
-        stage("augment", f"ours, {workers} processes", ["--stage", "augment", "--input", str(train), "--output", str(aug)])
-        stage("SMOTE (whole augmented store)", "ours", ["--stage", "smote", "--input", str(aug), "--output", str(run / "balance")])
-        stage("SMOTE (whole augmented store)", "notebook: float64 matrix + SMOTE().fit_resample",
-              ["--stage", "baseline", "--input", str(aug)], 1, cap)
+        stage(
+            "augment", f"ours, {workers} processes", ["--stage", "augment", "--input", str(train), "--output", str(aug)]
+        )
+        stage(
+            "SMOTE (whole augmented store)",
+            "ours",
+            ["--stage", "smote", "--input", str(aug), "--output", str(run / "balance")],
+        )
+        stage(
+            "SMOTE (whole augmented store)",
+            "notebook: float64 matrix + SMOTE().fit_resample",
+            ["--stage", "baseline", "--input", str(aug)],
+            1,
+            cap,
+        )
         subset = work / f"subset{args.subset}"
         make_subset(aug, subset, args.subset, args.seed)
-        stage(f"SMOTE ({args.subset} images)", "ours", ["--stage", "smote", "--input", str(subset), "--output", str(work / "subset-balance")])
-        stage(f"SMOTE ({args.subset} images)", "notebook: float64 matrix + SMOTE().fit_resample",
-              ["--stage", "baseline", "--input", str(subset)], 1, cap)
+        stage(
+            f"SMOTE ({args.subset} images)",
+            "ours",
+            ["--stage", "smote", "--input", str(subset), "--output", str(work / "subset-balance")],
+        )
+        stage(
+            f"SMOTE ({args.subset} images)",
+            "notebook: float64 matrix + SMOTE().fit_resample",
+            ["--stage", "baseline", "--input", str(subset)],
+            1,
+            cap,
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    print(f"wbc-bench at {args.size} px, augment per_class={args.per_class}, SMOTE k={args.k}, "
-          f"{cores} cores, {psutil.virtual_memory().total / GB:.0f} GB RAM; baseline capped at "
-          f"{cap / GB:.1f} GB address space")
+    print(
+        f"wbc-bench at {args.size} px, augment per_class={args.per_class}, SMOTE k={args.k}, "
+        f"{cores} cores, {psutil.virtual_memory().total / GB:.0f} GB RAM; baseline capped at "
+        f"{cap / GB:.1f} GB address space"
+    )
     print()
     print("| stage | method | images in -> out | stage s | process s | peak RSS GB | peak anonymous GB | result |")
     print("|---|---|---|---|---|---|---|---|")
     for label, method, r in rows:
         io = f"{r.get('in', '')} -> {r.get('images', '')}" if "in" in r else str(r.get("images", ""))
         stage_s = f"{r['stage_s']:.1f}" if "stage_s" in r else "-"
-        print(f"| {label} | {method} | {io} | {stage_s} | {r['wall_s']:.1f} | {r['peak_rss_gb']:.2f} | "
-              f"{r['peak_anon_gb']:.2f} | {r.get('status', 'completed')} |")
+        print(
+            f"| {label} | {method} | {io} | {stage_s} | {r['wall_s']:.1f} | {r['peak_rss_gb']:.2f} | "
+            f"{r['peak_anon_gb']:.2f} | {r.get('status', 'completed')} |"
+        )
     by_key = {(label, method.split(":")[0].split(",")[0]): r for label, method, r in rows}
     print()
     for label in [lbl for lbl, m, _ in rows if m == "ours" and lbl.startswith("SMOTE")]:
         ours, base = by_key[(label, "ours")], by_key[(label, "notebook")]
         if base.get("status") == "completed":
-            print(f"- {label}: notebook / ours = {base['stage_s'] / ours['stage_s']:.1f}x stage time, "
-                  f"{base['peak_anon_gb'] / max(ours['peak_anon_gb'], 1e-9):.1f}x peak anonymous memory")
+            print(
+                f"- {label}: notebook / ours = {base['stage_s'] / ours['stage_s']:.1f}x stage time, "
+                f"{base['peak_anon_gb'] / max(ours['peak_anon_gb'], 1e-9):.1f}x peak anonymous memory"
+            )
         else:
-            print(f"- {label}: the notebook's method failed ({base.get('status')}) on {base.get('in')} "
-                  f"images after {base['wall_s']:.0f} s, at {base['peak_anon_gb']:.1f} GB anonymous "
-                  f"(ours: {ours['peak_anon_gb']:.2f} GB)")
+            print(
+                f"- {label}: the notebook's method failed ({base.get('status')}) on {base.get('in')} "
+                f"images after {base['wall_s']:.0f} s, at {base['peak_anon_gb']:.1f} GB anonymous "
+                f"(ours: {ours['peak_anon_gb']:.2f} GB)"
+            )
     aug1 = next(r for lbl, m, r in rows if lbl == "augment" and m == "ours, 1 process")
     augn = next(r for lbl, m, r in rows if lbl == "augment" and m != "ours, 1 process")
     print(f"- augment: {workers} processes vs 1: {aug1['stage_s'] / augn['stage_s']:.2f}x as fast")

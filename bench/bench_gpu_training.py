@@ -4,7 +4,8 @@
         [--modes fp32 fp32+xla mixed mixed+xla] [--peak-tflops N]
 
 Meant for a GPU worker (install with ``uv sync --extra gpu``); it also runs on a CPU, slowly, with
-``--size 64 --steps 5`` as a smoke test (fp32 modes only: a CPU emulates float16). Builds the production model (``wbc_tasks.training.model``: VGG16
+``--size 64 --steps 5`` as a smoke test (fp32 modes only: a CPU emulates float16).
+Builds the production model (``wbc_tasks.training.model``: VGG16
 from scratch, ``weights=none``, every layer trainable, which costs what fine-tuning all layers
 costs) and trains it on one batch of random uint8 images held on the device, so the number is
 the model's speed, not the input pipeline's (``bench_training_input.py`` measures that). Each
@@ -116,8 +117,12 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--modes", nargs="+", default=["fp32", "fp32+xla", "mixed", "mixed+xla"],
-                        choices=["fp32", "fp32+xla", "mixed", "mixed+xla"])
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        default=["fp32", "fp32+xla", "mixed", "mixed+xla"],
+        choices=["fp32", "fp32+xla", "mixed", "mixed+xla"],
+    )
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's peak, when not in the table")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -137,8 +142,10 @@ def main() -> None:
         rows.append((mode, speed, gflop, achieved, peak))
         print(f"# {mode}: {speed:.1f} images/s", flush=True)
     base = rows[0][1]
-    print(f"\n{device}; VGG16 + head at {args.size} px, batch {args.batch_size}, {args.steps} timed steps; "
-          f"forward {rows[0][2]:.1f} GFLOP/image, a training step counted as 3x\n")
+    print(
+        f"\n{device}; VGG16 + head at {args.size} px, batch {args.batch_size}, {args.steps} timed steps; "
+        f"forward {rows[0][2]:.1f} GFLOP/image, a training step counted as 3x\n"
+    )
     print("| mode | training images/s | vs fp32 | achieved TFLOP/s | peak TFLOP/s (dense) | share of peak |")
     print("|---|---|---|---|---|---|")
     for mode, speed, _, achieved, peak in rows:

@@ -84,8 +84,11 @@ def main() -> None:
             model.predict_on_batch(image[None])
         return len(paths[rows])
 
-    methods = {"plain predict (preloaded arrays)": plain, "task: predict_images (decode overlapped)": task,
-               "one image at a time": one_at_a_time}
+    methods = {
+        "plain predict (preloaded arrays)": plain,
+        "task: predict_images (decode overlapped)": task,
+        "one image at a time": one_at_a_time,
+    }
     speeds: dict[str, list[float]] = {name: [] for name in methods}
     for repeat in range(args.repeats):
         order = list(methods) if repeat % 2 == 0 else list(reversed(methods))
@@ -100,16 +103,20 @@ def main() -> None:
             speeds[name].append(n / elapsed)
             print(f"repeat {repeat} {name}: {n / elapsed:.2f} images/s", flush=True)
     base = statistics.median(speeds["plain predict (preloaded arrays)"])
-    print(f"\n{n} images of {DROP.relative_to(REPO.parent)} at {args.size} px, batch {args.batch_size}, "
-          f"{os.cpu_count()} cores, VGG16 (.keras) loaded in {load_s:.1f} s; median of {args.repeats}")
+    print(
+        f"\n{n} images of {DROP.relative_to(REPO.parent)} at {args.size} px, batch {args.batch_size}, "
+        f"{os.cpu_count()} cores, VGG16 (.keras) loaded in {load_s:.1f} s; median of {args.repeats}"
+    )
     best = max(speeds["plain predict (preloaded arrays)"])
     # This machine's speed jumps between two levels from one run to the next whatever the method,
     # so the best run is shown beside the median: slowdowns are noise, speed-ups are not.
     print("| method | images/s (median) | best run | median vs plain median | best vs plain best |")
     print("|---|---|---|---|---|")
     for name, s in speeds.items():
-        print(f"| {name} | {statistics.median(s):.2f} | {max(s):.2f} | {statistics.median(s) / base:.2f}x | "
-              f"{max(s) / best:.2f}x |")
+        print(
+            f"| {name} | {statistics.median(s):.2f} | {max(s):.2f} | {statistics.median(s) / base:.2f}x | "
+            f"{max(s) / best:.2f}x |"
+        )
 
 
 if __name__ == "__main__":

@@ -44,8 +44,15 @@ from wbc_tasks.core.settings import CLASS_NAMES  # noqa: E402
 GB = stages.GB
 #: wbc-bench's labelled images per class (../shared/data/README.md): the proportions kept.
 BENCH_COUNTS = {
-    "bands": 250, "basophils": 150, "blasts": 150, "eosinophils": 300, "lymphocytes": 500,
-    "metamyelocytes": 200, "monocytes": 300, "myelocytes": 200, "neutrophils": 600,
+    "bands": 250,
+    "basophils": 150,
+    "blasts": 150,
+    "eosinophils": 300,
+    "lymphocytes": 500,
+    "metamyelocytes": 200,
+    "monocytes": 300,
+    "myelocytes": 200,
+    "neutrophils": 600,
 }
 
 
@@ -103,8 +110,21 @@ def main() -> None:
     rows: list[tuple[int | str, str, dict]] = []
 
     def stage(level, label: str, extra: list[str], per_class: int = 0, cap_b: int | None = None) -> dict:
-        argv = ["--work", str(work), "--size", str(args.size), "--per-class", str(per_class),
-                "--k", str(args.k), "--seed", str(args.seed), "--workers", str(workers), *extra]
+        argv = [
+            "--work",
+            str(work),
+            "--size",
+            str(args.size),
+            "--per-class",
+            str(per_class),
+            "--k",
+            str(args.k),
+            "--seed",
+            str(args.seed),
+            "--workers",
+            str(workers),
+            *extra,
+        ]
         result = stages.measure(argv, cap_b)
         rows.append((level, label, result))
         print(f"# {level} / {label}: {json.dumps(result)}", file=sys.stderr, flush=True)
@@ -127,21 +147,29 @@ def main() -> None:
             stage(level, "SMOTE", ["--stage", "smote", "--input", str(subset), "--output", str(out)])
             shutil.rmtree(out)
             if index == 0 and not args.no_baseline:
-                stage(level, "notebook: float64 matrix + SMOTE().fit_resample",
-                      ["--stage", "baseline", "--input", str(subset)], cap_b=cap)
+                stage(
+                    level,
+                    "notebook: float64 matrix + SMOTE().fit_resample",
+                    ["--stage", "baseline", "--input", str(subset)],
+                    cap_b=cap,
+                )
             shutil.rmtree(subset)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    print(f"wbc-bench at {args.size} px, SMOTE k={args.k}, {os.cpu_count()} cores, "
-          f"{psutil.virtual_memory().total / GB:.0f} GB RAM; baseline capped at {cap / GB:.1f} GB address space\n")
+    print(
+        f"wbc-bench at {args.size} px, SMOTE k={args.k}, {os.cpu_count()} cores, "
+        f"{psutil.virtual_memory().total / GB:.0f} GB RAM; baseline capped at {cap / GB:.1f} GB address space\n"
+    )
     print("| training set | stage | images in -> out | stage s | peak RSS GB | peak anonymous GB | result |")
     print("|---|---|---|---|---|---|---|")
     for level, label, r in rows:
         io = f"{r.get('in', '')} -> {r.get('images', '')}" if "in" in r else str(r.get("images", ""))
         stage_s = f"{r['stage_s']:.1f}" if "stage_s" in r else "-"
-        print(f"| {level} | {label} | {io} | {stage_s} | {r['peak_rss_gb']:.2f} | {r['peak_anon_gb']:.2f} | "
-              f"{r.get('status', 'completed')} |")
+        print(
+            f"| {level} | {label} | {io} | {stage_s} | {r['peak_rss_gb']:.2f} | {r['peak_anon_gb']:.2f} | "
+            f"{r.get('status', 'completed')} |"
+        )
     shared = [r for level, _, r in rows if level == "all"]
     print("\n| training set | pipeline peak RSS GB | pipeline peak anonymous GB |")
     print("|---|---|---|")
@@ -152,10 +180,12 @@ def main() -> None:
     if base:
         b = base[0]
         smallest = [r for lvl, label, r in rows if lvl == args.levels[0] and label == "SMOTE"][0]
-        print(f"\nnotebook method on the {args.levels[0]}-image set: {b.get('status', 'completed')}, peak RSS "
-              f"{b['peak_rss_gb']:.2f} GB, anonymous {b['peak_anon_gb']:.2f} GB (ours, SMOTE stage: "
-              f"{smallest['peak_rss_gb']:.2f} / {smallest['peak_anon_gb']:.2f} GB; ratio of RSS "
-              f"{b['peak_rss_gb'] / max(smallest['peak_rss_gb'], 1e-9):.1f}x)")
+        print(
+            f"\nnotebook method on the {args.levels[0]}-image set: {b.get('status', 'completed')}, peak RSS "
+            f"{b['peak_rss_gb']:.2f} GB, anonymous {b['peak_anon_gb']:.2f} GB (ours, SMOTE stage: "
+            f"{smallest['peak_rss_gb']:.2f} / {smallest['peak_anon_gb']:.2f} GB; ratio of RSS "
+            f"{b['peak_rss_gb'] / max(smallest['peak_rss_gb'], 1e-9):.1f}x)"
+        )
 
 
 if __name__ == "__main__":

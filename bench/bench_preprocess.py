@@ -22,9 +22,9 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from wbc_tasks.core.parallel import parallel_map  # noqa: E402
 from wbc_tasks.core.settings import get_settings  # noqa: E402
 from wbc_tasks.data.images import load_image  # noqa: E402
-from wbc_tasks.core.parallel import parallel_map  # noqa: E402
 
 BENCH = REPO.parent / "shared" / "data" / "wbc-bench" / "WBC"
 
@@ -70,9 +70,11 @@ def main() -> None:
     print(f"{n} images of wbc-bench at {args.size} px, {cores} cores")
     print("| method | images/s | vs baseline |")
     print("|---|---|---|")
-    for name, t in [("baseline: one-at-a-time Pillow loop", t_base),
-                    ("load_image, 1 process", t_one),
-                    (f"load_image, {cores} processes (preprocess step)", t_all)]:
+    for name, t in [
+        ("baseline: one-at-a-time Pillow loop", t_base),
+        ("load_image, 1 process", t_one),
+        (f"load_image, {cores} processes (preprocess step)", t_all),
+    ]:
         print(f"| {name} | {n / t:.0f} | {t_base / t:.2f}x |")
 
 

@@ -53,23 +53,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--image-size", type=int, default=32, help="side in px (default 32)")
     parser.add_argument("--epochs", type=int, default=4, help="fine-tune epochs (from scratch: all of them)")
-    parser.add_argument("--epochs-without-smote", type=int, default=None,
-                        help="epochs of the configurations without SMOTE (default: --epochs); SMOTE doubles "
-                             "the training set, so twice the epochs compares them at equal images seen")
-    parser.add_argument("--augment-per-class", type=int, default=0,
-                        help="augmentation target per class before SMOTE (default 0: originals only)")
+    parser.add_argument(
+        "--epochs-without-smote",
+        type=int,
+        default=None,
+        help="epochs of the configurations without SMOTE (default: --epochs); SMOTE doubles "
+        "the training set, so twice the epochs compares them at equal images seen",
+    )
+    parser.add_argument(
+        "--augment-per-class",
+        type=int,
+        default=0,
+        help="augmentation target per class before SMOTE (default 0: originals only)",
+    )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--learning-rate", type=float, default=1e-4, help="learning_rate_finetune")
     parser.add_argument("--patience", type=int, default=2, help="early_stopping_patience")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--workers", type=int, default=1, help="WBC_WORKERS for the data steps")
     parser.add_argument("--home", type=Path, default=None, help="WBC_HOME (default: a new temp folder)")
-    parser.add_argument("--stamp", default=None,
-                        help="resume the runs bench-<stamp>-<config> in --home (finished steps are reused)")
+    parser.add_argument(
+        "--stamp", default=None, help="resume the runs bench-<stamp>-<config> in --home (finished steps are reused)"
+    )
     parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
-    parser.add_argument("--summarise", nargs="+", type=Path, metavar="HOME", default=None,
-                        help="train nothing: print the mean and range over the finished benches in these "
-                             "--home folders (e.g. the same command run with several --seed values)")
+    parser.add_argument(
+        "--summarise",
+        nargs="+",
+        type=Path,
+        metavar="HOME",
+        default=None,
+        help="train nothing: print the mean and range over the finished benches in these "
+        "--home folders (e.g. the same command run with several --seed values)",
+    )
     return parser.parse_args(argv)
 
 
@@ -110,8 +125,8 @@ def run_config(name: str, run_id: str, params: dict, shared_run: str | None, sha
     """Run one configuration's steps; split+preprocess come from ``shared_run`` when given."""
     import keras
 
-    from wbc_tasks.pipelines import training as steps
     from wbc_tasks.core.settings import get_settings
+    from wbc_tasks.pipelines import training as steps
     from wbc_tasks.registry.runs import open_tracking_run
 
     settings = get_settings()
@@ -135,7 +150,9 @@ def run_config(name: str, run_id: str, params: dict, shared_run: str | None, sha
     result.update(
         augment_summary={k: balance_in.get(k) for k in ("counts", "n_images") if k in balance_in},
         balance_summary={k: balanced.get(k) for k in ("counts", "n_images") if k in balanced},
-        train={k: trained.get(k) for k in ("epochs_total", "best_epoch", "best_value", "stopped_early", "images_per_s")},
+        train={
+            k: trained.get(k) for k in ("epochs_total", "best_epoch", "best_value", "stopped_early", "images_per_s")
+        },
         accuracy=metrics["accuracy"],
         balanced_accuracy=metrics["balanced_accuracy"],
         macro_f1=metrics["macro_f1"],
@@ -168,10 +185,11 @@ def markdown(results: list[dict]) -> str:
             f"{r['balanced_accuracy']:.3f} | {r['macro_f1']:.3f} |"
         )
     classes = list(results[0]["per_class_recall"])
-    lines += ["", "| test recall | " + " | ".join(r["config"] for r in results) + " |",
-              "|---|" + "---|" * len(results)]
+    lines += ["", "| test recall | " + " | ".join(r["config"] for r in results) + " |", "|---|" + "---|" * len(results)]
     for c in classes:
-        lines.append(f"| {c} | " + " | ".join(f"{r['per_class_recall'].get(c, float('nan')):.2f}" for r in results) + " |")
+        lines.append(
+            f"| {c} | " + " | ".join(f"{r['per_class_recall'].get(c, float('nan')):.2f}" for r in results) + " |"
+        )
     return "\n".join(lines)
 
 
@@ -189,19 +207,26 @@ def summarise(homes: list[Path]) -> str:
     def cell(values: list[float], digits: int = 3) -> str:
         return f"{statistics.mean(values):.{digits}f} [{min(values):.{digits}f}-{max(values):.{digits}f}]"
 
-    lines = [f"seeds {seeds}: mean [min-max]", "",
-             "| config | runs | test accuracy | balanced accuracy | macro F1 | train s (mean) |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"seeds {seeds}: mean [min-max]",
+        "",
+        "| config | runs | test accuracy | balanced accuracy | macro F1 | train s (mean) |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, rs in by_config.items():
         lines.append(
-            f"| {name} | {len(rs)} | {cell([r['accuracy'] for r in rs])} | {cell([r['balanced_accuracy'] for r in rs])} | "
+            f"| {name} | {len(rs)} | {cell([r['accuracy'] for r in rs])} | "
+            f"{cell([r['balanced_accuracy'] for r in rs])} | "
             f"{cell([r['macro_f1'] for r in rs])} | {statistics.mean(r['stage_seconds']['train'] for r in rs):.0f} |"
         )
     classes = list(next(iter(by_config.values()))[0]["per_class_recall"])
     lines += ["", "| test recall, mean [min-max] | " + " | ".join(by_config) + " |", "|---|" + "---|" * len(by_config)]
     for c in classes:
-        lines.append(f"| {c} | " + " | ".join(
-            cell([r["per_class_recall"][c] for r in rs], 2) for rs in by_config.values()) + " |")
+        lines.append(
+            f"| {c} | "
+            + " | ".join(cell([r["per_class_recall"][c] for r in rs], 2) for rs in by_config.values())
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -211,7 +236,9 @@ def main(argv: list[str] | None = None) -> int:
         print(summarise(args.summarise))
         return 0
     if not BENCH.is_dir():
-        print(f"bench_training: the benchmark images {BENCH} are absent (see ../shared/data/README.md)", file=sys.stderr)
+        print(
+            f"bench_training: the benchmark images {BENCH} are absent (see ../shared/data/README.md)", file=sys.stderr
+        )
         return 2
     home = (args.home or Path(tempfile.mkdtemp(prefix="wbc-bench-training-"))).resolve()
     home.mkdir(parents=True, exist_ok=True)
@@ -243,8 +270,10 @@ def main(argv: list[str] | None = None) -> int:
         (home / "bench_training.json").write_text(json.dumps(results, indent=2, default=str))
         print(markdown(results), flush=True)
     total = time.perf_counter() - started
-    print(f"\nsplit {shared_seconds['split']} s, preprocess {shared_seconds['preprocess']} s (once, shared); "
-          f"total {total:.0f} s; home {home}")
+    print(
+        f"\nsplit {shared_seconds['split']} s, preprocess {shared_seconds['preprocess']} s (once, shared); "
+        f"total {total:.0f} s; home {home}"
+    )
     return 0
 
 

@@ -32,9 +32,9 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from wbc_tasks.core.parallel import parallel_map  # noqa: E402
 from wbc_tasks.core.settings import CLASS_NAMES, get_settings  # noqa: E402
 from wbc_tasks.data.images import load_image  # noqa: E402
-from wbc_tasks.core.parallel import parallel_map  # noqa: E402
 from wbc_tasks.data.store import create_store, finish_store, open_store  # noqa: E402
 
 BENCH = REPO.parent / "shared" / "data" / "wbc-bench" / "WBC"
@@ -60,8 +60,8 @@ def timed_fit(method: str, store_path: Path, size: int, epochs: int, seed: int) 
     """Train a fresh model for ``epochs`` epochs; images/s of each epoch."""
     import keras
 
-    from wbc_tasks.training.model import build_model
     from wbc_tasks.training.input import make_dataset
+    from wbc_tasks.training.model import build_model
 
     store = open_store(store_path)
     n = len(store)
@@ -83,8 +83,9 @@ def timed_fit(method: str, store_path: Path, size: int, epochs: int, seed: int) 
         y = keras.utils.to_categorical(store.labels, len(CLASS_NAMES))
         model.fit(x, y, batch_size=BATCH, epochs=epochs, shuffle=True, verbose=0, callbacks=[Clock()])
     else:
-        data = make_dataset(store, BATCH, len(CLASS_NAMES), shuffle=True, seed=seed,
-                            flip_augment=(method == "pipeline"))
+        data = make_dataset(
+            store, BATCH, len(CLASS_NAMES), shuffle=True, seed=seed, flip_augment=(method == "pipeline")
+        )
         model.fit(data, epochs=epochs, shuffle=False, verbose=0, callbacks=[Clock()])
     return [n / t for t in times]
 
@@ -119,12 +120,17 @@ def main() -> None:
         for repeat in range(args.repeats):
             for method in methods if repeat % 2 == 0 else list(reversed(methods)):
                 per_epoch = timed_fit(method, store_path, args.size, args.epochs, args.seed)
-                print(f"repeat {repeat} {method}: " + ", ".join(f"{s:.1f}" for s in per_epoch) + " images/s", flush=True)
+                print(
+                    f"repeat {repeat} {method}: " + ", ".join(f"{s:.1f}" for s in per_epoch) + " images/s", flush=True
+                )
                 speeds[method].extend(per_epoch[1:])
         alone = pipeline_alone(store_path, args.seed)
     base = statistics.median(speeds["preloaded"])
-    print(f"\n{args.images} wbc-bench images at {args.size} px, batch {BATCH}, VGG16 from scratch, "
-          f"{os.cpu_count()} cores; median of {args.repeats} x {args.epochs - 1} epochs (first epoch of each fit left out)")
+    print(
+        f"\n{args.images} wbc-bench images at {args.size} px, batch {BATCH}, VGG16 from scratch, "
+        f"{os.cpu_count()} cores; median of {args.repeats} x {args.epochs - 1} epochs "
+        "(first epoch of each fit left out)"
+    )
     best = max(speeds["preloaded"])
     # Per-epoch speed here jumps between two levels whatever the input, so the best epoch is
     # shown beside the median: slowdowns are noise, speed-ups are not.
@@ -132,8 +138,10 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for method in ["preloaded", "pipeline", "pipeline, no flips"]:
         s = speeds[method]
-        print(f"| {method} | {statistics.median(s):.1f} | {min(s):.1f}-{max(s):.1f} | "
-              f"{statistics.median(s) / base:.2f}x | {max(s) / best:.2f}x |")
+        print(
+            f"| {method} | {statistics.median(s):.1f} | {min(s):.1f}-{max(s):.1f} | "
+            f"{statistics.median(s) / base:.2f}x | {max(s) / best:.2f}x |"
+        )
     print(f"| input pipeline alone (no model) | {alone:.0f} | | {alone / base:.0f}x |")
 
 

@@ -17,9 +17,9 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import ExceptionRetryPolicy, Param, RetryAction, RetryRule, dag, get_current_context, task
 
-from wbc_tasks.ops.alerts import alert_dag_failure, alert_task_failure  # stdlib only: cheap to parse
 from wbc_tasks.core.errors import PermanentError
 from wbc_tasks.core.settings import get_settings
+from wbc_tasks.ops.alerts import alert_dag_failure, alert_task_failure  # stdlib only: cheap to parse
 from wbc_tasks.pipelines.params import classification_param_specs
 
 # Errors retrying cannot fix (bad input, param or configuration) fail a task at once; transient
@@ -64,8 +64,12 @@ def wbc_batch_classification() -> None:
 
         run_id, params = _run_id_and_params()
         return find(
-            get_settings(), run_id=run_id, model=model, drop=params["drop"] or None,
-            reclassify=params["reclassify"], chunk_size=params["chunk_size"],
+            get_settings(),
+            run_id=run_id,
+            model=model,
+            drop=params["drop"] or None,
+            reclassify=params["reclassify"],
+            chunk_size=params["chunk_size"],
         )
 
     # Airflow maps only over a whole XCom value, not one key of a dict.
@@ -87,8 +91,12 @@ def wbc_batch_classification() -> None:
 
         run_id, params = _run_id_and_params()
         return summarise_run(
-            get_settings(), run_id=run_id, model=model, found=found,
-            chunk_summaries=list(chunks or []), params=params,
+            get_settings(),
+            run_id=run_id,
+            model=model,
+            found=found,
+            chunk_summaries=list(chunks or []),
+            params=params,
         )
 
     model = resolve_model()

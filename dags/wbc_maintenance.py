@@ -19,9 +19,9 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import ExceptionRetryPolicy, Param, RetryAction, RetryRule, dag, get_current_context, task
 
-from wbc_tasks.ops.alerts import alert_dag_failure, alert_task_failure  # stdlib only: cheap to parse
 from wbc_tasks.core.errors import PermanentError
 from wbc_tasks.core.settings import get_settings
+from wbc_tasks.ops.alerts import alert_dag_failure, alert_task_failure  # stdlib only: cheap to parse
 from wbc_tasks.pipelines.params import maintenance_param_specs
 
 # Errors retrying cannot fix (bad input, param or configuration) fail a task at once; transient
@@ -44,8 +44,12 @@ PARAMS = {name: Param(**spec) for name, spec in maintenance_param_specs(SETTINGS
     params=PARAMS,
     tags=["wbc", "maintenance"],
     doc_md=__doc__,
-    default_args={"retries": 1, "retry_delay": timedelta(minutes=5),
-                  "retry_policy": FAIL_AT_ONCE_ON_PERMANENT_ERRORS, "on_failure_callback": alert_task_failure},
+    default_args={
+        "retries": 1,
+        "retry_delay": timedelta(minutes=5),
+        "retry_policy": FAIL_AT_ONCE_ON_PERMANENT_ERRORS,
+        "on_failure_callback": alert_task_failure,
+    },
     on_failure_callback=alert_dag_failure,
 )
 def wbc_maintenance() -> None:

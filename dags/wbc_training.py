@@ -14,8 +14,8 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import ExceptionRetryPolicy, Param, RetryAction, RetryRule, chain, dag, get_current_context, task
 
-from wbc_tasks.ops.alerts import alert_dag_failure, alert_task_failure  # stdlib only: cheap to parse
 from wbc_tasks.core.errors import PermanentError
+from wbc_tasks.ops.alerts import alert_dag_failure, alert_task_failure  # stdlib only: cheap to parse
 from wbc_tasks.pipelines.params import training_param_specs
 
 # Errors retrying cannot fix (bad input, param or configuration) fail a task at once; transient

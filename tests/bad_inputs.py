@@ -117,6 +117,7 @@ def _truncated_jpeg(path: Path, scratch: Path, seed: int) -> None:
 
 def _tiff16_rgb(path: Path, scratch: Path, seed: int) -> None:
     import tifffile  # scikit-image's dependency; Pillow cannot write it
+
     rng = np.random.default_rng(seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     tifffile.imwrite(path, rng.integers(0, 65536, (SIDE, SIDE, 3), dtype=np.uint16), photometric="rgb")
@@ -189,23 +190,34 @@ CASES: tuple[Case, ...] = (
     Case("grayscale", "gray.jpg", _image("L", "JPEG"), None),
     Case("cmyk_jpeg", "cmyk.jpg", _image("CMYK", "JPEG"), None),
     Case("exif_rotated", "rotated.jpg", lambda p, s, seed: exif_rotated_jpeg(p), None),
-    Case("decompression_bomb", "bomb.png", _bytes(png_declaring(100_000, 100_000)),
-         r"too large to decode safely|image too large"),
+    Case(
+        "decompression_bomb",
+        "bomb.png",
+        _bytes(png_declaring(100_000, 100_000)),
+        r"too large to decode safely|image too large",
+    ),
     Case("tiny_8x8", "tiny.png", _image("RGB", "PNG", size=(8, 8)), r"image too small: 8x8, minimum side is 32"),
     Case("tiny_8x8_min_side_8", "tiny-allowed.png", _image("RGB", "PNG", size=(8, 8)), None, min_side=8),
     Case("spaces_non_ascii_name", "cell 01 ü é 細胞.png", _image("RGB", "PNG"), None),
     Case("nested_folder", "sub/deeper/nested.png", _image("RGB", "PNG"), None),
     Case("symlink_into_allowed_root", "linked.png", _link_to("share"), None),
-    Case("symlink_outside_allowed_roots", "outside.png", _link_to("elsewhere"),
-         r"symlink points outside the allowed folders"),
+    Case(
+        "symlink_outside_allowed_roots",
+        "outside.png",
+        _link_to("elsewhere"),
+        r"symlink points outside the allowed folders",
+    ),
     Case("symlinked_folder_into_allowed_root", "linked-folder/cell.png", _folder_link_to("share"), None),
     # The rejection is recorded for the folder link itself: its files are never listed.
-    Case("symlinked_folder_outside_allowed_roots", "outlinked-folder", lambda p, s, seed:
-         _folder_link_to("elsewhere")(p / "cell.png", s, seed), r"symlink points outside the allowed folders"),
+    Case(
+        "symlinked_folder_outside_allowed_roots",
+        "outlinked-folder",
+        lambda p, s, seed: _folder_link_to("elsewhere")(p / "cell.png", s, seed),
+        r"symlink points outside the allowed folders",
+    ),
     Case("broken_symlink", "broken.png", _broken_link, r"broken symlink"),
     Case("symlink_loop_file", "loop.png", _file_loop, r"symlink loop"),
-    Case("symlink_loop_folder", "looped/back", _folder_loop, r"symlink loop",
-         also_used=("looped/inside-loop.png",)),
+    Case("symlink_loop_folder", "looped/back", _folder_loop, r"symlink loop", also_used=("looped/inside-loop.png",)),
 )
 
 

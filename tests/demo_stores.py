@@ -29,11 +29,7 @@ def build_demo_stores(
     stores: dict[str, Path] = {}
     first = 0
     for split, per_class in splits.items():
-        rows = [
-            (name, image_dir / name / f"{n}.png")
-            for name in CLASS_NAMES
-            for n in range(first, first + per_class)
-        ]
+        rows = [(name, image_dir / name / f"{n}.png") for name in CLASS_NAMES for n in range(first, first + per_class)]
         first += per_class
         store_dir = Path(out_dir) / split
         images = create_store(store_dir, len(rows), size)

@@ -9,12 +9,12 @@ import sys
 
 from tests.conftest import REPO_ROOT
 
-PROBE = '''
+PROBE = """
 from tests.conftest import shared_set
 
 def test_needs_a_set_that_is_not_there():
     shared_set("no-such-set-anywhere")
-'''
+"""
 
 
 def _run_probe(tmp_path, require_all: str) -> subprocess.CompletedProcess:
@@ -22,9 +22,26 @@ def _run_probe(tmp_path, require_all: str) -> subprocess.CompletedProcess:
     probe.write_text(PROBE)
     env = {**os.environ, "WBC_TESTS_REQUIRE_ALL": require_all}
     return subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:randomly", "-p", "no:cacheprovider", "--rootdir", str(REPO_ROOT),
-         "--confcutdir", str(REPO_ROOT), str(probe)],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:randomly",
+            "-p",
+            "no:cacheprovider",
+            "--rootdir",
+            str(REPO_ROOT),
+            "--confcutdir",
+            str(REPO_ROOT),
+            str(probe),
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 

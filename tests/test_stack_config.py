@@ -206,9 +206,7 @@ def test_compose_exposes_only_airflow_and_loopback_mlflow(tmp_path: Path) -> Non
 
 def test_compose_workers_share_the_data_and_work_volumes(tmp_path: Path) -> None:
     services = resolved_compose(tmp_path)["services"]
-    targets = {
-        name: {v["target"] for v in services[name]["volumes"]} for name in (w["name"] for w in WORKERS)
-    }
+    targets = {name: {v["target"] for v in services[name]["volumes"]} for name in (w["name"] for w in WORKERS)}
     for name, mounted in targets.items():
         env = services[name]["environment"]
         for folder in ("WBC_DATA_DIR", "WBC_WORK_DIR", "WBC_CLASSIFY_DIR"):

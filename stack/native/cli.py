@@ -44,9 +44,7 @@ from .databases import (
 from .health import health, wait_healthy
 from .processes import running_pid, start_process, stop_stack
 
-DESCRIPTION = (
-    "Run the production stack natively: the docker-compose topology as local processes."
-)
+DESCRIPTION = "Run the production stack natively: the docker-compose topology as local processes."
 #: Exit status of ``status`` when something is not running.
 EXIT_NOT_RUNNING = 3
 
@@ -67,14 +65,9 @@ def resolve_config(args: argparse.Namespace) -> StackConfig:
     """Options on the command line, else what this state folder was started with, else defaults."""
     prefix = args.prefix
     if not PREFIX_PATTERN.match(prefix):
-        raise StackError(
-            f"prefix {prefix!r}: use 1-31 lower-case letters, digits or _, "
-            "starting with a letter"
-        )
+        raise StackError(f"prefix {prefix!r}: use 1-31 lower-case letters, digits or _, starting with a letter")
     state_dir = _state_dir(args)
-    saved = (
-        StackConfig.load(state_dir) if (state_dir / "stack.json").is_file() else None
-    )
+    saved = StackConfig.load(state_dir) if (state_dir / "stack.json").is_file() else None
 
     def pick(attribute: str, default: Any) -> Any:
         # 0 and "" mean "not given" too: they are never valid ports, counts or paths.
@@ -115,9 +108,7 @@ def command_start(args: argparse.Namespace) -> int:
     write_mlflow_auth_config(config)
     (config.state_dir / "mlflow" / "artifacts").mkdir(parents=True, exist_ok=True)
     for folder in ("WBC_WORK_DIR", "WBC_CLASSIFY_DIR"):
-        Path(stack_environment(config, secret)[folder]).mkdir(
-            parents=True, exist_ok=True
-        )
+        Path(stack_environment(config, secret)[folder]).mkdir(parents=True, exist_ok=True)
     env_file = write_env_file(config, secret)
     specs = process_specs(config, secret)
     to_start = [spec for spec in specs if running_pid(config, spec.name) is None]
@@ -175,14 +166,9 @@ def command_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        print(
-            f"stack '{config.prefix}'  Airflow {config.api_url}  MLflow {config.mlflow_url}"
-        )
+        print(f"stack '{config.prefix}'  Airflow {config.api_url}  MLflow {config.mlflow_url}")
         for name, info in services.items():
-            if info["healthy"]:
-                state = "healthy"
-            else:
-                state = "running" if info["pid"] else "stopped"
+            state = "healthy" if info["healthy"] else "running" if info["pid"] else "stopped"
             print(f"  {name:24} {state:8} {info['pid'] or ''}")
         print(f"  env file {config.env_file}")
     return 0 if all(p is not None for p in pids.values()) else EXIT_NOT_RUNNING
@@ -201,11 +187,7 @@ def command_plan(args: argparse.Namespace) -> int:
 
     def shown(env: dict[str, str]) -> dict[str, str]:
         # The caller's own variables are no part of the plan; the stack's and MLflow's are.
-        return {
-            k: v
-            for k, v in sorted(env.items())
-            if k in stack_keys or k.startswith("MLFLOW_")
-        }
+        return {k: v for k, v in sorted(env.items()) if k in stack_keys or k.startswith("MLFLOW_")}
 
     plan = {
         spec.name: {
@@ -247,16 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("WBC_STACK_REDIS_URL"),
         help="Redis broker URL incl. database number (default redis://localhost:6379/0)",
     )
-    setup.add_argument(
-        "--api-port", type=int, help="Airflow api-server port (default: a free one)"
-    )
-    setup.add_argument(
-        "--mlflow-port", type=int, help="MLflow server port (default: a free one)"
-    )
+    setup.add_argument("--api-port", type=int, help="Airflow api-server port (default: a free one)")
+    setup.add_argument("--mlflow-port", type=int, help="MLflow server port (default: a free one)")
     setup.add_argument("--data-dir", help="labelled images for training (WBC_DATA_DIR)")
-    setup.add_argument(
-        "--work-dir", help="run folders (WBC_WORK_DIR; default in the state folder)"
-    )
+    setup.add_argument("--work-dir", help="run folders (WBC_WORK_DIR; default in the state folder)")
     setup.add_argument("--classify-dir", help="nightly drop folder (WBC_CLASSIFY_DIR)")
     setup.add_argument(
         "--worker-concurrency",
@@ -267,22 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--env-file",
         help="read passwords/keys from this .env (names as in .env.example)",
     )
-    start = sub.add_parser(
-        "start", parents=[common, setup], help="start what is not running"
-    )
-    start.add_argument(
-        "--timeout", type=float, default=300, help="seconds to wait for health"
-    )
-    start.add_argument(
-        "--no-wait", action="store_true", help="do not wait until healthy"
-    )
+    start = sub.add_parser("start", parents=[common, setup], help="start what is not running")
+    start.add_argument("--timeout", type=float, default=300, help="seconds to wait for health")
+    start.add_argument("--no-wait", action="store_true", help="do not wait until healthy")
     start.set_defaults(func=command_start)
-    stop = sub.add_parser(
-        "stop", parents=[common], help="stop every process group of the stack"
-    )
-    stop.add_argument(
-        "--timeout", type=float, default=30, help="seconds before SIGKILL"
-    )
+    stop = sub.add_parser("stop", parents=[common], help="stop every process group of the stack")
+    stop.add_argument("--timeout", type=float, default=30, help="seconds before SIGKILL")
     stop.add_argument(
         "--drop-databases",
         action="store_true",
@@ -292,9 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", parents=[common], help="what runs and where")
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=command_status)
-    plan = sub.add_parser(
-        "plan", parents=[common, setup], help="print the process plan as JSON"
-    )
+    plan = sub.add_parser("plan", parents=[common, setup], help="print the process plan as JSON")
     plan.set_defaults(func=command_plan)
     return parser
 

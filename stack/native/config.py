@@ -86,9 +86,7 @@ class StackConfig:
         """SQLAlchemy URL of one of this stack's databases on the configured server."""
         from sqlalchemy.engine import make_url
 
-        url = make_url(self.pg_url).set(
-            drivername=driver, database=self.database_name(key)
-        )
+        url = make_url(self.pg_url).set(drivername=driver, database=self.database_name(key))
         return url.render_as_string(hide_password=False)
 
     def save(self) -> None:
@@ -100,9 +98,7 @@ class StackConfig:
     def load(cls, state_dir: Path) -> StackConfig:
         path = state_dir / "stack.json"
         if not path.is_file():
-            raise StackError(
-                f"{path} not found: no stack was started with this state folder"
-            )
+            raise StackError(f"{path} not found: no stack was started with this state folder")
         data = json.loads(path.read_text())
         data["state_dir"] = Path(data["state_dir"])
         return cls(**data)
@@ -162,14 +158,9 @@ def load_secrets(config: StackConfig, env_file: Path | None) -> dict[str, str]:
         "AIRFLOW_JWT_SECRET": lambda: secrets.token_hex(32),
         "AIRFLOW_API_SECRET_KEY": lambda: secrets.token_hex(32),
     }
-    values = {
-        key: given.get(key) or current.get(key) or make()
-        for key, make in generators.items()
-    }
+    values = {key: given.get(key) or current.get(key) or make() for key, make in generators.items()}
     if values != current:
-        write_private(
-            path, "".join(f"{k}={shlex.quote(v)}\n" for k, v in values.items())
-        )
+        write_private(path, "".join(f"{k}={shlex.quote(v)}\n" for k, v in values.items()))
     return values
 
 
@@ -201,9 +192,7 @@ def stack_environment(config: StackConfig, secret: dict[str, str]) -> dict[str, 
             "AIRFLOW__CORE__FERNET_KEY": secret["AIRFLOW_FERNET_KEY"],
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{config.api_url}/execution/",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{secret['AIRFLOW_ADMIN_USERNAME']}:admin",
-            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(
-                airflow_home / "passwords.json"
-            ),
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(airflow_home / "passwords.json"),
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": config.database_url("airflow"),
             "AIRFLOW__CELERY__BROKER_URL": config.redis_url,
             "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + config.database_url("airflow"),
@@ -219,8 +208,7 @@ def stack_environment(config: StackConfig, secret: dict[str, str]) -> dict[str, 
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30",
             "WBC_HOME": str(config.state_dir / "wbc"),
             "WBC_WORK_DIR": config.work_dir or str(config.state_dir / "wbc" / "work"),
-            "WBC_CLASSIFY_DIR": config.classify_dir
-            or str(config.state_dir / "wbc" / "classify-images"),
+            "WBC_CLASSIFY_DIR": config.classify_dir or str(config.state_dir / "wbc" / "classify-images"),
             "WBC_MLFLOW_TRACKING_URI": config.mlflow_url,
             "MLFLOW_TRACKING_USERNAME": secret["MLFLOW_ADMIN_USERNAME"],
             "MLFLOW_TRACKING_PASSWORD": secret["MLFLOW_ADMIN_PASSWORD"],
@@ -290,15 +278,11 @@ def process_specs(config: StackConfig, secret: dict[str, str]) -> list[ProcessSp
             ]  # fmt: skip
             env.update(topology["worker_settings"])
             env["WBC_WORKER_ROLE"] = role
-        specs.append(
-            ProcessSpec(name=name, argv=argv, env=env, queues=queues, role=role)
-        )
+        specs.append(ProcessSpec(name=name, argv=argv, env=env, queues=queues, role=role))
     return specs
 
 
-def mlflow_spec(
-    config: StackConfig, secret: dict[str, str], base_env: dict[str, str]
-) -> ProcessSpec:
+def mlflow_spec(config: StackConfig, secret: dict[str, str], base_env: dict[str, str]) -> ProcessSpec:
     """The MLflow tracking server: PostgreSQL backend, proxied artifacts, basic auth."""
     auth_ini = config.state_dir / "mlflow" / "basic_auth.ini"
     env = {k: v for k, v in base_env.items() if not k.startswith("AIRFLOW")}
@@ -328,9 +312,7 @@ def mlflow_spec(
 def write_mlflow_auth_config(config: StackConfig) -> Path:
     """The basic-auth settings (users live in their own database; admin password from env)."""
     template = (REPO_ROOT / "mlflow" / "basic_auth.ini.template").read_text()
-    text = template.replace(
-        "${MLFLOW_AUTH_DATABASE_URI}", config.database_url("mlflow_auth")
-    )
+    text = template.replace("${MLFLOW_AUTH_DATABASE_URI}", config.database_url("mlflow_auth"))
     path = config.state_dir / "mlflow" / "basic_auth.ini"
     write_private(path, text)
     return path

@@ -34,9 +34,7 @@ def ensure_databases(config: StackConfig) -> list[str]:
     try:
         conn = psycopg2.connect(config.pg_url)
     except psycopg2.OperationalError as exc:
-        raise StackError(
-            f"PostgreSQL at {_hide_password(config.pg_url)} is not reachable: {exc}"
-        ) from exc
+        raise StackError(f"PostgreSQL at {_hide_password(config.pg_url)} is not reachable: {exc}") from exc
     try:
         conn.autocommit = True
         with conn.cursor() as cur:
@@ -44,9 +42,7 @@ def ensure_databases(config: StackConfig) -> list[str]:
                 name = config.database_name(key)
                 cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
                 if cur.fetchone() is None:
-                    cur.execute(
-                        sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
-                    )
+                    cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
                     created.append(name)
     finally:
         conn.close()
@@ -67,11 +63,7 @@ def drop_databases(config: StackConfig) -> list[str]:
                 name = config.database_name(key)
                 cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
                 if cur.fetchone() is not None:
-                    cur.execute(
-                        sql.SQL("DROP DATABASE {} WITH (FORCE)").format(
-                            sql.Identifier(name)
-                        )
-                    )
+                    cur.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
                     dropped.append(name)
     finally:
         conn.close()
@@ -89,15 +81,9 @@ def check_dependencies() -> None:
         "redis": "Celery broker client",
         "flask_wtf": "MLflow's basic-auth app (the mlflow[auth] extra)",
     }
-    missing = [
-        f"{name} ({why})"
-        for name, why in needed.items()
-        if importlib.util.find_spec(name) is None
-    ]
+    missing = [f"{name} ({why})" for name, why in needed.items() if importlib.util.find_spec(name) is None]
     if missing:
-        raise StackError(
-            f"missing Python packages: {'; '.join(missing)}. Run 'uv sync --extra cpu'"
-        )
+        raise StackError(f"missing Python packages: {'; '.join(missing)}. Run 'uv sync --extra cpu'")
 
 
 def check_redis(config: StackConfig) -> None:
@@ -107,9 +93,7 @@ def check_redis(config: StackConfig) -> None:
     try:
         redis.Redis.from_url(config.redis_url, socket_connect_timeout=3).ping()
     except redis.RedisError as exc:
-        raise StackError(
-            f"Redis at {config.redis_url} is not reachable: {exc}"
-        ) from exc
+        raise StackError(f"Redis at {config.redis_url} is not reachable: {exc}") from exc
 
 
 def purge_redis_keys(config: StackConfig) -> int:
@@ -141,8 +125,6 @@ def migrate_airflow(config: StackConfig, secret: dict[str, str]) -> None:
             env=env, cwd=config.state_dir, stdout=log, stderr=subprocess.STDOUT, check=False,
         )  # fmt: skip
     if done.returncode != 0:
-        raise StackError(
-            f"airflow db migrate failed: see {config.log_dir / 'airflow-init.log'}"
-        )
+        raise StackError(f"airflow db migrate failed: see {config.log_dir / 'airflow-init.log'}")
     passwords = {secret["AIRFLOW_ADMIN_USERNAME"]: secret["AIRFLOW_ADMIN_PASSWORD"]}
     write_private(config.airflow_home / "passwords.json", json.dumps(passwords) + "\n")

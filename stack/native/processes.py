@@ -77,11 +77,7 @@ def running_pid(config: StackConfig, name: str) -> int | None:
         return None
     process = _live_process(pid)
     try:
-        if (
-            process is not None
-            and os.getsid(pid) == pid
-            and _start_ticks(process) == started
-        ):
+        if process is not None and os.getsid(pid) == pid and _start_ticks(process) == started:
             return pid
     except (ProcessLookupError, psutil.Error):  # exited meanwhile
         pass

@@ -5,6 +5,7 @@ executables, a component that dies ends the command with its error, and SIGTERM 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -44,7 +45,7 @@ class Started:
     """A command started in the background, with every process it started remembered."""
 
     def __init__(self, argv: list[str], env: dict[str, str], cwd: Path = REPO_ROOT) -> None:
-        self.log = open(Path(env["WBC_HOME"]).parent / f"{Path(argv[0]).name}-{time.monotonic_ns()}.log", "w+b")
+        self.log = open(Path(env["WBC_HOME"]).parent / f"{Path(argv[0]).name}-{time.monotonic_ns()}.log", "w+b")  # noqa: SIM115 - the command writes to it until stopped
         self.process = subprocess.Popen(argv, env=env, cwd=cwd, stdout=self.log, stderr=subprocess.STDOUT)
         self.seen: set[psutil.Process] = set()
 
@@ -53,10 +54,8 @@ class Started:
         return Path(self.log.name).read_text(errors="replace")
 
     def remember_children(self) -> None:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             self.seen.update(psutil.Process(self.process.pid).children(recursive=True))
-        except psutil.NoSuchProcess:
-            pass
 
     def wait_until(self, check, what: str, timeout: float = START_TIMEOUT) -> None:
         deadline = time.monotonic() + timeout
@@ -82,10 +81,8 @@ class Started:
     def kill_all(self) -> None:
         for process in [*self.leftovers(), psutil.Process(self.process.pid) if self.process.poll() is None else None]:
             if process is not None:
-                try:
+                with contextlib.suppress(psutil.Error):
                     process.kill()
-                except psutil.Error:
-                    pass
 
 
 def http_json(url: str, *, token: str | None = None, body: dict | None = None) -> tuple[int, object]:
@@ -124,7 +121,9 @@ def test_airflow_ui_as_readme_writes_it_logs_in_lists_the_dags_and_stops_cleanly
         password_file = tmp_path / "wbc-home" / "airflow" / "simple_auth_manager_passwords.json.generated"
         password = json.loads(password_file.read_text())["admin"]
         assert f"password: {password}" in ui.output()
-        status, token = http_json(f"http://127.0.0.1:{port}/auth/token", body={"username": "admin", "password": password})
+        status, token = http_json(
+            f"http://127.0.0.1:{port}/auth/token", body={"username": "admin", "password": password}
+        )
         assert status in (200, 201), status
         assert http_json(f"http://127.0.0.1:{port}/api/v2/dags")[0] == 401  # anonymous
         ui.wait_until(
@@ -132,7 +131,11 @@ def test_airflow_ui_as_readme_writes_it_logs_in_lists_the_dags_and_stops_cleanly
             "three parsed DAGs",
         )
         status, dags = http_json(f"http://127.0.0.1:{port}/api/v2/dags", token=token["access_token"])
-        assert sorted(d["dag_id"] for d in dags["dags"]) == ["wbc_batch_classification", "wbc_maintenance", "wbc_training"]
+        assert sorted(d["dag_id"] for d in dags["dags"]) == [
+            "wbc_batch_classification",
+            "wbc_maintenance",
+            "wbc_training",
+        ]
         assert len(ui.seen) >= 4  # the four components, at least
 
         code = ui.terminate_and_wait()
@@ -201,10 +204,11 @@ def test_sigterm_to_wbc_train_stops_its_airflow_child(tmp_path):
 
 def test_make_demo_ends_with_a_summary_of_the_run(tmp_path):
     env = plain_shell_env(tmp_path / "wbc-home")
-    done = subprocess.run(["make", "--no-print-directory", "demo"], env=env, cwd=REPO_ROOT, capture_output=True,
-                          text=True, timeout=1200)
+    done = subprocess.run(
+        ["make", "--no-print-directory", "demo"], env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=1200
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    summary = done.stdout[done.stdout.rindex("wbc_training run "):]
+    summary = done.stdout[done.stdout.rindex("wbc_training run ") :]
     assert ": succeeded" in summary.splitlines()[0]
     assert "model: wbc-classifier version 1 (models:/wbc-classifier/1)" in summary
     assert "test metrics (" in summary and "balanced_accuracy 0." in summary
@@ -217,8 +221,12 @@ def test_train_gpu_profile_without_weights_fails_at_once_with_the_instructions(t
     env["KERAS_HOME"] = str(tmp_path / "empty-keras")
     done = subprocess.run([str(WBC), "train", "--profile", "gpu"], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
-    for words in ("vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5", "WBC_VGG16_WEIGHTS",
-                  str(tmp_path / "empty-keras" / "models"), "weights=none"):
+    for words in (
+        "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        "WBC_VGG16_WEIGHTS",
+        str(tmp_path / "empty-keras" / "models"),
+        "weights=none",
+    ):
         assert words in done.stderr
     assert not (tmp_path / "wbc-home" / "airflow").exists()  # Airflow never started
 

@@ -21,6 +21,7 @@ def pseudonymise_path(path, settings) -> str:
     """The pseudonym the pipeline writes for ``path`` under ``settings``."""
     return pseudonymiser(settings).path(path)
 
+
 #: What a lab's file names carry; must never reach MLflow or a log line with the option on.
 PATIENT = "PATIENT-12345"
 RUN_PARAMS = {"image_size": 32, "augment_per_class": 4, "smote": False, "batch_size": 4, "weights": "none"}
@@ -92,16 +93,24 @@ def _everything_in_mlflow(run_id_of_dag: str, dst: Path) -> dict[str, str]:
     folder = Path(client.download_artifacts(run_id, "", str(dst)))
     found = {
         str(p.relative_to(folder)): p.read_bytes().decode("utf-8", "replace")
-        for p in sorted(folder.rglob("*")) if p.is_file()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
     }
     run = client.get_run(run_id)
     found["mlflow:params"] = json.dumps(run.data.params)
     found["mlflow:tags"] = json.dumps(run.data.tags)
-    found["mlflow:inputs"] = json.dumps([
-        {"name": d.dataset.name, "source": d.dataset.source, "schema": d.dataset.schema,
-         "profile": d.dataset.profile, "digest": d.dataset.digest}
-        for d in run.inputs.dataset_inputs
-    ])
+    found["mlflow:inputs"] = json.dumps(
+        [
+            {
+                "name": d.dataset.name,
+                "source": d.dataset.source,
+                "schema": d.dataset.schema,
+                "profile": d.dataset.profile,
+                "digest": d.dataset.digest,
+            }
+            for d in run.inputs.dataset_inputs
+        ]
+    )
     return found
 
 
@@ -110,8 +119,8 @@ def _log_text(caplog) -> str:
 
 
 def test_with_the_option_on_no_patient_name_reaches_mlflow_or_the_logs(env, labelled, tmp_path, caplog):
-    from wbc_tasks.pipelines import training as steps
     from wbc_tasks.core.privacy import KEY_FILE
+    from wbc_tasks.pipelines import training as steps
 
     env.setenv("WBC_PSEUDONYMISE_NAMES", "true")
     caplog.set_level(logging.INFO)
@@ -129,8 +138,14 @@ def test_with_the_option_on_no_patient_name_reaches_mlflow_or_the_logs(env, labe
     assert "generated a pseudonym key" in _log_text(caplog)
 
     artifacts = _everything_in_mlflow(run_id, tmp_path / "downloaded")
-    assert {"data/split/manifest.csv", "data/split/rejected.csv", "data/augment/records.csv",
-            "data/balance/records.csv", "evaluation/predictions.csv", "evaluation/misclassified.png"} <= set(artifacts)
+    assert {
+        "data/split/manifest.csv",
+        "data/split/rejected.csv",
+        "data/augment/records.csv",
+        "data/balance/records.csv",
+        "evaluation/predictions.csv",
+        "evaluation/misclassified.png",
+    } <= set(artifacts)
     leaks = [name for name, text in artifacts.items() if PATIENT.split("-")[0] in name + text]
     assert not leaks, f"patient names in MLflow: {leaks}"
     logs = _log_text(caplog)
@@ -210,20 +225,35 @@ def test_copies_of_csv_and_json_pseudonymise_path_fields_and_paths_in_text(setti
 
     on = settings.with_overrides(pseudonymise_names=True, pseudonym_key="k" * 32)
     table = tmp_path / "rejected.csv"
-    pd.DataFrame({
-        "path": [f"blasts/{PATIENT}_b.jpg", f"{PATIENT}/c.jpg"],
-        "class": ["blasts", ""],
-        "reason": [f"cannot open image: [Errno 13] Permission denied: '/else/{PATIENT} x.jpg'",
-                   f"unknown class folder '{PATIENT}'"],
-    }).to_csv(table, index=False)
+    pd.DataFrame(
+        {
+            "path": [f"blasts/{PATIENT}_b.jpg", f"{PATIENT}/c.jpg"],
+            "class": ["blasts", ""],
+            "reason": [
+                f"cannot open image: [Errno 13] Permission denied: '/else/{PATIENT} x.jpg'",
+                f"unknown class folder '{PATIENT}'",
+            ],
+        }
+    ).to_csv(table, index=False)
     copy = pd.read_csv(pseudonymiser(on).write_copy(table, tmp_path / "out" / "rejected.csv"))
     assert PATIENT not in copy.to_csv()
-    assert list(copy["path"]) == [pseudonymise_path(f"blasts/{PATIENT}_b.jpg", on), pseudonymise_path(f"{PATIENT}/c.jpg", on)]
+    assert list(copy["path"]) == [
+        pseudonymise_path(f"blasts/{PATIENT}_b.jpg", on),
+        pseudonymise_path(f"{PATIENT}/c.jpg", on),
+    ]
     assert copy["reason"][1] == f"unknown class folder '{pseudonymise_path(PATIENT, on)}'"
 
     doc = tmp_path / "summary.json"
-    doc.write_text(json.dumps({"files": [{"path": f"d/{PATIENT}.jpg"}], "note": f"moved blasts/{PATIENT}.jpg",
-                               "model_uri": "models:/wbc/3", "store": str(on.work_dir / "runs" / "x")}))
+    doc.write_text(
+        json.dumps(
+            {
+                "files": [{"path": f"d/{PATIENT}.jpg"}],
+                "note": f"moved blasts/{PATIENT}.jpg",
+                "model_uri": "models:/wbc/3",
+                "store": str(on.work_dir / "runs" / "x"),
+            }
+        )
+    )
     copied = json.loads(pseudonymiser(on).write_copy(doc, tmp_path / "out" / "summary.json").read_text())
     assert PATIENT not in json.dumps(copied)
     assert copied["files"][0]["path"] == pseudonymise_path(f"d/{PATIENT}.jpg", on)
@@ -254,8 +284,11 @@ def test_nightly_rejections_are_logged_by_pseudonym(settings, tmp_path, caplog):
     from wbc_tasks.serving import plan
 
     on = settings.with_overrides(
-        pseudonymise_names=True, pseudonym_key="k" * 32, settle_minutes=0.0,
-        classify_dir=tmp_path / "drops", predictions_db_url=f"sqlite:///{tmp_path / 'predictions.db'}",
+        pseudonymise_names=True,
+        pseudonym_key="k" * 32,
+        settle_minutes=0.0,
+        classify_dir=tmp_path / "drops",
+        predictions_db_url=f"sqlite:///{tmp_path / 'predictions.db'}",
     )
     (on.classify_dir / "2024-05-01").mkdir(parents=True)
     (on.classify_dir / "2024-05-01" / f"{PATIENT} notes.txt").write_text("not an image")

@@ -32,8 +32,15 @@ def give_up(exc, seconds):
 
 
 def run(fn, retries=3):
-    return call_with_backoff(fn, retries=retries, first_wait=0.01, is_transient=lambda e: isinstance(e, Flaky),
-                             what="test call", give_up=give_up, log=LOG)
+    return call_with_backoff(
+        fn,
+        retries=retries,
+        first_wait=0.01,
+        is_transient=lambda e: isinstance(e, Flaky),
+        what="test call",
+        give_up=give_up,
+        log=LOG,
+    )
 
 
 def test_transient_failures_are_retried_then_succeed(caplog):

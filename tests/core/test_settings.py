@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from wbc_tasks.core.settings import SettingsError, get_settings
 from wbc_tasks.core.paths import safe_name
+from wbc_tasks.core.settings import SettingsError, get_settings
 
 
 def test_embedded_defaults_live_under_one_home(settings):

@@ -1,7 +1,6 @@
 import pytest
 
 from tests.conftest import skip_unless_required
-
 from wbc_tasks.core.settings import COMPLETE_MARKER
 from wbc_tasks.core.workdir import read_marker, require_complete, run_step
 
@@ -53,8 +52,9 @@ def small_disk(tmp_path):
     folder.mkdir()
     if os.geteuid() != 0:
         skip_unless_required("disk-full test needs root to mount a small tmpfs")
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(folder)],
-                             capture_output=True, text=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(folder)], capture_output=True, text=True
+    )
     if mounted.returncode != 0:
         skip_unless_required(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
     try:
@@ -64,18 +64,19 @@ def small_disk(tmp_path):
             subprocess.run(["umount", "-l", str(folder)], capture_output=True)
 
 
-def test_disk_full_fails_clearly_without_marker_and_the_rerun_starts_afresh(small_disk, settings, tmp_path,
-                                                                           monkeypatch):
+def test_disk_full_fails_clearly_without_marker_and_the_rerun_starts_afresh(
+    small_disk, settings, tmp_path, monkeypatch
+):
     """The preprocess task on a work volume with too little space left: a clear error naming the
     folder, no marker; with space freed, the retried task wipes the leftovers and completes."""
     import errno
 
     from tests.conftest import write_image
-    from wbc_tasks.pipelines import training as steps
     from wbc_tasks.core.settings import get_settings
+    from wbc_tasks.core.workdir import NoSpaceError
     from wbc_tasks.data.dataset import split_dataset
     from wbc_tasks.data.store import open_store
-    from wbc_tasks.core.workdir import NoSpaceError
+    from wbc_tasks.pipelines import training as steps
 
     data = tmp_path / "WBC"
     for i in range(16):  # 16 images x 256 x 256 x 3 bytes = 3 MiB of stores

@@ -8,9 +8,12 @@ import shutil
 
 import pytest
 
-from tests.conftest import parse_dag, skip_unless_required
+from tests.conftest import (
+    REPO_ROOT,
+    parse_dag,
+    skip_unless_required,
+)
 
-from tests.conftest import REPO_ROOT  # noqa: E402
 DAG_ID = "wbc_batch_classification"
 DROP = REPO_ROOT.parent / "shared" / "data" / "wbc-bench" / "classify-images" / "2026-11-24"
 
@@ -21,8 +24,11 @@ def test_dag_parses_with_schedule_limits_and_params(settings):
     assert dag.catchup is False and dag.max_active_runs == 1
     params = dag.params.dump()
     assert params == {
-        "drop": "", "model": settings.champion_alias, "threshold": settings.review_threshold,
-        "chunk_size": settings.classify_chunk_size, "reclassify": False,
+        "drop": "",
+        "model": settings.champion_alias,
+        "threshold": settings.review_threshold,
+        "chunk_size": settings.classify_chunk_size,
+        "reclassify": False,
     }
     order = {t.task_id: sorted(t.downstream_task_ids) for t in dag.tasks}
     assert order == {
@@ -59,7 +65,9 @@ def test_dag_test_classifies_a_real_drop_in_mapped_chunks(airflow_db, settings, 
     classify_dir = tmp_path / "classify"
     shutil.copytree(DROP, classify_dir / DROP.name)
     for name, value in {
-        "WBC_CLASSIFY_DIR": classify_dir, "WBC_SETTLE_MINUTES": 0, "WBC_WORK_DIR": tmp_path / "work",
+        "WBC_CLASSIFY_DIR": classify_dir,
+        "WBC_SETTLE_MINUTES": 0,
+        "WBC_WORK_DIR": tmp_path / "work",
         "WBC_MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
         "WBC_MLFLOW_ARTIFACT_ROOT": tmp_path / "artifacts",
         "WBC_PREDICTIONS_DB_URL": f"sqlite:///{tmp_path / 'predictions.db'}",

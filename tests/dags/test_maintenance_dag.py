@@ -3,7 +3,6 @@ out of parsing, and a ``dag.test()`` run deletes an old work folder and keeps th
 
 from __future__ import annotations
 
-
 from tests.conftest import parse_dag
 
 DAG_ID = "wbc_maintenance"

@@ -10,15 +10,25 @@ import subprocess
 import sys
 
 import pytest
-
 from airflow.sdk.definitions.param import ParamValidationError
 
 from tests.conftest import REPO_ROOT, free_port, parse_dag, write_image
-
 from wbc_tasks.training.params import TRAINING_PARAM_SPECS
 
 ORDER = ["split", "preprocess", "augment", "balance", "train_model", "evaluate", "register", "promote"]
-HEAVY = {"tensorflow", "keras", "mlflow", "pandas", "sqlalchemy", "numpy", "PIL", "sklearn", "imblearn", "alembic", "filelock"}
+HEAVY = {
+    "tensorflow",
+    "keras",
+    "mlflow",
+    "pandas",
+    "sqlalchemy",
+    "numpy",
+    "PIL",
+    "sklearn",
+    "imblearn",
+    "alembic",
+    "filelock",
+}
 
 
 def test_every_dag_file_imports_without_errors():
@@ -65,8 +75,14 @@ def test_parsing_the_dag_files_imports_nothing_heavy():
     )
     files = sorted(str(p) for p in (REPO_ROOT / "dags").glob("wbc_*.py"))
     assert len(files) == 3
-    done = subprocess.run([sys.executable, "-c", script, *files], capture_output=True, text=True,
-                          cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", script, *files],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     added = json.loads(done.stdout.strip().splitlines()[-1])
     for path, modules in added.items():
@@ -102,8 +118,13 @@ def test_data_stages_run_under_dag_test(airflow_db, small_labelled_set, monkeypa
     dag = parse_dag("wbc_training").partial_subset(task_ids=ORDER[:4], include_upstream=True, include_downstream=False)
     assert sorted(dag.task_ids) == sorted(ORDER[:4])
     run = dag.test(
-        run_conf={"data_dir": str(small_labelled_set), "image_size": 32, "augment_per_class": 12, "smote_k": 3,
-                  "weights": "none"}
+        run_conf={
+            "data_dir": str(small_labelled_set),
+            "image_size": 32,
+            "augment_per_class": 12,
+            "smote_k": 3,
+            "weights": "none",
+        }
     )
     assert run.state == DagRunState.SUCCESS
     folder = settings.run_dir(run.run_id)

@@ -10,6 +10,8 @@ from scipy import ndimage
 from skimage.color import rgb2hed
 
 from tests.conftest import shared_set
+from wbc_tasks.core.settings import CLASS_NAMES, get_settings
+from wbc_tasks.core.workdir import run_step
 from wbc_tasks.data.augment import (
     AugmentParams,
     augment_image,
@@ -19,11 +21,9 @@ from wbc_tasks.data.augment import (
     random_affine,
     warp_reflect,
 )
-from wbc_tasks.core.settings import CLASS_NAMES, get_settings
 from wbc_tasks.data.dataset import split_dataset
 from wbc_tasks.data.preprocess import preprocess_splits
 from wbc_tasks.data.store import create_store, finish_store, open_store
-from wbc_tasks.core.workdir import run_step
 
 SIZE = 32
 
@@ -197,7 +197,9 @@ def test_warp_matches_scipy_affine_transform_with_reflect():
         ours = warp_reflect(image, matrix, offset).astype(np.float64)
         reference = np.stack(
             [
-                ndimage.affine_transform(image[..., c].astype(np.float64), matrix, offset=offset, order=1, mode="reflect")
+                ndimage.affine_transform(
+                    image[..., c].astype(np.float64), matrix, offset=offset, order=1, mode="reflect"
+                )
                 for c in range(3)
             ],
             axis=-1,

@@ -9,6 +9,7 @@ import pytest
 from tests.bad_inputs import CASES, build_cases, check_exif_orientation
 from tests.bad_inputs import snapshot as tree_snapshot
 from tests.conftest import write_image
+from wbc_tasks.core.workdir import run_step
 from wbc_tasks.data import dataset
 from wbc_tasks.data.dataset import (
     SPLITS,
@@ -21,7 +22,6 @@ from wbc_tasks.data.dataset import (
 from wbc_tasks.data.images import DISAPPEARED
 from wbc_tasks.data.preprocess import PREPROCESS_REJECTED_FILE, preprocess_splits
 from wbc_tasks.data.store import open_store
-from wbc_tasks.core.workdir import run_step
 
 
 def snapshot(folder):
@@ -235,7 +235,10 @@ def test_symlinked_class_folder_follows_the_allowed_roots(tmp_path, settings):
     allowed = settings.with_overrides(allowed_roots=((tmp_path / "share").resolve(),))
     found, rejected = find_labelled_images(data, allowed)
     assert not rejected and sorted(str(p.relative_to(data)) for p, _ in found) == [
-        "bands/0.png", "bands/1.png", "blasts/0.png", "blasts/1.png"
+        "bands/0.png",
+        "bands/1.png",
+        "blasts/0.png",
+        "blasts/1.png",
     ]
 
 

@@ -14,8 +14,7 @@ from wbc_tasks.data.images import load_image
 
 def _hashes(folder) -> dict[str, str]:
     return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*.png"))
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*.png"))
     }
 
 
@@ -46,10 +45,15 @@ def test_demo_dataset_is_deterministic_per_seed_and_grows_stably(tmp_path):
 def test_demo_classes_differ_on_average(tmp_path):
     """Class looks differ (mean colour alone already separates some), else nothing could learn them."""
     generate_demo_dataset(tmp_path, per_class=6, size=48, seed=1)
-    means = np.array([
-        np.mean([load_image(p, 48, max_pixels=10**6, min_side=8).mean(axis=(0, 1)) for p in (tmp_path / c).iterdir()], axis=0)
-        for c in CLASS_NAMES
-    ])
+    means = np.array(
+        [
+            np.mean(
+                [load_image(p, 48, max_pixels=10**6, min_side=8).mean(axis=(0, 1)) for p in (tmp_path / c).iterdir()],
+                axis=0,
+            )
+            for c in CLASS_NAMES
+        ]
+    )
     distances = np.linalg.norm(means[:, None] - means[None], axis=-1)
     assert distances[np.triu_indices(len(CLASS_NAMES), 1)].min() > 1.0
 

@@ -24,7 +24,7 @@ def test_real_jpeg_resized_to_uint8_square(seed_shaped):
 def test_every_mode_becomes_rgb(tmp_path, mode):
     base = Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 40, 3), dtype=np.uint8))
     if mode == "I;16":
-        img = Image.fromarray((np.asarray(base.convert("L"), dtype=np.uint16) * 257))
+        img = Image.fromarray(np.asarray(base.convert("L"), dtype=np.uint16) * 257)
         assert img.mode.startswith("I")
         name = "x.png"
     elif mode == "CMYK":

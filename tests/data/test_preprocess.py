@@ -4,10 +4,10 @@ import numpy as np
 import pandas as pd
 
 from wbc_tasks.core.settings import CLASS_NAMES
+from wbc_tasks.core.workdir import run_step
 from wbc_tasks.data.dataset import read_manifest, split_dataset
 from wbc_tasks.data.preprocess import preprocess_splits
 from wbc_tasks.data.store import open_store
-from wbc_tasks.core.workdir import run_step
 
 
 def test_stores_hold_every_manifest_image_as_uint8(seed_shaped, settings):

@@ -4,6 +4,7 @@ point at an empty folder, as in test_promotion: nothing is trained."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -27,9 +28,7 @@ def retention_settings(settings, mlflow_dir, tmp_path, monkeypatch, request):
     import mlflow
 
     name = request.node.name[:50]
-    monkeypatch.setenv(
-        "WBC_MLFLOW_TRACKING_URI", f"sqlite:///{mlflow_dir / 'mlflow.db'}"
-    )
+    monkeypatch.setenv("WBC_MLFLOW_TRACKING_URI", f"sqlite:///{mlflow_dir / 'mlflow.db'}")
     monkeypatch.setenv("WBC_MLFLOW_ARTIFACT_ROOT", str(mlflow_dir / "artifacts"))
     monkeypatch.setenv("WBC_MLFLOW_EXPERIMENT", f"exp-{name}")
     monkeypatch.setenv("WBC_MODEL_NAME", f"wbc-{name}")
@@ -51,9 +50,7 @@ def set_age(path: Path, days: float) -> None:
     os.utime(path, (stamp, stamp), follow_symlinks=False)
 
 
-def make_run_folder(
-    settings, dag_run_id: str, *, age_days: float, size: int = 1000
-) -> Path:
+def make_run_folder(settings, dag_run_id: str, *, age_days: float, size: int = 1000) -> Path:
     """A run work folder like a training run leaves (a finished step and a checkpoint)."""
     folder = settings.run_dir(dag_run_id)
     (folder / "split").mkdir(parents=True)
@@ -65,9 +62,7 @@ def make_run_folder(
     return folder
 
 
-def register_version(
-    settings, dag_run_id: str, *, alias: str | None = None, tag_version: bool = True
-) -> str:
+def register_version(settings, dag_run_id: str, *, alias: str | None = None, tag_version: bool = True) -> str:
     """A registered version made by ``dag_run_id``'s MLflow run (tagged like register_model
     does); the version points at an empty folder (retention never loads the model)."""
     from mlflow.exceptions import MlflowException
@@ -79,16 +74,12 @@ def register_version(
     run_id = open_tracking_run(settings, dag_run_id)
     finish_tracking_run(settings, dag_run_id, "FINISHED")
     client = configure_mlflow(settings)
-    try:
+    with contextlib.suppress(MlflowException):
         client.create_registered_model(settings.model_name)
-    except MlflowException:
-        pass
     source = settings.home / "fake-model"
     source.mkdir(parents=True, exist_ok=True)
     tags = {TAG_AIRFLOW_RUN_ID: dag_run_id} if tag_version else {}
-    version = client.create_model_version(
-        settings.model_name, source.as_uri(), run_id=run_id, tags=tags
-    ).version
+    version = client.create_model_version(settings.model_name, source.as_uri(), run_id=run_id, tags=tags).version
     if alias:
         client.set_registered_model_alias(settings.model_name, alias, version)
     return str(version)

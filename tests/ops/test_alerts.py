@@ -37,10 +37,11 @@ class Webhook:
         hook = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+            def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
-                hook.posts.append({"path": self.path, "content_type": self.headers["Content-Type"],
-                                   "json": json.loads(body)})
+                hook.posts.append(
+                    {"path": self.path, "content_type": self.headers["Content-Type"], "json": json.loads(body)}
+                )
                 time.sleep(hook.delay)
                 self.send_response(hook.status)
                 self.end_headers()
@@ -155,14 +156,31 @@ def use_email(monkeypatch, sink: SmtpSink, *, starttls: bool = False) -> None:
     monkeypatch.setenv("WBC_SMTP_STARTTLS", "true" if starttls else "false")
 
 
-def failed_task_context(*, task_id: str = "train_model", try_number: int = 3, map_index: int = -1,
-                        run_id: str = "manual__2026-11-25T10:00:00+00:00", error: Exception | None = None) -> dict:
+def failed_task_context(
+    *,
+    task_id: str = "train_model",
+    try_number: int = 3,
+    map_index: int = -1,
+    run_id: str = "manual__2026-11-25T10:00:00+00:00",
+    error: Exception | None = None,
+) -> dict:
     """A context shaped like the one Airflow passes a task's on_failure_callback."""
-    ti = SimpleNamespace(dag_id="wbc_training", run_id=run_id, task_id=task_id, map_index=map_index,
-                         try_number=try_number, max_tries=2, hostname="gpu-worker-1",
-                         log_url=f"http://airflow:8080/dags/wbc_training/runs/{run_id}/tasks/{task_id}")
-    return {"ti": ti, "run_id": run_id, "dag": SimpleNamespace(dag_id="wbc_training"),
-            "exception": error or RuntimeError("CUDA out of memory")}
+    ti = SimpleNamespace(
+        dag_id="wbc_training",
+        run_id=run_id,
+        task_id=task_id,
+        map_index=map_index,
+        try_number=try_number,
+        max_tries=2,
+        hostname="gpu-worker-1",
+        log_url=f"http://airflow:8080/dags/wbc_training/runs/{run_id}/tasks/{task_id}",
+    )
+    return {
+        "ti": ti,
+        "run_id": run_id,
+        "dag": SimpleNamespace(dag_id="wbc_training"),
+        "exception": error or RuntimeError("CUDA out of memory"),
+    }
 
 
 RECEIVED: list[dict] = []
@@ -211,7 +229,9 @@ def test_email_through_a_local_smtp_server_with_login(alert_env, smtp, caplog):
     assert mail["from"] == "wbc-pipeline@localhost"
     assert mail["to"] == ["lab-oncall@example.org", "ml-team@example.org"]
     message = email.message_from_string(mail["data"], policy=email.policy.default)
-    assert message["Subject"].startswith("WBC: wbc_training run manual__2026-11-25T10:00:00+00:00 failed in train_model")
+    assert message["Subject"].startswith(
+        "WBC: wbc_training run manual__2026-11-25T10:00:00+00:00 failed in train_model"
+    )
     body = message.get_content()
     assert "RuntimeError: CUDA out of memory" in body and "try_number: 3" in body and "log_url: http://" in body
     assert SMTP_PASSWORD not in caplog.text
@@ -287,8 +307,9 @@ def test_passwords_are_masked_in_what_is_sent(alert_env, webhook, smtp):
 
     use_webhook(alert_env, webhook.url)
     use_email(alert_env, smtp)
-    error = RuntimeError(f"could not connect to postgresql://wbc:db-pa55@postgres/predictions; "
-                         f"login {SMTP_PASSWORD} refused")
+    error = RuntimeError(
+        f"could not connect to postgresql://wbc:db-pa55@postgres/predictions; login {SMTP_PASSWORD} refused"
+    )
     alert_task_failure(failed_task_context(error=error))
 
     sent = webhook.posts[0]["json"]["exception"]
@@ -321,15 +342,18 @@ def test_one_alert_per_failing_task_try_and_dag_run(alert_env, webhook):
         alert_task_failure(failed_task_context(task_id="classify_chunk", map_index=chunk, try_number=3))
     assert len(webhook.posts) == 1 and webhook.posts[0]["json"]["map_index"] == 0
 
-    alert_task_failure(failed_task_context(task_id="classify_chunk", map_index=0, try_number=4))  # cleared, failed again
+    alert_task_failure(
+        failed_task_context(task_id="classify_chunk", map_index=0, try_number=4)
+    )  # cleared, failed again
     assert len(webhook.posts) == 2
 
     run = failed_task_context()["run_id"]
     alert_dag_failure({"run_id": run, "dag": SimpleNamespace(dag_id="wbc_training"), "reason": "task_failure"})
     assert len(webhook.posts) == 2  # the task alert already covered this run
 
-    alert_dag_failure({"run_id": "scheduled__timed-out", "dag": SimpleNamespace(dag_id="wbc_training"),
-                       "reason": "timed_out"})
+    alert_dag_failure(
+        {"run_id": "scheduled__timed-out", "dag": SimpleNamespace(dag_id="wbc_training"), "reason": "timed_out"}
+    )
     assert len(webhook.posts) == 3
     assert webhook.posts[2]["json"]["event"] == "dag_run_failed"
     assert webhook.posts[2]["json"]["reason"] == "timed_out" and webhook.posts[2]["json"]["task_id"] is None
@@ -338,13 +362,17 @@ def test_one_alert_per_failing_task_try_and_dag_run(alert_env, webhook):
 # --------------------------------------------------------------------------- the DAGs' wiring
 
 
-@pytest.mark.parametrize("dag_file, dag_id", [
-    ("wbc_training.py", "wbc_training"),
-    ("wbc_batch_classification.py", "wbc_batch_classification"),
-    ("wbc_maintenance.py", "wbc_maintenance"),
-])
+@pytest.mark.parametrize(
+    "dag_file, dag_id",
+    [
+        ("wbc_training.py", "wbc_training"),
+        ("wbc_batch_classification.py", "wbc_batch_classification"),
+        ("wbc_maintenance.py", "wbc_maintenance"),
+    ],
+)
 def test_every_task_and_dag_alerts_on_failure(settings, dag_file, dag_id):
     dag = parse_dag(dag_id)
+
     def names_of(callbacks) -> list[str]:  # one callable or a list (mapped tasks keep it as given)
         return [cb.__name__ for cb in (callbacks if isinstance(callbacks, list) else [callbacks])]
 
@@ -405,7 +433,8 @@ def test_failed_training_alerts_and_still_marks_the_mlflow_run_failed(dag_env):
 
     settings = get_settings()
     dag = parse_dag("wbc_training").partial_subset(
-        task_ids=["preprocess"], include_upstream=False, include_downstream=False)
+        task_ids=["preprocess"], include_upstream=False, include_downstream=False
+    )
     for task in dag.tasks:
         task.retries = 0
     when = pendulum.datetime(2026, 11, 25, 10, tz="UTC")

@@ -15,9 +15,7 @@ def test_wbc_cleanup_command(retention_settings, capsys):
 
     assert main(["cleanup", "--dry-run"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert (
-        report["dry_run"] is True and report["deleted"] == [old.name] and old.is_dir()
-    )
+    assert report["dry_run"] is True and report["deleted"] == [old.name] and old.is_dir()
 
     assert main(["cleanup"]) == 0
     report = json.loads(capsys.readouterr().out)

@@ -39,29 +39,15 @@ def test_mlflow_artifacts_of_unregistered_runs_only_when_asked(retention_setting
     assert has_artifacts(unregistered)
 
     dry = apply_retention(s, now=later, mlflow_artifacts=True, dry_run=True)["mlflow"]
-    assert (
-        dry["purged"] == [unregistered]
-        and dry["bytes_freed"] > 0
-        and has_artifacts(unregistered)
-    )
+    assert dry["purged"] == [unregistered] and dry["bytes_freed"] > 0 and has_artifacts(unregistered)
 
     result = apply_retention(s, now=later, mlflow_artifacts=True)["mlflow"]
-    assert (
-        result["purged"] == [unregistered]
-        and result["bytes_freed"] == dry["bytes_freed"]
-    )
+    assert result["purged"] == [unregistered] and result["bytes_freed"] == dry["bytes_freed"]
     assert not has_artifacts(unregistered)
     assert ARTIFACTS_DELETED_TAG in client.get_run(unregistered).data.tags
-    assert (
-        client.get_run(unregistered).info.lifecycle_stage == "active"
-    )  # the run record stays
-    assert (
-        has_artifacts(champion)
-        and "registered model version" in result["kept"][champion]
-    )
+    assert client.get_run(unregistered).info.lifecycle_stage == "active"  # the run record stays
+    assert has_artifacts(champion) and "registered model version" in result["kept"][champion]
     assert has_artifacts(running) and "RUNNING" in result["kept"][running]
     # The newest N runs keep their artifacts too.
-    again = apply_retention(
-        s.with_overrides(retention_keep_runs=10), now=later, mlflow_artifacts=True
-    )
+    again = apply_retention(s.with_overrides(retention_keep_runs=10), now=later, mlflow_artifacts=True)
     assert again["mlflow"]["purged"] == []

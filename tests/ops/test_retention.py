@@ -21,12 +21,8 @@ def test_champion_and_previous_champion_survive_old_unaliased_runs_go(
     s = retention_settings
     champion = make_run_folder(s, "manual__2026-01-02T00:00:00+00:00", age_days=300)
     previous = make_run_folder(s, "manual__2026-01-01T00:00:00+00:00", age_days=310)
-    registered = make_run_folder(
-        s, "manual__2026-01-03T00:00:00+00:00", age_days=200
-    )  # no alias
-    failed = make_run_folder(
-        s, "manual__2026-01-04T00:00:00+00:00", age_days=100
-    )  # never registered
+    registered = make_run_folder(s, "manual__2026-01-03T00:00:00+00:00", age_days=200)  # no alias
+    failed = make_run_folder(s, "manual__2026-01-04T00:00:00+00:00", age_days=100)  # never registered
     recent = make_run_folder(s, "manual__2026-11-20T00:00:00+00:00", age_days=3)
     register_version(s, "manual__2026-01-01T00:00:00+00:00", alias=s.rollback_alias)
     # The champion's version lacks the airflow_run_id tag: found through its MLflow run's tag.
@@ -54,17 +50,12 @@ def test_newest_n_stay_even_when_old(retention_settings, monkeypatch):
     from wbc_tasks.ops.cleanup import apply_retention
 
     monkeypatch.setenv("WBC_RETENTION_KEEP_RUNS", "2")
-    folders = [
-        make_run_folder(get_settings(), f"manual__run{i}", age_days=100 + i)
-        for i in range(5)
-    ]
+    folders = [make_run_folder(get_settings(), f"manual__run{i}", age_days=100 + i) for i in range(5)]
 
     summary = apply_retention(get_settings())
 
     assert [f.is_dir() for f in folders] == [True, True, False, False, False]
-    assert all(
-        "WBC_RETENTION_KEEP_RUNS" in summary["kept"][f.name] for f in folders[:2]
-    )
+    assert all("WBC_RETENTION_KEEP_RUNS" in summary["kept"][f.name] for f in folders[:2])
     assert summary["folders_scanned"] == 5 and len(summary["deleted"]) == 3
 
 
@@ -94,25 +85,17 @@ def test_symlinks_pointing_outside_are_never_followed(retention_settings, tmp_pa
     outside.mkdir()
     (outside / "slides.txt").write_text("keep me")
     old = make_run_folder(s, "manual__old", age_days=90)
-    (old / "data-link").symlink_to(
-        outside, target_is_directory=True
-    )  # inside a run folder
+    (old / "data-link").symlink_to(outside, target_is_directory=True)  # inside a run folder
     escape = runs_root(s) / "manual__escape"
-    escape.symlink_to(
-        outside, target_is_directory=True
-    )  # a "run folder" that leads outside
+    escape.symlink_to(outside, target_is_directory=True)  # a "run folder" that leads outside
     set_age(old, 90)
     set_age(outside, 90)
 
     summary = apply_retention(s)
 
     assert not old.exists()  # the folder went, its link with it...
-    assert (
-        outside / "slides.txt"
-    ).read_text() == "keep me"  # ...but not the link's target
-    assert (
-        escape.is_symlink() and "not followed" in summary["skipped"]["manual__escape"]
-    )
+    assert (outside / "slides.txt").read_text() == "keep me"  # ...but not the link's target
+    assert escape.is_symlink() and "not followed" in summary["skipped"]["manual__escape"]
     assert summary["deleted"] == [old.name]
 
 
@@ -138,9 +121,7 @@ def test_recent_activity_anywhere_in_the_folder_keeps_it(retention_settings):
     s = retention_settings
     folder = make_run_folder(s, "manual__resumed", age_days=90)
     checkpoint = folder / "train_checkpoints" / "epoch-002.weights.h5"
-    checkpoint.write_bytes(
-        b"new"
-    )  # a retried training task wrote a checkpoint just now
+    checkpoint.write_bytes(b"new")  # a retried training task wrote a checkpoint just now
     os.utime(folder / "train_checkpoints", (time.time() - 90 * DAY,) * 2)
     os.utime(folder, (time.time() - 90 * DAY,) * 2)
 
@@ -163,9 +144,7 @@ def test_unreachable_registry_deletes_nothing(retention_settings, monkeypatch):
 
     with pytest.raises(ConnectionError) as failure:  # MlflowUnavailableError is one
         apply_retention(get_settings())
-    assert f"127.0.0.1:{port}" in str(
-        failure.value
-    )  # it failed asking MLflow, not elsewhere
+    assert f"127.0.0.1:{port}" in str(failure.value)  # it failed asking MLflow, not elsewhere
     assert folder.is_dir() and (folder / "split" / COMPLETE_MARKER).is_file()
 
 

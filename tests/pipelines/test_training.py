@@ -7,8 +7,8 @@ import os
 import pytest
 
 from wbc_tasks.core.paths import OutsideAllowedFoldersError
-from wbc_tasks.training.params import training_params
 from wbc_tasks.pipelines.training import resolve_data_dir
+from wbc_tasks.training.params import training_params
 
 
 def test_data_dir_param_outside_the_configured_folders_is_refused(settings, tmp_path):

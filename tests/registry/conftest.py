@@ -23,17 +23,13 @@ def mlflow_settings(settings, mlflow_dir, tmp_path, monkeypatch, request):
     no waiting between retries."""
     import mlflow
 
-    monkeypatch.setenv(
-        "WBC_MLFLOW_TRACKING_URI", f"sqlite:///{mlflow_dir / 'mlflow.db'}"
-    )
+    monkeypatch.setenv("WBC_MLFLOW_TRACKING_URI", f"sqlite:///{mlflow_dir / 'mlflow.db'}")
     monkeypatch.setenv("WBC_MLFLOW_ARTIFACT_ROOT", str(mlflow_dir / "artifacts"))
     monkeypatch.setenv("WBC_MODEL_NAME", f"wbc-{request.node.name}"[:60])
     monkeypatch.setenv("WBC_WORK_DIR", str(tmp_path / "work"))
     monkeypatch.setenv("WBC_MLFLOW_RETRY_WAIT", "0")
     yield get_settings()
-    while (
-        mlflow.active_run() is not None
-    ):  # never leak an active run into the next test
+    while mlflow.active_run() is not None:  # never leak an active run into the next test
         mlflow.end_run()
 
 

@@ -36,9 +36,7 @@ def test_split_manifest_logged_as_training_input(mlflow_settings, tmp_path):
     assert dataset.name == "split-manifest"
     assert json.loads(dataset.source) == {"uri": str(data_dir)}
     assert json.loads(dataset.profile)["num_rows"] == 3
-    assert [c["name"] for c in json.loads(dataset.schema)["mlflow_colspec"]] == list(
-        manifest.columns
-    )
+    assert [c["name"] for c in json.loads(dataset.schema)["mlflow_colspec"]] == list(manifest.columns)
     assert {t.key: t.value for t in inputs[0].tags}["mlflow.data.context"] == "training"
 
 
@@ -69,9 +67,7 @@ def test_stage_artifacts_metrics_and_figures(mlflow_settings, tmp_path):
     assert logged == ["class_counts.json", "manifest.csv", "samples.PNG"]
     run_id = open_tracking_run(mlflow_settings, "manual__a")
     client = configure_mlflow(mlflow_settings)
-    assert sorted(a.path for a in client.list_artifacts(run_id, "split")) == [
-        f"split/{n}" for n in sorted(logged)
-    ]
+    assert sorted(a.path for a in client.list_artifacts(run_id, "split")) == [f"split/{n}" for n in sorted(logged)]
 
     flat = log_metrics(
         mlflow_settings,
@@ -87,9 +83,7 @@ def test_stage_artifacts_metrics_and_figures(mlflow_settings, tmp_path):
     axes.plot([0, 1], [1, 0])
     log_figure(mlflow_settings, "manual__a", figure, "evaluate/confusion_matrix.png")
     plt.close(figure)
-    assert [a.path for a in client.list_artifacts(run_id, "evaluate")] == [
-        "evaluate/confusion_matrix.png"
-    ]
+    assert [a.path for a in client.list_artifacts(run_id, "evaluate")] == ["evaluate/confusion_matrix.png"]
 
 
 def test_flatten_metrics_nested_and_numpy():

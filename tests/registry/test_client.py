@@ -20,9 +20,7 @@ def test_retries_transient_failures_only(mlflow_settings):
     def flaky():
         calls.append(1)
         if len(calls) < 3:
-            raise MlflowException(
-                "database is locked", error_code=TEMPORARILY_UNAVAILABLE
-            )
+            raise MlflowException("database is locked", error_code=TEMPORARILY_UNAVAILABLE)
         return "ok"
 
     assert call_with_retries(mlflow_settings, flaky) == "ok" and len(calls) == 3
@@ -41,9 +39,7 @@ def test_retries_transient_failures_only(mlflow_settings):
 
     def down():
         calls.append(1)
-        raise MlflowException(
-            "API request to http://mlflow:5000/api failed with exception Max retries exceeded"
-        )
+        raise MlflowException("API request to http://mlflow:5000/api failed with exception Max retries exceeded")
 
     with pytest.raises(
         MlflowUnavailableError,
@@ -51,14 +47,10 @@ def test_retries_transient_failures_only(mlflow_settings):
     ) as failed:
         call_with_retries(mlflow_settings, down)
     assert len(calls) == mlflow_settings.mlflow_retries + 1
-    assert isinstance(
-        failed.value.__cause__, MlflowException
-    ) and "Max retries exceeded" in str(failed.value)
+    assert isinstance(failed.value.__cause__, MlflowException) and "Max retries exceeded" in str(failed.value)
 
 
-def test_http_settings_are_written_to_the_environment_only_when_they_change(
-    settings, monkeypatch
-):
+def test_http_settings_are_written_to_the_environment_only_when_they_change(settings, monkeypatch):
     import os
 
     from wbc_tasks.registry.client import MLFLOW_HTTP_ENV, export_http_settings

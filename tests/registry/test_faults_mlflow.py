@@ -13,6 +13,7 @@ each failed request surfaces at once, and ours wait 0.25 s, doubling (a 16 s win
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -25,15 +26,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import REPO_ROOT, free_port
 from wbc_tasks.core.settings import CLASS_NAMES, get_settings
 
 pytestmark = pytest.mark.slow  # starts an MLflow server (~30 s on two cores)
 
-from tests.conftest import REPO_ROOT
-
-FLOORS = {"metric": "balanced_accuracy", "margin": 0.0, "min_metric": 0.5, "min_class_recall": 0.3,
-          "min_blast_recall": 0.8}
+FLOORS = {
+    "metric": "balanced_accuracy",
+    "margin": 0.0,
+    "min_metric": 0.5,
+    "min_class_recall": 0.3,
+    "min_blast_recall": 0.8,
+}
 
 
 class MlflowServer:
@@ -50,12 +54,25 @@ class MlflowServer:
 
         log = open(self.folder / "server.log", "ab")  # noqa: SIM115 - the server writes to it until stopped
         self.process = subprocess.Popen(
-            [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1",
-             "--port", str(self.port), "--workers", "1", "--backend-store-uri", self.backend_uri,
-             "--artifacts-destination", str(self.folder / "artifacts")],
+            [
+                str(Path(sys.executable).with_name("mlflow")),
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--workers",
+                "1",
+                "--backend-store-uri",
+                self.backend_uri,
+                "--artifacts-destination",
+                str(self.folder / "artifacts"),
+            ],
             # The job runner (and its consumers) would double the start-up cost; nothing here uses it.
             env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         log.close()
         deadline = time.monotonic() + timeout
@@ -78,10 +95,8 @@ class MlflowServer:
         """SIGKILL the server and its workers (its whole process group)."""
         if self.process is None:
             return
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         self.process.wait(timeout=60)
 
 
@@ -120,10 +135,8 @@ class Gate:
             listener, self._listener = self._listener, None
             sockets, self._sockets = list(self._sockets), set()
         for sock in ([listener] if listener else []) + sockets:
-            try:
+            with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked in accept/recv
-            except OSError:
-                pass
             sock.close()
 
     def trip(self, needle: bytes, *, down_for: float, nth: int = 1, lose_reply: bool = False) -> None:
@@ -191,10 +204,8 @@ class Gate:
             pass
         finally:
             for sock in (source, target):
-                try:
+                with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
 
 
 @pytest.fixture(scope="module")
@@ -220,13 +231,21 @@ def mlflow_settings(server, settings, tmp_path, monkeypatch, request):
         mlflow_server.start()
     gate.open()
     gate.reset()
-    for variable in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
-                     "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+    for variable in (
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT",
+    ):
         monkeypatch.setenv(variable, os.environ.get(variable, ""))  # restored after the test
     for name, value in {
-        "WBC_MLFLOW_TRACKING_URI": gate.url, "WBC_MODEL_NAME": f"wbc-{request.node.name}"[:60],
-        "WBC_WORK_DIR": str(tmp_path / "work"), "WBC_MLFLOW_RETRIES": "6", "WBC_MLFLOW_RETRY_WAIT": "0.25",
-        "WBC_MLFLOW_HTTP_RETRIES": "0", "WBC_MLFLOW_HTTP_BACKOFF": "0", "WBC_MLFLOW_HTTP_TIMEOUT": "20",
+        "WBC_MLFLOW_TRACKING_URI": gate.url,
+        "WBC_MODEL_NAME": f"wbc-{request.node.name}"[:60],
+        "WBC_WORK_DIR": str(tmp_path / "work"),
+        "WBC_MLFLOW_RETRIES": "6",
+        "WBC_MLFLOW_RETRY_WAIT": "0.25",
+        "WBC_MLFLOW_HTTP_RETRIES": "0",
+        "WBC_MLFLOW_HTTP_BACKOFF": "0",
+        "WBC_MLFLOW_HTTP_TIMEOUT": "20",
     }.items():
         monkeypatch.setenv(name, value)
     yield get_settings()
@@ -242,8 +261,7 @@ def _client(settings):
 
 def _metrics(balanced: float) -> dict:
     recall = {"blasts": 0.9, "neutrophils": 0.8}
-    return {"balanced_accuracy": balanced, "accuracy": balanced, "recall": recall,
-            "support": {c: 5 for c in recall}}
+    return {"balanced_accuracy": balanced, "accuracy": balanced, "recall": recall, "support": {c: 5 for c in recall}}
 
 
 def _add_version(settings, balanced: float):
@@ -255,10 +273,8 @@ def _add_version(settings, balanced: float):
     from wbc_tasks.registry.versions import model_ref_from_version
 
     client = _client(settings)
-    try:
+    with contextlib.suppress(MlflowException):
         client.create_registered_model(settings.model_name)
-    except MlflowException:
-        pass
     tags = {"image_size": "32", "class_names": json.dumps(list(CLASS_NAMES)), **metric_tags(_metrics(balanced))}
     version = client.create_model_version(settings.model_name, "s3://wbc-test/placeholder", tags=tags)
     return model_ref_from_version(settings, client.get_model_version(settings.model_name, version.version))
@@ -302,12 +318,26 @@ def test_registration_whose_version_creation_reply_is_lost_ends_with_one_version
     from wbc_tasks.registry.runs import open_tracking_run
 
     _, gate = server
-    model = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Rescaling(1 / 255), keras.layers.Flatten(),
-                              keras.layers.Dense(len(CLASS_NAMES), activation="softmax")])
+    model = keras.Sequential(
+        [
+            keras.Input((32, 32, 3)),
+            keras.layers.Rescaling(1 / 255),
+            keras.layers.Flatten(),
+            keras.layers.Dense(len(CLASS_NAMES), activation="softmax"),
+        ]
+    )
     run_id = open_tracking_run(mlflow_settings, "manual__outage-reg", {"image_size": 32})
     gate.trip(b"POST /api/2.0/mlflow/model-versions/create", down_for=1.5, lose_reply=True)
-    ref = register_model(mlflow_settings, "manual__outage-reg", model, image_size=32, class_names=CLASS_NAMES,
-                         metrics=_metrics(0.9), data_summary={"counts": {}}, params={"image_size": 32})
+    ref = register_model(
+        mlflow_settings,
+        "manual__outage-reg",
+        model,
+        image_size=32,
+        class_names=CLASS_NAMES,
+        metrics=_metrics(0.9),
+        data_summary={"counts": {}},
+        params={"image_size": 32},
+    )
     assert gate.tripped == [b"POST /api/2.0/mlflow/model-versions/create"]
     versions = _versions(mlflow_settings)
     assert [v.version for v in versions] == [ref.version] == ["1"]
@@ -390,7 +420,11 @@ def test_two_processes_promoting_together_end_with_the_better_champion(mlflow_se
     processes = {
         v.version: subprocess.Popen(
             [sys.executable, "-c", PROMOTE_SCRIPT, v.version, delay, str(tmp_path), json.dumps(FLOORS)],
-            cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         for v, delay in ((worse, "1.5"), (better, "0.2"))
     }
@@ -411,8 +445,8 @@ def test_two_processes_promoting_together_end_with_the_better_champion(mlflow_se
     assert all(p.returncode == 0 for p in processes.values()), outputs
     done = {v: json.loads((tmp_path / f"result-{v}.json").read_text()) for v in processes}
 
-    (_w_start, w_end), = done[worse.version]["windows"]
-    (b_start, _b_end), = done[better.version]["windows"]
+    ((_w_start, w_end),) = done[worse.version]["windows"]
+    ((b_start, _b_end),) = done[better.version]["windows"]
     assert w_end <= b_start, "the two champion evaluations overlapped: promotion was not serialised"
     assert done[worse.version]["result"]["outcome"] == PROMOTED
     assert done[worse.version]["result"]["compared_with_version"] == v0.version
@@ -434,6 +468,7 @@ def test_server_dead_past_the_retries_fails_clearly_and_leaves_the_champion(mlfl
     with a clear error naming the server, and the registry (read from its database) still has the
     old champion, no rollback alias and no decision on the candidate."""
     from mlflow import MlflowClient
+
     from wbc_tasks.registry.client import MlflowUnavailableError
     from wbc_tasks.registry.promotion import promote_if_better, promote_version
 

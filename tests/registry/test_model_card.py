@@ -13,16 +13,12 @@ def test_source_counts_from_real_sources_file():
 
     sources_file = SHARED_DATA / "wbc-seed-shaped" / "SOURCES.csv"
     if not sources_file.is_file():
-        skip_unless_required(
-            f"real images absent: {sources_file} not found (../shared/data is not checked out here)"
-        )
+        skip_unless_required(f"real images absent: {sources_file} not found (../shared/data is not checked out here)")
     table = pd.read_csv(sources_file, dtype=str)
     manifest = table.rename(columns={"file": "path"})[["path", "class", "sha256"]]
     counts = source_counts(manifest, sources_file.parent / "WBC")
     expected = table.groupby(["class", "source"]).size()
-    assert {
-        (c, s): n for c, by in counts.items() for s, n in by.items()
-    } == expected.to_dict()
+    assert {(c, s): n for c, by in counts.items() for s, n in by.items()} == expected.to_dict()
     blast_sources = set(counts["blasts"])
     assert len(blast_sources) == 1, "the README says blasts come from one lab only"
 

@@ -3,6 +3,7 @@ against a real MLflow registry (SQLite in a tmp folder)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -29,15 +30,19 @@ from wbc_tasks.registry.versions import (
 )
 
 # A margin exact in binary, so the "exactly the margin" case is a true tie.
-FLOORS = {"metric": "balanced_accuracy", "margin": 0.0625, "min_metric": 0.5, "min_class_recall": 0.3,
-          "min_blast_recall": 0.8}
+FLOORS = {
+    "metric": "balanced_accuracy",
+    "margin": 0.0625,
+    "min_metric": 0.5,
+    "min_class_recall": 0.3,
+    "min_blast_recall": 0.8,
+}
 
 
 def metrics(balanced: float, *, blasts: float = 0.9, others: float = 0.7, **overrides: float) -> dict:
     recall = {"blasts": blasts, "neutrophils": others, "lymphocytes": others, "monocytes": others}
     recall.update(overrides)
-    return {"balanced_accuracy": balanced, "accuracy": balanced, "recall": recall,
-            "support": {c: 5 for c in recall}}
+    return {"balanced_accuracy": balanced, "accuracy": balanced, "recall": recall, "support": {c: 5 for c in recall}}
 
 
 # ------------------------------------------------------------------ the pure decision
@@ -49,7 +54,12 @@ def metrics(balanced: float, *, blasts: float = 0.9, others: float = 0.7, **over
         (metrics(0.6), None, PROMOTED, "no champion yet"),
         (metrics(0.45), None, REJECTED, "min_metric"),
         (metrics(0.8, monocytes=0.2), None, REJECTED, "recall of monocytes 0.2000 is below the floor 0.3000"),
-        (metrics(0.8, blasts=0.75), metrics(0.5), REJECTED, "recall of blasts 0.7500 is below the floor 0.8000 (min_blast_recall)"),
+        (
+            metrics(0.8, blasts=0.75),
+            metrics(0.5),
+            REJECTED,
+            "recall of blasts 0.7500 is below the floor 0.8000 (min_blast_recall)",
+        ),
         (metrics(0.70), metrics(0.75), KEPT_CHAMPION, "does not beat"),
         (metrics(0.75), metrics(0.75), KEPT_CHAMPION, "does not beat"),  # a tie keeps the champion
         (metrics(0.78), metrics(0.75), KEPT_CHAMPION, "margin 0.0625"),  # better, but within the margin
@@ -103,10 +113,8 @@ def add_version(settings, test_metrics: dict):
     from wbc_tasks.registry.client import configure_mlflow
 
     client = configure_mlflow(settings)
-    try:
+    with contextlib.suppress(MlflowException):
         client.create_registered_model(settings.model_name)
-    except MlflowException:
-        pass
     source = settings.home / "fake-model"
     source.mkdir(parents=True, exist_ok=True)
     tags = {"image_size": "32", "class_names": json.dumps(list(CLASS_NAMES)), **metric_tags(test_metrics)}
@@ -199,7 +207,10 @@ def test_manual_promote_and_rollback_record_who_when_why(mlflow_settings):
     assert current_aliases(s) == {s.champion_alias: v1.version, s.rollback_alias: v2.version}
     tags = tags_of(s, v1.version)
     assert (tags["rollback.by"], tags["rollback.why"], tags["rollback.replaced_version"]) == (
-        "cat", "blasts missed in review", v2.version)
+        "cat",
+        "blasts missed in review",
+        v2.version,
+    )
     assert tags_of(s, v2.version)["demotion.why"] == "blasts missed in review"
     # Rolling back again swaps them back: the former champion is always the rollback target.
     rollback(s, who="cat", why="undo")
@@ -267,9 +278,10 @@ def test_simultaneous_promotions_end_with_the_better_champion(mlflow_settings):
 
         try:
             start.wait()
-            results[candidate.version] = promote_if_better(s, candidate, scores[candidate.version],
-                                                           champion_metrics, **FLOORS)
-        except Exception as exc:  # noqa: BLE001 - surfaced below
+            results[candidate.version] = promote_if_better(
+                s, candidate, scores[candidate.version], champion_metrics, **FLOORS
+            )
+        except Exception as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=run, args=(worse, 1.5)), threading.Thread(target=run, args=(better, 0.2))]

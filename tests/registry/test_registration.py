@@ -67,9 +67,7 @@ def test_register_model_writes_card_and_metric_tags(mlflow_settings):
     }
     ref = register_model(mlflow_settings, dag_run_id, _tiny_model(), **kwargs)
 
-    assert (
-        ref.run_id == run_id and ref.image_size == 32 and ref.class_names == CLASS_NAMES
-    )
+    assert ref.run_id == run_id and ref.image_size == 32 and ref.class_names == CLASS_NAMES
     client = configure_mlflow(mlflow_settings)
     version = client.get_model_version(mlflow_settings.model_name, ref.version)
     card = version.description
@@ -94,43 +92,27 @@ def test_register_model_writes_card_and_metric_tags(mlflow_settings):
         f"`{dag_run_id}`",
     ):
         assert needed in card, f"model card lacks {needed!r}:\n{card}"
-    model_description = client.get_registered_model(
-        mlflow_settings.model_name
-    ).description
-    assert (
-        f"Latest registered: version {ref.version}" in model_description
-        and "Research use only" in model_description
-    )
+    model_description = client.get_registered_model(mlflow_settings.model_name).description
+    assert f"Latest registered: version {ref.version}" in model_description and "Research use only" in model_description
     tags = version.tags
     assert float(tags["metric.balanced_accuracy"]) == 0.91
-    assert (
-        float(tags["recall.blasts"]) == 1.0 and float(tags["support.neutrophils"]) == 10
-    )
+    assert float(tags["recall.blasts"]) == 1.0 and float(tags["support.neutrophils"]) == 10
     assert tags["airflow_run_id"] == dag_run_id
     assert version_metrics(mlflow_settings, ref.version)["recall"] == {
         "blasts": 1.0,
         "neutrophils": 0.82,
     }
-    assert (
-        client.download_artifacts(run_id, "model_card.md")
-        and resolve_model(mlflow_settings, ref.version) == ref
-    )
+    assert client.download_artifacts(run_id, "model_card.md") and resolve_model(mlflow_settings, ref.version) == ref
+    import mlflow
     import tensorflow as tf
 
-    import mlflow
-
-    requirements = (
-        Path(mlflow.artifacts.download_artifacts(f"models:/{ref.name}/{ref.version}"))
-        / "requirements.txt"
-    )
+    requirements = Path(mlflow.artifacts.download_artifacts(f"models:/{ref.name}/{ref.version}")) / "requirements.txt"
     assert f"tensorflow=={tf.__version__}" in requirements.read_text().split()
 
     # A retried register task completes the same version instead of registering a second one.
     again = register_model(mlflow_settings, dag_run_id, _tiny_model(), **kwargs)
     assert again == ref
-    assert (
-        len(client.search_model_versions(f"name='{mlflow_settings.model_name}'")) == 1
-    )
+    assert len(client.search_model_versions(f"name='{mlflow_settings.model_name}'")) == 1
 
 
 @pytest.mark.system
@@ -168,18 +150,14 @@ def test_http_tracking_server_works_the_same(settings, tmp_path, monkeypatch):
     try:
         import requests
 
-        deadline = (
-            time.monotonic() + 300
-        )  # a loaded 2-core machine needed about 2 minutes
+        deadline = time.monotonic() + 300  # a loaded 2-core machine needed about 2 minutes
         while True:
             try:
                 if requests.get(f"http://127.0.0.1:{port}/health", timeout=1).ok:
                     break
             except requests.ConnectionError:
                 pass
-            assert server.poll() is None and time.monotonic() < deadline, (
-                "mlflow server did not start"
-            )
+            assert server.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
             time.sleep(0.5)
         monkeypatch.setenv("WBC_MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
         monkeypatch.setenv("WBC_WORK_DIR", str(tmp_path / "work"))
@@ -208,14 +186,9 @@ def test_http_tracking_server_works_the_same(settings, tmp_path, monkeypatch):
             params={"image_size": 32},
         )
         assert ref.run_id == run_id
-        assert (server_dir / "artifacts").is_dir() and any(
-            (server_dir / "artifacts").rglob("counts.json")
-        )
+        assert (server_dir / "artifacts").is_dir() and any((server_dir / "artifacts").rglob("counts.json"))
         assert (
-            "Research use only"
-            in configure_mlflow(http_settings)
-            .get_model_version(ref.name, ref.version)
-            .description
+            "Research use only" in configure_mlflow(http_settings).get_model_version(ref.name, ref.version).description
         )
     finally:
         os.killpg(server.pid, signal.SIGTERM)

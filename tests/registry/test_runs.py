@@ -82,13 +82,12 @@ def test_first_tasks_starting_together_share_one_run(mlflow_settings):
     for t in threads:
         t.join(timeout=120)
     assert len(ids) == 3 and len(set(ids)) == 1
-    assert [
-        r.info.run_id for r in _runs_tagged(mlflow_settings, "manual__together")
-    ] == ids[:1]
+    assert [r.info.run_id for r in _runs_tagged(mlflow_settings, "manual__together")] == ids[:1]
 
 
 def test_tracking_run_resumes_and_stays_running_until_finished(mlflow_settings):
     import mlflow
+
     from wbc_tasks.registry.runs import (
         finish_tracking_run,
         open_tracking_run,
@@ -100,9 +99,7 @@ def test_tracking_run_resumes_and_stays_running_until_finished(mlflow_settings):
     with tracking_run(mlflow_settings, dag_run_id) as active_id:
         assert active_id == run_id and mlflow.active_run().info.run_id == run_id
         mlflow.log_metric("from_task_one", 1.0)
-        with tracking_run(
-            mlflow_settings, dag_run_id
-        ) as inner:  # nested use is harmless
+        with tracking_run(mlflow_settings, dag_run_id) as inner:  # nested use is harmless
             assert inner == run_id
         assert mlflow.active_run().info.run_id == run_id
     assert mlflow.active_run() is None
@@ -127,6 +124,7 @@ def test_tracking_run_resumes_and_stays_running_until_finished(mlflow_settings):
 
 def test_another_active_run_is_not_silently_replaced(mlflow_settings):
     import mlflow
+
     from wbc_tasks.registry.client import ensure_experiment
     from wbc_tasks.registry.runs import tracking_run
 

@@ -26,9 +26,7 @@ def test_metric_tags_round_trip_headline_and_per_class_values():
         "f1.bands": "0.4",
         "support.blasts": "12.0",
     }
-    assert metrics_from_tags(
-        {**tags, "image_size": "32", "promotion.outcome": "x"}
-    ) == {
+    assert metrics_from_tags({**tags, "image_size": "32", "promotion.outcome": "x"}) == {
         "balanced_accuracy": 0.75,
         "accuracy": 0.8,
         "recall": {"blasts": 0.9, "bands": 0.5},

@@ -23,9 +23,7 @@ def registering(monkeypatch):
 
         def get_model_version(name: str, version: str) -> SimpleNamespace:
             status = looks.pop(0) if len(looks) > 1 else looks[0]
-            return SimpleNamespace(
-                name=name, version=version, status=status, status_message="disk full"
-            )
+            return SimpleNamespace(name=name, version=version, status=status, status_message="disk full")
 
         client = SimpleNamespace(get_model_version=get_model_version)
         monkeypatch.setattr(versions, "configure_mlflow", lambda settings: client)

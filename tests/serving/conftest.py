@@ -22,9 +22,7 @@ from wbc_tasks.registry.versions import ModelRef
 from wbc_tasks.serving import predictions as db
 
 #: Maintenance database of the local PostgreSQL (trust auth); throwaway databases are made there.
-POSTGRES_ADMIN_URL = os.environ.get(
-    "WBC_TEST_POSTGRES_URL", "postgresql+psycopg2://postgres@localhost:5432/postgres"
-)
+POSTGRES_ADMIN_URL = os.environ.get("WBC_TEST_POSTGRES_URL", "postgresql+psycopg2://postgres@localhost:5432/postgres")
 DB_KINDS = ["sqlite", "postgresql"]
 DROPS = REPO_ROOT.parent / "shared" / "data" / "wbc-bench" / "classify-images"
 V2_CLASSES = (*CLASS_NAMES, "smudge")  # a later model with another class list
@@ -47,11 +45,7 @@ def throwaway_database(kind: str, folder: Path):
     name = f"wbc_test_{uuid.uuid4().hex[:12]}"
     connection.execute(text(f'CREATE DATABASE "{name}"'))
     try:
-        yield (
-            make_url(POSTGRES_ADMIN_URL)
-            .set(database=name)
-            .render_as_string(hide_password=False)
-        )
+        yield (make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(hide_password=False))
     finally:
         connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         connection.close()
@@ -82,9 +76,7 @@ def make_prediction(
 ) -> dict:
     """A ``predictions`` row of model ``version`` whose class ``best`` has ``confidence``."""
     rest = (1.0 - confidence) / (len(classes) - 1)
-    probabilities = {
-        name: (confidence if i == best else rest) for i, name in enumerate(classes)
-    }
+    probabilities = {name: (confidence if i == best else rest) for i, name in enumerate(classes)}
     return {
         "sha256": sha,
         "predicted_class": classes[best],
@@ -115,19 +107,15 @@ def make_seen(path: str, sha: str, drop: str, seen_at=None) -> dict:
 def drop_source(name: str) -> Path:
     path = DROPS / name
     if not path.is_dir():
-        skip_unless_required(
-            f"real images absent: {path} not found (../shared/data is not checked out here)"
-        )
+        skip_unless_required(f"real images absent: {path} not found (../shared/data is not checked out here)")
     return path
 
 
-def register_tiny_model(
-    settings, *, class_names=CLASS_NAMES, seed=0, alias=None
-) -> ModelRef:
+def register_tiny_model(settings, *, class_names=CLASS_NAMES, seed=0, alias=None) -> ModelRef:
     """A 32 px Rescaling + Flatten + Dense softmax model, registered like a trained one."""
     import keras
-
     import mlflow
+
     from wbc_tasks.registry.client import configure_mlflow, ensure_experiment
     from wbc_tasks.registry.registration import log_model_version
 
@@ -141,20 +129,14 @@ def register_tiny_model(
             keras.layers.Dense(
                 len(class_names),
                 activation="softmax",
-                kernel_initializer=keras.initializers.RandomNormal(
-                    stddev=0.05, seed=seed
-                ),
+                kernel_initializer=keras.initializers.RandomNormal(stddev=0.05, seed=seed),
             ),
         ]
     )
     with mlflow.start_run(experiment_id=ensure_experiment(settings)):
-        ref = log_model_version(
-            settings, model, image_size=32, class_names=tuple(class_names)
-        )
+        ref = log_model_version(settings, model, image_size=32, class_names=tuple(class_names))
     if alias:
-        configure_mlflow(settings).set_registered_model_alias(
-            settings.model_name, alias, ref.version
-        )
+        configure_mlflow(settings).set_registered_model_alias(settings.model_name, alias, ref.version)
     return ref
 
 
@@ -226,11 +208,7 @@ def sha(path: Path) -> str:
 
 def files_under(folder: Path) -> dict[str, str]:
     """relative path -> sha256 of every file under ``folder``."""
-    return {
-        str(p.relative_to(folder)): sha(p)
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
+    return {str(p.relative_to(folder)): sha(p) for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def table_rows(settings, table) -> list[dict]:
@@ -238,10 +216,7 @@ def table_rows(settings, table) -> list[dict]:
         db.open_engine(settings.predictions_db_url) as engine,
         engine.connect() as connection,
     ):
-        return [
-            dict(r)
-            for r in connection.execute(select(table).order_by(table.c.id)).mappings()
-        ]
+        return [dict(r) for r in connection.execute(select(table).order_by(table.c.id)).mappings()]
 
 
 def add_bad_files(folder: Path, good: Path) -> dict[str, str]:

@@ -15,9 +15,7 @@ from wbc_tasks.serving.model import resolve_run_model
 from wbc_tasks.serving.plan import find_new_images
 
 
-def test_a_chunk_commits_all_its_rows_or_none_and_retries_cleanly(
-    night_sqlite, monkeypatch, tmp_path
-):
+def test_a_chunk_commits_all_its_rows_or_none_and_retries_cleanly(night_sqlite, monkeypatch, tmp_path):
     settings = night_sqlite.with_overrides(archive_dir=tmp_path / "archive")
     folder = copy_drop("2026-11-24", settings)
     # Notes.txt is rejected (and archived) at once.
@@ -40,9 +38,7 @@ def test_a_chunk_commits_all_its_rows_or_none_and_retries_cleanly(
         classify_chunk(settings, found["chunks"][0], model, run_id="night-1")
     monkeypatch.setattr(db, "insert_ignore", real_insert)
     assert table_rows(settings, db.predictions) == []
-    assert {r["path"] for r in table_rows(settings, db.rejections)} == {
-        "2026-11-24/notes.txt"
-    }
+    assert {r["path"] for r in table_rows(settings, db.rejections)} == {"2026-11-24/notes.txt"}
     # Nothing archived.
     assert all((settings.classify_dir / p).is_file() for p in chunk_paths)
 
@@ -55,7 +51,5 @@ def test_a_chunk_commits_all_its_rows_or_none_and_retries_cleanly(
     # A retry (summary file lost too) writes nothing twice.
     Path(found["chunks"][0]).with_suffix(".done.json").unlink()
     retry = classify_chunk(settings, found["chunks"][0], model, run_id="night-1")
-    assert retry["images_classified"] == 0 and retry[
-        "images_already_classified"
-    ] == len(rows)
+    assert retry["images_classified"] == 0 and retry["images_already_classified"] == len(rows)
     assert table_rows(settings, db.predictions) == rows

@@ -42,20 +42,12 @@ def _pg_bindir() -> Path | None:
     explicit = os.environ.get("WBC_TEST_PG_BINDIR")
     candidates = [Path(explicit)] if explicit else []
     if shutil.which("pg_config"):
-        found = subprocess.run(
-            ["pg_config", "--bindir"], capture_output=True, text=True, check=False
-        )
+        found = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True, check=False)
         if found.returncode == 0:
             candidates.append(Path(found.stdout.strip()))
-    candidates += [
-        Path(p) for p in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)
-    ]
+    candidates += [Path(p) for p in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)]
     return next(
-        (
-            c
-            for c in candidates
-            if (c / "initdb").is_file() and (c / "pg_ctl").is_file()
-        ),
+        (c for c in candidates if (c / "initdb").is_file() and (c / "pg_ctl").is_file()),
         None,
     )
 
@@ -68,9 +60,7 @@ class PgCluster:
         self.data, self.log = root / "data", root / "server.log"
         self.port = free_port()
 
-    def _run(
-        self, tool: str, *args: str, check: bool = True
-    ) -> subprocess.CompletedProcess:
+    def _run(self, tool: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         result = subprocess.run(
             [*self.as_user, str(self.bindir / tool), *args],
             cwd=self.root,
@@ -81,9 +71,7 @@ class PgCluster:
         )
         if check and result.returncode != 0:
             tail = self.log.read_text()[-2000:] if self.log.is_file() else ""
-            raise RuntimeError(
-                f"{tool} {' '.join(args)} failed: {result.stderr}\n{tail}"
-            )
+            raise RuntimeError(f"{tool} {' '.join(args)} failed: {result.stderr}\n{tail}")
         return result
 
     def init(self) -> None:
@@ -125,10 +113,7 @@ class PgCluster:
         self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
 
     def running(self) -> bool:
-        return (
-            self._run("pg_ctl", "-D", str(self.data), "status", check=False).returncode
-            == 0
-        )
+        return self._run("pg_ctl", "-D", str(self.data), "status", check=False).returncode == 0
 
     def url(self, database: str = "postgres") -> str:
         return f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/{database}"
@@ -139,27 +124,19 @@ def pg_cluster():
     """One throwaway cluster per module (initdb takes a few seconds); skips without PostgreSQL."""
     bindir = _pg_bindir()
     if bindir is None:
-        skip_unless_required(
-            "PostgreSQL server binaries (initdb, pg_ctl) not found; set WBC_TEST_PG_BINDIR"
-        )
+        skip_unless_required("PostgreSQL server binaries (initdb, pg_ctl) not found; set WBC_TEST_PG_BINDIR")
     # Not under pytest's tmp folder: the server's user must be able to reach its data folder.
     root = Path(tempfile.mkdtemp(prefix="wbc-test-pg-"))
     as_user: list[str] = []
-    if (
-        os.geteuid() == 0
-    ):  # PostgreSQL refuses to run as root: run its tools as `postgres`
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root: run its tools as `postgres`
         try:
             account = pwd.getpwnam("postgres")
         except KeyError:
             shutil.rmtree(root)
-            skip_unless_required(
-                "running as root and there is no `postgres` user to run a PostgreSQL cluster as"
-            )
+            skip_unless_required("running as root and there is no `postgres` user to run a PostgreSQL cluster as")
         if shutil.which("runuser") is None:
             shutil.rmtree(root)
-            skip_unless_required(
-                "running as root without `runuser` to start PostgreSQL as the `postgres` user"
-            )
+            skip_unless_required("running as root without `runuser` to start PostgreSQL as the `postgres` user")
         os.chown(root, account.pw_uid, account.pw_gid)
         as_user = ["runuser", "-u", "postgres", "--"]
     cluster = PgCluster(bindir, root, as_user)
@@ -188,8 +165,8 @@ def tiny_model(tmp_path_factory) -> tuple[ModelRef, str]:
     SQLite registry of the module's own; returns its reference and the registry's URI."""
     import keras
     import mlflow.tensorflow
-
     from mlflow import MlflowClient
+
     from wbc_tasks.registry.versions import model_ref_from_version
 
     folder = tmp_path_factory.mktemp("registry")
@@ -210,9 +187,7 @@ def tiny_model(tmp_path_factory) -> tuple[ModelRef, str]:
     client.create_registered_model("wbc-classifier")
     tags = {"image_size": "32", "class_names": json.dumps(list(CLASS_NAMES))}
     version = client.create_model_version("wbc-classifier", path.as_uri(), tags=tags)
-    return model_ref_from_version(
-        None, client.get_model_version("wbc-classifier", version.version)
-    ), uri
+    return model_ref_from_version(None, client.get_model_version("wbc-classifier", version.version)), uri
 
 
 @pytest.fixture
@@ -238,9 +213,7 @@ def night(pg_cluster, tiny_model, settings, tmp_path):
         predictions_db_retry_wait=0.2,
     )
     for i in range(N_IMAGES):
-        write_image(
-            settings.classify_dir / "2026-11-24" / f"cell_{i:02d}.png", seed=100 + i
-        )
+        write_image(settings.classify_dir / "2026-11-24" / f"cell_{i:02d}.png", seed=100 + i)
     return settings
 
 
@@ -249,17 +222,13 @@ class CrashAt:
     ``prefix`` once armed (the transaction is then open, with earlier statements of it sent);
     with ``restart_after``, a thread starts the server again that many seconds later."""
 
-    def __init__(
-        self, cluster: PgCluster, prefix: str, restart_after: float | None
-    ) -> None:
+    def __init__(self, cluster: PgCluster, prefix: str, restart_after: float | None) -> None:
         self.cluster, self.prefix, self.restart_after = cluster, prefix, restart_after
         self.armed = False
         self.fired = 0
         self.restarter: threading.Thread | None = None
 
-    def __call__(
-        self, conn, cursor, statement, parameters, context, executemany
-    ) -> None:
+    def __call__(self, conn, cursor, statement, parameters, context, executemany) -> None:
         if not self.armed or not statement.lstrip().upper().startswith(self.prefix):
             return
         self.armed = False
@@ -305,17 +274,13 @@ def _expected(settings) -> dict[str, str]:
 def _assert_each_image_exactly_once(settings) -> None:
     expected = _expected(settings)
     predictions = _rows(settings, db.predictions)
-    assert sorted(r["sha256"] for r in predictions) == sorted(expected.values()), (
-        "a row lost or duplicated"
-    )
+    assert sorted(r["sha256"] for r in predictions) == sorted(expected.values()), "a row lost or duplicated"
     seen = _rows(settings, db.files_seen)
     assert sorted((r["path"], r["sha256"]) for r in seen) == sorted(expected.items())
     assert _rows(settings, db.rejections) == []
 
 
-def test_server_crash_mid_transaction_then_restart_retries_the_chunk_once(
-    night, pg_cluster, tiny_model, caplog
-):
+def test_server_crash_mid_transaction_then_restart_retries_the_chunk_once(night, pg_cluster, tiny_model, caplog):
     """The server crashes inside chunk 2's transaction (its predictions sent, not committed) and
     is back 1.5 s later: the commit is retried whole and the run ends with one row per image."""
     caplog.set_level(logging.WARNING, logger="wbc_tasks.serving.predictions")
@@ -329,9 +294,7 @@ def test_server_crash_mid_transaction_then_restart_retries_the_chunk_once(
         crash.armed = True
         summary = classify_chunk(night, second, model, run_id="night-1")
     assert crash.fired == 1 and pg_cluster.running()
-    retries = [
-        r.getMessage() for r in caplog.records if "committing chunk" in r.getMessage()
-    ]
+    retries = [r.getMessage() for r in caplog.records if "committing chunk" in r.getMessage()]
     assert retries and "retry 1 of 8" in retries[0], "the commit was not retried"
     assert summary["images_classified"] == CHUNK
 
@@ -339,14 +302,10 @@ def test_server_crash_mid_transaction_then_restart_retries_the_chunk_once(
     _assert_each_image_exactly_once(night)
 
 
-def test_server_down_longer_than_the_retries_commits_nothing_then_the_rerun_commits_once(
-    night, pg_cluster, tiny_model
-):
+def test_server_down_longer_than_the_retries_commits_nothing_then_the_rerun_commits_once(night, pg_cluster, tiny_model):
     """The server crashes inside chunk 1's transaction and stays down past the retries: a clear
     error, no row of the chunk, no summary file; the retried task commits the chunk exactly once."""
-    settings = night.with_overrides(
-        predictions_db_retries=2, predictions_db_retry_wait=0.1
-    )
+    settings = night.with_overrides(predictions_db_retries=2, predictions_db_retry_wait=0.1)
     model = model_ref_to_dict(tiny_model[0])
     found = find_new_images(settings, run_id="night-2", model=model, chunk_size=CHUNK)
     chunk = found["chunks"][0]
@@ -359,10 +318,7 @@ def test_server_down_longer_than_the_retries_commits_nothing_then_the_rerun_comm
     assert crash.fired == 1
     assert "is unreachable" in message and "committing chunk chunk-0000.json" in message
     assert f"127.0.0.1:{pg_cluster.port}" in message and "3 times" in message
-    assert (
-        "WBC_PREDICTIONS_DB_RETRIES" in message
-        and "Nothing of it was committed" in message
-    )
+    assert "WBC_PREDICTIONS_DB_RETRIES" in message and "Nothing of it was committed" in message
     assert not Path(chunk).with_suffix(".done.json").exists()
 
     pg_cluster.start()
@@ -370,22 +326,10 @@ def test_server_down_longer_than_the_retries_commits_nothing_then_the_rerun_comm
         db.open_engine(settings.predictions_db_url) as engine,
         engine.connect() as connection,
     ):
-        assert (
-            connection.execute(
-                select(func.count()).select_from(db.predictions)
-            ).scalar_one()
-            == 0
-        )
-        assert (
-            connection.execute(
-                select(func.count()).select_from(db.files_seen)
-            ).scalar_one()
-            == 0
-        )
+        assert connection.execute(select(func.count()).select_from(db.predictions)).scalar_one() == 0
+        assert connection.execute(select(func.count()).select_from(db.files_seen)).scalar_one() == 0
 
-    for chunk in found[
-        "chunks"
-    ]:  # Airflow retries the failed chunk; the others run as usual
+    for chunk in found["chunks"]:  # Airflow retries the failed chunk; the others run as usual
         classify_chunk(settings, chunk, model, run_id="night-2")
     _assert_each_image_exactly_once(settings)
 
@@ -403,22 +347,20 @@ def test_only_connection_failures_are_retried():
         psycopg2.OperationalError("server closed the connection unexpectedly"),
         connection_invalidated=True,
     )
-    refused = OperationalError(
-        "connect", {}, psycopg2.OperationalError("connection refused")
-    )
+    refused = OperationalError("connect", {}, psycopg2.OperationalError("connection refused"))
     password = OperationalError(
         "connect",
         {},
         psycopg2.OperationalError('password authentication failed for user "x"'),
     )
-    locked = OperationalError(
-        "INSERT", {}, sqlite3.OperationalError("database is locked")
-    )
-    no_table = OperationalError(
-        "SELECT", {}, sqlite3.OperationalError("no such table: predictions")
-    )
+    locked = OperationalError("INSERT", {}, sqlite3.OperationalError("database is locked"))
+    no_table = OperationalError("SELECT", {}, sqlite3.OperationalError("no such table: predictions"))
     duplicate = IntegrityError("INSERT", {}, psycopg2.IntegrityError("duplicate key"))
-    assert [
-        db.is_transient_db_error(e)
-        for e in (lost, refused, password, locked, no_table, duplicate)
-    ] == [True, True, False, True, False, False]
+    assert [db.is_transient_db_error(e) for e in (lost, refused, password, locked, no_table, duplicate)] == [
+        True,
+        True,
+        False,
+        True,
+        False,
+        False,
+    ]

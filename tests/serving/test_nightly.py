@@ -42,8 +42,7 @@ def test_each_image_classified_once_reruns_add_nothing_new_drops_add_theirs(nigh
     images = {p.name: sha(p) for p in first.glob("*.jpg")}
     bad = add_bad_files(first, first / "cell_0001.jpg")
     before = {
-        p: (os.stat(settings.classify_dir / p).st_mtime_ns, s)
-        for p, s in files_under(settings.classify_dir).items()
+        p: (os.stat(settings.classify_dir / p).st_mtime_ns, s) for p, s in files_under(settings.classify_dir).items()
     }
 
     summary = classify_new_images(settings)
@@ -54,9 +53,7 @@ def test_each_image_classified_once_reruns_add_nothing_new_drops_add_theirs(nigh
     assert {p["model_version"] for p in predictions} == {"1"}
     for p in predictions:
         probs = p["probabilities"]
-        assert list(probs) == list(CLASS_NAMES) and math.isclose(
-            sum(probs.values()), 1.0, rel_tol=1e-4
-        )
+        assert list(probs) == list(CLASS_NAMES) and math.isclose(sum(probs.values()), 1.0, rel_tol=1e-4)
         assert p["predicted_class"] == max(probs, key=probs.get)
         assert p["confidence"] == pytest.approx(max(probs.values()))
         assert p["needs_review"] == (p["confidence"] < THRESHOLD)
@@ -74,8 +71,7 @@ def test_each_image_classified_once_reruns_add_nothing_new_drops_add_theirs(nigh
     predicted = {p["sha256"] for p in predictions}
     assert all(s["sha256"] in predicted or path in rejected for path, s in seen.items())
     after = {
-        p: (os.stat(settings.classify_dir / p).st_mtime_ns, s)
-        for p, s in files_under(settings.classify_dir).items()
+        p: (os.stat(settings.classify_dir / p).st_mtime_ns, s) for p, s in files_under(settings.classify_dir).items()
     }
     assert after == before  # the drop folder is only read
 
@@ -85,10 +81,7 @@ def test_each_image_classified_once_reruns_add_nothing_new_drops_add_theirs(nigh
     client = configure_mlflow(settings)
     run = client.get_run(summary["mlflow_run_id"])
     assert client.get_experiment(run.info.experiment_id).name == "wbc-classification"
-    assert (
-        run.data.tags["model_version"] == "1"
-        and run.data.tags["model_name"] == "wbc-classifier"
-    )
+    assert run.data.tags["model_version"] == "1" and run.data.tags["model_name"] == "wbc-classifier"
     assert run.data.metrics["images_classified"] == 100
     assert sum(v for k, v in run.data.metrics.items() if k.startswith("count_")) == 100
 
@@ -108,19 +101,10 @@ def test_each_image_classified_once_reruns_add_nothing_new_drops_add_theirs(nigh
     new_hashes = {sha(p) for p in second.glob("*.jpg")}
     added = table_rows(settings, db.predictions)[len(predictions) :]
     assert sorted(p["sha256"] for p in added) == sorted(new_hashes)
-    assert (
-        third["images_classified"] == len(new_hashes)
-        and third["files_linked_to_existing_predictions"] == 1
-    )
-    linked = next(
-        s
-        for s in table_rows(settings, db.files_seen)
-        if s["path"] == "2026-11-26/again.jpg"
-    )
+    assert third["images_classified"] == len(new_hashes) and third["files_linked_to_existing_predictions"] == 1
+    linked = next(s for s in table_rows(settings, db.files_seen) if s["path"] == "2026-11-26/again.jpg")
     original = next(p for p in predictions if p["sha256"] == linked["sha256"])
-    assert (
-        linked["drop"] == "2026-11-26" and original["dag_run_id"] == summary["run_id"]
-    )
+    assert linked["drop"] == "2026-11-26" and original["dag_run_id"] == summary["run_id"]
 
 
 def test_new_champion_classifies_only_new_images_unless_reclassify(night):
@@ -138,27 +122,18 @@ def test_new_champion_classifies_only_new_images_unless_reclassify(night):
         assert summary["model_version"] == "2"
         rows = table_rows(settings, db.predictions)
         assert rows[: len(night_one)] == night_one
-        assert {r["sha256"] for r in rows[len(night_one) :]} == {
-            sha(p) for p in second.glob("*.jpg")
-        }
+        assert {r["sha256"] for r in rows[len(night_one) :]} == {sha(p) for p in second.glob("*.jpg")}
         assert {r["model_version"] for r in rows[len(night_one) :]} == {"2"}
-        assert all(
-            set(r["probabilities"]) == set(V2_CLASSES) for r in rows[len(night_one) :]
-        )
+        assert all(set(r["probabilities"]) == set(V2_CLASSES) for r in rows[len(night_one) :])
 
         redo = classify_new_images(settings, reclassify=True)
         # The first drop again; the second has v2 rows.
         assert redo["images_classified"] == 100
         rows = table_rows(settings, db.predictions)
         assert rows[: len(night_one)] == night_one  # old rows kept
-        by_version = {
-            v: {r["sha256"] for r in rows if r["model_version"] == v}
-            for v in ("1", "2")
-        }
+        by_version = {v: {r["sha256"] for r in rows if r["model_version"] == v} for v in ("1", "2")}
         assert by_version["1"] == {sha(p) for p in first.glob("*.jpg")}
-        assert by_version["2"] == by_version["1"] | {
-            sha(p) for p in second.glob("*.jpg")
-        }
+        assert by_version["2"] == by_version["1"] | {sha(p) for p in second.glob("*.jpg")}
         assert classify_new_images(settings, reclassify=True)["images_classified"] == 0
     finally:
         client.set_registered_model_alias(settings.model_name, "champion", "1")
@@ -167,16 +142,12 @@ def test_new_champion_classifies_only_new_images_unless_reclassify(night):
 def test_no_champion_fails_with_how_to_get_one(tmp_path):
     settings = base_settings(tmp_path)
     settings.classify_dir.mkdir()
-    with pytest.raises(
-        NoModelError, match="Train one first: trigger the wbc_training DAG"
-    ):
+    with pytest.raises(NoModelError, match="Train one first: trigger the wbc_training DAG"):
         classify_new_images(settings)
     assert not (tmp_path / "predictions.db").exists()
 
 
-def test_files_vanishing_mid_run_are_recorded_and_classified_when_back(
-    night_sqlite, tmp_path, monkeypatch
-):
+def test_files_vanishing_mid_run_are_recorded_and_classified_when_back(night_sqlite, tmp_path, monkeypatch):
     """Files gone between listing and hashing, a drop folder renamed between finding and
     classifying, a file gone between hashing and decoding: the run finishes, each is recorded
     with the reason (no content hash: it was not read), and a later night classifies them once
@@ -219,12 +190,8 @@ def test_files_vanishing_mid_run_are_recorded_and_classified_when_back(
     found = plan.find_new_images(settings, run_id="vanish-1", model=model)
     # The drop folder goes between listing and its chunk.
     renamed.rename(away / renamed.name)
-    chunks = [
-        classify_chunk(settings, c, model, run_id="vanish-1") for c in found["chunks"]
-    ]
-    summary = summarise_run(
-        settings, run_id="vanish-1", model=model, found=found, chunk_summaries=chunks
-    )
+    chunks = [classify_chunk(settings, c, model, run_id="vanish-1") for c in found["chunks"]]
+    summary = summarise_run(settings, run_id="vanish-1", model=model, found=found, chunk_summaries=chunks)
     monkeypatch.undo()
 
     gone = {
@@ -234,15 +201,10 @@ def test_files_vanishing_mid_run_are_recorded_and_classified_when_back(
         "2026-12-11/y.png",
         "2026-12-12/z.png",
     }
-    rejected = {
-        r["path"]: (r["sha256"], r["reason"])
-        for r in table_rows(settings, db.rejections)
-    }
+    rejected = {r["path"]: (r["sha256"], r["reason"]) for r in table_rows(settings, db.rejections)}
     assert rejected == {p: ("", DISAPPEARED) for p in gone}
     seen = {s["path"]: s["sha256"] for s in table_rows(settings, db.files_seen)}
-    assert {
-        p for p, s in seen.items() if s == ""
-    } == gone  # recorded as seen, content unknown
+    assert {p for p, s in seen.items() if s == ""} == gone  # recorded as seen, content unknown
     # Its twin vanished: it waits for the next night.
     assert "2026-12-12/w copy.png" not in seen
     assert summary["files_rejected"] == 5 and summary["files_changed_during_run"] == 1
@@ -289,9 +251,7 @@ def bad_input_night(registry_settings, tmp_path_factory):
     settings.classify_dir.mkdir()
     drops = {}
     for case in CASES:
-        drops[case.id] = (
-            CASE_DROP if case.min_side is None else f"{CASE_DROP}-min{case.min_side}"
-        )
+        drops[case.id] = CASE_DROP if case.min_side is None else f"{CASE_DROP}-min{case.min_side}"
         build_cases(settings.classify_dir / drops[case.id], folder, [case])
     (settings.classify_dir / "2026-12-02").mkdir()  # an empty drop
     copy = settings.classify_dir / "2026-12-03" / "alpha again.png"
@@ -350,9 +310,7 @@ def test_bad_input_table_nightly(case, bad_input_night):
         assert seen[used][0]["drop"] == drop
     if case.reason is not None:
         assert len(rejected[path]) == 1, rejected.get(path)
-        assert re.search(case.reason, rejected[path][0]["reason"]), rejected[path][0][
-            "reason"
-        ]
+        assert re.search(case.reason, rejected[path][0]["reason"]), rejected[path][0]["reason"]
         # Seen, too.
         assert [s["sha256"] for s in seen[path]] == [rejected[path][0]["sha256"]]
         assert rejected[path][0]["sha256"] not in night["predicted"]
@@ -376,13 +334,7 @@ def test_bad_input_night_reads_only_and_accounts_for_every_entry(bad_input_night
     assert not any(p.startswith("2026-12-02") for p in recorded)
     # The same image in two drops: one prediction, both files point to it.
     again = night["seen"]["2026-12-03/alpha again.png"][0]["sha256"]
-    assert (
-        again == night["seen"][f"{CASE_DROP}/alpha.png"][0]["sha256"]
-        and again in night["predicted"]
-    )
+    assert again == night["seen"][f"{CASE_DROP}/alpha.png"][0]["sha256"] and again in night["predicted"]
     rejected_files = sum(len(r) for r in night["rejected"].values())
     assert sum(s["files_rejected"] for s in night["summaries"]) == rejected_files
-    assert (
-        night["again"]["images_classified"] == 0
-        and night["again"]["files_rejected"] == 0
-    )
+    assert night["again"]["images_classified"] == 0 and night["again"]["files_rejected"] == 0

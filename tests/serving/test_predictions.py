@@ -39,10 +39,7 @@ def test_migrations_build_the_schema_from_empty_and_match_the_tables(db_url):
             )
             assert compare_metadata(context, db.metadata) == []
         uniques = {
-            table: {
-                tuple(u["column_names"])
-                for u in inspect(engine).get_unique_constraints(table)
-            }
+            table: {tuple(u["column_names"]) for u in inspect(engine).get_unique_constraints(table)}
             for table in ("predictions", "files_seen", "rejections")
         }
     assert ("sha256", "model_name", "model_version") in uniques["predictions"]
@@ -51,9 +48,7 @@ def test_migrations_build_the_schema_from_empty_and_match_the_tables(db_url):
 
     assert db.downgrade_database(db_url, "base") is None
     with db.open_engine(db_url) as engine:
-        assert not {"predictions", "files_seen", "rejections"} & set(
-            inspect(engine).get_table_names()
-        )
+        assert not {"predictions", "files_seen", "rejections"} & set(inspect(engine).get_table_names())
     assert db.upgrade_database(db_url) == "0001"
 
 
@@ -61,14 +56,9 @@ def test_two_processes_migrating_at_once_both_succeed(db_url):
     # A CLI run beside the nightly DAG: both may find an empty database and migrate it.
     code = "import sys; from wbc_tasks.serving.predictions import upgrade_database; upgrade_database(sys.argv[1])"
     processes = [
-        subprocess.Popen(
-            [sys.executable, "-c", code, db_url], stderr=subprocess.PIPE, text=True
-        )
-        for _ in range(3)
+        subprocess.Popen([sys.executable, "-c", code, db_url], stderr=subprocess.PIPE, text=True) for _ in range(3)
     ]
-    failures = [
-        p.communicate(timeout=300)[1] for p in processes if p.wait(timeout=300) != 0
-    ]
+    failures = [p.communicate(timeout=300)[1] for p in processes if p.wait(timeout=300) != 0]
     assert failures == []
     with db.open_engine(db_url) as engine:
         assert db.current_revision(engine) == "0001"
@@ -111,9 +101,7 @@ def test_insert_ignore_keeps_one_row_per_key_even_for_unreadable_files(db_url):
                     ],
                 )
         with engine.connect() as connection:
-            confidence = connection.execute(
-                select(db.predictions.c.confidence)
-            ).scalar_one()
+            confidence = connection.execute(select(db.predictions.c.confidence)).scalar_one()
     # The first write wins; a retry never overwrites.
     assert confidence == pytest.approx(0.9)
     assert _count(db_url, db.predictions) == 1

@@ -31,9 +31,7 @@ def known_rows(db_settings):
             db.predictions,
             [
                 make_prediction("a" * 64, "1", best=2, confidence=0.95, created_at=old),
-                make_prediction(
-                    "b" * 64, "1", best=8, confidence=0.40, created_at=old, review=True
-                ),
+                make_prediction("b" * 64, "1", best=8, confidence=0.40, created_at=old, review=True),
                 make_prediction(
                     "a" * 64,
                     "2",
@@ -79,9 +77,7 @@ def known_rows(db_settings):
     return db_settings
 
 
-def test_export_lists_every_file_with_each_prediction_of_its_content(
-    known_rows, tmp_path
-):
+def test_export_lists_every_file_with_each_prediction_of_its_content(known_rows, tmp_path):
     out = tmp_path / "all.csv"
     assert queries.export_predictions(known_rows, fmt="csv", out=out) == 7
     table = pd.read_csv(
@@ -98,20 +94,11 @@ def test_export_lists_every_file_with_each_prediction_of_its_content(
         "2",
     ]
     bad = by_file.get_group("2026-11-24/bad.jpg").iloc[0]
-    assert (
-        bad["status"] == "rejected"
-        and bad["rejection_reason"] == "corrupt or truncated image"
-    )
+    assert bad["status"] == "rejected" and bad["rejection_reason"] == "corrupt or truncated image"
     # wide: one column per class of every model; v1 rows have no smudge probability
-    assert [c for c in table.columns if c.startswith("prob_")] == [
-        f"prob_{c}" for c in (*CLASS_NAMES, "smudge")
-    ]
-    v1 = table[
-        (table["path"] == "2026-11-24/a.jpg") & (table["model_version"] == "1")
-    ].iloc[0]
-    assert v1["predicted_class"] == "blasts" and v1["prob_blasts"] == pytest.approx(
-        0.95
-    )
+    assert [c for c in table.columns if c.startswith("prob_")] == [f"prob_{c}" for c in (*CLASS_NAMES, "smudge")]
+    v1 = table[(table["path"] == "2026-11-24/a.jpg") & (table["model_version"] == "1")].iloc[0]
+    assert v1["predicted_class"] == "blasts" and v1["prob_blasts"] == pytest.approx(0.95)
     assert pd.isna(v1["prob_smudge"])
     loose = table[table["path"] == "c.jpg"].iloc[0]
     assert pd.isna(loose["drop"]) or loose["drop"] == ""
@@ -127,9 +114,11 @@ def test_export_filters(known_rows, tmp_path):
 
     assert {r["path"] for r in rows(drop="2026-11-25")} == {"2026-11-25/a-again.jpg"}
     assert {r["path"] for r in rows(drop=db.LOOSE_DROP)} == {"c.jpg"}
-    assert {
-        (r["path"], r["model_version"]) for r in rows(predicted_class="blasts")
-    } == {("2026-11-24/a.jpg", "1"), ("2026-11-25/a-again.jpg", "1"), ("c.jpg", "2")}
+    assert {(r["path"], r["model_version"]) for r in rows(predicted_class="blasts")} == {
+        ("2026-11-24/a.jpg", "1"),
+        ("2026-11-25/a-again.jpg", "1"),
+        ("c.jpg", "2"),
+    }
     assert [r["path"] for r in rows(needs_review=True)] == ["2026-11-24/b.jpg"]
     assert {r["path"] for r in rows(model_version=2)} == {
         "2026-11-24/a.jpg",
@@ -168,9 +157,7 @@ def test_export_formats_hold_the_same_rows(known_rows, tmp_path):
     )
     assert list(csv["path"]) == list(parquet["path"])
     assert list(csv.columns) == list(parquet.columns)
-    assert csv["confidence"].fillna(-1).tolist() == pytest.approx(
-        parquet["confidence"].fillna(-1).tolist()
-    )
+    assert csv["confidence"].fillna(-1).tolist() == pytest.approx(parquet["confidence"].fillna(-1).tolist())
     for record in records:
         match = parquet[
             (parquet["path"] == record["path"])
@@ -217,46 +204,22 @@ def test_export_in_every_format_matches_the_database(night, tmp_path):
             records = json.loads(out.read_text())
             probs = {r["path"]: r["probabilities"] for r in records}
         else:
-            table = (
-                pd.read_csv(out, dtype={"model_version": str})
-                if fmt == "csv"
-                else pd.read_parquet(out)
-            )
+            table = pd.read_csv(out, dtype={"model_version": str}) if fmt == "csv" else pd.read_parquet(out)
             records = table.to_dict("records")
-            probs = {
-                r["path"]: {c: r[f"prob_{c}"] for c in CLASS_NAMES} for r in records
-            }
+            probs = {r["path"]: {c: r[f"prob_{c}"] for c in CLASS_NAMES} for r in records}
         exported = {r["path"]: r for r in records}
-        assert set(exported) == set(truth) | {
-            f"2026-11-24/{n}" for n in ("truncated.jpg", "empty.png", "notes.txt")
-        }
+        assert set(exported) == set(truth) | {f"2026-11-24/{n}" for n in ("truncated.jpg", "empty.png", "notes.txt")}
         for path, row in truth.items():
             got = exported[path]
-            assert (
-                got["status"] == "classified"
-                and got["predicted_class"] == row["predicted_class"]
-            )
+            assert got["status"] == "classified" and got["predicted_class"] == row["predicted_class"]
             assert got["confidence"] == pytest.approx(row["confidence"])
             assert bool(got["needs_review"]) == row["needs_review"]
-            assert (
-                str(got["model_version"]) == row["model_version"]
-                and got["sha256"] == row["sha256"]
-            )
+            assert str(got["model_version"]) == row["model_version"] and got["sha256"] == row["sha256"]
             assert probs[path] == pytest.approx(row["probabilities"])
         assert exported["2026-11-24/empty.png"]["status"] == "rejected"
 
     flagged = sum(r["needs_review"] for r in truth.values())
-    assert (
-        queries.export_predictions(
-            settings, needs_review=True, out=tmp_path / "review.csv"
-        )
-        == flagged
-    )
+    assert queries.export_predictions(settings, needs_review=True, out=tmp_path / "review.csv") == flagged
     some_class = next(iter(truth.values()))["predicted_class"]
     n_class = sum(r["predicted_class"] == some_class for r in truth.values())
-    assert (
-        queries.export_predictions(
-            settings, predicted_class=some_class, out=tmp_path / "c.csv"
-        )
-        == n_class
-    )
+    assert queries.export_predictions(settings, predicted_class=some_class, out=tmp_path / "c.csv") == n_class

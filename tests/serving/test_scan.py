@@ -68,9 +68,7 @@ def test_drop_param_cannot_leave_the_classify_folder(tmp_path):
         scan.list_files(settings, drop="linked-out")
 
 
-def test_unchanged_files_are_not_reread_and_replaced_files_are_classified_again(
-    night_sqlite, monkeypatch
-):
+def test_unchanged_files_are_not_reread_and_replaced_files_are_classified_again(night_sqlite, monkeypatch):
     settings = night_sqlite
     source = drop_source("2026-11-24")
     folder = settings.classify_dir / "2026-11-28"
@@ -82,9 +80,7 @@ def test_unchanged_files_are_not_reread_and_replaced_files_are_classified_again(
     reads = []
     real_hash = scan.sha256_of_file
     for module in (scan, infer):  # the scan's hashing and the check before decoding
-        monkeypatch.setattr(
-            module, "sha256_of_file", lambda path: reads.append(path) or real_hash(path)
-        )
+        monkeypatch.setattr(module, "sha256_of_file", lambda path: reads.append(path) or real_hash(path))
     assert classify_new_images(settings)["images_classified"] == 0
     assert reads == []  # size and mtime unchanged: the recorded hash is reused
 
@@ -92,11 +88,7 @@ def test_unchanged_files_are_not_reread_and_replaced_files_are_classified_again(
     shutil.copy(source / "cell_0009.jpg", folder / "cell_0002.jpg")
     summary = classify_new_images(settings)
     assert summary["images_classified"] == 1
-    seen = [
-        s
-        for s in table_rows(settings, db.files_seen)
-        if s["path"] == "2026-11-28/cell_0002.jpg"
-    ]
+    seen = [s for s in table_rows(settings, db.files_seen) if s["path"] == "2026-11-28/cell_0002.jpg"]
     assert [s["sha256"] for s in seen] == [
         sha(source / "cell_0002.jpg"),
         sha(source / "cell_0009.jpg"),

@@ -18,9 +18,7 @@ from wbc_tasks.serving.nightly import classify_new_images
 from wbc_tasks.serving.single import classify_paths
 
 
-def test_classify_paths_without_airflow_writes_only_when_asked(
-    registry_settings, tmp_path
-):
+def test_classify_paths_without_airflow_writes_only_when_asked(registry_settings, tmp_path):
     source = drop_source("2026-11-24")
     allowed = tmp_path / "allowed"
     settings = registry_settings.with_overrides(
@@ -39,10 +37,7 @@ def test_classify_paths_without_airflow_writes_only_when_asked(
     results = classify_paths(settings, paths, model_ref="1")
 
     assert [r["path"] for r in results] == [str(p) for p in paths]
-    assert (
-        results[0]["predicted_class"] in CLASS_NAMES
-        and results[0]["model_version"] == "1"
-    )
+    assert results[0]["predicted_class"] in CLASS_NAMES and results[0]["model_version"] == "1"
     assert results[0]["sha256"] == sha(paths[0])
     assert "not a readable image" in results[1]["rejected"]
     assert "predicted_class" in results[2]
@@ -55,9 +50,7 @@ def test_classify_paths_without_airflow_writes_only_when_asked(
     assert [(r["sha256"], r["model_version"]) for r in rows] == [(sha(paths[0]), "2")]
 
 
-def test_recorded_cli_classifications_appear_in_predictions_at_once(
-    registry_settings, tmp_path
-):
+def test_recorded_cli_classifications_appear_in_predictions_at_once(registry_settings, tmp_path):
     """README's `wbc classify --record FILE…` then `wbc predictions`: a file in the classify
     folder is listed under its relative path and real drop (the nightly run then adds no second
     row), one elsewhere under drop `cli` and its absolute path, a rejection with its reason."""
@@ -72,9 +65,7 @@ def test_recorded_cli_classifications_appear_in_predictions_at_once(
     inside = drop / "cell_0005.jpg"
     desk = tmp_path / "desk"
     desk.mkdir()
-    outside = Path(
-        shutil.copy(drop_source("2026-11-24") / "cell_0007.jpg", desk / "mine.jpg")
-    )
+    outside = Path(shutil.copy(drop_source("2026-11-24") / "cell_0007.jpg", desk / "mine.jpg"))
     bad = desk / "bad.jpg"
     bad.write_bytes(b"not a jpeg")
     env = {k: v for k, v in os.environ.items() if not k.startswith("WBC_")}
@@ -114,18 +105,9 @@ def test_recorded_cli_classifications_appear_in_predictions_at_once(
         "cli",
         "classified",
     )
-    assert (
-        rows[str(bad)]["status"] == "rejected"
-        and "not a readable image" in rows[str(bad)]["rejection_reason"]
-    )
+    assert rows[str(bad)]["status"] == "rejected" and "not a readable image" in rows[str(bad)]["rejection_reason"]
 
     classify_new_images(settings.with_overrides(settle_minutes=0.0))
-    seen = [
-        s
-        for s in table_rows(settings, db.files_seen)
-        if s["path"] == "2026-11-24/cell_0005.jpg"
-    ]
+    seen = [s for s in table_rows(settings, db.files_seen) if s["path"] == "2026-11-24/cell_0005.jpg"]
     assert len(seen) == 1
-    assert [p["sha256"] for p in table_rows(settings, db.predictions)].count(
-        sha(inside)
-    ) == 1
+    assert [p["sha256"] for p in table_rows(settings, db.predictions)].count(sha(inside)) == 1

@@ -15,9 +15,10 @@ import shlex
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -141,8 +142,7 @@ def native_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NativeSta
         stack = NativeStack(prefix=prefix, state_dir=state_dir, env={})
         if started.returncode != 0:
             pytest.fail(
-                f"stack/start failed ({started.returncode}):\n{started.stdout}\n{started.stderr}\n"
-                f"{stack.log_tails()}"
+                f"stack/start failed ({started.returncode}):\n{started.stdout}\n{started.stderr}\n{stack.log_tails()}"
             )
         stack.env = read_env_file(state_dir / "stack.env")
         print(f"\nnative stack {prefix} up in {time.monotonic() - begun:.0f} s", flush=True)

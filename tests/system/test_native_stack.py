@@ -90,8 +90,15 @@ def test_status_reports_every_service_healthy(native_stack: NativeStack) -> None
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     services = json.loads(done.stdout)["services"]
-    assert set(services) == {"mlflow", "airflow-apiserver", "airflow-scheduler", "airflow-dag-processor",
-                             "airflow-triggerer", "airflow-worker", "airflow-worker-gpu"}
+    assert set(services) == {
+        "mlflow",
+        "airflow-apiserver",
+        "airflow-scheduler",
+        "airflow-dag-processor",
+        "airflow-triggerer",
+        "airflow-worker",
+        "airflow-worker-gpu",
+    }
     unhealthy = {name: info for name, info in services.items() if not (info["pid"] and info["healthy"])}
     assert not unhealthy
 

@@ -24,7 +24,13 @@ def test_predictions_are_argmax_not_rounding():
     assert metrics["accuracy"] == pytest.approx(0.5)
     assert metrics["per_class_recall"] == {"a": 1.0, "b": 0.5, "c": 0.0}
     assert metrics["balanced_accuracy"] == pytest.approx((1.0 + 0.5 + 0.0) / 3)
-    assert metrics["per_class"]["a"] == {"precision": 0.5, "recall": 1.0, "f1": pytest.approx(2 / 3), "support": 1, "predicted": 2}
+    assert metrics["per_class"]["a"] == {
+        "precision": 0.5,
+        "recall": 1.0,
+        "f1": pytest.approx(2 / 3),
+        "support": 1,
+        "predicted": 2,
+    }
     assert metrics["per_class"]["c"]["precision"] == 0.0  # predicted once, wrongly
     assert metrics["macro_f1"] == pytest.approx((2 / 3 + 2 / 3 + 0.0) / 3)
     assert metrics["confusion_matrix_normalized"][1] == [0.0, 0.5, 0.5]
@@ -66,8 +72,9 @@ def test_bad_inputs_are_refused():
 def evaluation(tmp_path_factory):
     """An (untrained, but deterministic) model evaluated on 27 generated test images with groups."""
     import keras
-    from wbc_tasks.core.settings import get_settings
+
     from tests.demo_stores import build_demo_stores
+    from wbc_tasks.core.settings import get_settings
     from wbc_tasks.training.model import build_model
 
     root = tmp_path_factory.mktemp("evaluate")
@@ -82,8 +89,12 @@ def evaluation(tmp_path_factory):
     )
     groups.to_csv(root / "groups.csv", index=False)
     summary = evaluate_model(
-        root / "model.keras", stores["test"], root / "out", class_names=CLASS_NAMES,
-        groups_csv=root / "groups.csv", batch_size=8,
+        root / "model.keras",
+        stores["test"],
+        root / "out",
+        class_names=CLASS_NAMES,
+        groups_csv=root / "groups.csv",
+        batch_size=8,
     )
     return root, summary, records
 

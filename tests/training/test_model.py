@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import h5py
+import keras
 import numpy as np
 import pytest
-
-import keras
 
 from wbc_tasks.core.settings import CLASS_NAMES
 from wbc_tasks.training.model import (
@@ -62,12 +61,15 @@ def test_vgg16_preprocess_input_is_inside_the_model(model):
         preprocess.predict(images, verbose=0), preprocess_input(images.astype(np.float32)), atol=1e-4
     )
     # and the rest of the network sees exactly that: base+head on preprocess_input(x) == model(x)
-    rest = keras.Sequential([model.get_layer(BASE_LAYER)] + [model.get_layer(n) for n in
-                            ("head_pool", "head_dense", "head_dropout", "head_logits", "probabilities")])
+    rest = keras.Sequential(
+        [model.get_layer(BASE_LAYER)]
+        + [model.get_layer(n) for n in ("head_pool", "head_dense", "head_dropout", "head_logits", "probabilities")]
+    )
     np.testing.assert_allclose(
         rest.predict(preprocess_input(images.astype(np.float32)), verbose=0),
         model.predict(images, verbose=0),
-        rtol=1e-4, atol=1e-6,
+        rtol=1e-4,
+        atol=1e-6,
     )
 
 

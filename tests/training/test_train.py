@@ -5,17 +5,16 @@ from __future__ import annotations
 import json
 import logging
 
+import keras
 import numpy as np
 import pandas as pd
 import pytest
 
-import keras
-
-from wbc_tasks.core.settings import CLASS_NAMES
 from tests.demo_stores import build_demo_stores
-from wbc_tasks.training.params import training_params
+from wbc_tasks.core.settings import CLASS_NAMES
 from wbc_tasks.data.store import create_store, finish_store, open_store
 from wbc_tasks.training.checkpoints import CHECKPOINT_STATE_FILE
+from wbc_tasks.training.params import training_params
 from wbc_tasks.training.train import train_model
 
 SIZE = 32
@@ -32,15 +31,25 @@ def stores(tmp_path_factory):
 
 def _params(**overrides):
     values = {
-        "image_size": SIZE, "weights": "none", "epochs_head": 0, "epochs_finetune": 2,
-        "batch_size": 8, "learning_rate_finetune": 1e-4, "early_stopping_patience": 0, "seed": 1,
+        "image_size": SIZE,
+        "weights": "none",
+        "epochs_head": 0,
+        "epochs_finetune": 2,
+        "batch_size": 8,
+        "learning_rate_finetune": 1e-4,
+        "early_stopping_patience": 0,
+        "seed": 1,
     }
     values.update(overrides)
     return training_params(values)
 
 
 def _epoch_lines(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "wbc_tasks.training.checkpoints" and r.getMessage().startswith("epoch ")]
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "wbc_tasks.training.checkpoints" and r.getMessage().startswith("epoch ")
+    ]
 
 
 def test_train_writes_model_history_checkpoints_logs_and_mlflow_metrics(stores, tmp_path, settings, caplog):
@@ -51,8 +60,13 @@ def test_train_writes_model_history_checkpoints_logs_and_mlflow_metrics(stores, 
     try:
         with mlflow.start_run() as run:
             summary = train_model(
-                stores["train"], stores["val"], tmp_path / "train", _params(class_weights=True), settings,
-                checkpoint_dir=tmp_path / "ckpt", **FAST,
+                stores["train"],
+                stores["val"],
+                tmp_path / "train",
+                _params(class_weights=True),
+                settings,
+                checkpoint_dir=tmp_path / "ckpt",
+                **FAST,
             )
         client = mlflow.MlflowClient()
         val_loss = client.get_metric_history(run.info.run_id, "val_loss")
@@ -67,7 +81,9 @@ def test_train_writes_model_history_checkpoints_logs_and_mlflow_metrics(stores, 
     history = pd.read_csv(tmp_path / "train" / "history.csv")
     assert list(history["epoch"]) == [1, 2]
     assert list(history["phase"]) == ["scratch", "scratch"]
-    assert history[["loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "images_per_s"]].notna().all().all()
+    assert (
+        history[["loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "images_per_s"]].notna().all().all()
+    )
     assert history["learning_rate"].tolist() == pytest.approx([1e-4, 1e-4])
 
     lines = _epoch_lines(caplog)
@@ -93,14 +109,28 @@ def test_train_writes_model_history_checkpoints_logs_and_mlflow_metrics(stores, 
 def test_a_retry_resumes_after_the_last_finished_epoch_of_the_same_setup(stores, tmp_path, settings, caplog):
     caplog.set_level(logging.INFO, logger="wbc_tasks.training")
     checkpoints = tmp_path / "train_checkpoints"  # outside the step folder a retry wipes
-    first = train_model(stores["train"], stores["val"], tmp_path / "try1" / "train", _params(epochs_finetune=1),
-                        settings, checkpoint_dir=checkpoints, **FAST)
+    first = train_model(
+        stores["train"],
+        stores["val"],
+        tmp_path / "try1" / "train",
+        _params(epochs_finetune=1),
+        settings,
+        checkpoint_dir=checkpoints,
+        **FAST,
+    )
     assert first["resumed_from_epoch"] == 0
     history_before = pd.read_csv(tmp_path / "try1" / "train" / "history.csv")
     caplog.clear()
 
-    second = train_model(stores["train"], stores["val"], tmp_path / "try2" / "train", _params(epochs_finetune=2),
-                         settings, checkpoint_dir=checkpoints, **FAST)
+    second = train_model(
+        stores["train"],
+        stores["val"],
+        tmp_path / "try2" / "train",
+        _params(epochs_finetune=2),
+        settings,
+        checkpoint_dir=checkpoints,
+        **FAST,
+    )
 
     assert second["resumed_from_epoch"] == 1
     assert [line.split(" [")[0] for line in _epoch_lines(caplog)] == ["epoch 2/2"]  # epoch 1 not redone
@@ -112,9 +142,15 @@ def test_a_retry_resumes_after_the_last_finished_epoch_of_the_same_setup(stores,
 
     # checkpoints of a different setup are not resumed: a new learning rate starts afresh
     caplog.clear()
-    third = train_model(stores["train"], stores["val"], tmp_path / "try3" / "train",
-                        _params(epochs_finetune=1, learning_rate_finetune=3e-4), settings,
-                        checkpoint_dir=checkpoints, **FAST)
+    third = train_model(
+        stores["train"],
+        stores["val"],
+        tmp_path / "try3" / "train",
+        _params(epochs_finetune=1, learning_rate_finetune=3e-4),
+        settings,
+        checkpoint_dir=checkpoints,
+        **FAST,
+    )
     assert third["resumed_from_epoch"] == 0
     assert any("learning_rate_finetune" in r.getMessage() and "afresh" in r.getMessage() for r in caplog.records)
     assert list(pd.read_csv(tmp_path / "try3" / "train" / "history.csv")["epoch"]) == [1]
@@ -127,11 +163,18 @@ def test_pretrained_weights_train_head_then_top_conv_layers(stores, tmp_path, se
     source.save_weights(weights_file)
     before = {layer.name: layer.get_weights()[0] for layer in source.layers if layer.get_weights()}
     settings = settings.with_overrides(vgg16_weights_path=weights_file)
-    params = _params(weights="imagenet", epochs_head=1, epochs_finetune=1, unfreeze_layers=2,
-                     learning_rate_head=1e-3, learning_rate_finetune=1e-4)
+    params = _params(
+        weights="imagenet",
+        epochs_head=1,
+        epochs_finetune=1,
+        unfreeze_layers=2,
+        learning_rate_head=1e-3,
+        learning_rate_finetune=1e-4,
+    )
 
-    summary = train_model(stores["train"], stores["val"], tmp_path / "train", params, settings,
-                          checkpoint_dir=tmp_path / "ckpt", **FAST)
+    summary = train_model(
+        stores["train"], stores["val"], tmp_path / "train", params, settings, checkpoint_dir=tmp_path / "ckpt", **FAST
+    )
 
     history = pd.read_csv(tmp_path / "train" / "history.csv")
     assert list(history["phase"]) == ["head", "finetune"]
@@ -150,8 +193,14 @@ def test_missing_pretrained_weights_fail_before_training(stores, tmp_path, setti
 
     settings = settings.with_overrides(keras_home=tmp_path / "empty-keras-home", vgg16_weights_path=None)
     with pytest.raises(MissingWeightsError, match="weights=none"):
-        train_model(stores["train"], stores["val"], tmp_path / "train", _params(weights="imagenet"), settings,
-                    checkpoint_dir=tmp_path / "ckpt")
+        train_model(
+            stores["train"],
+            stores["val"],
+            tmp_path / "train",
+            _params(weights="imagenet"),
+            settings,
+            checkpoint_dir=tmp_path / "ckpt",
+        )
     assert not (tmp_path / "train" / "model.keras").exists()
     assert not list((tmp_path / "ckpt").iterdir())
 
@@ -162,8 +211,15 @@ def test_empty_validation_store_monitors_training_loss(stores, tmp_path, setting
     finish_store(empty, images, np.zeros(0, dtype=np.int16), pd.DataFrame(columns=["path", "class", "sha256"]))
     caplog.set_level(logging.INFO, logger="wbc_tasks.training")
 
-    summary = train_model(stores["train"], empty, tmp_path / "train", _params(epochs_finetune=1, early_stopping_patience=2),
-                          settings, checkpoint_dir=tmp_path / "ckpt", **FAST)
+    summary = train_model(
+        stores["train"],
+        empty,
+        tmp_path / "train",
+        _params(epochs_finetune=1, early_stopping_patience=2),
+        settings,
+        checkpoint_dir=tmp_path / "ckpt",
+        **FAST,
+    )
 
     assert summary["monitor"] == "loss"
     assert any("empty" in r.getMessage() and "training loss" in r.getMessage() for r in caplog.records)
@@ -175,12 +231,14 @@ def test_image_size_mismatch_is_refused(stores, tmp_path, settings):
         train_model(stores["train"], stores["val"], tmp_path / "t", _params(image_size=64), settings)
 
 
-TRAIN_STEP_SCRIPT = "import json, sys; from wbc_tasks.pipelines.training import train_step; train_step(sys.argv[1], json.loads(sys.argv[2]))"
+TRAIN_STEP_SCRIPT = (
+    "import json, sys; from wbc_tasks.pipelines.training import train_step; "
+    "train_step(sys.argv[1], json.loads(sys.argv[2]))"
+)
 
 
 @pytest.mark.slow  # a second process imports TensorFlow and trains
-def test_train_task_killed_after_an_epoch_resumes_from_its_checkpoint(stores, tmp_path, settings, monkeypatch,
-                                                                       caplog):
+def test_train_task_killed_after_an_epoch_resumes_from_its_checkpoint(stores, tmp_path, settings, monkeypatch, caplog):
     """The worker running the train task is SIGKILLed once an epoch is checkpointed; the retried
     task (same run, same params) resumes after that epoch and ends with each epoch once, in its
     history and in MLflow."""
@@ -194,11 +252,11 @@ def test_train_task_killed_after_an_epoch_resumes_from_its_checkpoint(stores, tm
 
     import mlflow
 
-    from wbc_tasks.pipelines import training as steps
     from wbc_tasks.core.settings import COMPLETE_MARKER, get_settings
+    from wbc_tasks.core.workdir import mark_complete
+    from wbc_tasks.pipelines import training as steps
     from wbc_tasks.registry.client import configure_mlflow
     from wbc_tasks.registry.runs import find_tracking_run
-    from wbc_tasks.core.workdir import mark_complete
 
     run_id = "manual__killed-worker"
     monkeypatch.setenv("WBC_WORK_DIR", str(tmp_path / "work"))
@@ -208,16 +266,26 @@ def test_train_task_killed_after_an_epoch_resumes_from_its_checkpoint(stores, tm
     shutil.copytree(stores["train"], run / "balance")  # the upstream steps' outputs
     shutil.copytree(stores["val"], run / "preprocess" / "val")
     mark_complete(run / "balance", {"counts": {}})
-    params = {"image_size": SIZE, "weights": "none", "epochs_head": 0, "epochs_finetune": 5, "batch_size": 8,
-              "learning_rate_finetune": 1e-4, "early_stopping_patience": 0, "seed": 1}
+    params = {
+        "image_size": SIZE,
+        "weights": "none",
+        "epochs_head": 0,
+        "epochs_finetune": 5,
+        "batch_size": 8,
+        "learning_rate_finetune": 1e-4,
+        "early_stopping_patience": 0,
+        "seed": 1,
+    }
     state_file = run / "train_checkpoints" / CHECKPOINT_STATE_FILE
 
     repo = Path(__file__).resolve().parents[2]
-    log = open(tmp_path / "worker.log", "wb")
+    log = open(tmp_path / "worker.log", "wb")  # noqa: SIM115 - the worker writes to it until killed
     worker = subprocess.Popen(
-        [sys.executable, "-c", TRAIN_STEP_SCRIPT, run_id, json.dumps(params)], cwd=repo,
+        [sys.executable, "-c", TRAIN_STEP_SCRIPT, run_id, json.dumps(params)],
+        cwd=repo,
         env={**os.environ, "PYTHONPATH": str(repo), "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "3"},
-        stdout=log, stderr=subprocess.STDOUT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     log.close()
     try:
@@ -247,8 +315,10 @@ def test_train_task_killed_after_an_epoch_resumes_from_its_checkpoint(stores, tm
     assert (run / "train" / COMPLETE_MARKER).is_file()
 
     settings_now = get_settings()
-    steps_logged = [m.step for m in configure_mlflow(settings_now).get_metric_history(
-        find_tracking_run(settings_now, run_id), "val_loss")]
+    steps_logged = [
+        m.step
+        for m in configure_mlflow(settings_now).get_metric_history(find_tracking_run(settings_now, run_id), "val_loss")
+    ]
     mlflow.set_tracking_uri(None)
     assert len(steps_logged) == len(set(steps_logged)), f"epochs logged twice: {sorted(steps_logged)}"
     assert set(range(done_before + 1, 6)) <= set(steps_logged) <= set(range(1, 6))

@@ -75,7 +75,7 @@ def ensure_airflow_database(env: dict[str, str]) -> None:
 def http_ok(url: str, timeout: float = 2.0) -> bool:
     """True when ``url`` answers 200."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - our own local server
+        with urllib.request.urlopen(url, timeout=timeout) as response:
             return bool(response.status == 200)
     except (urllib.error.URLError, OSError, ValueError):
         return False
@@ -131,9 +131,7 @@ def run_airflow_ui(settings: Settings, *, host: str, port: int, out: Callable[[s
         out("  stop: Ctrl-C")
         out("")
 
-    return _supervise(
-        Supervisor(children, env, serve=True, ready=lambda: http_ok(health), on_ready=banner)
-    )
+    return _supervise(Supervisor(children, env, serve=True, ready=lambda: http_ok(health), on_ready=banner))
 
 
 def run_mlflow_ui(settings: Settings, *, host: str, port: int, out: Callable[[str], None] = print) -> int:
@@ -141,20 +139,33 @@ def run_mlflow_ui(settings: Settings, *, host: str, port: int, out: Callable[[st
     env = child_environment(settings)
     settings.mlflow_artifact_root.mkdir(parents=True, exist_ok=True)
     argv = [
-        executable("mlflow"), "server",
-        "--backend-store-uri", settings.mlflow_tracking_uri,
-        "--default-artifact-root", settings.mlflow_artifact_root.as_uri(),
-        "--host", host, "--port", str(port),
+        executable("mlflow"),
+        "server",
+        "--backend-store-uri",
+        settings.mlflow_tracking_uri,
+        "--default-artifact-root",
+        settings.mlflow_artifact_root.as_uri(),
+        "--host",
+        host,
+        "--port",
+        str(port),
     ]
     url = f"http://{host}:{port}"
 
     def banner() -> None:
-        out(f"\nMLflow is ready: {url}  (experiments {settings.mlflow_experiment}, "
-            f"{settings.classify_experiment}; registry: {settings.model_name})\n  stop: Ctrl-C\n")
+        out(
+            f"\nMLflow is ready: {url}  (experiments {settings.mlflow_experiment}, "
+            f"{settings.classify_experiment}; registry: {settings.model_name})\n  stop: Ctrl-C\n"
+        )
 
     return _supervise(
-        Supervisor([Child("mlflow", argv)], env, serve=True, ready=lambda: http_ok(f"http://127.0.0.1:{port}/health"),
-                   on_ready=banner)
+        Supervisor(
+            [Child("mlflow", argv)],
+            env,
+            serve=True,
+            ready=lambda: http_ok(f"http://127.0.0.1:{port}/health"),
+            on_ready=banner,
+        )
     )
 
 

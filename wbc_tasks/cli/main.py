@@ -1,14 +1,14 @@
 """The ``wbc`` command: the pipeline for people and scripts, without writing Python.
 
-    wbc train [--profile cpu|demo|gpu] [--param name=value ...]   run wbc_training end to end
-    wbc classify-night [--param ...]                               run wbc_batch_classification once
-    wbc predictions [--format csv|parquet|json] [filters]           fetch the predictions table
-    wbc classify PATH...                                            classify a few images now
-    wbc promote VERSION --why TEXT / wbc rollback --why TEXT        move the champion by hand
-    wbc airflow-ui / wbc mlflow-ui                                  open the UIs on the same state
-    wbc demo-data [--per-class N] | --drop NAME [--count N]         write generated demo images
-    wbc cleanup [--dry-run] [--mlflow-artifacts]                    delete old run work folders
-    wbc pseudonym [--root DIR] PATH...                              the pseudonyms of your files
+wbc train [--profile cpu|demo|gpu] [--param name=value ...]   run wbc_training end to end
+wbc classify-night [--param ...]                               run wbc_batch_classification once
+wbc predictions [--format csv|parquet|json] [filters]           fetch the predictions table
+wbc classify PATH...                                            classify a few images now
+wbc promote VERSION --why TEXT / wbc rollback --why TEXT        move the champion by hand
+wbc airflow-ui / wbc mlflow-ui                                  open the UIs on the same state
+wbc demo-data [--per-class N] | --drop NAME [--count N]         write generated demo images
+wbc cleanup [--dry-run] [--mlflow-artifacts]                    delete old run work folders
+wbc pseudonym [--root DIR] PATH...                              the pseudonyms of your files
 """
 
 from __future__ import annotations
@@ -18,12 +18,14 @@ import getpass
 import json
 import os
 import sys
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
 from wbc_tasks.cli.embedded import airflow_environment, run_airflow_command, run_airflow_ui, run_mlflow_ui
 from wbc_tasks.core.settings import Settings, get_settings
 from wbc_tasks.training.params import PROFILES
+
 
 def _parse_params(pairs: list[str]) -> dict[str, Any]:
     params: dict[str, Any] = {}
@@ -56,7 +58,7 @@ def _check_before_airflow(settings: Settings, conf: dict[str, Any]) -> None:
 
 
 def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from wbc_tasks.cli.run_summary import summarise_training
     from wbc_tasks.core.errors import PermanentError
@@ -72,11 +74,13 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
         print(f"wbc train: {exc}", file=sys.stderr)
         return 2
     print(f"wbc_training with {json.dumps(conf, sort_keys=True)}", flush=True)
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     code = run_airflow_command(settings, "dags", "test", "wbc_training", "--conf", json.dumps(conf))
     if code >= 128:  # stopped by a signal: the run did not finish, say so and nothing more
         return code
-    summary, succeeded = summarise_training(settings, Path(airflow_environment(settings)["AIRFLOW_HOME"]), started, code)
+    summary, succeeded = summarise_training(
+        settings, Path(airflow_environment(settings)["AIRFLOW_HOME"]), started, code
+    )
     print(summary, flush=True)
     return code if code else (0 if succeeded else 1)
 
@@ -194,7 +198,9 @@ def cmd_pseudonym(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="wbc", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="wbc", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="run the wbc_training DAG end to end (embedded Airflow)")
@@ -260,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cleanup.add_argument("--dry-run", action="store_true", help="only report what would be deleted")
     cleanup.add_argument(
-        "--mlflow-artifacts", action="store_true",
+        "--mlflow-artifacts",
+        action="store_true",
         help="also delete the MLflow artifacts of old runs that never registered a version "
         "(default: WBC_RETENTION_MLFLOW_ARTIFACTS)",
     )

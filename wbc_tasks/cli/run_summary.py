@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -57,7 +57,7 @@ def latest_training_run(airflow_db: Path, started_after: datetime) -> TrainingRu
 
 def _utc(text: str) -> datetime:
     value = datetime.fromisoformat(str(text))
-    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def read_markers(settings: Settings, run: TrainingRun) -> TrainingRun:
@@ -104,8 +104,10 @@ def format_summary(
         lines.append(f"  failed task: {', '.join(first or failed)} (its error is above, and in the Airflow UI)")
     split = run.markers.get("split")
     if split:
-        lines.append(f"  data: {split['images']} images from {split['data_dir']} ({split['rejected']} files rejected: "
-                     f"{settings.run_dir(run.run_id) / 'split' / 'rejected.csv'})")
+        lines.append(
+            f"  data: {split['images']} images from {split['data_dir']} ({split['rejected']} files rejected: "
+            f"{settings.run_dir(run.run_id) / 'split' / 'rejected.csv'})"
+        )
     evaluated = run.markers.get("evaluate")
     registered = run.markers.get("register")
     if registered:
@@ -117,7 +119,9 @@ def format_summary(
     promoted = run.markers.get("promote")
     if promoted:
         verdict = "became the champion" if promoted.get("promote") else "did NOT become the champion"
-        lines.append(f"  champion: version {registered['version'] if registered else '?'} {verdict}: {promoted['reason']}")
+        lines.append(
+            f"  champion: version {registered['version'] if registered else '?'} {verdict}: {promoted['reason']}"
+        )
         lines.append(f"  champion now: version {promoted.get('champion') or 'none'}")
     lines.append("  look next:")
     lines.append(f"    .venv/bin/wbc airflow-ui   -> {airflow_ui}/dags/{DAG_ID}/runs/{quote(run.run_id, safe='')}")

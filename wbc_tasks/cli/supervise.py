@@ -15,6 +15,7 @@ daemons with their own config files or do not stop process groups; this is ~150 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -176,39 +177,27 @@ class Supervisor:
         for child in self.children:
             if child.process is None:
                 continue
-            try:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(child.process.pid, signal.SIGTERM)
-            except (ProcessLookupError, PermissionError):
-                pass
-            try:
+            with contextlib.suppress(psutil.NoSuchProcess):
                 victims.append(psutil.Process(child.process.pid))
-            except psutil.NoSuchProcess:
-                pass
             victims.extend(child.known)
         for process in victims:
-            try:
+            with contextlib.suppress(psutil.Error):
                 process.terminate()
-            except psutil.Error:
-                pass
         _, alive = psutil.wait_procs(victims, timeout=self.stop_grace)
         for child in self.children:
             if child.process is not None:
-                try:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(child.process.pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
         for process in alive:
-            try:
+            with contextlib.suppress(psutil.Error):
                 process.kill()
-            except psutil.Error:
-                pass
         psutil.wait_procs(alive, timeout=10)
         for child in self.children:
             if child.process is not None:
-                try:
+                with contextlib.suppress(subprocess.TimeoutExpired):
                     child.process.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    pass
         for reader in self._readers:
             reader.join(timeout=2)
 

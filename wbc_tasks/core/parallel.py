@@ -14,9 +14,7 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-def parallel_map(
-    fn: Callable[[T], R], items: Iterable[T], *, workers: int, chunksize: int = 8
-) -> Iterator[R]:
+def parallel_map(fn: Callable[[T], R], items: Iterable[T], *, workers: int, chunksize: int = 8) -> Iterator[R]:
     """``map(fn, items)`` in order, over ``workers`` processes (serially when 1).
 
     Uses ``fork``: ``spawn``/``forkserver`` would re-run the caller's ``__main__`` (a script, or

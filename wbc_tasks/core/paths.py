@@ -40,5 +40,3 @@ def safe_name(text: str) -> str:
     """A file-system-safe version of an Airflow run id or similar label."""
     cleaned = "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
     return cleaned.strip("._") or "run"
-
-

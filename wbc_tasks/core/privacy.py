@@ -60,7 +60,7 @@ _STARTS = frozenset(" \t\n'\"([{,;:=`")
 _ENDS = frozenset(" \t\n'\")]},;:.`")
 
 
-class KnownPaths(frozenset):
+class KnownPaths(frozenset[str]):
     """Paths (and their parent folders) to look for in free text, as :meth:`Pseudonymiser.known` built them."""
 
 
@@ -105,7 +105,7 @@ class Pseudonymiser:
 
     def _pseudonym(self, text: str) -> str:
         posix = self._relative(text)
-        if posix is None:
+        if posix is None or self.key is None:
             return text  # a configured folder is not a patient's file name
         digest = hmac.new(self.key, str(posix).encode("utf-8"), hashlib.sha256).hexdigest()[:DIGEST_CHARS]
         suffix = posix.suffix if posix.suffix.lower() in KEPT_EXTENSIONS else ""
@@ -148,10 +148,10 @@ class Pseudonymiser:
         a known extension). Paths under the work folder and URIs are left alone."""
         if self.key is None or not text:
             return text
-        if known and not isinstance(known, KnownPaths):
-            known = self.known(known)
         if known:
-            text = self._replace_known(text, known)
+            table = known if isinstance(known, KnownPaths) else self.known(known)
+            if table:
+                text = self._replace_known(text, table)
         text = _QUOTED_PATH.sub(self._quoted, text)
         return _TOKEN.sub(self._token, text)
 
@@ -186,7 +186,7 @@ class Pseudonymiser:
     def _token(self, match: re.Match[str]) -> str:
         token = match.group(0)
         core = token.rstrip(".:")
-        tail = token[len(core):]
+        tail = token[len(core) :]
         if not core or _URI.match(core) or _PSEUDONYM.search(core):
             return token
         looks_like_path = "/" in core or "\\" in core or PurePosixPath(core).suffix.lower() in KEPT_EXTENSIONS
@@ -250,7 +250,7 @@ class Pseudonymiser:
         return value
 
 
-def _read_csv(path: Path):
+def _read_csv(path: Path) -> Any:  # -> pandas.DataFrame | None (pandas imported lazily)
     """A CSV file as strings, exactly as written (None for an empty file)."""
     import pandas as pd
 
@@ -298,7 +298,8 @@ def pseudonym_key(settings: Settings) -> bytes:
                 os.link(tmp, path)  # only if absent: two first tasks agree on one key
                 log.info(
                     "WBC_PSEUDONYMISE_NAMES is on and WBC_PSEUDONYM_KEY is unset: generated a "
-                    "pseudonym key in %s (keep it: the same key gives the same pseudonyms)", path,
+                    "pseudonym key in %s (keep it: the same key gives the same pseudonyms)",
+                    path,
                 )
             except FileExistsError:
                 pass

@@ -30,8 +30,12 @@ def call_with_backoff(
         error = state.outcome.exception() if state.outcome else None
         cause = str(getattr(error, "orig", None) or error).strip().splitlines() if error else []
         log.warning(
-            "%s failed (%s); retry %d of %d in %.1f s", what, cause[0] if cause else "?",
-            state.attempt_number, retries, state.next_action.sleep if state.next_action else 0.0,
+            "%s failed (%s); retry %d of %d in %.1f s",
+            what,
+            cause[0] if cause else "?",
+            state.attempt_number,
+            retries,
+            state.next_action.sleep if state.next_action else 0.0,
         )
 
     retrying = tenacity.Retrying(

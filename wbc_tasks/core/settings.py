@@ -67,7 +67,7 @@ def _resolved(path: Path) -> Path:
 ResolvedPath = Annotated[Path, AfterValidator(_resolved)]
 
 
-def _split(separator: str):
+def _split(separator: str) -> BeforeValidator:
     """A before-validator reading a list from one environment string (``a:b``, ``x,y``)."""
 
     def split(value: Any) -> Any:
@@ -222,7 +222,7 @@ class Settings(BaseSettings):
         return {**derived, **{k: v for k, v in data.items() if v not in (None, "")}, "home": home}
 
     @classmethod
-    def from_env(cls) -> "Settings":
+    def from_env(cls) -> Settings:
         """Read every ``WBC_*`` variable; a malformed one raises :class:`SettingsError` naming it."""
         try:
             return cls()
@@ -232,7 +232,7 @@ class Settings(BaseSettings):
             )
             raise SettingsError(problems) from None
 
-    def with_overrides(self, **changes: object) -> "Settings":
+    def with_overrides(self, **changes: object) -> Settings:
         """A copy with some fields replaced (tests and the CLI use this)."""
         unknown = set(changes) - set(type(self).model_fields)
         if unknown:
@@ -257,7 +257,7 @@ class Settings(BaseSettings):
 
 def env_variable(field_name: str) -> str:
     """The environment variable a settings field is read from."""
-    field = Settings.model_fields[field_name] if field_name in Settings.model_fields else None
+    field = Settings.model_fields.get(field_name, None)
     alias = field.validation_alias if field is not None else None
     if isinstance(alias, AliasChoices):
         return str(alias.choices[0])

@@ -40,7 +40,8 @@ def read_marker(step_dir: Path) -> dict[str, Any] | None:
     marker = step_dir / COMPLETE_MARKER
     if not marker.is_file():
         return None
-    return json.loads(marker.read_text())
+    summary: dict[str, Any] = json.loads(marker.read_text())
+    return summary
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
@@ -60,15 +61,11 @@ def require_complete(step_dir: Path) -> dict[str, Any]:
     """The summary of an upstream step, or a clear error if it never finished."""
     summary = read_marker(step_dir)
     if summary is None:
-        raise RuntimeError(
-            f"{step_dir} has no {COMPLETE_MARKER}: its step did not finish; re-run that step first"
-        )
+        raise RuntimeError(f"{step_dir} has no {COMPLETE_MARKER}: its step did not finish; re-run that step first")
     return summary
 
 
-def run_step(
-    step_dir: Path, build: Callable[[Path], dict[str, Any]], *, force: bool = False
-) -> dict[str, Any]:
+def run_step(step_dir: Path, build: Callable[[Path], dict[str, Any]], *, force: bool = False) -> dict[str, Any]:
     """Run ``build(step_dir)`` unless the step already completed; return its summary.
 
     Leftovers of an interrupted attempt are removed first, so ``build`` always starts from an

@@ -25,11 +25,11 @@ import pandas as pd
 from PIL import Image
 from skimage.color import hed_from_rgb, rgb_from_hed
 
-from wbc_tasks.core.settings import CLASS_NAMES, Settings
-from wbc_tasks.data.figures import save_class_counts_plot, save_sample_grid
 from wbc_tasks.core.parallel import parallel_map
-from wbc_tasks.data.store import IMAGES_FILE, create_store, finish_store, open_store, release_pages
+from wbc_tasks.core.settings import CLASS_NAMES, Settings
 from wbc_tasks.core.workdir import write_json_atomic
+from wbc_tasks.data.figures import save_class_counts_plot, save_sample_grid
+from wbc_tasks.data.store import IMAGES_FILE, create_store, finish_store, open_store, release_pages
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,9 @@ DEFAULT_PARAMS = AugmentParams()
 # --- single images -----------------------------------------------------------------------------
 
 
-def stain_matrix(alpha: Sequence[float], beta: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+def stain_matrix(
+    alpha: Sequence[float] | np.ndarray, beta: Sequence[float] | np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """The HED jitter as one affine map on optical density: ``od' = od @ M + b``.
 
     ``stains = od @ hed_from_rgb`` (skimage's colour deconvolution, Ruifrok & Johnston), then
@@ -85,14 +87,16 @@ def stain_matrix(alpha: Sequence[float], beta: Sequence[float]) -> tuple[np.ndar
     optical density, so they fold into one 3x3 matrix and an offset. ``od`` is the natural-log
     optical density; ``beta`` is in skimage's stain units (``od / -ln(1e-6)``).
     """
-    alpha = np.asarray(alpha, dtype=np.float64)
-    beta = np.asarray(beta, dtype=np.float64)
-    matrix = hed_from_rgb @ np.diag(alpha) @ rgb_from_hed
-    offset = (beta @ rgb_from_hed) * _LOG_ADJUST
+    alpha_ = np.asarray(alpha, dtype=np.float64)
+    beta_ = np.asarray(beta, dtype=np.float64)
+    matrix = hed_from_rgb @ np.diag(alpha_) @ rgb_from_hed
+    offset = (beta_ @ rgb_from_hed) * _LOG_ADJUST
     return matrix.astype(np.float32), offset.astype(np.float32)
 
 
-def jitter_stain(image: np.ndarray, alpha: Sequence[float], beta: Sequence[float]) -> np.ndarray:
+def jitter_stain(
+    image: np.ndarray, alpha: Sequence[float] | np.ndarray, beta: Sequence[float] | np.ndarray
+) -> np.ndarray:
     """Scale and shift the H, E and D stain channels of a uint8 RGB image; uint8 out.
 
     Written here rather than calling ``skimage.color.rgb2hed``/``hed2rgb``: those clamp negative
@@ -166,9 +170,7 @@ def warp_reflect(image: np.ndarray, matrix: np.ndarray, offset: np.ndarray) -> n
     return np.asarray(warped, dtype=np.uint8)
 
 
-def augment_image(
-    image: np.ndarray, rng: np.random.Generator, params: AugmentParams = DEFAULT_PARAMS
-) -> np.ndarray:
+def augment_image(image: np.ndarray, rng: np.random.Generator, params: AugmentParams = DEFAULT_PARAMS) -> np.ndarray:
     """One random augmentation of a (S, S, 3) uint8 RGB image; uint8 of the same shape out.
 
     Stain jitter first, then one bilinear affine warp with mirrored borders (no black corners
@@ -380,9 +382,7 @@ def augment_training_set(
 
     counts_in = count_by_class(source.labels)
     counts_out = count_by_class(labels)
-    augmentation_only = sorted(
-        CLASS_NAMES[c] for c, rows in originals.items() if 0 < len(rows) < min_images_for_smote
-    )
+    augmentation_only = sorted(CLASS_NAMES[c] for c, rows in originals.items() if 0 < len(rows) < min_images_for_smote)
     for name in CLASS_NAMES:
         if counts_in[name] or counts_out[name]:
             log.info("augment %s: %d -> %d images", name, counts_in[name], counts_out[name])
@@ -390,8 +390,7 @@ def augment_training_set(
             log.warning("augment %s: no training images", name)
     for name in augmentation_only:
         log.warning(
-            "augment %s: fewer than %d original images; the balance step will top it up by "
-            "augmentation, not SMOTE",
+            "augment %s: fewer than %d original images; the balance step will top it up by augmentation, not SMOTE",
             name,
             min_images_for_smote,
         )

@@ -52,11 +52,12 @@ from PIL import Image
 from scipy import sparse
 from sklearn.neighbors import NearestNeighbors
 
+from wbc_tasks.core.settings import CLASS_NAMES, Settings
+from wbc_tasks.core.workdir import write_json_atomic
 from wbc_tasks.data.augment import (
     CLASS_COUNTS_FILE,
     CLASS_COUNTS_PLOT,
     STAGE_BALANCE_FALLBACK,
-    SUMMARY_FILE as AUGMENT_SUMMARY_FILE,
     augment_into,
     augmented_records,
     class_rows,
@@ -64,10 +65,19 @@ from wbc_tasks.data.augment import (
     count_by_class,
     plan_top_up,
 )
-from wbc_tasks.core.settings import CLASS_NAMES, Settings
+from wbc_tasks.data.augment import (
+    SUMMARY_FILE as AUGMENT_SUMMARY_FILE,
+)
 from wbc_tasks.data.figures import save_class_counts_plot, save_sample_grid
-from wbc_tasks.data.store import IMAGES_FILE, LABELS_FILE, RECORDS_FILE, create_store, finish_store, open_store, release_pages
-from wbc_tasks.core.workdir import write_json_atomic
+from wbc_tasks.data.store import (
+    IMAGES_FILE,
+    LABELS_FILE,
+    RECORDS_FILE,
+    create_store,
+    finish_store,
+    open_store,
+    release_pages,
+)
 
 log = logging.getLogger(__name__)
 
@@ -89,17 +99,15 @@ class ReducedColumnsNeighbours(NearestNeighbors):
         super().__init__(n_neighbors=n_neighbors)
         self.n_features = n_features
 
-    def _leading(self, X):  # noqa: N803 - scikit-learn's argument name
+    def _leading(self, X):
         X = X[:, : self.n_features]
         return X.toarray() if sparse.issparse(X) else X
 
-    def fit(self, X, y=None):  # noqa: N803
+    def fit(self, X, y=None):
         return super().fit(self._leading(X))
 
-    def kneighbors(self, X=None, n_neighbors=None, return_distance=True):  # noqa: N803
-        return super().kneighbors(
-            None if X is None else self._leading(X), n_neighbors, return_distance
-        )
+    def kneighbors(self, X=None, n_neighbors=None, return_distance=True):
+        return super().kneighbors(None if X is None else self._leading(X), n_neighbors, return_distance)
 
 
 @dataclass(frozen=True)
@@ -121,9 +129,7 @@ def reduced_copy(images: np.ndarray, rows: np.ndarray, size: int, chunk_size: in
         block = np.asarray(images[rows[start : start + step]])
         for i, image in enumerate(block):
             if out_side != side:
-                image = np.asarray(
-                    Image.fromarray(image).resize((out_side, out_side), Image.Resampling.BOX)
-                )
+                image = np.asarray(Image.fromarray(image).resize((out_side, out_side), Image.Resampling.BOX))
             features[start + i] = image.reshape(-1) / np.float32(255.0)
         release_pages(images)
     return features
@@ -137,7 +143,7 @@ def smote_pairs(features: np.ndarray, n_new: int, *, k: int, seed: int) -> Smote
     """
     n, f = features.shape
     tags = sparse.identity(n, dtype=np.float32, format="csr")
-    X = sparse.vstack(  # noqa: N806
+    X = sparse.vstack(
         [
             sparse.hstack([sparse.csr_matrix(features), tags], format="csr"),
             sparse.csr_matrix((1, f + n), dtype=np.float32),  # the dummy "other class" row
@@ -150,7 +156,7 @@ def smote_pairs(features: np.ndarray, n_new: int, *, k: int, seed: int) -> Smote
         k_neighbors=ReducedColumnsNeighbours(n_neighbors=k + 1, n_features=f),
         random_state=seed,
     )
-    X_res, y_res = smote.fit_resample(X, y)  # noqa: N806
+    X_res, y_res = smote.fit_resample(X, y)
     new = sparse.csr_matrix(X_res[n + 1 :])
     if new.shape[0] != n_new or not np.all(y_res[n + 1 :] == 0):
         raise RuntimeError(f"SMOTE returned {new.shape[0]} samples, expected {n_new} of one class")
@@ -257,9 +263,7 @@ def balance_with_smote(
     if k < 1:
         raise ValueError(f"SMOTE needs k >= 1 neighbours, got {k}")
     if not (augmented_store / IMAGES_FILE).is_file():
-        raise FileNotFoundError(
-            f"augmented store {augmented_store} has no {IMAGES_FILE}; run the augment step first"
-        )
+        raise FileNotFoundError(f"augmented store {augmented_store} has no {IMAGES_FILE}; run the augment step first")
     source = open_store(augmented_store)
     counts_in = count_by_class(source.labels)
     by_stage = _stage_counts(augmented_store, counts_in)
@@ -306,8 +310,7 @@ def balance_with_smote(
             fallback_sources[cls] = originals if len(originals) else rows
             fallback_needed[cls] = need
             note = (
-                f"{name}: {distinct} distinct original image(s); topped up by augmentation "
-                f"({need} images), not SMOTE"
+                f"{name}: {distinct} distinct original image(s); topped up by augmentation ({need} images), not SMOTE"
             )
             log.warning("balance fallback: %s", note)
             fallbacks.append(note)
@@ -357,9 +360,7 @@ def balance_with_smote(
         images.flush()
     if fallback_needed:
         plan = plan_top_up(fallback_sources, fallback_needed, first_row=row)
-        augment_into(
-            augmented_store, out_dir, plan, seed=seed, stage=STAGE_BALANCE_FALLBACK, settings=settings
-        )
+        augment_into(augmented_store, out_dir, plan, seed=seed, stage=STAGE_BALANCE_FALLBACK, settings=settings)
         new_records.append(augmented_records(source.records, plan).assign(gap=""))
         new_labels.append(plan.class_indices.astype(np.int16))
     del images

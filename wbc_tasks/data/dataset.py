@@ -10,21 +10,21 @@ the input folder is only read.
 
 from __future__ import annotations
 
-from wbc_tasks.core.errors import PermanentError
-
 import logging
 import os
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
-from wbc_tasks.core.settings import CLASS_NAMES, IMAGE_EXTENSIONS, Settings
-from wbc_tasks.data.images import ImageError, inspect_image, resolve_within
+from wbc_tasks.core.errors import PermanentError
 from wbc_tasks.core.parallel import parallel_map
 from wbc_tasks.core.privacy import pseudonymiser
+from wbc_tasks.core.settings import CLASS_NAMES, IMAGE_EXTENSIONS, Settings
 from wbc_tasks.core.workdir import write_json_atomic
+from wbc_tasks.data.images import ImageError, inspect_image, resolve_within
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,9 @@ def check_data_folder(data_dir: Path) -> None:
     not a folder, or fewer than two class folders with files in it. Suggests the folder one
     level down that holds class folders (a common slip: pointing at the folder above ``WBC/``)."""
     if not data_dir.is_dir():
-        raise DatasetError(f"data folder {data_dir} does not exist or is not a folder (WBC_DATA_DIR or the data_dir param)")
+        raise DatasetError(
+            f"data folder {data_dir} does not exist or is not a folder (WBC_DATA_DIR or the data_dir param)"
+        )
     classes = _class_folders(data_dir)
     if len(classes) >= 2:
         return
@@ -130,16 +132,16 @@ def check_data_folder(data_dir: Path) -> None:
         if len(below) >= 2:
             hints.append(f"{data_dir / name} holds class folders ({', '.join(below)}): did you mean that folder?")
     if data_dir.name.lower() in {c.lower() for c in CLASS_NAMES}:
-        hints.append(f"{data_dir.name} is a class name: point at the folder that holds the class folders, {data_dir.parent}")
+        hints.append(
+            f"{data_dir.name} is a class name: point at the folder that holds the class folders, {data_dir.parent}"
+        )
     raise DatasetError(
         f"{data_dir}: training needs images in at least two class folders "
         f"({', '.join(CLASS_NAMES)}); found {found}." + (" " + " ".join(hints) if hints else "")
     )
 
 
-def find_labelled_images(
-    data_dir: Path, settings: Settings
-) -> tuple[list[tuple[Path, str]], list[Rejection]]:
+def find_labelled_images(data_dir: Path, settings: Settings) -> tuple[list[tuple[Path, str]], list[Rejection]]:
     """Candidate (file, class) pairs under ``data_dir`` and everything that cannot be one."""
     data_dir = data_dir.resolve()
     check_data_folder(data_dir)
@@ -163,9 +165,7 @@ def find_labelled_images(
             continue
         label = known.get(entry.name.lower())
         files, problems = _walk_class_folder(entry, roots)
-        rejected.extend(
-            Rejection(str(p.relative_to(data_dir)), reason, label or "") for p, reason in problems
-        )
+        rejected.extend(Rejection(str(p.relative_to(data_dir)), reason, label or "") for p, reason in problems)
         if label is None:
             reason = f"unknown class folder '{entry.name}'; known classes: {', '.join(CLASS_NAMES)}"
             rejected.extend(Rejection(str(p.relative_to(data_dir)), reason) for p in files)
@@ -198,7 +198,7 @@ def _hash_position(sha256: str) -> int:
     return int(sha256[:16], 16)
 
 
-def _inspect(path: Path, *, max_pixels: int, min_side: int) -> tuple[str, object]:
+def _inspect(path: Path, *, max_pixels: int, min_side: int) -> tuple[str, Any]:
     try:
         return "ok", inspect_image(path, max_pixels=max_pixels, min_side=min_side)
     except ImageError as exc:
@@ -265,9 +265,7 @@ def split_dataset(data_dir: Path, out_dir: Path, settings: Settings) -> dict:
         if status == "rejected":
             rejected.append(Rejection(rel, str(value), label))
             continue
-        rows.append(
-            {"path": rel, "class": label, "sha256": value.sha256, "width": value.width, "height": value.height}
-        )
+        rows.append({"path": rel, "class": label, "sha256": value.sha256, "width": value.width, "height": value.height})
     table = pd.DataFrame(rows, columns=["path", "class", "sha256", "width", "height"])
 
     # One image under two classes: nobody knows which label is right, so neither copy is used.
@@ -288,8 +286,7 @@ def split_dataset(data_dir: Path, out_dir: Path, settings: Settings) -> dict:
 
     ledger = load_ledger(settings.work_dir)
     manifest["split"] = [
-        ledger.get(sha, split_of(sha, settings.test_fraction, settings.val_fraction))
-        for sha in manifest["sha256"]
+        ledger.get(sha, split_of(sha, settings.test_fraction, settings.val_fraction)) for sha in manifest["sha256"]
     ]
     notes = _ensure_test_and_train(manifest, ledger)
     # Log lines name files by pseudonym when WBC_PSEUDONYMISE_NAMES is on (the files written

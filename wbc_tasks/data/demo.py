@@ -66,7 +66,9 @@ def _granules(draw, rng, cx, cy, radius, count, size, colour, spread=8.0):
     for _ in range(count):
         a = rng.uniform(0, 2 * math.pi)
         d = radius * math.sqrt(rng.uniform(0, 1))
-        _dot(draw, cx + d * math.cos(a), cy + d * math.sin(a), size * rng.uniform(0.7, 1.3), _jitter(rng, colour, spread))
+        _dot(
+            draw, cx + d * math.cos(a), cy + d * math.sin(a), size * rng.uniform(0.7, 1.3), _jitter(rng, colour, spread)
+        )
 
 
 # Each class: relative cell radius, cytoplasm colour, and a function drawing nucleus and granules.
@@ -111,7 +113,9 @@ def _metamyelocytes(draw, rng, cx, cy, r, angle, nuc):
 
 def _monocytes(draw, rng, cx, cy, r, angle, nuc):
     phase = rng.uniform(0, 2 * math.pi)
-    draw.polygon(_polygon(cx, cy, lambda t: r * (0.5 + 0.12 * np.sin(2 * t + phase) + 0.07 * np.sin(5 * t)), angle), fill=nuc)
+    draw.polygon(
+        _polygon(cx, cy, lambda t: r * (0.5 + 0.12 * np.sin(2 * t + phase) + 0.07 * np.sin(5 * t)), angle), fill=nuc
+    )
     for _ in range(int(rng.integers(3, 7))):  # vacuoles
         a, d = rng.uniform(0, 2 * math.pi), r * rng.uniform(0.65, 0.85)
         _dot(draw, cx + d * math.cos(a), cy + d * math.sin(a), r * 0.07, (225, 225, 240))
@@ -170,8 +174,8 @@ def render_cell(class_name: str, size: int, rng: np.random.Generator) -> np.ndar
     paint(draw, rng, cx, cy, r, angle, _jitter(rng, nucleus, 10))
     image = image.filter(ImageFilter.GaussianBlur(radius=big / 160)).resize((size, size), Image.Resampling.LANCZOS)
     pixels = np.asarray(image, dtype=np.float32)
-    pixels = pixels * rng.uniform(0.9, 1.08) + rng.normal(0, 5, pixels.shape)  # exposure + noise
-    return np.clip(pixels, 0, 255).astype(np.uint8)
+    noisy = pixels * rng.uniform(0.9, 1.08) + rng.normal(0, 5, pixels.shape)  # exposure + noise
+    return np.clip(noisy, 0, 255).astype(np.uint8)
 
 
 def _png_bytes(pixels: np.ndarray) -> bytes:

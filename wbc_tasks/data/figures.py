@@ -73,7 +73,7 @@ def save_sample_grid(store_path: Path, path: Path, *, origin: str, per_class: in
     rng = np.random.default_rng(seed)
     rows_by_class: list[tuple[str, np.ndarray]] = []
     for cls, name in enumerate(CLASS_NAMES):
-        rows = np.flatnonzero((store.labels == cls) & (origins == origin)) if len(origins) else []
+        rows = np.flatnonzero((store.labels == cls) & (origins == origin)) if len(origins) else np.array([], int)
         if len(rows):
             chosen = np.sort(rng.choice(rows, size=min(per_class, len(rows)), replace=False))
             rows_by_class.append((name, chosen))
@@ -98,9 +98,7 @@ def save_sample_grid(store_path: Path, path: Path, *, origin: str, per_class: in
             if gap is not None and gap[row] not in ("", "nan"):
                 axes.text(c * cell, y - 1, f"gap {float(gap[row]):.2f}", fontsize=6, va="bottom")
     axes.imshow(mosaic, interpolation="nearest")
-    axes.set_yticks(
-        [r * row_height + top + side / 2 for r in range(len(rows_by_class))], [n for n, _ in rows_by_class]
-    )
+    axes.set_yticks([r * row_height + top + side / 2 for r in range(len(rows_by_class))], [n for n, _ in rows_by_class])
     axes.set_xticks([])
     axes.set_title(f"{origin} samples ({store_path.name})", fontsize=9)
     return save_figure(figure, path)

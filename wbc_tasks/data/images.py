@@ -115,9 +115,7 @@ def _open_checked(path: Path, max_pixels: int, min_side: int) -> Image.Image:
     width, height = img.size
     if width * height > max_pixels:
         img.close()
-        raise ImageError(
-            path, f"image too large: {width}x{height} pixels exceeds the limit of {max_pixels}"
-        )
+        raise ImageError(path, f"image too large: {width}x{height} pixels exceeds the limit of {max_pixels}")
     if min(width, height) < min_side:
         img.close()
         raise ImageError(path, f"image too small: {width}x{height}, minimum side is {min_side}")

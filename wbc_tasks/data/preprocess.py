@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from wbc_tasks.core.settings import CLASS_NAMES, Settings
-from wbc_tasks.data.dataset import REJECTED_COLUMNS, SPLITS, read_manifest
-from wbc_tasks.data.images import ImageError, load_image
 from wbc_tasks.core.parallel import parallel_map
 from wbc_tasks.core.privacy import pseudonymiser
-from wbc_tasks.data.store import create_store, finish_store, release_pages, shrink_store
+from wbc_tasks.core.settings import CLASS_NAMES, Settings
 from wbc_tasks.core.workdir import require_complete
+from wbc_tasks.data.dataset import REJECTED_COLUMNS, SPLITS, read_manifest
+from wbc_tasks.data.images import ImageError, load_image
+from wbc_tasks.data.store import create_store, finish_store, release_pages, shrink_store
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +34,7 @@ def build_split_store(
 ) -> tuple[int, list[dict[str, str]]]:
     """Decode ``table``'s images into a store at ``out_dir``; return (count, rejections)."""
     images = create_store(out_dir, len(table), size)
-    load = partial(
-        _load, size=size, max_pixels=settings.max_image_pixels, min_side=settings.min_image_side
-    )
+    load = partial(_load, size=size, max_pixels=settings.max_image_pixels, min_side=settings.min_image_side)
     paths = [str(data_dir / p) for p in table["path"]]
     kept: list[int] = []
     rejected: list[dict[str, str]] = []
@@ -69,9 +67,13 @@ def preprocess_splits(split_dir: Path, out_dir: Path, settings: Settings, image_
         table = manifest[manifest["split"] == split].reset_index(drop=True)
         kept, rejected = build_split_store(table, data_dir, out_dir / split, image_size, settings)
         all_rejected.extend(rejected)
-        counts[split] = (
-            table[~table["path"].isin({r["path"] for r in rejected})]["class"].value_counts().sort_index().to_dict()
-        )
+        counts[split] = {
+            str(name): int(n)
+            for name, n in table[~table["path"].isin({r["path"] for r in rejected})]["class"]
+            .value_counts()
+            .sort_index()
+            .items()
+        }
         log.info("%s: %d of %d images stored at %d px %s", split, kept, len(table), image_size, counts[split])
     pd.DataFrame(all_rejected, columns=REJECTED_COLUMNS).to_csv(out_dir / PREPROCESS_REJECTED_FILE, index=False)
     names = pseudonymiser(settings, data_dir)  # pseudonyms in log lines when the option is on

@@ -7,6 +7,7 @@ step holds a whole split in RAM), ``labels.npy`` (N int16 class indices) and ``r
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
 import os
@@ -80,9 +81,7 @@ def _reserved_memmap(file: Path, shape: tuple[int, ...]) -> np.memmap:
 def finish_store(path: Path, images: np.ndarray, labels: np.ndarray, records: pd.DataFrame) -> None:
     """Flush the images and write labels and records beside them."""
     if len(records) != len(labels) or images.shape[0] != len(labels):
-        raise ValueError(
-            f"store {path}: {images.shape[0]} images, {len(labels)} labels, {len(records)} records"
-        )
+        raise ValueError(f"store {path}: {images.shape[0]} images, {len(labels)} labels, {len(records)} records")
     if isinstance(images, np.memmap):
         images.flush()
     np.save(path / LABELS_FILE, labels.astype(np.int16))
@@ -111,10 +110,9 @@ def release_pages(*arrays: np.ndarray) -> None:
         if handle is None and isinstance(getattr(array, "base", None), np.memmap):
             handle = getattr(array.base, "_mmap", None)
         if handle is not None and hasattr(mmap, "MADV_DONTNEED"):
-            try:
+            # A closed map, or a platform without madvise: harmless.
+            with contextlib.suppress(OSError, ValueError):
                 handle.madvise(mmap.MADV_DONTNEED)
-            except (OSError, ValueError):  # closed map, or a platform without madvise: harmless
-                pass
 
 
 def shrink_store(path: Path, images: np.ndarray, count: int, chunk_size: int) -> np.ndarray:

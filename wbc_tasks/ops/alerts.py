@@ -39,13 +39,13 @@ import smtplib
 import ssl
 import urllib.request
 from collections.abc import Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.message import EmailMessage
 from typing import Any
 from urllib.parse import urlsplit
 
-from wbc_tasks.core.settings import Settings, get_settings
 from wbc_tasks.core.paths import safe_name
+from wbc_tasks.core.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +53,13 @@ log = logging.getLogger(__name__)
 MAX_EXCEPTION_CHARS = 4000
 ALERTS_DIR = "alerts"
 #: Environment variables whose values never leave in an alert.
-SECRET_ENV_VARS = ("WBC_SMTP_PASSWORD", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
-                   "POSTGRES_PASSWORD", "AIRFLOW_ADMIN_PASSWORD")
+SECRET_ENV_VARS = (
+    "WBC_SMTP_PASSWORD",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+    "POSTGRES_PASSWORD",
+    "AIRFLOW_ADMIN_PASSWORD",
+)
 _URL_PASSWORD = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]+:)[^@\s]+@")
 
 
@@ -93,8 +98,9 @@ def safe_url(url: str) -> str:
         return "<unparseable URL>"
 
 
-def failure_details(context: Mapping[str, Any], *, kind: str = "task_failed",
-                    settings: Settings | None = None) -> dict[str, Any]:
+def failure_details(
+    context: Mapping[str, Any], *, kind: str = "task_failed", settings: Settings | None = None
+) -> dict[str, Any]:
     """The alert's content from an Airflow callback context (missing parts are None)."""
     ti = context.get("ti") or context.get("task_instance")
     dag = context.get("dag")
@@ -122,7 +128,7 @@ def failure_details(context: Mapping[str, Any], *, kind: str = "task_failed",
         "log_url": _get(ti, "log_url"),
         "hostname": _get(ti, "hostname"),
         "logical_date": str(logical_date) if logical_date is not None else None,
-        "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     details["text"] = summary_line(details)
     return details
@@ -149,10 +155,12 @@ def post_webhook(url: str, payload: Mapping[str, Any], *, timeout: float) -> int
         raise ValueError(f"webhook URL scheme must be http or https, not {urlsplit(url).scheme!r}")
     body = json.dumps(payload, default=str).encode()
     request = urllib.request.Request(
-        url, data=body, method="POST",
+        url,
+        data=body,
+        method="POST",
         headers={"Content-Type": "application/json", "User-Agent": "wbc-pipeline-alerts"},
     )
-    with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 (scheme checked)
+    with urllib.request.urlopen(request, timeout=timeout) as response:
         return int(response.status)
 
 
@@ -162,8 +170,19 @@ def email_message(settings: Settings, details: Mapping[str, Any]) -> EmailMessag
     message["From"] = settings.smtp_from
     message["To"] = ", ".join(settings.alert_email)
     lines = [details["text"], ""]
-    for key in ("dag_id", "run_id", "task_id", "map_index", "try_number", "max_tries", "logical_date",
-                "hostname", "reason", "log_url", "at"):
+    for key in (
+        "dag_id",
+        "run_id",
+        "task_id",
+        "map_index",
+        "try_number",
+        "max_tries",
+        "logical_date",
+        "hostname",
+        "reason",
+        "log_url",
+        "at",
+    ):
         if details.get(key) is not None:
             lines.append(f"{key}: {details[key]}")
     if details.get("exception"):
@@ -179,8 +198,9 @@ def send_email(settings: Settings, details: Mapping[str, Any]) -> None:
     message = email_message(settings, details)
     context = ssl.create_default_context()
     if settings.smtp_port == 465:
-        smtp: smtplib.SMTP = smtplib.SMTP_SSL(settings.smtp_host, settings.smtp_port,
-                                              timeout=settings.alert_timeout, context=context)
+        smtp: smtplib.SMTP = smtplib.SMTP_SSL(
+            settings.smtp_host, settings.smtp_port, timeout=settings.alert_timeout, context=context
+        )
     else:
         smtp = smtplib.SMTP(settings.smtp_host, settings.smtp_port, timeout=settings.alert_timeout)
     with smtp:
@@ -244,8 +264,10 @@ def send_alert(settings: Settings, details: Mapping[str, Any]) -> dict[str, str]
         except Exception as exc:
             failed("callback", settings.alert_callback, exc)
     if not outcome:
-        log.info("failure of %s: no alert channel configured (WBC_ALERT_WEBHOOK_URL, WBC_ALERT_EMAIL, "
-                 "WBC_ALERT_CALLBACK)", what)
+        log.info(
+            "failure of %s: no alert channel configured (WBC_ALERT_WEBHOOK_URL, WBC_ALERT_EMAIL, WBC_ALERT_CALLBACK)",
+            what,
+        )
     return outcome
 
 
@@ -288,8 +310,12 @@ def alert_task_failure(context: Mapping[str, Any]) -> dict[str, str] | None:
         settings = get_settings()
         details = failure_details(context, kind="task_failed", settings=settings)
         if not claim_task_alert(settings, details):
-            log.info("failure of %s/%s/%s already alerted (another mapped instance); not again",
-                     details["dag_id"], details["run_id"], details["task_id"])
+            log.info(
+                "failure of %s/%s/%s already alerted (another mapped instance); not again",
+                details["dag_id"],
+                details["run_id"],
+                details["task_id"],
+            )
             return None
         return send_alert(settings, details)
     except Exception:
@@ -304,8 +330,9 @@ def alert_dag_failure(context: Mapping[str, Any]) -> dict[str, str] | None:
         settings = get_settings()
         details = failure_details(context, kind="dag_run_failed", settings=settings)
         if task_alert_sent(settings, details["dag_id"], details["run_id"]):
-            log.info("DAG run %s/%s failed; its failing task already sent the alert",
-                     details["dag_id"], details["run_id"])
+            log.info(
+                "DAG run %s/%s failed; its failing task already sent the alert", details["dag_id"], details["run_id"]
+            )
             return None
         return send_alert(settings, details)
     except Exception:

@@ -128,22 +128,14 @@ def apply_retention(
             len(errors),
         )
         if mlflow_artifacts:
-            summary["mlflow"] = purge_unregistered_artifacts(
-                settings, dry_run=dry_run, now=now
-            )
+            summary["mlflow"] = purge_unregistered_artifacts(settings, dry_run=dry_run, now=now)
         return summary
 
 
-def cleanup_step(
-    settings: Settings, *, dry_run: bool = False, mlflow_artifacts: bool | None = None
-) -> dict:
+def cleanup_step(settings: Settings, *, dry_run: bool = False, mlflow_artifacts: bool | None = None) -> dict[str, Any]:
     """The maintenance DAG's task: :func:`apply_retention`, failing (so alerts fire) on errors."""
-    summary = apply_retention(
-        settings, dry_run=dry_run, mlflow_artifacts=mlflow_artifacts
-    )
+    summary = apply_retention(settings, dry_run=dry_run, mlflow_artifacts=mlflow_artifacts)
     errors = {**summary["errors"], **summary.get("mlflow", {}).get("errors", {})}
     if errors:
-        raise RuntimeError(
-            f"retention could not delete {len(errors)} item(s): {errors}"
-        )
+        raise RuntimeError(f"retention could not delete {len(errors)} item(s): {errors}")
     return summary

@@ -32,11 +32,7 @@ FINISHED_RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 def _artifact_bytes(repo: Any, path: str | None = None) -> int:
     total = 0
     for info in repo.list_artifacts(path):
-        total += (
-            _artifact_bytes(repo, info.path)
-            if info.is_dir
-            else int(info.file_size or 0)
-        )
+        total += _artifact_bytes(repo, info.path) if info.is_dir else int(info.file_size or 0)
     return total
 
 
@@ -81,9 +77,7 @@ def purge_unregistered_artifacts(
         "kept": {},
         "errors": {},
     }
-    experiment = call_with_retries(
-        settings, client.get_experiment_by_name, settings.mlflow_experiment
-    )
+    experiment = call_with_retries(settings, client.get_experiment_by_name, settings.mlflow_experiment)
     if experiment is None:
         return result
 
@@ -100,9 +94,7 @@ def purge_unregistered_artifacts(
         key=lambda r: (r.info.start_time or 0, r.info.run_id),
         reverse=True,
     )
-    local_store = not settings.mlflow_tracking_uri.startswith(
-        ("http://", "https://", "databricks")
-    )
+    local_store = not settings.mlflow_tracking_uri.startswith(("http://", "https://", "databricks"))
     listed = result["purged"]
     freed = 0
     for rank, run in enumerate(runs):
@@ -138,9 +130,7 @@ def purge_unregistered_artifacts(
                 or any(mid in s for mid in model_ids)
                 for s in sources
             ):
-                reason = (
-                    "a registered model version points into its artifacts or models"
-                )
+                reason = "a registered model version points into its artifacts or models"
         locations = [info.artifact_uri] + [m.artifact_location for m in logged_models]
         if not reason and local_store:
             outside = [
@@ -148,14 +138,10 @@ def purge_unregistered_artifacts(
                 for u in locations
                 if u
                 and (local := _local_path(u)) is not None
-                and not is_inside(
-                    local.resolve(), [settings.mlflow_artifact_root.resolve()]
-                )
+                and not is_inside(local.resolve(), [settings.mlflow_artifact_root.resolve()])
             ]
             if outside:
-                reason = (
-                    f"artifacts outside WBC_MLFLOW_ARTIFACT_ROOT ({', '.join(outside)})"
-                )
+                reason = f"artifacts outside WBC_MLFLOW_ARTIFACT_ROOT ({', '.join(outside)})"
         if reason:
             result["kept"][run_id] = reason
             continue
@@ -182,11 +168,9 @@ def purge_unregistered_artifacts(
                 human_bytes(size),
                 utc_iso(ended / 1000),
             )
-        except Exception as exc:  # noqa: BLE001 - one run's trouble must not stop the others
+        except Exception as exc:
             result["errors"][run_id] = str(exc)
-            log.error(
-                "could not delete the MLflow artifacts of run %s: %s", run_id, exc
-            )
+            log.error("could not delete the MLflow artifacts of run %s: %s", run_id, exc)
     result["bytes_freed"] = freed
     log.info(
         "retention%s: %s the MLflow artifacts of %d unregistered runs (%s), kept %d runs",

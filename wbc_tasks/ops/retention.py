@@ -102,9 +102,7 @@ def check_settings(settings: Settings) -> None:
             "younger work folders may belong to a training run still in progress"
         )
     if settings.retention_keep_runs < 0:
-        raise ValueError(
-            f"WBC_RETENTION_KEEP_RUNS={settings.retention_keep_runs} is negative"
-        )
+        raise ValueError(f"WBC_RETENTION_KEEP_RUNS={settings.retention_keep_runs} is negative")
 
 
 def folder_stats(path: Path) -> tuple[float, int]:
@@ -144,9 +142,7 @@ def scan_run_folders(
         for entry in entries:
             path = Path(entry.path)
             if entry.is_symlink():
-                skipped[entry.name] = (
-                    f"symlink to {os.readlink(path)}: not followed, left alone"
-                )
+                skipped[entry.name] = f"symlink to {os.readlink(path)}: not followed, left alone"
                 continue
             if not entry.is_dir(follow_symlinks=False):
                 skipped[entry.name] = "not a folder: left alone"
@@ -180,21 +176,15 @@ def plan_retention(
     cutoff = now - settings.retention_days * DAY_SECONDS
     root, folders, skipped = scan_run_folders(settings)
     plan = RetentionPlan(runs_root=root, cutoff=cutoff, skipped=skipped)
-    newest_first = sorted(
-        folders, key=lambda f: (f.last_activity, f.name), reverse=True
-    )
+    newest_first = sorted(folders, key=lambda f: (f.last_activity, f.name), reverse=True)
     keep_n = settings.retention_keep_runs
     for rank, folder in enumerate(newest_first):
         if folder.name in protected:
             plan.keep[folder.name] = protected[folder.name]
         elif rank < keep_n:
-            plan.keep[folder.name] = (
-                f"one of the newest {keep_n} run folders (WBC_RETENTION_KEEP_RUNS)"
-            )
+            plan.keep[folder.name] = f"one of the newest {keep_n} run folders (WBC_RETENTION_KEEP_RUNS)"
         elif folder.last_activity >= cutoff:
-            plan.keep[folder.name] = (
-                f"modified within the last {settings.retention_days:g} days (WBC_RETENTION_DAYS)"
-            )
+            plan.keep[folder.name] = f"modified within the last {settings.retention_days:g} days (WBC_RETENTION_DAYS)"
         else:
             plan.delete.append(folder)
     return plan
@@ -218,9 +208,7 @@ def protected_run_folders(settings: Settings) -> tuple[dict[str, str], set[str]]
     for alias, version in current_aliases(settings).items():
         by_version.setdefault(version, []).append(alias)
     for version, aliases in sorted(by_version.items()):
-        mv = call_with_retries(
-            settings, client.get_model_version, settings.model_name, version
-        )
+        mv = call_with_retries(settings, client.get_model_version, settings.model_name, version)
         dag_run_id = (mv.tags or {}).get(TAG_AIRFLOW_RUN_ID)
         if not dag_run_id and mv.run_id:
             try:
@@ -238,14 +226,10 @@ def protected_run_folders(settings: Settings) -> tuple[dict[str, str], set[str]]
                 labels,
             )
             continue
-        protected[safe_name(dag_run_id)] = (
-            f"run of {settings.model_name} version {version} ({labels})"
-        )
+        protected[safe_name(dag_run_id)] = f"run of {settings.model_name} version {version} ({labels})"
 
     running: set[str] = set()
-    experiment = call_with_retries(
-        settings, client.get_experiment_by_name, settings.mlflow_experiment
-    )
+    experiment = call_with_retries(settings, client.get_experiment_by_name, settings.mlflow_experiment)
     if experiment is not None:
         for run in all_pages(
             client.search_runs,
@@ -271,22 +255,14 @@ def delete_run_folder(folder: RunFolder, real_root: Path) -> int:
     if path.is_symlink() or not path.is_dir():
         raise RuntimeError(f"refusing to delete {path}: not a real folder")
     if path.resolve().parent != real_root or path.parent.resolve() != real_root:
-        raise RuntimeError(
-            f"refusing to delete {path}: not directly inside {real_root}"
-        )
+        raise RuntimeError(f"refusing to delete {path}: not directly inside {real_root}")
     newest, size = folder_stats(path)
     if newest > folder.last_activity:
-        raise RuntimeError(
-            f"{path} changed since it was planned for deletion (in use again?): kept"
-        )
+        raise RuntimeError(f"{path} changed since it was planned for deletion (in use again?): kept")
     for dirpath, _dirnames, filenames in os.walk(path, followlinks=False):
         if COMPLETE_MARKER in filenames:
             os.unlink(os.path.join(dirpath, COMPLETE_MARKER))
-    if (
-        not shutil.rmtree.avoids_symlink_attacks
-    ):  # pragma: no cover - Linux/macOS have it
-        log.warning(
-            "this platform's rmtree may follow symlinks swapped in while deleting"
-        )
+    if not shutil.rmtree.avoids_symlink_attacks:  # pragma: no cover - Linux/macOS have it
+        log.warning("this platform's rmtree may follow symlinks swapped in while deleting")
     shutil.rmtree(path)
     return size

@@ -11,10 +11,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from wbc_tasks.core.settings import Settings, get_settings
 from wbc_tasks.core.paths import resolve_inside
-from wbc_tasks.training.params import TrainingParams, training_params
+from wbc_tasks.core.settings import Settings, get_settings
 from wbc_tasks.core.workdir import require_complete, run_step
+from wbc_tasks.training.params import TrainingParams, training_params
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +88,7 @@ def preprocess_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
 
     settings, p, run = _context(run_id, params)
     require_complete(run / "split")
-    return run_step(
-        run / "preprocess", lambda out: preprocess_splits(run / "split", out, settings, p.image_size)
-    )
+    return run_step(run / "preprocess", lambda out: preprocess_splits(run / "split", out, settings, p.image_size))
 
 
 def augment_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
@@ -157,8 +155,8 @@ def _groups_csv(data_dir: Path) -> Path | None:
 def evaluate_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
     """Evaluate the trained model on the untouched test split (argmax); log metrics and figures."""
     from wbc_tasks.core.settings import CLASS_NAMES
-    from wbc_tasks.training.evaluate import evaluate_model
     from wbc_tasks.registry.artifacts import log_metrics
+    from wbc_tasks.training.evaluate import evaluate_model
 
     settings, p, run = _context(run_id, params)
     trained = require_complete(run / "train")

@@ -34,17 +34,14 @@ def log_split_manifest(
     name: str = "split-manifest",
 ) -> None:
     """Log the split manifest (a DataFrame with a ``class`` column) as the run's training input."""
-    import mlflow.data
+    import mlflow
+    from mlflow.data.pandas_dataset import from_pandas
 
     with tracking_run(settings, dag_run_id):
         with warnings.catch_warnings():
             # A plain path matches two equivalent local source types; MLflow picks one and says so.
-            warnings.filterwarnings(
-                "ignore", message="The specified dataset source can be interpreted"
-            )
-            dataset = mlflow.data.from_pandas(
-                manifest, source=str(data_dir), name=name, targets="class"
-            )
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+            dataset = from_pandas(manifest, source=str(data_dir), name=name, targets="class")
         call_with_retries(settings, mlflow.log_input, dataset, context="training")
     log.info(
         "logged %s (%d images from %s) as the training input of DAG run %s",
@@ -78,9 +75,7 @@ def log_stage_artifacts(
     if not folder.is_dir():
         raise FileNotFoundError(f"step folder {folder} does not exist")
     files = sorted(
-        p
-        for p in folder.iterdir()
-        if p.is_file() and p.suffix.lower() in suffixes and p.name != COMPLETE_MARKER
+        p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in suffixes and p.name != COMPLETE_MARKER
     )
     client = configure_mlflow(settings)
     run_id = open_tracking_run(settings, dag_run_id)
@@ -88,22 +83,13 @@ def log_stage_artifacts(
     with tempfile.TemporaryDirectory(prefix="wbc-pseudonymised-") as scratch:
         if names.enabled:
             # Paths of every CSV here (manifest and rejections), to find them in free text too.
-            known = names.known(
-                p
-                for f in files
-                if f.suffix.lower() == ".csv"
-                for p in names.csv_paths(f)
-            )
+            known = names.known(p for f in files if f.suffix.lower() == ".csv" for p in names.csv_paths(f))
             files = [
-                names.write_copy(f, Path(scratch) / f.name, known)
-                if f.suffix.lower() in (".csv", ".json")
-                else f
+                names.write_copy(f, Path(scratch) / f.name, known) if f.suffix.lower() in (".csv", ".json") else f
                 for f in files
             ]
         for path in files:
-            call_with_retries(
-                settings, client.log_artifact, run_id, str(path), artifact_path
-            )
+            call_with_retries(settings, client.log_artifact, run_id, str(path), artifact_path)
     log.info(
         "logged %d files of %s under %s/%s",
         len(files),
@@ -119,9 +105,7 @@ def _metric_key(text: str) -> str:
     return "".join(c if c.isalnum() or c in "_-./: " else "_" for c in text)
 
 
-def flatten_metrics(
-    metrics: Mapping[str, Any], *, sep: str = "_", prefix: str = ""
-) -> dict[str, float]:
+def flatten_metrics(metrics: Mapping[str, Any], *, sep: str = "_", prefix: str = "") -> dict[str, float]:
     """Numeric leaves of a nested metrics dict: ``{"recall": {"blasts": .9}}`` -> ``recall_blasts``.
 
     Non-numeric leaves (confusion matrices as lists, strings, None) are left out.
@@ -156,9 +140,7 @@ def log_metrics(
     return flat
 
 
-def log_figure(
-    settings: Settings, dag_run_id: str, figure: Any, artifact_file: str
-) -> None:
+def log_figure(settings: Settings, dag_run_id: str, figure: Any, artifact_file: str) -> None:
     """Log a matplotlib figure (e.g. ``evaluate/confusion_matrix.png``) to the DAG run's run."""
     client = configure_mlflow(settings)
     run_id = open_tracking_run(settings, dag_run_id)

@@ -91,15 +91,11 @@ def is_transient_error(exc: BaseException) -> bool:
             return True
         # MLflow's REST client reports a server it could not reach (after its own retries) as a
         # bare INTERNAL_ERROR whose message starts like this; genuine server errors do not.
-        return exc.error_code == "INTERNAL_ERROR" and str(exc.message).startswith(
-            "API request to"
-        )
+        return exc.error_code == "INTERNAL_ERROR" and str(exc.message).startswith("API request to")
     return False
 
 
-def call_with_retries(
-    settings: Settings, fn: Callable[..., T], *args: Any, **kwargs: Any
-) -> T:
+def call_with_retries(settings: Settings, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """``fn(*args, **kwargs)``, retried with exponential backoff while it fails transiently.
 
     ``settings.mlflow_retries`` retries, the first after ``settings.mlflow_retry_wait`` seconds,
@@ -145,9 +141,7 @@ def ensure_experiment(settings: Settings) -> str:
     from mlflow.exceptions import MlflowException
 
     client = configure_mlflow(settings)
-    experiment = call_with_retries(
-        settings, client.get_experiment_by_name, settings.mlflow_experiment
-    )
+    experiment = call_with_retries(settings, client.get_experiment_by_name, settings.mlflow_experiment)
     if experiment is not None:
         if experiment.lifecycle_stage == "deleted":
             raise RuntimeError(
@@ -155,17 +149,15 @@ def ensure_experiment(settings: Settings) -> str:
                 f"is deleted; restore it (`mlflow experiments restore --experiment-id "
                 f"{experiment.experiment_id}`) or set WBC_MLFLOW_EXPERIMENT to another name"
             )
-        return experiment.experiment_id
+        return str(experiment.experiment_id)
     location = None
     if not settings.mlflow_tracking_uri.startswith(("http://", "https://")):
         settings.mlflow_artifact_root.mkdir(parents=True, exist_ok=True)
         location = settings.mlflow_artifact_root.as_uri()
     try:
-        return client.create_experiment(
-            settings.mlflow_experiment, artifact_location=location
-        )
+        return str(client.create_experiment(settings.mlflow_experiment, artifact_location=location))
     except MlflowException as exc:
         # Two tasks starting together: the other one created it first.
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-        return client.get_experiment_by_name(settings.mlflow_experiment).experiment_id
+        return str(client.get_experiment_by_name(settings.mlflow_experiment).experiment_id)

@@ -47,9 +47,7 @@ FEW_TEST_IMAGES = 30
 SOURCES_FILE = "SOURCES.csv"
 
 
-def source_counts(
-    manifest: Any, data_dir: Path | str
-) -> dict[str, dict[str, int]] | None:
+def source_counts(manifest: Any, data_dir: Path | str) -> dict[str, dict[str, int]] | None:
     """``{class: {source: images}}`` for the manifest's images, from a ``SOURCES.csv`` (columns
     ``sha256`` and ``source``) in ``data_dir`` or its parent; None where there is none."""
     import pandas as pd
@@ -131,31 +129,21 @@ def model_card(
     ]
     balanced = data_summary.get("train_after_balancing") or {}
     if data_summary.get("data_dir"):
-        lines.append(
-            f"Images from `{data_summary['data_dir']}`, split by content hash."
-        )
+        lines.append(f"Images from `{data_summary['data_dir']}`, split by content hash.")
     if counts:
-        header = ["class", *splits, "total"] + (
-            ["train after balancing"] if balanced else []
-        )
+        header = ["class", *splits, "total"] + (["train after balancing"] if balanced else [])
         lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         classes = [c for c in class_names if any(c in counts[s] for s in splits)]
         for cls in classes:
             row = [int(counts[s].get(cls, 0)) for s in splits]
-            cells = [cls, *map(str, row), str(sum(row))] + (
-                [str(balanced.get(cls, ""))] if balanced else []
-            )
+            cells = [cls, *map(str, row), str(sum(row))] + ([str(balanced.get(cls, ""))] if balanced else [])
             lines.append("| " + " | ".join(cells) + " |")
         totals = [sum(int(v) for v in counts[s].values()) for s in splits]
-        lines.append(
-            "| **all** | "
-            + " | ".join(map(str, totals))
-            + f" | {sum(totals)} |"
-            + (" |" if balanced else "")
-        )
+        lines.append("| **all** | " + " | ".join(map(str, totals)) + f" | {sum(totals)} |" + (" |" if balanced else ""))
     if data_summary.get("rejected"):
         lines.append(
-            f"\n{data_summary['rejected']} files were rejected (unreadable, duplicate or conflicting labels; see the run's split artifacts)."
+            f"\n{data_summary['rejected']} files were rejected (unreadable, duplicate or conflicting labels; "
+            "see the run's split artifacts)."
         )
     sources: Mapping[str, Mapping[str, int]] = data_summary.get("sources") or {}
     if sources:
@@ -163,36 +151,23 @@ def model_card(
         for by_source in sources.values():
             for source, n in by_source.items():
                 per_source[source] = per_source.get(source, 0) + int(n)
-        lines.append(
-            "\nSources: "
-            + ", ".join(f"{s} ({n} images)" for s, n in sorted(per_source.items()))
-            + "."
-        )
+        lines.append("\nSources: " + ", ".join(f"{s} ({n} images)" for s, n in sorted(per_source.items())) + ".")
         citations = [
             text
             for prefix, text in KNOWN_SOURCE_CITATIONS.items()
             if any(s.lower().startswith(prefix) for s in per_source)
         ]
         if citations:
-            lines += ["", "Attribution (required by the sets' licences):"] + [
-                f"- {c}" for c in citations
-            ]
+            lines += ["", "Attribution (required by the sets' licences):"] + [f"- {c}" for c in citations]
     if data_summary.get("attribution"):
         lines += ["", str(data_summary["attribution"])]
     if not sources and not data_summary.get("attribution"):
-        lines.append(
-            "\nSources and licences: see the data folder's own README / SOURCES file."
-        )
+        lines.append("\nSources and licences: see the data folder's own README / SOURCES file.")
 
     lines += ["", "## Test metrics", ""]
-    headline = {
-        k: v for k, v in metrics.items() if not isinstance(v, Mapping) and is_number(v)
-    }
+    headline = {k: v for k, v in metrics.items() if not isinstance(v, Mapping) and is_number(v)}
     if headline:
-        lines.append(
-            ", ".join(f"{k} **{_fmt(float(v))}**" for k, v in headline.items())
-            + " on the test split."
-        )
+        lines.append(", ".join(f"{k} **{_fmt(float(v))}**" for k, v in headline.items()) + " on the test split.")
     recall = per_class_values(metrics, "recall")
     precision = per_class_values(metrics, "precision")
     support = per_class_values(metrics, "support")
@@ -202,19 +177,13 @@ def model_card(
             "| class | recall | precision | test images |",
             "|---|---|---|---|",
         ]
-        for cls in [c for c in class_names if c in recall] + sorted(
-            set(recall) - set(class_names)
-        ):
-            n = support.get(cls, counts.get("test", {}).get(cls, ""))
-            lines.append(
-                f"| {cls} | {_fmt(recall[cls])} | {_fmt(precision.get(cls, ''))} | {_fmt(int(n)) if n != '' else ''} |"
-            )
+        for cls in [c for c in class_names if c in recall] + sorted(set(recall) - set(class_names)):
+            test_images: Any = support.get(cls, counts.get("test", {}).get(cls, ""))
+            shown = _fmt(int(test_images)) if test_images != "" else ""
+            lines.append(f"| {cls} | {_fmt(recall[cls])} | {_fmt(precision.get(cls, ''))} | {shown} |")
 
     lines += ["", "## Training params", ""]
-    lines.append(
-        "; ".join(f"{k}={param_text(v)}" for k, v in params.items())
-        or "(none recorded)"
-    )
+    lines.append("; ".join(f"{k}={param_text(v)}" for k, v in params.items()) or "(none recorded)")
 
     lines += ["", "## Limitations"]
     lines.append(
@@ -223,9 +192,7 @@ def model_card(
         "on local images before relying on it."
     )
     single_source = sorted(
-        (cls, next(iter(by_source)))
-        for cls, by_source in sources.items()
-        if len(by_source) == 1 and len(sources) > 1
+        (cls, next(iter(by_source))) for cls, by_source in sources.items() if len(by_source) == 1 and len(sources) > 1
     )
     if single_source:
         lines.append(
@@ -234,11 +201,7 @@ def model_card(
             + ". The model may have learnt that source's look instead of the cell: an unfamiliar "
             "stain can be called one of these classes."
         )
-    few = sorted(
-        cls
-        for cls, n in (support or counts.get("test", {})).items()
-        if 0 < float(n) < FEW_TEST_IMAGES
-    )
+    few = sorted(cls for cls, n in (support or counts.get("test", {})).items() if 0 < float(n) < FEW_TEST_IMAGES)
     if few:
         lines.append(
             f"- Few test images (under {FEW_TEST_IMAGES}) for {', '.join(few)}: their recall is a rough estimate."
@@ -248,9 +211,7 @@ def model_card(
         "the most confused pairs."
     )
     if params.get("smote"):
-        lines.append(
-            "- Minority classes were oversampled with SMOTE (synthetic training images)."
-        )
+        lines.append("- Minority classes were oversampled with SMOTE (synthetic training images).")
     return "\n".join(lines) + "\n"
 
 
@@ -266,13 +227,9 @@ def fit_description(text: str, note: str) -> str:
 def describe_registered_model(settings: Settings, version: str, headline: str) -> None:
     """Set the registered model's description: ``headline`` and the card of ``version``."""
     client = configure_mlflow(settings)
-    mv = call_with_retries(
-        settings, client.get_model_version, settings.model_name, str(version)
-    )
+    mv = call_with_retries(settings, client.get_model_version, settings.model_name, str(version))
     text = fit_description(
         f"**{headline}**\n\n{mv.description or ''}",
         f"(cut to fit; the full card is `{MODEL_CARD_FILE}` in MLflow run {mv.run_id})",
     )
-    call_with_retries(
-        settings, client.update_registered_model, settings.model_name, description=text
-    )
+    call_with_retries(settings, client.update_registered_model, settings.model_name, description=text)

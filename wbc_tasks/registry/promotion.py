@@ -22,7 +22,7 @@ import math
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,15 @@ from wbc_tasks.core.settings import Settings
 from wbc_tasks.registry.client import call_with_retries, configure_mlflow
 from wbc_tasks.registry.model_card import describe_registered_model
 from wbc_tasks.registry.tags import per_class_values
-from wbc_tasks.registry.versions import ModelRef, NoModelError, current_aliases, model_ref_from_version, resolve_model, version_metrics, wait_until_ready
+from wbc_tasks.registry.versions import (
+    ModelRef,
+    NoModelError,
+    current_aliases,
+    model_ref_from_version,
+    resolve_model,
+    version_metrics,
+    wait_until_ready,
+)
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +77,7 @@ class PromotionDecision:
 
     def as_tags(self, decided_at: str) -> dict[str, str]:
         """The ``promotion.*`` tags recorded on the candidate version."""
+
         def num(value: float | None) -> str:
             return "none" if value is None else repr(float(value))
 
@@ -86,7 +95,7 @@ class PromotionDecision:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def _metric_value(metrics: Mapping[str, Any], metric: str, whose: str) -> float:
@@ -151,11 +160,18 @@ def decide_promotion(
     """
     candidate_value = _metric_value(candidate_metrics, metric, "candidate")
     failures = check_floors(
-        candidate_metrics, metric=metric, min_metric=min_metric,
-        min_class_recall=min_class_recall, min_blast_recall=min_blast_recall,
+        candidate_metrics,
+        metric=metric,
+        min_metric=min_metric,
+        min_class_recall=min_class_recall,
+        min_blast_recall=min_blast_recall,
     )
-    common = {"metric": metric, "candidate_value": candidate_value, "champion_version": champion_version,
-              "margin": margin}
+    common: dict[str, Any] = {
+        "metric": metric,
+        "candidate_value": candidate_value,
+        "champion_version": champion_version,
+        "margin": margin,
+    }
     champion_value = None
     if champion_version is not None:
         if champion_metrics is None:
@@ -164,23 +180,38 @@ def decide_promotion(
         if math.isnan(champion_value):
             raise ValueError(f"champion version {champion_version} has no {metric} on this test split (NaN)")
     if failures:
-        return PromotionDecision(False, REJECTED, "failed floors: " + "; ".join(failures),
-                                 champion_value=champion_value, failed_floors=tuple(failures), **common)
-    if champion_version is None:
-        return PromotionDecision(True, PROMOTED, f"passes every floor and there is no champion yet "
-                                 f"({metric} {candidate_value:.4f})", champion_value=None, **common)
-    if candidate_value > champion_value + margin:
         return PromotionDecision(
-            True, PROMOTED,
+            False,
+            REJECTED,
+            "failed floors: " + "; ".join(failures),
+            champion_value=champion_value,
+            failed_floors=tuple(failures),
+            **common,
+        )
+    if champion_version is None:
+        return PromotionDecision(
+            True,
+            PROMOTED,
+            f"passes every floor and there is no champion yet ({metric} {candidate_value:.4f})",
+            champion_value=None,
+            **common,
+        )
+    if champion_value is not None and candidate_value > champion_value + margin:
+        return PromotionDecision(
+            True,
+            PROMOTED,
             f"{metric} {candidate_value:.4f} beats champion version {champion_version}'s "
             f"{champion_value:.4f} by more than the margin {margin:.4f}",
-            champion_value=champion_value, **common,
+            champion_value=champion_value,
+            **common,
         )
     return PromotionDecision(
-        False, KEPT_CHAMPION,
+        False,
+        KEPT_CHAMPION,
         f"{metric} {candidate_value:.4f} does not beat champion version {champion_version}'s "
         f"{champion_value:.4f} by more than the margin {margin:.4f}",
-        champion_value=champion_value, **common,
+        champion_value=champion_value,
+        **common,
     )
 
 
@@ -251,13 +282,19 @@ def _move_champion(settings: Settings, new_champion: str, aliases: Mapping[str, 
             except Exception as exc:  # keep going: restore what can be restored, report the rest
                 log.critical("could not restore alias @%s to version %s: %s", alias, version, exc)
         raise
-    log.info("@%s -> version %s; @%s -> version %s", settings.champion_alias, new_champion,
-             settings.rollback_alias, new_rollback)
+    log.info(
+        "@%s -> version %s; @%s -> version %s",
+        settings.champion_alias,
+        new_champion,
+        settings.rollback_alias,
+        new_rollback,
+    )
     return {"champion": new_champion, "rollback": new_rollback, "previous_champion": old_champion}
 
 
-def _after_move(settings: Settings, new_champion: str, headline: str, demoted: str | None,
-                demotion_tags: Mapping[str, str]) -> None:
+def _after_move(
+    settings: Settings, new_champion: str, headline: str, demoted: str | None, demotion_tags: Mapping[str, str]
+) -> None:
     """Bookkeeping once the champion moved; a failure here is logged, never undoes the move."""
     try:
         describe_registered_model(settings, new_champion, headline)
@@ -284,9 +321,14 @@ def apply_decision(settings: Settings, candidate: ModelRef, decision: PromotionD
             f"{candidate.version} compared with {decision.champion_version}; decide again"
         )
     decided_at = _now()
-    result = {**decision.as_dict(), "version": candidate.version, "decided_at": decided_at,
-              "compared_with_version": decision.champion_version,
-              "champion": champion_now, "rollback": aliases.get(settings.rollback_alias)}
+    result = {
+        **decision.as_dict(),
+        "version": candidate.version,
+        "decided_at": decided_at,
+        "compared_with_version": decision.champion_version,
+        "champion": champion_now,
+        "rollback": aliases.get(settings.rollback_alias),
+    }
     if decision.outcome == ALREADY_CHAMPION:
         return result
     _set_tags(settings, candidate.version, decision.as_tags(decided_at))
@@ -296,16 +338,27 @@ def apply_decision(settings: Settings, candidate: ModelRef, decision: PromotionD
     try:
         moved = _move_champion(settings, candidate.version, aliases)
     except Exception as exc:
-        _set_tags(settings, candidate.version, {
-            "promotion.decision": ERROR,
-            "promotion.reason": f"decided to promote ({decision.reason}) but moving the aliases failed "
-                                f"({exc}); the aliases were put back",
-        })
+        _set_tags(
+            settings,
+            candidate.version,
+            {
+                "promotion.decision": ERROR,
+                "promotion.reason": f"decided to promote ({decision.reason}) but moving the aliases failed "
+                f"({exc}); the aliases were put back",
+            },
+        )
         raise
     _after_move(
-        settings, candidate.version, f"Champion: version {candidate.version} (promoted {decided_at}: {decision.reason})",
-        champion_now, {"demotion.replaced_by": candidate.version, "demotion.at": decided_at,
-                       "demotion.by": "automatic promotion", "demotion.why": decision.reason},
+        settings,
+        candidate.version,
+        f"Champion: version {candidate.version} (promoted {decided_at}: {decision.reason})",
+        champion_now,
+        {
+            "demotion.replaced_by": candidate.version,
+            "demotion.at": decided_at,
+            "demotion.by": "automatic promotion",
+            "demotion.why": decision.reason,
+        },
     )
     return {**result, **moved}
 
@@ -330,15 +383,27 @@ def promote_if_better(
     Returns a small JSON-able dict (the decision, the numbers, the aliases after it).
     """
     wait_until_ready(settings, candidate.version)
-    floors = {"metric": metric, "min_metric": min_metric, "min_class_recall": min_class_recall,
-              "min_blast_recall": min_blast_recall}
+    floors: dict[str, Any] = {
+        "metric": metric,
+        "min_metric": min_metric,
+        "min_class_recall": min_class_recall,
+        "min_blast_recall": min_blast_recall,
+    }
     with promotion_lock(settings):
         champion_version = current_aliases(settings).get(settings.champion_alias)
         if champion_version == candidate.version:
             # A retried promote task whose first attempt already won.
             value = _metric_value(candidate_metrics, metric, "candidate")
-            decision = PromotionDecision(True, ALREADY_CHAMPION, f"version {candidate.version} is already the champion",
-                                         metric, value, champion_version, value, margin)
+            decision = PromotionDecision(
+                True,
+                ALREADY_CHAMPION,
+                f"version {candidate.version} is already the champion",
+                metric,
+                value,
+                champion_version,
+                value,
+                margin,
+            )
         elif check_floors(candidate_metrics, **floors) or champion_version is None:
             decision = decide_promotion(candidate_metrics, None, champion_version=None, margin=margin, **floors)
             if champion_version is not None:  # rejected on floors: say which champion stays
@@ -347,8 +412,9 @@ def promote_if_better(
             champion = resolve_model(settings, champion_version)
             log.info("evaluating champion version %s on the candidate's test split", champion_version)
             champion_metrics = champion_metrics_fn(champion)
-            decision = decide_promotion(candidate_metrics, champion_metrics, champion_version=champion_version,
-                                        margin=margin, **floors)
+            decision = decide_promotion(
+                candidate_metrics, champion_metrics, champion_version=champion_version, margin=margin, **floors
+            )
         return apply_decision(settings, candidate, decision)
 
 
@@ -384,9 +450,7 @@ def champion_metrics_on_this_test_split(
         known = {name: i for i, name in enumerate(ref.class_names)}
         missing = sorted(set(store.records["class"]) - set(known))
         if missing:
-            raise ValueError(
-                f"champion {ref.uri} cannot classify test classes {missing}"
-            )
+            raise ValueError(f"champion {ref.uri} cannot classify test classes {missing}")
         model = load_keras_model(settings, ref)
         probabilities = predict_store(model, store, batch_size)
         y_true = np.array([known[c] for c in store.records["class"]], dtype=np.int64)
@@ -408,8 +472,9 @@ def _ready_ref(settings: Settings, version: str) -> ModelRef:
     try:
         mv = wait_until_ready(settings, version)
     except MlflowException as exc:
-        raise NoModelError(f"no version {version} of '{settings.model_name}' in the registry at "
-                           f"{settings.mlflow_tracking_uri}") from exc
+        raise NoModelError(
+            f"no version {version} of '{settings.model_name}' in the registry at {settings.mlflow_tracking_uri}"
+        ) from exc
     return model_ref_from_version(settings, mv)
 
 
@@ -423,17 +488,34 @@ def promote_version(settings: Settings, version: str, *, who: str, why: str) -> 
         aliases = current_aliases(settings)
         old = aliases.get(settings.champion_alias)
         at = _now()
-        result = {"action": "promote", "version": version, "by": who, "why": why, "at": at,
-                  "metrics": version_metrics(settings, version)}
+        result = {
+            "action": "promote",
+            "version": version,
+            "by": who,
+            "why": why,
+            "at": at,
+            "metrics": version_metrics(settings, version),
+        }
         if old == version:
-            return {**result, "changed": False, "champion": version,
-                    "rollback": aliases.get(settings.rollback_alias)}
-        _set_tags(settings, ref.version, {"manual_promotion.by": who, "manual_promotion.at": at,
-                                          "manual_promotion.why": why,
-                                          "manual_promotion.replaced_version": old or "none"})
+            return {**result, "changed": False, "champion": version, "rollback": aliases.get(settings.rollback_alias)}
+        _set_tags(
+            settings,
+            ref.version,
+            {
+                "manual_promotion.by": who,
+                "manual_promotion.at": at,
+                "manual_promotion.why": why,
+                "manual_promotion.replaced_version": old or "none",
+            },
+        )
         moved = _move_champion(settings, ref.version, aliases)
-        _after_move(settings, ref.version, f"Champion: version {version} (promoted by hand by {who}, {at}: {why})",
-                    old, {"demotion.replaced_by": version, "demotion.at": at, "demotion.by": who, "demotion.why": why})
+        _after_move(
+            settings,
+            ref.version,
+            f"Champion: version {version} (promoted by hand by {who}, {at}: {why})",
+            old,
+            {"demotion.replaced_by": version, "demotion.at": at, "demotion.by": who, "demotion.why": why},
+        )
     log.info("%s promoted version %s by hand (was %s): %s", who, version, old, why)
     return {**result, "changed": True, **moved}
 
@@ -459,10 +541,18 @@ def rollback(settings: Settings, *, who: str, why: str) -> dict[str, Any]:
         if old == target:
             return {**result, "changed": False, "champion": target, "rollback": target}
         ref = _ready_ref(settings, target)
-        _set_tags(settings, ref.version, {"rollback.by": who, "rollback.at": at, "rollback.why": why,
-                                          "rollback.replaced_version": old or "none"})
+        _set_tags(
+            settings,
+            ref.version,
+            {"rollback.by": who, "rollback.at": at, "rollback.why": why, "rollback.replaced_version": old or "none"},
+        )
         moved = _move_champion(settings, ref.version, aliases)
-        _after_move(settings, ref.version, f"Champion: version {target} (rolled back by {who}, {at}: {why})",
-                    old, {"demotion.replaced_by": target, "demotion.at": at, "demotion.by": who, "demotion.why": why})
+        _after_move(
+            settings,
+            ref.version,
+            f"Champion: version {target} (rolled back by {who}, {at}: {why})",
+            old,
+            {"demotion.replaced_by": target, "demotion.at": at, "demotion.by": who, "demotion.why": why},
+        )
     log.info("%s rolled the champion back from version %s to %s: %s", who, old, target, why)
     return {**result, "changed": True, **moved}

@@ -87,9 +87,7 @@ def log_model_version(
         metadata=metadata,
         pip_requirements=requirements,
     )
-    version = call_with_retries(
-        settings, _register_once, settings, client, info.model_id, info.run_id
-    )
+    version = call_with_retries(settings, _register_once, settings, client, info.model_id, info.run_id)
     wait_until_ready(settings, version)
     _tag_version(
         settings,
@@ -103,34 +101,22 @@ def log_model_version(
     log.info("registered %s version %s", settings.model_name, version)
     return model_ref_from_version(
         settings,
-        call_with_retries(
-            settings, client.get_model_version, settings.model_name, version
-        ),
+        call_with_retries(settings, client.get_model_version, settings.model_name, version),
     )
 
 
-def _register_once(
-    settings: Settings, client: Any, model_id: str, run_id: str | None
-) -> str:
+def _register_once(settings: Settings, client: Any, model_id: str, run_id: str | None) -> str:
     """The registered version of logged model ``model_id``, registering it if it has none."""
     import mlflow
 
-    query = f"name='{settings.model_name}'" + (
-        f" and run_id='{run_id}'" if run_id else ""
-    )
+    query = f"name='{settings.model_name}'" + (f" and run_id='{run_id}'" if run_id else "")
     source = f"models:/{model_id}"
     found = [
-        v
-        for v in client.search_model_versions(query)
-        if getattr(v, "model_id", None) == model_id or v.source == source
+        v for v in client.search_model_versions(query) if getattr(v, "model_id", None) == model_id or v.source == source
     ]
     if found:
         return str(min(int(v.version) for v in found))
-    return str(
-        mlflow.register_model(
-            source, settings.model_name, await_registration_for=0
-        ).version
-    )
+    return str(mlflow.register_model(source, settings.model_name, await_registration_for=0).version)
 
 
 def _tag_version(
@@ -151,9 +137,7 @@ def _tag_version(
     }
     all_tags.update({key: str(value) for key, value in (tags or {}).items()})
     for key, value in all_tags.items():
-        call_with_retries(
-            settings, client.set_model_version_tag, name, version, key, value
-        )
+        call_with_retries(settings, client.set_model_version_tag, name, version, key, value)
     if description:
         call_with_retries(
             settings,
@@ -203,9 +187,7 @@ def register_model(
             )
             wait_until_ready(settings, version)
         else:
-            version = log_model_version(
-                settings, model, image_size=image_size, class_names=class_names
-            ).version
+            version = log_model_version(settings, model, image_size=image_size, class_names=class_names).version
         card = model_card(
             model_name=settings.model_name,
             version=version,
@@ -238,9 +220,7 @@ def register_model(
             f"Latest registered: version {version}. The version in use is @{settings.champion_alias}; "
             f"its own card is in its version description.",
         )
-    ref = model_ref_from_version(
-        settings, client.get_model_version(settings.model_name, version)
-    )
+    ref = model_ref_from_version(settings, client.get_model_version(settings.model_name, version))
     log.info(
         "registered %s version %s for DAG run %s with its model card",
         ref.name,

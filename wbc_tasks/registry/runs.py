@@ -34,9 +34,7 @@ def _tag_filter(key: str, value: str) -> str:
         return f"tags.{key} = '{value}'"
     if '"' not in value:
         return f'tags.{key} = "{value}"'
-    raise ValueError(
-        f"cannot search MLflow for a tag value holding both quote kinds: {value!r}"
-    )
+    raise ValueError(f"cannot search MLflow for a tag value holding both quote kinds: {value!r}")
 
 
 def find_tracking_run(settings: Settings, dag_run_id: str) -> str | None:
@@ -63,12 +61,10 @@ def find_tracking_run(settings: Settings, dag_run_id: str) -> str | None:
             ", ".join(r.info.run_id for r in runs),
             runs[0].info.run_id,
         )
-    return runs[0].info.run_id
+    return str(runs[0].info.run_id)
 
 
-def _log_params_once(
-    settings: Settings, client: Any, run_id: str, params: Mapping[str, Any]
-) -> None:
+def _log_params_once(settings: Settings, client: Any, run_id: str, params: Mapping[str, Any]) -> None:
     """Log the params the run lacks; a param already logged keeps its first value."""
     from mlflow.entities import Param
 
@@ -87,14 +83,10 @@ def _log_params_once(
                 text,
             )
     for start in range(0, len(missing), 100):  # log_batch takes at most 100 params
-        call_with_retries(
-            settings, client.log_batch, run_id, params=missing[start : start + 100]
-        )
+        call_with_retries(settings, client.log_batch, run_id, params=missing[start : start + 100])
 
 
-def open_tracking_run(
-    settings: Settings, dag_run_id: str, params: Mapping[str, Any] | None = None
-) -> str:
+def open_tracking_run(settings: Settings, dag_run_id: str, params: Mapping[str, Any] | None = None) -> str:
     """The MLflow run id of DAG run ``dag_run_id``, creating the run on the first call.
 
     The run is named after the DAG run and tagged ``airflow_run_id``; later calls, from any
@@ -109,9 +101,7 @@ def open_tracking_run(
     if run_id is None:
         # Serialise creation among tasks sharing the work folder, so two first tasks of one DAG
         # run cannot create two MLflow runs.
-        lock_path = (
-            settings.work_dir / "locks" / f"tracking-{safe_name(dag_run_id)}.lock"
-        )
+        lock_path = settings.work_dir / "locks" / f"tracking-{safe_name(dag_run_id)}.lock"
         lock_path.parent.mkdir(parents=True, exist_ok=True)
         with filelock.FileLock(lock_path, timeout=settings.lock_timeout):
             run_id = find_tracking_run(settings, dag_run_id)
@@ -156,13 +146,11 @@ def tracking_run(settings: Settings, dag_run_id: str) -> Iterator[str]:
         try:
             # end_run pops the active run first, then records the status: RUNNING keeps it open.
             mlflow.end_run(status="RUNNING")
-        except Exception as exc:  # noqa: BLE001 - never hide the task's own error
+        except Exception as exc:
             log.warning("could not detach from MLflow run %s: %s", run_id, exc)
 
 
-def finish_tracking_run(
-    settings: Settings, dag_run_id: str, status: str = "FINISHED"
-) -> str | None:
+def finish_tracking_run(settings: Settings, dag_run_id: str, status: str = "FINISHED") -> str | None:
     """Mark the DAG run's MLflow run FINISHED, FAILED or KILLED; None if it never had one."""
     import mlflow
 
@@ -177,8 +165,6 @@ def finish_tracking_run(
     if active is not None and active.info.run_id == run_id:
         mlflow.end_run(status=status)
     else:
-        call_with_retries(
-            settings, configure_mlflow(settings).set_terminated, run_id, status
-        )
+        call_with_retries(settings, configure_mlflow(settings).set_terminated, run_id, status)
     log.info("MLflow run %s of DAG run %s marked %s", run_id, dag_run_id, status)
     return run_id

@@ -70,13 +70,9 @@ def resolve_model(settings: Settings, ref: str | None = None) -> ModelRef:
     ref = str(ref) if ref not in (None, "") else settings.champion_alias
     try:
         if ref.isdigit():
-            version = call_with_retries(
-                settings, client.get_model_version, settings.model_name, ref
-            )
+            version = call_with_retries(settings, client.get_model_version, settings.model_name, ref)
         else:
-            version = call_with_retries(
-                settings, client.get_model_version_by_alias, settings.model_name, ref
-            )
+            version = call_with_retries(settings, client.get_model_version_by_alias, settings.model_name, ref)
     except MlflowException as exc:
         if is_transient_error(exc):
             raise
@@ -100,11 +96,7 @@ def load_keras_model(settings: Settings, ref: ModelRef) -> Any:
     import mlflow.tensorflow
 
     expected = f"models:/{settings.model_name}/{ref.version}"
-    if (
-        ref.name != settings.model_name
-        or ref.uri != expected
-        or not str(ref.version).isdigit()
-    ):
+    if ref.name != settings.model_name or ref.uri != expected or not str(ref.version).isdigit():
         raise ValueError(
             f"refusing to load model {ref.name!r} version {ref.version!r} from {ref.uri!r}: models are "
             f"loaded only from the configured registry, as {expected!r} (WBC_MODEL_NAME={settings.model_name})"
@@ -119,9 +111,7 @@ def current_aliases(settings: Settings) -> dict[str, str]:
 
     client = configure_mlflow(settings)
     try:
-        model = call_with_retries(
-            settings, client.get_registered_model, settings.model_name
-        )
+        model = call_with_retries(settings, client.get_registered_model, settings.model_name)
     except MlflowException as exc:
         if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
             return {}
@@ -132,9 +122,7 @@ def current_aliases(settings: Settings) -> dict[str, str]:
 def version_metrics(settings: Settings, version: str) -> dict[str, Any]:
     """The test metrics recorded on a registered version (from its tags)."""
     client = configure_mlflow(settings)
-    mv = call_with_retries(
-        settings, client.get_model_version, settings.model_name, str(version)
-    )
+    mv = call_with_retries(settings, client.get_model_version, settings.model_name, str(version))
     return metrics_from_tags(mv.tags or {})
 
 
@@ -150,13 +138,10 @@ def wait_until_ready(settings: Settings, version: str) -> Any:
     client = configure_mlflow(settings)
 
     def look() -> Any:
-        mv = call_with_retries(
-            settings, client.get_model_version, settings.model_name, str(version)
-        )
+        mv = call_with_retries(settings, client.get_model_version, settings.model_name, str(version))
         if mv.status == "FAILED_REGISTRATION":
             raise RuntimeError(
-                f"{settings.model_name} version {version} failed to register: "
-                f"{mv.status_message or 'no message'}"
+                f"{settings.model_name} version {version} failed to register: {mv.status_message or 'no message'}"
             )
         return mv
 
@@ -169,9 +154,7 @@ def wait_until_ready(settings: Settings, version: str) -> Any:
 
     retrying = tenacity.Retrying(
         retry=tenacity.retry_if_result(lambda mv: mv.status != "READY"),
-        wait=tenacity.wait_exponential(
-            multiplier=READY_FIRST_WAIT, min=0, max=READY_LONGEST_WAIT
-        ),
+        wait=tenacity.wait_exponential(multiplier=READY_FIRST_WAIT, min=0, max=READY_LONGEST_WAIT),
         stop=tenacity.stop_after_delay(settings.model_ready_timeout),
         retry_error_callback=timed_out,
     )

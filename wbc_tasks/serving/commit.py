@@ -49,9 +49,7 @@ def seen_row(found: FoundFile, run_id: str, seen_at: datetime) -> dict[str, Any]
     }
 
 
-def rejection_row(
-    path: str, sha256: str, reason: str, run_id: str, created_at: datetime
-) -> dict[str, Any]:
+def rejection_row(path: str, sha256: str, reason: str, run_id: str, created_at: datetime) -> dict[str, Any]:
     """The ``rejections`` row of one file."""
     return {
         "path": path,
@@ -181,9 +179,7 @@ def classify_chunk(
                         stats["files_changed"] += len(files) - 1
                         files = [replace(files[0], sha256=outcome.sha256)]
                     for f in files:
-                        rejection_rows.append(
-                            rejection_row(f.path, f.sha256, outcome.reason, run_id, now)
-                        )
+                        rejection_rows.append(rejection_row(f.path, f.sha256, outcome.reason, run_id, now))
                         names = pseudonymiser(settings)
                         log.warning(
                             "rejected %s: %s",
@@ -192,10 +188,9 @@ def classify_chunk(
                         )
                     stats["files_rejected"] += len(files)
                 else:
+                    assert outcome.probabilities is not None  # no reason: it was predicted
                     fields = prediction_fields(outcome.probabilities, ref, threshold)
-                    prediction_rows.append(
-                        prediction_row(item["sha256"], fields, ref, run_id, now)
-                    )
+                    prediction_rows.append(prediction_row(item["sha256"], fields, ref, run_id, now))
                     per_class[fields["predicted_class"]] += 1
                     stats["confidence_sum"] += fields["confidence"]
                     stats["needs_review"] += int(fields["needs_review"])
@@ -212,9 +207,7 @@ def classify_chunk(
             )
 
         # One transaction, retried whole if the connection fails: all the chunk's rows or none.
-        db.transaction(
-            settings, engine, commit, what=f"committing chunk {chunk_file.name}"
-        )
+        db.transaction(settings, engine, commit, what=f"committing chunk {chunk_file.name}")
     stats.update(
         chunk=chunk_file.name,
         images_classified=len(prediction_rows),

@@ -41,9 +41,7 @@ class Outcome:
     reason: str | None = None
 
 
-def _decode(
-    path: Path, size: int, settings: Settings, expected_sha: str | None
-) -> tuple[str, Any]:
+def _decode(path: Path, size: int, settings: Settings, expected_sha: str | None) -> tuple[str, Any]:
     """("ok", (sha, array)), ("rejected", (sha, reason)) or ("changed", sha)."""
     # A file not read is rejected with no content hash (""): a (path, sha256) rejection is final,
     # and the expected hash here would have kept a vanished file that comes back (a drop folder
@@ -94,10 +92,7 @@ def predict_images(
         pending: deque[list[tuple[Any, Future]]] = deque()
 
         def submit(batch):
-            return [
-                (key, pool.submit(_decode, Path(path), ref.image_size, settings, sha))
-                for key, path, sha in batch
-            ]
+            return [(key, pool.submit(_decode, Path(path), ref.image_size, settings, sha)) for key, path, sha in batch]
 
         queue = iter(batches)
         for batch in (next(queue, None), next(queue, None)):
@@ -116,15 +111,11 @@ def predict_images(
                 elif status == "rejected":
                     yield Outcome(key, value[0], reason=value[1])
                 else:
-                    log.warning(
-                        "%s changed since it was found; left for the next run", key
-                    )
+                    log.warning("%s changed since it was found; left for the next run", key)
                     yield Outcome(key, value)
             if not arrays:
                 continue
-            output = np.asarray(
-                predict_batches(model, np.stack(arrays), batch_size), dtype=np.float64
-            )
+            output = np.asarray(predict_batches(model, np.stack(arrays), batch_size), dtype=np.float64)
             if output.ndim != 2 or output.shape[1] != n_classes:
                 raise ValueError(
                     f"model {ref.name} version {ref.version} returned shape {output.shape}, "
@@ -134,18 +125,13 @@ def predict_images(
                 yield Outcome(key, digest, probabilities=[float(p) for p in row])
 
 
-def prediction_fields(
-    probabilities: Sequence[float], ref: ModelRef, threshold: float
-) -> dict[str, Any]:
+def prediction_fields(probabilities: Sequence[float], ref: ModelRef, threshold: float) -> dict[str, Any]:
     """Class, confidence, probabilities by class and the review flag of one output row."""
     best = max(range(len(probabilities)), key=probabilities.__getitem__)
     confidence = float(probabilities[best])
     return {
         "predicted_class": ref.class_names[best],
         "confidence": confidence,
-        "probabilities": {
-            name: float(p)
-            for name, p in zip(ref.class_names, probabilities, strict=True)
-        },
+        "probabilities": {name: float(p) for name, p in zip(ref.class_names, probabilities, strict=True)},
         "needs_review": confidence < threshold,
     }

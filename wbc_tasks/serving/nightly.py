@@ -53,10 +53,7 @@ def classify_new_images(
         reclassify=reclassify,
         chunk_size=chunk_size,
     )
-    chunks = [
-        classify_chunk(settings, chunk, ref, run_id=run_id, threshold=threshold)
-        for chunk in found["chunks"]
-    ]
+    chunks = [classify_chunk(settings, chunk, ref, run_id=run_id, threshold=threshold) for chunk in found["chunks"]]
     params = {
         "model": model or settings.champion_alias,
         "drop": drop or "",

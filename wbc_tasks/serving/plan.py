@@ -56,15 +56,11 @@ def run_work_dir(settings: Settings, run_id: str) -> Path:
     return settings.work_dir / "classify" / safe_name(run_id)
 
 
-def plan_chunks(
-    n_items: int, chunk_size: int, max_chunks: int
-) -> list[tuple[int, int]]:
+def plan_chunks(n_items: int, chunk_size: int, max_chunks: int) -> list[tuple[int, int]]:
     """(start, stop) bounds of chunks over ``n_items``: ``chunk_size`` each, grown so that there
     are never more than ``max_chunks`` (a 50,000-image backlog must not become 50,000 tasks)."""
     if chunk_size < 1 or max_chunks < 1:
-        raise ValueError(
-            f"chunk size ({chunk_size}) and max chunks ({max_chunks}) must be >= 1"
-        )
+        raise ValueError(f"chunk size ({chunk_size}) and max chunks ({max_chunks}) must be >= 1")
     if n_items == 0:
         return []
     size = max(chunk_size, math.ceil(n_items / max_chunks))
@@ -98,9 +94,7 @@ def sort_files(
     known = db.read_with_retries(
         settings,
         engine,
-        lambda connection: queries.seen_files(
-            connection, [f.path for f in listing.files]
-        ),
+        lambda connection: queries.seen_files(connection, [f.path for f in listing.files]),
         what="reading the files seen",
     )
     rejected = hash_files(settings, listing.files, known)
@@ -108,8 +102,7 @@ def sort_files(
     rejected += [
         (f, unsupported_reason(f.path))
         for f in listing.files
-        if id(f) not in unreadable
-        and Path(f.path).suffix.lower() not in IMAGE_EXTENSIONS
+        if id(f) not in unreadable and Path(f.path).suffix.lower() not in IMAGE_EXTENSIONS
     ]
     for rel, reason in listing.rejected:
         rejected.append((FoundFile(rel, drop_of(Path(rel))), reason))
@@ -120,11 +113,7 @@ def sort_files(
     def lookups(connection: Connection):
         return (
             queries.rejected_files(connection, paths),
-            {
-                (p, row["sha256"])
-                for p, rows in queries.seen_files(connection, paths).items()
-                for row in rows
-            },
+            {(p, row["sha256"]) for p, rows in queries.seen_files(connection, paths).items() for row in rows},
             queries.predicted_hashes(
                 connection,
                 [f.sha256 for f in candidates],
@@ -187,29 +176,19 @@ def find_new_images(
         def commit(connection: Connection) -> None:
             write_rows(
                 connection,
-                rejections=[
-                    rejection_row(f.path, f.sha256, r, run_id, now)
-                    for f, r in files.new_rejections
-                ],
+                rejections=[rejection_row(f.path, f.sha256, r, run_id, now) for f, r in files.new_rejections],
                 seen=[seen_row(f, run_id, now) for f, _ in files.new_rejections]
                 + [seen_row(f, run_id, now) for f in files.linked],
             )
 
-        db.transaction(
-            settings, engine, commit, what="recording rejections and files seen"
-        )
+        db.transaction(settings, engine, commit, what="recording rejections and files seen")
     # Pseudonyms in log lines when WBC_PSEUDONYMISE_NAMES is on.
     names = pseudonymiser(settings)
     for found, reason in files.new_rejections:
-        log.warning(
-            "rejected %s: %s", names.path(found.path), names.text(reason, [found.path])
-        )
+        log.warning("rejected %s: %s", names.path(found.path), names.text(reason, [found.path]))
     archived = archive_files(
         settings,
-        [
-            f.path
-            for f in files.done + files.linked + [f for f, _ in files.new_rejections]
-        ],
+        [f.path for f in files.done + files.linked + [f for f, _ in files.new_rejections]],
     )
 
     work = run_work_dir(settings, run_id)
@@ -254,10 +233,7 @@ def _distinct_images(new: list[FoundFile]) -> list[dict[str, Any]]:
     by_hash: dict[str, list[FoundFile]] = {}
     for found in new:
         by_hash.setdefault(found.sha256, []).append(found)
-    return [
-        {"sha256": digest, "files": [asdict(f) for f in files]}
-        for digest, files in by_hash.items()
-    ]
+    return [{"sha256": digest, "files": [asdict(f) for f in files]} for digest, files in by_hash.items()]
 
 
 def _write_chunks(

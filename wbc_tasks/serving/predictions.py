@@ -175,9 +175,7 @@ def is_transient_db_error(exc: BaseException) -> bool:
     refused or reset (a restarting server), a deadlock or serialisation failure, SQLite busy."""
     from sqlalchemy import exc as sa_exc
 
-    if isinstance(
-        exc, (sa_exc.DisconnectionError, sa_exc.TimeoutError)
-    ):  # pool: reconnect / wait
+    if isinstance(exc, (sa_exc.DisconnectionError, sa_exc.TimeoutError)):  # pool: reconnect / wait
         return True
     if not isinstance(exc, sa_exc.DBAPIError):
         return False
@@ -222,9 +220,7 @@ def with_db_retries(settings: Settings, fn: Callable[[], T], *, what: str) -> T:
     )
 
 
-def transaction(
-    settings: Settings, engine: Engine, work: Callable[[Connection], T], *, what: str
-) -> T:
+def transaction(settings: Settings, engine: Engine, work: Callable[[Connection], T], *, what: str) -> T:
     """``work(connection)`` in one transaction, committed whole or not at all, and retried whole
     when the connection fails (:func:`with_db_retries`)."""
 
@@ -235,9 +231,7 @@ def transaction(
     return with_db_retries(settings, attempt, what=what)
 
 
-def read_with_retries(
-    settings: Settings, engine: Engine, work: Callable[[Connection], T], *, what: str
-) -> T:
+def read_with_retries(settings: Settings, engine: Engine, work: Callable[[Connection], T], *, what: str) -> T:
     """``work(connection)`` on a fresh connection, retried when the connection fails."""
 
     def attempt() -> T:
@@ -291,28 +285,21 @@ def current_revision(engine: Engine) -> str | None:
     from alembic.runtime.migration import MigrationContext
 
     with engine.connect() as connection:
-        context = MigrationContext.configure(
-            connection, opts={"version_table": VERSION_TABLE}
-        )
+        context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
         return context.get_current_revision()
 
 
-def insert_ignore(
-    connection: Connection, table: Table, rows: Sequence[dict[str, Any]]
-) -> None:
+def insert_ignore(connection: Connection, table: Table, rows: Sequence[dict[str, Any]]) -> None:
     """Insert ``rows``, silently keeping rows that already exist (by the table's unique key)."""
     if not rows:
         return
     dialect = connection.dialect.name
+    insert: Any
     if dialect == "postgresql":
         from sqlalchemy.dialects.postgresql import insert
     elif dialect == "sqlite":
         from sqlalchemy.dialects.sqlite import insert
     else:
-        raise NotImplementedError(
-            f"the predictions database supports SQLite and PostgreSQL, not {dialect}"
-        )
-    stmt = insert(table).on_conflict_do_nothing(
-        index_elements=list(_CONFLICT_KEYS[table.name])
-    )
+        raise NotImplementedError(f"the predictions database supports SQLite and PostgreSQL, not {dialect}")
+    stmt = insert(table).on_conflict_do_nothing(index_elements=list(_CONFLICT_KEYS[table.name]))
     connection.execute(stmt, list(rows))

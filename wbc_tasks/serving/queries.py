@@ -89,9 +89,7 @@ def predicted_hashes(
     return found
 
 
-def seen_files(
-    connection: Connection, paths: Iterable[str]
-) -> dict[str, list[dict[str, Any]]]:
+def seen_files(connection: Connection, paths: Iterable[str]) -> dict[str, list[dict[str, Any]]]:
     """``files_seen`` rows of ``paths``: path -> [{sha256, size, mtime}, ...]."""
     paths = sorted(set(paths))
     rows: dict[str, list[dict[str, Any]]] = {}
@@ -107,16 +105,12 @@ def seen_files(
     return rows
 
 
-def rejected_files(
-    connection: Connection, paths: Iterable[str]
-) -> set[tuple[str, str]]:
+def rejected_files(connection: Connection, paths: Iterable[str]) -> set[tuple[str, str]]:
     """(path, sha256) pairs of ``paths`` that already have a rejection."""
     paths = sorted(set(paths))
     found: set[tuple[str, str]] = set()
     for part in _batches(paths):
-        query = select(rejections.c.path, rejections.c.sha256).where(
-            rejections.c.path.in_(part)
-        )
+        query = select(rejections.c.path, rejections.c.sha256).where(rejections.c.path.in_(part))
         found.update((p, s) for p, s in connection.execute(query))
     return found
 
@@ -243,18 +237,13 @@ def wide_table(table: pd.DataFrame) -> pd.DataFrame:
     wide = table.drop(columns=["probabilities"]).copy()
     for name in classes:
         wide[f"prob_{name}"] = [
-            probs.get(name) if isinstance(probs, dict) else None
-            for probs in table["probabilities"]
+            probs.get(name) if isinstance(probs, dict) else None for probs in table["probabilities"]
         ]
     return wide
 
 
 def _iso(value: Any) -> Any:
-    return (
-        value.isoformat()
-        if hasattr(value, "isoformat") and not _is_null(value)
-        else None
-    )
+    return value.isoformat() if hasattr(value, "isoformat") and not _is_null(value) else None
 
 
 def _is_null(value: Any) -> bool:
@@ -266,8 +255,9 @@ def _is_null(value: Any) -> bool:
 def _json_records(table: pd.DataFrame) -> list[dict[str, Any]]:
     records = []
     for row in table.to_dict("records"):
-        record = {}
-        for key, value in row.items():
+        record: dict[str, Any] = {}
+        for column, value in row.items():
+            key = str(column)
             if key in ("seen_at", "predicted_at", "rejected_at"):
                 record[key] = _iso(value)
             elif isinstance(value, dict):
@@ -301,9 +291,7 @@ def export_predictions(
     file, or None for stdout. Returns the number of rows written.
     """
     if fmt not in EXPORT_FORMATS:
-        raise ValueError(
-            f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}"
-        )
+        raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
     table = query_predictions(
         settings,
         drop=drop,
@@ -314,9 +302,7 @@ def export_predictions(
         latest=latest,
     )
     if fmt == "json":
-        payload: bytes | str = (
-            json.dumps(_json_records(table), indent=1, ensure_ascii=False) + "\n"
-        )
+        payload: bytes | str = json.dumps(_json_records(table), indent=1, ensure_ascii=False) + "\n"
     elif fmt == "csv":
         wide = wide_table(table)
         payload = wide.to_csv(index=False, date_format="%Y-%m-%dT%H:%M:%S.%f%z")

@@ -75,15 +75,12 @@ def _scan_root(settings: Settings, drop: str | None) -> Path:
     base = settings.classify_dir
     if not base.is_dir():
         raise FileNotFoundError(
-            f"classify folder {base} does not exist; set WBC_CLASSIFY_DIR to the folder lab "
-            f"staff drop images into"
+            f"classify folder {base} does not exist; set WBC_CLASSIFY_DIR to the folder lab staff drop images into"
         )
     if not drop:
         return base
     if Path(drop).name != drop or drop in (".", ".."):
-        raise ValueError(
-            f"drop {drop!r} must be the name of a folder directly in {base}"
-        )
+        raise ValueError(f"drop {drop!r} must be the name of a folder directly in {base}")
     root = base / drop
     if not root.is_dir():
         raise FileNotFoundError(f"drop folder {root} does not exist")
@@ -92,9 +89,7 @@ def _scan_root(settings: Settings, drop: str | None) -> Path:
     return root
 
 
-def list_files(
-    settings: Settings, *, drop: str | None = None, now: float | None = None
-) -> Listing:
+def list_files(settings: Settings, *, drop: str | None = None, now: float | None = None) -> Listing:
     """Every file under the classify folder (or one drop), with symlinks checked and settling
     files set aside. Paths are recorded as found (a link's own path), relative to the folder."""
     base = settings.classify_dir
@@ -112,9 +107,7 @@ def list_files(
             # Real entries before links, so a real folder is scanned under its own path.
             entries = sorted(os.scandir(folder), key=lambda e: (e.is_symlink(), e.name))
         except OSError as exc:  # e.g. the drop folder was renamed since it was listed
-            listing.rejected.append(
-                (str(folder.relative_to(base)), f"cannot list folder: {exc}")
-            )
+            listing.rejected.append((str(folder.relative_to(base)), f"cannot list folder: {exc}"))
             continue
         for entry in entries:
             path = Path(entry.path)
@@ -126,9 +119,7 @@ def list_files(
             except ImageError as exc:
                 listing.rejected.append((str(rel), exc.reason))
                 continue
-            if archive is not None and (
-                target == archive or target.is_relative_to(archive)
-            ):
+            if archive is not None and (target == archive or target.is_relative_to(archive)):
                 continue
             if target.is_dir():
                 if target in visited:
@@ -158,9 +149,7 @@ def list_files(
             if now - max(stat.st_mtime, stat.st_ctime) < settle_seconds:
                 listing.settling.append(str(rel))
                 continue
-            listing.files.append(
-                FoundFile(str(rel), drop_of(rel), stat.st_size, stat.st_mtime)
-            )
+            listing.files.append(FoundFile(str(rel), drop_of(rel), stat.st_size, stat.st_mtime))
     listing.files.sort(key=lambda f: f.path)
     return listing
 
@@ -187,9 +176,7 @@ def hash_files(
         same = [
             row
             for row in known.get(found.path, [])
-            if row["sha256"]
-            and row["size"] == found.size
-            and row["mtime"] == found.mtime
+            if row["sha256"] and row["size"] == found.size and row["mtime"] == found.mtime
         ]
         if same:
             found.sha256 = same[0]["sha256"]
@@ -208,7 +195,4 @@ def hash_files(
 def unsupported_reason(path: str) -> str:
     """The rejection reason of a file whose extension is not an image type we read."""
     suffix = Path(path).suffix or "(none)"
-    return (
-        f"unsupported file type '{suffix}'; "
-        f"accepted: {', '.join(sorted(IMAGE_EXTENSIONS))}"
-    )
+    return f"unsupported file type '{suffix}'; accepted: {', '.join(sorted(IMAGE_EXTENSIONS))}"

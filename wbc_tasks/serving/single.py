@@ -7,6 +7,7 @@ below it: predictions, scan, infer, model, plan and commit.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -49,11 +50,7 @@ def classify_paths(
     """
     from wbc_tasks.registry.versions import resolve_model
 
-    ref = (
-        model_ref
-        if isinstance(model_ref, ModelRef)
-        else resolve_model(settings, model_ref)
-    )
+    ref = model_ref if isinstance(model_ref, ModelRef) else resolve_model(settings, model_ref)
     threshold = settings.review_threshold if threshold is None else float(threshold)
     model = load_model(settings, ref)
     absolute = [Path(p).expanduser().absolute() for p in paths]
@@ -61,14 +58,13 @@ def classify_paths(
     # outside them (or a link leading out) is rejected with its reason, the others still run.
     one_shot = settings.with_overrides(allowed_roots=settings.input_roots())
     results: list[dict[str, Any]] = [{"path": str(p)} for p in absolute]
-    for outcome in predict_images(
-        one_shot, model, ref, [(i, p, None) for i, p in enumerate(absolute)]
-    ):
+    for outcome in predict_images(one_shot, model, ref, [(i, p, None) for i, p in enumerate(absolute)]):
         result = results[outcome.key]
         result["sha256"] = outcome.sha256
         if outcome.reason is not None:
             result["rejected"] = outcome.reason
         else:
+            assert outcome.probabilities is not None  # no reason: it was predicted
             result.update(prediction_fields(outcome.probabilities, ref, threshold))
             result.update(model_name=ref.name, model_version=ref.version)
     if record:
@@ -82,10 +78,8 @@ def recorded_location(settings: Settings, path: Path) -> tuple[str, str]:
     (so the nightly run adds no second row); elsewhere, its absolute path under drop ``cli``."""
     base = settings.classify_dir.resolve()
     candidates = [path]
-    try:
+    with contextlib.suppress(OSError, RuntimeError):  # a symlink loop: recorded by its own path
         candidates.append(path.resolve())
-    except (OSError, RuntimeError):  # a symlink loop: recorded by its own path
-        pass
     for candidate in candidates:
         if candidate.is_relative_to(base):
             rel = candidate.relative_to(base)
@@ -93,9 +87,7 @@ def recorded_location(settings: Settings, path: Path) -> tuple[str, str]:
     return str(path), CLI_DROP
 
 
-def _record_paths(
-    settings: Settings, ref: ModelRef, results: list[dict[str, Any]], run_id: str
-) -> None:
+def _record_paths(settings: Settings, ref: ModelRef, results: list[dict[str, Any]], run_id: str) -> None:
     """Store ``classify_paths`` results: predictions, rejections and the ``files_seen`` rows that
     make them appear in ``wbc predictions`` at once, in one transaction."""
     now = db.utcnow()
@@ -104,6 +96,8 @@ def _record_paths(
         path = Path(r["path"])
         rel, drop = recorded_location(settings, path)
         sha = r.get("sha256") or db.UNREADABLE_SHA
+        size: int | None
+        mtime: float | None
         try:
             stat = path.stat()
             size, mtime = stat.st_size, stat.st_mtime

@@ -73,22 +73,16 @@ def summarise_run(
         "chunks": len(chunk_summaries),
         "files_found": found.get("files_found", 0),
         "files_settling": found.get("files_settling", 0),
-        "files_linked_to_existing_predictions": found.get(
-            "files_linked_to_existing_predictions", 0
-        ),
+        "files_linked_to_existing_predictions": found.get("files_linked_to_existing_predictions", 0),
         "files_already_done": found.get("files_already_done", 0),
         "images_classified": classified,
         "per_class": dict(sorted(per_class.items())),
-        "mean_confidence": totals["confidence_sum"] / classified
-        if classified
-        else None,
+        "mean_confidence": totals["confidence_sum"] / classified if classified else None,
         "needs_review": totals["needs_review"],
         "files_rejected": found.get("files_rejected", 0) + totals["files_rejected"],
         "files_changed_during_run": totals["files_changed"],
         "classify_seconds": totals["classify_seconds"],
-        "images_per_second": classified / totals["classify_seconds"]
-        if totals["classify_seconds"]
-        else None,
+        "images_per_second": classified / totals["classify_seconds"] if totals["classify_seconds"] else None,
     }
     log.info(
         "run %s with %s v%s: %d images classified (%s), mean confidence %s, %d for review, "
@@ -98,42 +92,28 @@ def summarise_run(
         ref.version,
         classified,
         ", ".join(f"{k} {v}" for k, v in summary["per_class"].items()) or "none",
-        "n/a"
-        if summary["mean_confidence"] is None
-        else f"{summary['mean_confidence']:.3f}",
+        "n/a" if summary["mean_confidence"] is None else f"{summary['mean_confidence']:.3f}",
         summary["needs_review"],
         summary["files_rejected"],
         summary["files_linked_to_existing_predictions"],
         summary["files_settling"],
-        "n/a"
-        if summary["images_per_second"] is None
-        else f"{summary['images_per_second']:.1f}",
+        "n/a" if summary["images_per_second"] is None else f"{summary['images_per_second']:.1f}",
     )
-    summary["mlflow_run_id"] = _log_summary_to_mlflow(
-        settings, ref, summary, params or {}
-    )
-    work = (
-        Path(found["work_dir"])
-        if found.get("work_dir")
-        else run_work_dir(settings, run_id)
-    )
+    summary["mlflow_run_id"] = _log_summary_to_mlflow(settings, ref, summary, params or {})
+    work = Path(found["work_dir"]) if found.get("work_dir") else run_work_dir(settings, run_id)
     work.mkdir(parents=True, exist_ok=True)
     write_json_atomic(work / SUMMARY_FILE, summary)
     return summary
 
 
-def _log_summary_to_mlflow(
-    settings: Settings, ref: ModelRef, summary: dict, params: dict
-) -> str:
+def _log_summary_to_mlflow(settings: Settings, ref: ModelRef, summary: dict, params: dict) -> str:
     """One MLflow run per classification run (client API: no process-global active run)."""
     from mlflow.entities import Metric, Param
 
     from wbc_tasks.registry.client import configure_mlflow, ensure_experiment
 
     client = configure_mlflow(settings)
-    experiment_id = ensure_experiment(
-        settings.with_overrides(mlflow_experiment=settings.classify_experiment)
-    )
+    experiment_id = ensure_experiment(settings.with_overrides(mlflow_experiment=settings.classify_experiment))
     tags = {
         "model_name": ref.name,
         "model_version": ref.version,
@@ -142,12 +122,8 @@ def _log_summary_to_mlflow(
         "dag_run_id": summary["run_id"],
     }
     metrics = {key: float(summary[key]) for key in _METRICS if summary[key] is not None}
-    metrics.update(
-        {f"count_{name}": float(n) for name, n in summary["per_class"].items()}
-    )
-    run = client.create_run(
-        experiment_id, run_name=f"classify {summary['run_id']}", tags=tags
-    )
+    metrics.update({f"count_{name}": float(n) for name, n in summary["per_class"].items()})
+    run = client.create_run(experiment_id, run_name=f"classify {summary['run_id']}", tags=tags)
     run_id = run.info.run_id
     stamp = int(time.time() * 1000)
     client.log_batch(

@@ -29,8 +29,15 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_STATE_FILE = "state.json"
 HISTORY_COLUMNS = [
-    "epoch", "phase", "loss", "accuracy", "val_loss", "val_accuracy",
-    "learning_rate", "images_per_s", "seconds",
+    "epoch",
+    "phase",
+    "loss",
+    "accuracy",
+    "val_loss",
+    "val_accuracy",
+    "learning_rate",
+    "images_per_s",
+    "seconds",
 ]
 
 
@@ -97,10 +104,13 @@ class Checkpoints:
             return False
         if state.get("fingerprint") != self.fingerprint:
             changed = sorted(
-                k for k in set(self.fingerprint) | set(state.get("fingerprint", {}))
+                k
+                for k in set(self.fingerprint) | set(state.get("fingerprint", {}))
                 if state.get("fingerprint", {}).get(k) != self.fingerprint.get(k)
             )
-            log.warning("checkpoints in %s are from a different setup (%s differ); starting afresh", self.folder, changed)
+            log.warning(
+                "checkpoints in %s are from a different setup (%s differ); starting afresh", self.folder, changed
+            )
             return False
         if not state.get("model_file") or not (self.folder / state["model_file"]).is_file():
             log.warning("checkpoint state in %s names a missing model file; starting afresh", self.folder)
@@ -122,7 +132,8 @@ class Checkpoints:
                 np.savez(handle, *model.get_weights())
             tmp.replace(self.folder / best_file)
             self.state["best"]["file"] = best_file
-        keep |= {model_file, (self.state["best"] or {}).get("file")}
+        best_file_kept = (self.state["best"] or {}).get("file")
+        keep |= {model_file, *([best_file_kept] if best_file_kept else [])}
         write_json_atomic(self.folder / CHECKPOINT_STATE_FILE, self.state)
         for path in self.folder.iterdir():
             if path.name not in keep and (path.suffix in (".keras", ".npz")):
@@ -156,8 +167,20 @@ class _EpochMonitorLogic:
     task; this one keeps its state (best value, epochs without improvement) in the checkpoint.
     """
 
-    def __init__(self, *, phase: str, checkpoints: Checkpoints, monitor: str, patience: int,
-                 n_train: int, total_epochs: int, clock: EpochClock) -> None:
+    #: Set by Keras on the real callback class (this logic is mixed into keras.callbacks.Callback).
+    model: Any
+
+    def __init__(
+        self,
+        *,
+        phase: str,
+        checkpoints: Checkpoints,
+        monitor: str,
+        patience: int,
+        n_train: int,
+        total_epochs: int,
+        clock: EpochClock,
+    ) -> None:
         super().__init__()
         self.phase = phase
         self.checkpoints = checkpoints
@@ -167,7 +190,7 @@ class _EpochMonitorLogic:
         self.total_epochs = total_epochs
         self.clock = clock
         self._started = 0.0
-        self._train_done = None
+        self._train_done: float | None = None
 
     def on_epoch_begin(self, epoch, logs=None):
         self.clock.epoch = epoch
@@ -216,15 +239,22 @@ class _EpochMonitorLogic:
         parts = [f"{k}={row[k]:.4f}" for k in ("loss", "accuracy", "val_loss", "val_accuracy") if row[k] is not None]
         log.info(
             "epoch %d/%d [%s] %s lr=%.2e images/s=%.1f (%.1f s)%s%s",
-            epoch + 1, self.total_epochs, self.phase, " ".join(parts), row["learning_rate"],
-            row["images_per_s"] or 0.0, row["seconds"],
+            epoch + 1,
+            self.total_epochs,
+            self.phase,
+            " ".join(parts),
+            row["learning_rate"],
+            row["images_per_s"] or 0.0,
+            row["seconds"],
             f" best {self.monitor}" if improved else "",
-            f"; stopping early: no {self.monitor} improvement in {self.patience} epochs" if self.model.stop_training else "",
+            f"; stopping early: no {self.monitor} improvement in {self.patience} epochs"
+            if self.model.stop_training
+            else "",
         )
         mlflow = _active_mlflow()
         if mlflow is not None:
             metrics = {k: row[k] for k in HISTORY_COLUMNS[2:] if row[k] is not None}
             try:
                 mlflow.log_metrics(metrics, step=epoch + 1)
-            except Exception as exc:  # noqa: BLE001 - a tracking hiccup must not cost the training
+            except Exception as exc:
                 log.warning("could not log epoch %d metrics to MLflow: %s", epoch + 1, exc)

@@ -59,9 +59,7 @@ def compute_metrics(y_true, probabilities, class_names: tuple[str, ...] | list[s
     y_pred = probabilities.argmax(axis=1)
     labels = list(range(len(class_names)))
     present = sorted(set(y_true.tolist()))
-    precision, recall, f1, support = precision_recall_fscore_support(
-        y_true, y_pred, labels=labels, zero_division=0
-    )
+    precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
     predicted_counts = np.bincount(y_pred, minlength=len(class_names))
     counts = confusion_matrix(y_true, y_pred, labels=labels)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -91,9 +89,7 @@ def compute_metrics(y_true, probabilities, class_names: tuple[str, ...] | list[s
         "absent_classes": [name for i, name in enumerate(class_names) if not support[i]],
         "class_names": class_names,
         "confusion_matrix": counts.tolist(),
-        "confusion_matrix_normalized": [
-            [None if np.isnan(v) else float(v) for v in row] for row in normalised
-        ],
+        "confusion_matrix_normalized": [[None if np.isnan(v) else float(v) for v in row] for row in normalised],
     }
 
 
@@ -133,7 +129,8 @@ def _plot_gallery(store: ImageStore, rows: pd.DataFrame, path: Path, class_names
         ax.imshow(np.asarray(store.images[int(row["index"])]))
         ax.set_title(f"true: {row['true']}\npred: {row['predicted']} ({row['confidence']:.2f})", fontsize=8)
     fig.suptitle(
-        f"misclassified test images: {len(rows)}" + (f" (showing the {len(shown)} most confident)" if len(rows) > len(shown) else "")
+        f"misclassified test images: {len(rows)}"
+        + (f" (showing the {len(shown)} most confident)" if len(rows) > len(shown) else "")
     )
     save_figure(fig, path)
 
@@ -161,7 +158,9 @@ def read_groups(groups_csv: Path, records: pd.DataFrame) -> pd.Series:
     groups = record_keys.map(mapping)
     missing = int(groups.isna().sum())
     if missing:
-        log.warning("%d of %d test images are not in %s; they are reported as %r", missing, len(records), groups_csv, NO_GROUP)
+        log.warning(
+            "%d of %d test images are not in %s; they are reported as %r", missing, len(records), groups_csv, NO_GROUP
+        )
     return groups.fillna(NO_GROUP).astype(str)
 
 
@@ -193,7 +192,12 @@ def evaluate_model(
     if int(model.output_shape[-1]) != len(class_names):
         raise ValueError(f"model {model_path} has {model.output_shape[-1]} outputs for {len(class_names)} class names")
     y_true = _true_labels(store, class_names)
-    log.info("evaluating %s on %d test images %s", model_path, len(store), store.records["class"].value_counts().sort_index().to_dict())
+    log.info(
+        "evaluating %s on %d test images %s",
+        model_path,
+        len(store),
+        store.records["class"].value_counts().sort_index().to_dict(),
+    )
     probabilities = predict_store(model, store, batch_size)
     metrics = compute_metrics(y_true, probabilities, class_names)
 
@@ -230,10 +234,15 @@ def evaluate_model(
     )
     counts = np.asarray(metrics["confusion_matrix"])
     normalised = np.array([[np.nan if v is None else v for v in row] for row in metrics["confusion_matrix_normalized"]])
-    _plot_confusion(counts, list(class_names), artifacts["confusion_matrix_png"], title="confusion matrix (counts)", fmt="d")
     _plot_confusion(
-        normalised, list(class_names), artifacts["confusion_matrix_normalized_png"],
-        title="confusion matrix (share of each true class)", fmt=".2f",
+        counts, list(class_names), artifacts["confusion_matrix_png"], title="confusion matrix (counts)", fmt="d"
+    )
+    _plot_confusion(
+        normalised,
+        list(class_names),
+        artifacts["confusion_matrix_normalized_png"],
+        title="confusion matrix (share of each true class)",
+        fmt=".2f",
     )
     wrong = predictions.assign(index=np.arange(len(predictions)))
     wrong = wrong[wrong["true"] != wrong["predicted"]].sort_values("confidence", ascending=False, kind="stable")
@@ -246,7 +255,10 @@ def evaluate_model(
         for group in sorted(groups.unique()):
             mask = (groups == group).to_numpy()
             group_metrics = compute_metrics(y_true[mask], probabilities[mask], class_names)
-            detail[group] = {k: group_metrics[k] for k in ("n_images", "accuracy", "balanced_accuracy", "macro_f1", "per_class_recall", "absent_classes")}
+            detail[group] = {
+                k: group_metrics[k]
+                for k in ("n_images", "accuracy", "balanced_accuracy", "macro_f1", "per_class_recall", "absent_classes")
+            }
             rows.append(
                 {
                     "group": group,
@@ -255,17 +267,24 @@ def evaluate_model(
                 }
             )
             log.info(
-                "group %s: %d images, balanced accuracy %.3f", group, group_metrics["n_images"], group_metrics["balanced_accuracy"]
+                "group %s: %d images, balanced accuracy %.3f",
+                group,
+                group_metrics["n_images"],
+                group_metrics["balanced_accuracy"],
             )
         artifacts["groups_csv"] = out_dir / "groups.csv"
         artifacts["groups_json"] = out_dir / "groups.json"
         pd.DataFrame(rows).to_csv(artifacts["groups_csv"], index=False)
         write_json_atomic(artifacts["groups_json"], detail)
-        groups_summary = {g: {"n_images": d["n_images"], "balanced_accuracy": d["balanced_accuracy"]} for g, d in detail.items()}
+        groups_summary = {
+            g: {"n_images": d["n_images"], "balanced_accuracy": d["balanced_accuracy"]} for g, d in detail.items()
+        }
 
     log.info(
         "test accuracy %.3f, balanced accuracy %.3f, macro F1 %.3f; recall %s",
-        metrics["accuracy"], metrics["balanced_accuracy"], metrics["macro_f1"],
+        metrics["accuracy"],
+        metrics["balanced_accuracy"],
+        metrics["macro_f1"],
         json.dumps({k: round(v, 3) for k, v in metrics["per_class_recall"].items()}),
     )
     per_class = {

@@ -7,13 +7,12 @@ normalisation.
 
 from __future__ import annotations
 
-from wbc_tasks.core.errors import PermanentError
-
 import logging
 from pathlib import Path
 
 import numpy as np
 
+from wbc_tasks.core.errors import PermanentError
 from wbc_tasks.core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -21,9 +20,7 @@ log = logging.getLogger(__name__)
 #: Name Keras gives the no-top ImageNet weights of VGG16 in its cache (``<keras home>/models/``).
 VGG16_WEIGHTS_FILE = "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
 #: Where Keras publishes that file (fetch it on a machine with internet access).
-VGG16_WEIGHTS_URL = (
-    "https://storage.googleapis.com/tensorflow/keras-applications/vgg16/" + VGG16_WEIGHTS_FILE
-)
+VGG16_WEIGHTS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/vgg16/" + VGG16_WEIGHTS_FILE
 #: Layer names the training schedule relies on.
 BASE_LAYER = "vgg16"
 PREPROCESS_LAYER = "vgg16_preprocess_input"
@@ -80,9 +77,7 @@ def _preprocess_layer(image_size: int):
     bias = np.asarray(preprocess_input(np.zeros((1, 1, 1, 3), dtype=np.float32)))[0, 0, 0]
     unit = np.eye(3, dtype=np.float32).reshape(3, 1, 1, 3)
     kernel = np.asarray(preprocess_input(unit)).reshape(3, 3) - bias  # row: input channel
-    layer = keras.layers.Conv2D(
-        3, 1, name=PREPROCESS_LAYER, trainable=False, dtype="float32"
-    )
+    layer = keras.layers.Conv2D(3, 1, name=PREPROCESS_LAYER, trainable=False, dtype="float32")
     layer.build((None, image_size, image_size, 3))
     layer.set_weights([kernel.reshape(1, 1, 3, 3), bias.astype(np.float32)])
     return layer

@@ -94,7 +94,8 @@ TRAINING_PARAM_SPECS: dict[str, dict[str, Any]] = {
         "type": "integer",
         "minimum": 0,
         "maximum": 100000,
-        "description": "Training images per class after augmentation, before SMOTE (classes above it are kept as they are).",
+        "description": "Training images per class after augmentation, before SMOTE "
+        "(classes above it are kept as they are).",
     },
     "smote": {
         "default": True,
@@ -244,7 +245,7 @@ def training_params(values: dict[str, Any] | None = None) -> TrainingParams:
     if problems:
         raise ParamError("; ".join(problems))
     # JSON schema's "integer" also admits 3.0, its "number" 3: store each as its Python type.
-    typed = {
+    typed: dict[str, Any] = {
         name: int(value) if spec["type"] == "integer" else float(value) if spec["type"] == "number" else value
         for (name, spec), value in zip(TRAINING_PARAM_SPECS.items(), merged.values())
     }

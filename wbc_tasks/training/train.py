@@ -44,7 +44,8 @@ def train_model(
     ``val_loss`` (training ``loss`` if the validation store is empty): a phase ends after
     ``early_stopping_patience`` epochs without improvement, the next phase starts from the best
     weights so far and the saved model has the best weights overall; ``early_stopping_patience=0``
-    turns it off (every epoch runs, the last weights are kept). Returns a small summary (epochs per phase, best value, images/s, paths).
+    turns it off (every epoch runs, the last weights are kept). Returns a small summary (epochs per
+    phase, best value, images/s, paths).
     """
     import keras
 
@@ -65,7 +66,9 @@ def train_model(
             f"is {params.image_size}; re-run preprocessing with the same image size"
         )
     if len(val) and val.image_size != train.image_size:
-        raise ValueError(f"validation store {val_store} holds {val.image_size} px images, training {train.image_size} px")
+        raise ValueError(
+            f"validation store {val_store} holds {val.image_size} px images, training {train.image_size} px"
+        )
 
     mixed, xla = precision_for_this_machine()
     keras.utils.set_random_seed(params.seed)
@@ -75,16 +78,24 @@ def train_model(
     log.info(
         "training on %d images %s; validating on %d %s; %s px, weights=%s, phases %s, batch %d, "
         "mixed precision %s, XLA %s",
-        len(train), train.class_counts(CLASS_NAMES), len(val), val.class_counts(CLASS_NAMES),
-        train.image_size, params.weights, [(p.name, p.epochs, p.learning_rate) for p in phases],
-        params.batch_size, mixed, xla,
+        len(train),
+        train.class_counts(CLASS_NAMES),
+        len(val),
+        val.class_counts(CLASS_NAMES),
+        train.image_size,
+        params.weights,
+        [(p.name, p.epochs, p.learning_rate) for p in phases],
+        params.batch_size,
+        mixed,
+        xla,
     )
     if not len(val):
         log.warning("validation store %s is empty: early stopping watches the training loss", val_store)
     if params.weights == "none" and params.learning_rate_finetune < SCRATCH_LR_HINT:
         log.warning(
             "training from scratch at learning_rate_finetune=%g; VGG16 from scratch usually needs "
-            "about 1e-4 (Adam) to learn in a reasonable number of epochs", params.learning_rate_finetune,
+            "about 1e-4 (Adam) to learn in a reasonable number of epochs",
+            params.learning_rate_finetune,
         )
     class_weight = balanced_class_weights(train.labels, n_classes) if params.class_weights else None
     if class_weight:
@@ -101,14 +112,20 @@ def train_model(
             model = keras.models.load_model(checkpoint_dir / state["model_file"])
             model.jit_compile = xla
             log.info(
-                "resuming from %s: %d epochs done %s", checkpoint_dir / state["model_file"],
-                state["epochs_done"], state["phase_epochs"],
+                "resuming from %s: %d epochs done %s",
+                checkpoint_dir / state["model_file"],
+                state["epochs_done"],
+                state["phase_epochs"],
             )
         else:
             # Fails here, before any data is read, when pretrained weights are missing.
             model = build_model(
-                train.image_size, n_classes, weights=params.weights, settings=settings,
-                dropout=dropout, dense_units=dense_units,
+                train.image_size,
+                n_classes,
+                weights=params.weights,
+                settings=settings,
+                dropout=dropout,
+                dense_units=dense_units,
             )
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
@@ -135,7 +152,13 @@ def train_model(
             trainable = set_trainable(model, phase.name, params.unfreeze_layers)
             compile_model(model, phase.learning_rate, mixed=mixed, xla=xla)
             state["wait"] = 0
-            log.info("phase %s: %d epochs at lr %g, %d trainable weights", phase.name, phase.epochs, phase.learning_rate, trainable)
+            log.info(
+                "phase %s: %d epochs at lr %g, %d trainable weights",
+                phase.name,
+                phase.epochs,
+                phase.learning_rate,
+                trainable,
+            )
         if remaining:
             start = state["epochs_done"]
             model.fit(
@@ -146,9 +169,13 @@ def train_model(
                 class_weight=class_weight,
                 callbacks=[
                     epoch_monitor_class()(
-                        phase=phase.name, checkpoints=checkpoints, monitor=monitor,
-                        patience=params.early_stopping_patience, n_train=len(train),
-                        total_epochs=total_epochs, clock=clock,
+                        phase=phase.name,
+                        checkpoints=checkpoints,
+                        monitor=monitor,
+                        patience=params.early_stopping_patience,
+                        n_train=len(train),
+                        total_epochs=total_epochs,
+                        clock=clock,
                     )
                 ],
                 shuffle=False,  # the dataset shuffles itself, per epoch, from the seed
@@ -156,7 +183,9 @@ def train_model(
             )
 
     if early_stopping and checkpoints.restore_best(model):
-        log.info("restored the best weights: epoch %d, %s=%.4f", state["best"]["epoch"], monitor, state["best"]["value"])
+        log.info(
+            "restored the best weights: epoch %d, %s=%.4f", state["best"]["epoch"], monitor, state["best"]["value"]
+        )
     if mixed:
         model = float32_copy(model, settings=settings)
     model_path = out_dir / MODEL_FILE
