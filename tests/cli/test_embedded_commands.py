@@ -92,7 +92,8 @@ def http_json(url: str, *, token: str | None = None, body: dict | None = None) -
         headers={"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})},
     )
     try:
-        with urllib.request.urlopen(request, timeout=10) as response:
+        # Generous: the first request of a freshly started server is slow on a busy two-core machine.
+        with urllib.request.urlopen(request, timeout=60) as response:
             return response.status, json.loads(response.read() or b"null")
     except urllib.error.HTTPError as error:
         return error.code, None

@@ -12,18 +12,11 @@ from skimage.color import rgb2hed
 from tests.conftest import shared_set
 from wbc_tasks.core.settings import CLASS_NAMES, get_settings
 from wbc_tasks.core.workdir import run_step
-from wbc_tasks.data.augment import (
-    AugmentParams,
-    augment_image,
-    augment_training_set,
-    copy_rng,
-    jitter_stain,
-    random_affine,
-    warp_reflect,
-)
+from wbc_tasks.data.augment import augment_training_set, copy_rng
 from wbc_tasks.data.dataset import split_dataset
 from wbc_tasks.data.preprocess import preprocess_splits
 from wbc_tasks.data.store import create_store, finish_store, open_store
+from wbc_tasks.data.transforms import AugmentParams, augment_image, jitter_stain, random_affine, warp_reflect
 
 SIZE = 32
 

@@ -350,11 +350,8 @@ def test_registration_whose_version_creation_reply_is_lost_ends_with_one_version
 def test_promotion_cut_off_at_the_champion_move_completes_once(mlflow_settings, server):
     """The champion alias move (after the rollback alias moved) is lost and the server is away
     for 1.5 s: the promotion retries and completes, aliases and decision tags consistent."""
-    from wbc_tasks.registry.promotion import (
-        PROMOTED,
-        promote_if_better,
-        promote_version,
-    )
+    from wbc_tasks.registry.decision import PROMOTED
+    from wbc_tasks.registry.promotion import promote_if_better, promote_version
     from wbc_tasks.registry.versions import current_aliases
 
     _, gate = server
@@ -410,7 +407,8 @@ def test_two_processes_promoting_together_end_with_the_better_champion(mlflow_se
     champion evaluation first, the better one 0.3 s later and finishes its (fast) one first:
     without the lock the worse would move the champion last and win. With it, the evaluations
     never overlap, the better one is compared with the worse one and ends as champion."""
-    from wbc_tasks.registry.promotion import PROMOTED, promote_version
+    from wbc_tasks.registry.decision import PROMOTED
+    from wbc_tasks.registry.promotion import promote_version
     from wbc_tasks.registry.versions import current_aliases
 
     s = mlflow_settings

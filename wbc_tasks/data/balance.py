@@ -65,9 +65,7 @@ from wbc_tasks.data.augment import (
     count_by_class,
     plan_top_up,
 )
-from wbc_tasks.data.augment import (
-    SUMMARY_FILE as AUGMENT_SUMMARY_FILE,
-)
+from wbc_tasks.data.augment import SUMMARY_FILE as AUGMENT_SUMMARY_FILE
 from wbc_tasks.data.figures import save_class_counts_plot, save_sample_grid
 from wbc_tasks.data.store import (
     IMAGES_FILE,

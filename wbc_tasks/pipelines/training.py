@@ -208,10 +208,7 @@ def register_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
 
 def promote_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
     """Promote the new version to champion only if it beats the champion on the same test images."""
-    from wbc_tasks.registry.promotion import (
-        champion_metrics_on_this_test_split,
-        promote_if_better,
-    )
+    from wbc_tasks.registry.promotion import champion_metrics_on_this_test_split, promote_if_better
     from wbc_tasks.registry.runs import finish_tracking_run
     from wbc_tasks.registry.versions import resolve_model
 

@@ -2,4 +2,5 @@
 experiment), ``tags`` (tag names, metrics as version tags), ``runs`` (one MLflow run per DAG
 run), ``artifacts`` (what the steps log), ``model_card``, ``versions`` (finding, waiting for and
 loading a version), ``registration`` (logging and registering a trained model) and
-``promotion`` (champion and challenger, aliases). Imports ``core``, ``data`` and ``training``."""
+``decision`` (floors and the comparison, a pure function of metrics) and ``promotion``
+(applying it: the lock, the champion and rollback aliases, hand moves). Imports ``core``, ``data`` and ``training``."""

@@ -1,0 +1,185 @@
+"""The promotion decision as a pure function of metrics: the floors (the promotion metric,
+every class's recall, blasts' recall), the comparison with the champion on the same test images
+(a margin; ties keep the champion) and the recorded outcome. No MLflow: ``promotion`` applies it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from wbc_tasks.registry.tags import per_class_values
+
+BLAST_CLASS = "blasts"
+PROMOTED = "promoted"
+REJECTED = "rejected"  # failed a floor
+KEPT_CHAMPION = "kept_champion"  # lost or tied the comparison
+ALREADY_CHAMPION = "already_champion"
+ERROR = "error"  # an alias move failed; aliases were put back
+
+
+class PromotionConflict(RuntimeError):
+    """The champion changed between the decision and the alias move: decide again."""
+
+
+@dataclass(frozen=True)
+class PromotionDecision:
+    """What :func:`decide_promotion` concluded, and the numbers behind it."""
+
+    promote: bool
+    outcome: str
+    reason: str
+    metric: str
+    candidate_value: float | None
+    champion_version: str | None
+    champion_value: float | None
+    margin: float
+    failed_floors: tuple[str, ...] = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["failed_floors"] = list(self.failed_floors)
+        return out
+
+    def as_tags(self, decided_at: str) -> dict[str, str]:
+        """The ``promotion.*`` tags recorded on the candidate version."""
+
+        def num(value: float | None) -> str:
+            return "none" if value is None else repr(float(value))
+
+        return {
+            "promotion.decision": self.outcome,
+            "promotion.reason": self.reason,
+            "promotion.metric": self.metric,
+            "promotion.candidate_value": num(self.candidate_value),
+            "promotion.champion_value": num(self.champion_value),
+            "promotion.margin": repr(float(self.margin)),
+            "promotion.compared_with_version": self.champion_version or "none",
+            "promotion.failed_floors": json.dumps(list(self.failed_floors)),
+            "promotion.decided_at": decided_at,
+        }
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _metric_value(metrics: Mapping[str, Any], metric: str, whose: str) -> float:
+    value = metrics.get(metric)
+    if value is None or isinstance(value, Mapping):
+        raise ValueError(f"{whose} metrics have no '{metric}' (keys: {sorted(metrics)})")
+    return float(value)
+
+
+def classes_in_test(metrics: Mapping[str, Any]) -> list[str]:
+    """Classes with test images: support > 0 where support is given, else a defined recall."""
+    recall = per_class_values(metrics, "recall")
+    support = per_class_values(metrics, "support")
+    if support:
+        return [c for c in recall if support.get(c, 0) > 0]
+    return [c for c in recall if not math.isnan(recall[c])]
+
+
+def check_floors(
+    metrics: Mapping[str, Any],
+    *,
+    metric: str,
+    min_metric: float,
+    min_class_recall: float,
+    min_blast_recall: float,
+) -> list[str]:
+    """Each floor the candidate misses, worded for people (empty: it passes them all)."""
+    failures = []
+    value = _metric_value(metrics, metric, "candidate")
+    if math.isnan(value) or value < min_metric:
+        failures.append(f"{metric} {value:.4f} is below the floor {min_metric:.4f} (min_metric)")
+    recall = per_class_values(metrics, "recall")
+    if not recall:
+        raise ValueError(
+            "candidate metrics carry no per-class recall ({'recall': {class: value}}); "
+            "promotion needs it to check the class floors"
+        )
+    for cls in classes_in_test(metrics):
+        r = recall[cls]
+        if math.isnan(r) or r < min_class_recall:
+            failures.append(f"recall of {cls} {r:.4f} is below the floor {min_class_recall:.4f} (min_class_recall)")
+        if cls == BLAST_CLASS and (math.isnan(r) or r < min_blast_recall):
+            failures.append(f"recall of {cls} {r:.4f} is below the floor {min_blast_recall:.4f} (min_blast_recall)")
+    return failures
+
+
+def decide_promotion(
+    candidate_metrics: Mapping[str, Any],
+    champion_metrics: Mapping[str, Any] | None,
+    *,
+    champion_version: str | None,
+    metric: str,
+    margin: float,
+    min_metric: float,
+    min_class_recall: float,
+    min_blast_recall: float,
+) -> PromotionDecision:
+    """Promote, reject (a floor) or keep the champion; pure, no MLflow.
+
+    ``champion_metrics`` are the champion's metrics on the same test split as the candidate's
+    (None, with ``champion_version`` None, when there is no champion yet).
+    """
+    candidate_value = _metric_value(candidate_metrics, metric, "candidate")
+    failures = check_floors(
+        candidate_metrics,
+        metric=metric,
+        min_metric=min_metric,
+        min_class_recall=min_class_recall,
+        min_blast_recall=min_blast_recall,
+    )
+    common: dict[str, Any] = {
+        "metric": metric,
+        "candidate_value": candidate_value,
+        "champion_version": champion_version,
+        "margin": margin,
+    }
+    champion_value = None
+    if champion_version is not None:
+        if champion_metrics is None:
+            raise ValueError(f"champion version {champion_version} given without its metrics")
+        champion_value = _metric_value(champion_metrics, metric, f"champion (version {champion_version})")
+        if math.isnan(champion_value):
+            raise ValueError(f"champion version {champion_version} has no {metric} on this test split (NaN)")
+    if failures:
+        return PromotionDecision(
+            False,
+            REJECTED,
+            "failed floors: " + "; ".join(failures),
+            champion_value=champion_value,
+            failed_floors=tuple(failures),
+            **common,
+        )
+    if champion_version is None:
+        return PromotionDecision(
+            True,
+            PROMOTED,
+            f"passes every floor and there is no champion yet ({metric} {candidate_value:.4f})",
+            champion_value=None,
+            **common,
+        )
+    if champion_value is not None and candidate_value > champion_value + margin:
+        return PromotionDecision(
+            True,
+            PROMOTED,
+            f"{metric} {candidate_value:.4f} beats champion version {champion_version}'s "
+            f"{champion_value:.4f} by more than the margin {margin:.4f}",
+            champion_value=champion_value,
+            **common,
+        )
+    return PromotionDecision(
+        False,
+        KEPT_CHAMPION,
+        f"{metric} {candidate_value:.4f} does not beat champion version {champion_version}'s "
+        f"{champion_value:.4f} by more than the margin {margin:.4f}",
+        champion_value=champion_value,
+        **common,
+    )
