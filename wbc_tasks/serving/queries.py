@@ -242,7 +242,8 @@ def wide_table(table: pd.DataFrame) -> pd.DataFrame:
     return wide
 
 
-def _iso(value: Any) -> Any:
+def _iso_or_none(value: Any) -> Any:
+    """A timestamp as ISO 8601 text for JSON; None for a missing one."""
     return value.isoformat() if hasattr(value, "isoformat") and not _is_null(value) else None
 
 
@@ -259,7 +260,7 @@ def _json_records(table: pd.DataFrame) -> list[dict[str, Any]]:
         for column, value in row.items():
             key = str(column)
             if key in ("seen_at", "predicted_at", "rejected_at"):
-                record[key] = _iso(value)
+                record[key] = _iso_or_none(value)
             elif isinstance(value, dict):
                 record[key] = value
             elif _is_null(value):
