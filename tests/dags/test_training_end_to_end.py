@@ -9,6 +9,7 @@ functions the DAG's tasks call: the DAG adds nothing to promotion's behaviour.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -40,6 +41,13 @@ def demo_images(tmp_path_factory):
 
     data = tmp_path_factory.mktemp("e2e-data") / "WBC"
     generate_demo_dataset(data, per_class=40, seed=3)
+    # A SOURCES.csv beside the class folders, as ../shared/data has: the model card credits it.
+    rows = [
+        f"{path.relative_to(data)},{path.parent.name},{hashlib.sha256(path.read_bytes()).hexdigest()},"
+        f"{'demo-lab-a' if int(path.stem) % 2 else 'demo-lab-b'}"
+        for path in sorted(data.rglob("*.png"))
+    ]
+    (data.parent / "SOURCES.csv").write_text("file,class,sha256,source\n" + "\n".join(rows) + "\n")
     return data
 
 
@@ -120,6 +128,8 @@ def test_dag_run_registers_and_crowns_the_first_model(env, base, airflow_db):
     assert {"evaluation/confusion_matrix.png", "evaluation/confusion_matrix.json"} <= artifacts
     description = client.get_registered_model(env.model_name).description
     assert "not a diagnostic device" in description.lower() or "research use" in description.lower()
+    card = client.get_model_version(env.model_name, "1").description
+    assert "demo-lab-a (180 images)" in card and "demo-lab-b (180 images)" in card
 
 
 def test_a_model_under_a_floor_is_rejected_and_the_champion_stays(env, base):

@@ -182,6 +182,8 @@ def register_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
     import keras
 
     from wbc_tasks.core.settings import CLASS_NAMES
+    from wbc_tasks.data.dataset import read_manifest
+    from wbc_tasks.registry.model_card import source_counts
     from wbc_tasks.registry.registration import register_model
 
     settings, p, run = _context(run_id, params)
@@ -191,6 +193,12 @@ def register_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
 
     def build(out: Path) -> dict:
         model = keras.models.load_model(trained["model_path"])
+        data_summary = {"counts": split["counts"], "data_dir": split["data_dir"], "rejected": split["rejected"]}
+        # The card credits each source lab (and the citations their licences require) when the
+        # data folder has a SOURCES.csv.
+        sources = source_counts(read_manifest(run / "split"), split["data_dir"])
+        if sources:
+            data_summary["sources"] = sources
         ref = register_model(
             settings,
             run_id,
@@ -198,7 +206,7 @@ def register_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
             image_size=p.image_size,
             class_names=CLASS_NAMES,
             metrics=evaluated["metrics"],
-            data_summary={"counts": split["counts"], "data_dir": split["data_dir"], "rejected": split["rejected"]},
+            data_summary=data_summary,
             params=p.as_dict(),
         )
         return {"model_name": ref.name, "version": ref.version, "uri": ref.uri, "mlflow_run_id": ref.run_id}
