@@ -53,9 +53,14 @@ def _active_mlflow():
     return None
 
 
-def checkpoint_fingerprint(params: TrainingParams, train: ImageStore, val: ImageStore, class_weights: bool) -> dict:
-    """What a checkpoint must agree on to be resumed (epoch counts and patience may change)."""
+def checkpoint_fingerprint(
+    params: TrainingParams, train: ImageStore, val: ImageStore, class_weights: bool, policy: str = "float32"
+) -> dict:
+    """What a checkpoint must agree on to be resumed (epoch counts and patience may change). The
+    dtype policy is part of it: a retry on another device or precision starts over, saying so,
+    rather than resuming a float16 model on a CPU."""
     return {
+        "policy": policy,
         "weights": params.weights,
         "image_size": train.image_size,
         "batch_size": params.batch_size,

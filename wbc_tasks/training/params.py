@@ -148,6 +148,19 @@ TRAINING_PARAM_SPECS: dict[str, dict[str, Any]] = {
         "maximum": 1,
         "description": "Floor for blasts' test recall (a missed blast costs most).",
     },
+    "precision": {
+        "default": "auto",
+        "type": "string",
+        "enum": ["auto", "float32", "mixed_float16", "mixed_bfloat16"],
+        "description": "Training arithmetic. auto: mixed_float16 on a CUDA GPU, float32 on CPUs; "
+        "mixed_bfloat16 suits CPUs with AVX512_BF16/AMX. The registered model is float32 either way.",
+    },
+    "xla": {
+        "default": "auto",
+        "type": "string",
+        "enum": ["auto", "on", "off"],
+        "description": "XLA compilation. auto: on with a GPU, off on CPUs; off if a driver misbehaves.",
+    },
     "seed": {
         "default": 42,
         "type": "integer",
@@ -210,6 +223,8 @@ class TrainingParams:
     min_metric: float
     min_class_recall: float
     min_blast_recall: float
+    precision: str
+    xla: str
     seed: int
 
     def as_dict(self) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from wbc_tasks.data.store import open_store
 from wbc_tasks.training.checkpoints import HISTORY_COLUMNS, Checkpoints, checkpoint_fingerprint, epoch_monitor_class
 from wbc_tasks.training.input import EpochClock, make_dataset
 from wbc_tasks.training.params import TrainingParams
-from wbc_tasks.training.precision import compile_model, precision_for_this_machine
+from wbc_tasks.training.precision import choose_precision, compile_model
 from wbc_tasks.training.schedule import SCRATCH_LR_HINT, balanced_class_weights, plan_phases
 
 log = logging.getLogger(__name__)
@@ -70,14 +70,14 @@ def train_model(
             f"validation store {val_store} holds {val.image_size} px images, training {train.image_size} px"
         )
 
-    mixed, xla = precision_for_this_machine()
+    choice = choose_precision(params.precision, params.xla)
+    mixed, xla = choice.mixed, choice.xla
     keras.utils.set_random_seed(params.seed)
     phases = plan_phases(params)
     total_epochs = sum(p.epochs for p in phases)
     monitor = "val_loss" if len(val) else "loss"
     log.info(
-        "training on %d images %s; validating on %d %s; %s px, weights=%s, phases %s, batch %d, "
-        "mixed precision %s, XLA %s",
+        "training on %d images %s; validating on %d %s; %s px, weights=%s, phases %s, batch %d, policy %s, XLA %s (%s)",
         len(train),
         train.class_counts(CLASS_NAMES),
         len(val),
@@ -86,8 +86,9 @@ def train_model(
         params.weights,
         [(p.name, p.epochs, p.learning_rate) for p in phases],
         params.batch_size,
-        mixed,
+        choice.policy,
         xla,
+        choice.reason,
     )
     if not len(val):
         log.warning("validation store %s is empty: early stopping watches the training loss", val_store)
@@ -101,11 +102,13 @@ def train_model(
     if class_weight:
         log.info("class weights: %s", {CLASS_NAMES[i]: round(w, 3) for i, w in class_weight.items()})
 
-    checkpoints = Checkpoints(checkpoint_dir, checkpoint_fingerprint(params, train, val, params.class_weights))
+    checkpoints = Checkpoints(
+        checkpoint_dir, checkpoint_fingerprint(params, train, val, params.class_weights, choice.policy)
+    )
     resumed = checkpoints.load()
     previous_policy = keras.mixed_precision.global_policy()
     if mixed:
-        keras.mixed_precision.set_global_policy("mixed_float16")
+        keras.mixed_precision.set_global_policy(choice.policy)
     try:
         if resumed:
             state = checkpoints.state
@@ -150,7 +153,7 @@ def train_model(
             if index > 0 and early_stopping and checkpoints.restore_best(model):
                 log.info("phase %s starts from the best weights (epoch %d)", phase.name, state["best"]["epoch"])
             trainable = set_trainable(model, phase.name, params.unfreeze_layers)
-            compile_model(model, phase.learning_rate, mixed=mixed, xla=xla)
+            compile_model(model, phase.learning_rate, policy=choice.policy, xla=xla)
             state["wait"] = 0
             log.info(
                 "phase %s: %d epochs at lr %g, %d trainable weights",
@@ -208,6 +211,8 @@ def train_model(
         "images_per_s": float(speeds.median()) if len(speeds) else None,
         "resumed_from_epoch": int(resumed_from_epoch),
         "mixed_precision": mixed,
+        "precision": choice.policy,
+        "precision_reason": choice.reason,
         "xla": xla,
         "class_weights": {CLASS_NAMES[i]: w for i, w in class_weight.items()} if class_weight else None,
     }
