@@ -70,10 +70,6 @@ class RetentionPlan:
     #: entries of the runs folder that are not run folders (symlinks, files) -> why left alone
     skipped: dict[str, str] = field(default_factory=dict)
 
-    @property
-    def bytes_to_free(self) -> int:
-        return sum(f.size_bytes for f in self.delete)
-
 
 def human_bytes(n: float) -> str:
     """``n`` bytes as people read them: ``512 B``, ``1.5 MB``."""

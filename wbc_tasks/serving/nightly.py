@@ -1,5 +1,6 @@
 """One nightly batch classification in this process, as the ``wbc_batch_classification`` DAG
-runs it task by task: for the CLI and the tests. Imports the serving modules that own the steps.
+runs it task by task: for scripts that want a whole night without Airflow, and the tests; and
+the map of how a night works. Imports the serving modules that own the steps.
 
 The flow (each step one DAG task, each a function of its own module):
 
