@@ -191,7 +191,6 @@ def write_env_file(path: Path, run_dir: Path) -> dict[str, str]:
         "AIRFLOW_JWT_SECRET": secrets.token_hex(24),
         "AIRFLOW_API_SECRET_KEY": secrets.token_hex(24),
         "AIRFLOW_BIND": f"127.0.0.1:{free_port()}",
-        "AIRFLOW_API_WORKERS": "1",
         "MLFLOW_ADMIN_USERNAME": "admin",
         "MLFLOW_ADMIN_PASSWORD": secrets.token_hex(12),
         "MLFLOW_FLASK_SECRET_KEY": secrets.token_hex(24),
@@ -202,7 +201,6 @@ def write_env_file(path: Path, run_dir: Path) -> dict[str, str]:
         # No GPU: the GPU worker (from the CPU image, compose.test.yml) takes queue gpu alone.
         "COMPOSE_PROFILES": "gpu",
         "WBC_CPU_WORKER_QUEUES": "default",
-        "WBC_CPU_WORKER_CONCURRENCY": "1",
         # The drop is copied in just before its run: classify it at once.
         "WBC_SETTLE_MINUTES": "0",
         "WBC_AIRFLOW_IMAGE": IMAGES["airflow"],
@@ -239,12 +237,12 @@ def wait_healthy(stack: ContainerStack, services: dict[str, Any], timeout: float
                 check=False, timeout=60,
             )  # fmt: skip
             state = done.stdout.strip()
+            status, _, health = (state.split(" ", 2) + ["", ""])[:3]
             if name == "airflow-init":
-                if not state.startswith("exited 0"):
-                    pending[name] = state
-            elif service.get("healthcheck") and not state.endswith("healthy") or state.endswith("unhealthy"):
-                pending[name] = state
-            elif not state.startswith("running"):
+                ready = state.startswith("exited 0")
+            else:
+                ready = status == "running" and (health == "healthy" or not service.get("healthcheck"))
+            if not ready:
                 pending[name] = state
         if not pending:
             return

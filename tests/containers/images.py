@@ -19,6 +19,7 @@ them and the project's images first, to measure a cold build.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -119,7 +120,8 @@ def build_uv_image(engine: Engine, name: str, work: Path) -> None:
                 target.write_bytes(archive.read(member))
                 target.chmod(0o755)
     shutil.copy(STANDINS / "uv.Containerfile", context / "Containerfile")
-    engine.podman("build", "-q", "-t", qualified(name), str(context), timeout=600)
+    engine.podman("build", "-q", "--label", f"wbc.standin={standin_digest('uv')}", "-t", qualified(name),
+                  str(context), timeout=600)
 
 
 def build_standin(engine: Engine, kind: str, name: str, work: Path) -> None:
@@ -133,18 +135,30 @@ def build_standin(engine: Engine, kind: str, name: str, work: Path) -> None:
             shutil.copy(cert, context / "host-ca" / cert.name)
     if kind == "postgres":
         shutil.copy(STANDINS / "postgres-entrypoint.sh", context / "postgres-entrypoint.sh")
-    engine.podman("build", "-q", "-t", qualified(name), str(context), timeout=900)
+    engine.podman("build", "-q", "--label", f"wbc.standin={standin_digest(kind)}", "-t", qualified(name),
+                  str(context), timeout=900)
+
+
+def standin_digest(kind: str) -> str:
+    """What a stand-in is built from (its Containerfile and files): rebuilt when this changes."""
+    files = sorted(STANDINS.glob(f"{kind}*"))
+    return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:16]
+
+
+def standin_is_current(engine: Engine, name: str, kind: str) -> bool:
+    done = engine.podman("image", "inspect", name, "--format", '{{index .Labels "wbc.standin"}}', check=False)
+    return done.returncode == 0 and done.stdout.strip() == standin_digest(kind)
 
 
 def build_standins(engine: Engine, work: Path, times: dict[str, float]) -> dict[str, str]:
-    """Every stand-in base image that is missing; returns their names."""
+    """Every stand-in base image that is missing or out of date; returns their names."""
     names = base_image_names()
     started = time.monotonic()
     if not engine.image_exists(DEBIAN_BASE):
         build_debian_base(engine, work)
         _timed(times, "debootstrap base", started)
     for kind, name in names.items():
-        if engine.image_exists(qualified(name)):
+        if standin_is_current(engine, qualified(name), kind):
             continue
         started = time.monotonic()
         if kind == "uv":

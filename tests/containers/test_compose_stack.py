@@ -221,3 +221,61 @@ def test_batch_classification_rows_read_back_with_wbc_predictions_in_a_container
     assert sorted(row["path"].rsplit("/", 1)[-1] for row in rows) == dropped
     assert {row["status"] for row in rows} == {"classified"}
     assert {str(row["model_version"]) for row in rows} == {str(champion(container_stack)["version"])}
+
+
+def mlflow_status_of(stack: ContainerStack, dag_run_id: str) -> str:
+    """The status of a DAG run's MLflow run, looked up by the pipeline's own code in a container."""
+    script = (
+        "import sys\n"
+        "from wbc_tasks.core.settings import get_settings\n"
+        "from wbc_tasks.registry.tracking import configure_mlflow, find_tracking_run\n"
+        "s = get_settings(); run = find_tracking_run(s, sys.argv[1])\n"
+        "print('STATUS', configure_mlflow(s).get_run(run).info.status if run else 'NONE')\n"
+    )
+    done = stack.exec("airflow-worker", "python", "-c", script, dag_run_id, timeout=300)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("STATUS ")]
+    assert done.returncode == 0 and lines, done.stdout + done.stderr
+    return lines[-1].split(" ", 1)[1]
+
+
+def test_a_failed_training_run_closes_its_mlflow_run_as_failed(
+    container_stack: ContainerStack, airflow: AirflowClient, training_run: dict[str, Any]
+) -> None:
+    """A run that fails after its MLflow run was opened: the failure handling marks it FAILED.
+
+    The failure is made over the REST API (a task marked failed, as an operator would), after
+    `split` opened the MLflow run; the scheduler then fails the DAG run and the failure
+    callbacks run where Airflow runs them on the stack."""
+    started = time.monotonic()
+    run_id = airflow.trigger("wbc_training", {**TINY_TRAINING, "seed": 11})
+    deadline = time.monotonic() + 900
+    states: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        states = {ti["task_id"]: ti["state"] for ti in airflow.task_instances("wbc_training", run_id)}
+        if states.get("split") == "success" or states.get("split") == "failed":
+            break
+        time.sleep(3)
+    assert states.get("split") == "success", states
+    response = airflow.session.patch(
+        f"{airflow.base_url}/api/v2/dags/wbc_training/dagRuns/{run_id}/taskInstances/preprocess",
+        json={"new_state": "failed"}, timeout=30,
+    )  # fmt: skip
+    assert response.status_code == 200, response.text
+    while time.monotonic() < deadline:
+        run = airflow.get(f"/dags/wbc_training/dagRuns/{run_id}")
+        if run["state"] in ("success", "failed"):
+            break
+        time.sleep(3)
+    assert run["state"] == "failed", run
+    failed_at = time.monotonic()
+    status = ""
+    while time.monotonic() < failed_at + 300:
+        status = mlflow_status_of(container_stack, run_id)
+        if status == "FAILED":
+            break
+        time.sleep(10)
+    container_stack.times["failure callback: MLflow run FAILED after the DAG run failed"] = round(
+        time.monotonic() - failed_at, 1
+    )
+    assert status == "FAILED", f"MLflow run of {run_id} is {status} 300 s after the DAG run failed"
+    timed(container_stack, "failed training run and its MLflow run closed", started)
