@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -148,30 +149,31 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
 
 
 def _seconds(value: int | str | None, default: float) -> float:
-    """A health-check interval as podman inspect gives it (nanoseconds or "30s")."""
-    if value in (None, "", 0):
+    """A health-check duration as podman inspect gives it: nanoseconds, or Go's "1m30s" form."""
+    if value in (None, "", 0, "0s"):
         return default
     if isinstance(value, int):
         return value / 1e9
-    text = str(value)
-    units = {"ms": 1e-3, "s": 1, "m": 60, "h": 3600}
-    for unit in ("ms", "s", "m", "h"):
-        if text.endswith(unit):
-            return float(text[: -len(unit)]) * units[unit]
-    return float(text) / 1e9
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|us|µs|ns|h|m|s)", str(value))
+    if not parts:
+        return default
+    return sum(float(number) * units[unit] for number, unit in parts)
 
 
 class HealthChecker(threading.Thread):
-    """Runs every running container's own health check, as Docker's engine would.
+    """Runs every running container's own health check on Docker's schedule.
 
     Podman 4.3 schedules health checks with systemd timers; without systemd nothing runs them.
-    This thread runs ``podman healthcheck run <container>`` for the containers of one compose
-    project: every ``interval`` once healthy, every ``STARTING_EVERY_S`` before that (Docker's
-    ``start_interval`` idea), so a dependant waiting for ``service_healthy`` starts soon after
-    its dependency is really up. The checks' commands are the compose file's, unchanged.
+    This thread runs ``podman healthcheck run <container>`` (the compose file's check command,
+    unchanged) for the containers of one compose project as Docker's engine would: every
+    ``START_INTERVAL_S`` during the check's ``start_period`` (failures there do not count, in
+    podman as in Docker), then every ``interval``, so ``retries`` consecutive failures take as
+    long to turn a container unhealthy as under Docker — neither laxer nor stricter. The status
+    it sets is what Compose's ``depends_on: condition: service_healthy`` waits for.
     """
 
-    STARTING_EVERY_S = 5.0
+    START_INTERVAL_S = 5.0
 
     def __init__(self, engine: Engine, project: str) -> None:
         super().__init__(name=f"healthchecks-{project}", daemon=True)
@@ -179,8 +181,9 @@ class HealthChecker(threading.Thread):
         self.project = project
         self.stop_event = threading.Event()
         self.next_due: dict[str, float] = {}
-        self.intervals: dict[str, float | None] = {}
+        self.schedule: dict[str, tuple[float, float] | None] = {}
         self.results: dict[str, tuple[int, str]] = {}
+        self.running: set[str] = set()
 
     def run(self) -> None:
         while not self.stop_event.wait(1.0):
@@ -191,34 +194,51 @@ class HealthChecker(threading.Thread):
 
     def _round(self) -> None:
         listed = self.engine.podman(
-            "ps", "--filter", f"label=com.docker.compose.project={self.project}", "--format", "{{.Names}}",
-            timeout=60,
+            "ps", "--filter", f"label=com.docker.compose.project={self.project}",
+            "--format", "{{.ID}} {{.Names}}", timeout=60,
         )  # fmt: skip
         now = time.monotonic()
-        for name in listed.stdout.split():
-            if name not in self.intervals:
-                self.intervals[name] = self._interval(name)
-                self.next_due[name] = now + 2
-            interval = self.intervals[name]
-            if interval is None or now < self.next_due[name] or self.stop_event.is_set():
+        for line in listed.stdout.splitlines():
+            container_id, name = line.split()
+            key = f"{name} {container_id}"  # a re-created container starts its schedule anew
+            if key not in self.schedule:
+                self.schedule[key] = self._schedule(name)
+                self.next_due[key] = now + self.START_INTERVAL_S
+            schedule = self.schedule[key]
+            if schedule is None or now < self.next_due[key] or key in self.running or self.stop_event.is_set():
                 continue
+            # Each check in its own thread, as the engine runs them: a slow one (`airflow jobs
+            # check` takes tens of seconds on 2 busy cores) does not hold up the others.
+            self.running.add(key)
+            threading.Thread(target=self._check, args=(key, name, schedule), daemon=True).start()
+
+    def _check(self, key: str, name: str, schedule: tuple[float, float]) -> None:
+        interval, start_period_ends = schedule
+        try:
             done = self.engine.podman("healthcheck", "run", name, check=False, timeout=120)
             self.results[name] = (done.returncode, (done.stdout + done.stderr)[-500:])
-            healthy = done.returncode == 0
-            self.next_due[name] = time.monotonic() + (interval if healthy else self.STARTING_EVERY_S)
+            with open(self.engine.state_dir / "healthchecks.log", "a") as log:
+                log.write(f"{time.strftime('%H:%M:%S')} {name} exit {done.returncode}: {done.stdout.strip()[-200:]}\n")
+            starting = time.monotonic() < start_period_ends and done.returncode != 0
+            self.next_due[key] = time.monotonic() + (self.START_INTERVAL_S if starting else interval)
+        except EngineError:
+            self.next_due[key] = time.monotonic() + self.START_INTERVAL_S
+        finally:
+            self.running.discard(key)
 
-    def _interval(self, name: str) -> float | None:
+    def _schedule(self, name: str) -> tuple[float, float] | None:
+        """(interval, when the start period ends), or None for a container without a check."""
         done = self.engine.podman(
-            "inspect", name, "--format", "{{if .Config.Healthcheck}}{{.Config.Healthcheck.Interval}}{{end}}",
+            "inspect", name, "--format",
+            "{{if .Config.Healthcheck}}{{.Config.Healthcheck.Interval}} {{.Config.Healthcheck.StartPeriod}}{{end}}",
             check=False, timeout=60,
         )  # fmt: skip
-        text = done.stdout.strip()
-        if done.returncode != 0 or not text or text == "<nil>":
+        fields = done.stdout.split()
+        if done.returncode != 0 or len(fields) != 2:
             return None
-        try:
-            return _seconds(int(text) if text.isdigit() else text, 30.0)
-        except ValueError:
-            return 30.0
+        interval = _seconds(int(fields[0]) if fields[0].isdigit() else fields[0], 30.0)
+        start_period = _seconds(int(fields[1]) if fields[1].isdigit() else fields[1], 0.0)
+        return interval, time.monotonic() + start_period
 
     def stop(self) -> None:
         self.stop_event.set()

@@ -203,6 +203,8 @@ def build_project_images(engine: Engine, work: Path, images: dict[str, str], tim
             raise EngineError(f"building {tag} from {dockerfile} failed ({done.returncode}):\n"
                               f"{(done.stdout + done.stderr)[-6000:]}")  # fmt: skip
         _timed(times, f"build {tag}", started)
+    # The previous builds' images (now untagged) and their layers: gigabytes each time otherwise.
+    engine.podman("image", "prune", "--force", check=False, timeout=600)
 
 
 def remove_images(engine: Engine, names: list[str]) -> None:
