@@ -218,7 +218,7 @@ class HealthChecker(threading.Thread):
             done = self.engine.podman("healthcheck", "run", name, check=False, timeout=120)
             self.results[name] = (done.returncode, (done.stdout + done.stderr)[-500:])
             with open(self.engine.state_dir / "healthchecks.log", "a") as log:
-                log.write(f"{time.strftime('%H:%M:%S')} {name} exit {done.returncode}: {done.stdout.strip()[-200:]}\n")
+                log.write(f"{time.strftime('%H:%M:%S')} {name} exit {done.returncode}: {(done.stdout + done.stderr).strip()[-300:]}\n")
             starting = time.monotonic() < start_period_ends and done.returncode != 0
             self.next_due[key] = time.monotonic() + (self.START_INTERVAL_S if starting else interval)
         except EngineError:
