@@ -41,8 +41,10 @@ RUN --mount=type=cache,target=/root/.cache/uv \
     uv sync --frozen --no-dev --extra "${WBC_EXTRA}" --no-install-project
 COPY wbc_tasks ./wbc_tasks
 COPY dags ./dags
+# --reinstall-package: uv keys its cached wheel of a local project on pyproject.toml alone, so with
+# the cache mount a rebuild after a code change would install the previous build's code.
 RUN --mount=type=cache,target=/root/.cache/uv \
-    uv sync --frozen --no-dev --extra "${WBC_EXTRA}" --no-editable
+    uv sync --frozen --no-dev --extra "${WBC_EXTRA}" --no-editable --reinstall-package wbc-pipeline
 
 # The worker host-name callable (stack.toml [worker_settings]); Airflow puts plugins on sys.path.
 COPY stack/plugins/ /opt/airflow/plugins/

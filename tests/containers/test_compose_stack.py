@@ -39,9 +39,37 @@ TINY_TRAINING = {
 }
 
 
+class PatientSession(requests.Session):
+    """Ten containers on two cores: the API server sometimes needs more than the native test's
+    30 s to answer. Longer timeouts; reads (GET) are tried again after a time-out."""
+
+    def request(self, method, url, *args, **kwargs):  # type: ignore[override]
+        kwargs["timeout"] = max(kwargs.get("timeout") or 0, 120)
+        attempts = 3 if method.upper() == "GET" else 1
+        for attempt in range(attempts):
+            try:
+                return super().request(method, url, *args, **kwargs)
+            except (requests.ConnectionError, requests.Timeout):
+                if attempt == attempts - 1:
+                    raise
+                time.sleep(5)
+        raise AssertionError("unreachable")
+
+
+class StackClient(AirflowClient):
+    """The native system test's REST client, with a :class:`PatientSession`."""
+
+    def __init__(self, base_url: str, username: str, password: str) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.session = PatientSession()
+        response = self.session.post(f"{self.base_url}/auth/token", json={"username": username, "password": password})
+        response.raise_for_status()
+        self.session.headers["Authorization"] = f"Bearer {response.json()['access_token']}"
+
+
 @pytest.fixture(scope="module")
 def airflow(container_stack: ContainerStack) -> AirflowClient:
-    return AirflowClient(
+    return StackClient(
         container_stack.api_url,
         container_stack.settings["AIRFLOW_ADMIN_USERNAME"],
         container_stack.settings["AIRFLOW_ADMIN_PASSWORD"],
@@ -68,6 +96,31 @@ def test_every_service_passes_its_own_health_check(container_stack: ContainerSta
         "inspect", container_stack.container("airflow-init"), "--format", "{{.State.Status}} {{.State.ExitCode}}"
     ).stdout.strip()
     assert state == "exited 0"
+
+
+def test_the_installed_package_is_the_working_trees_code(container_stack: ContainerStack) -> None:
+    """What the workers import (the installed wbc_tasks, not a source checkout) is this tree's code:
+    a rebuild after a change must not install a cached wheel of the previous code."""
+    from .conftest import REPO_ROOT
+
+    script = (
+        "import hashlib, pathlib, wbc_tasks\n"
+        "root = pathlib.Path(wbc_tasks.__file__).parent\n"
+        "assert 'site-packages' in str(root), root\n"
+        "for f in sorted(root.rglob('*.py')):\n"
+        "    print(f.relative_to(root), hashlib.sha256(f.read_bytes()).hexdigest())\n"
+    )
+    done = container_stack.exec("airflow-worker", "python", "-c", script)
+    assert done.returncode == 0, done.stderr
+    installed = dict(line.split() for line in done.stdout.splitlines())
+    import hashlib
+
+    local = {
+        str(f.relative_to(REPO_ROOT / "wbc_tasks")): hashlib.sha256(f.read_bytes()).hexdigest()
+        for f in sorted((REPO_ROOT / "wbc_tasks").rglob("*.py"))
+    }
+    stale = sorted(name for name, digest in local.items() if installed.get(name) != digest)
+    assert not stale, f"the image's installed wbc_tasks differs from the working tree: {stale[:10]}"
 
 
 def test_databases_were_created_by_the_projects_init_script(container_stack: ContainerStack) -> None:
