@@ -49,6 +49,8 @@ DROP_NAME = "2026-12-01"
 DROP_SIZE = 6
 WEIGHTS_FILE = "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
 UP_TIMEOUT_S = 900
+#: Where rootful podman 4.3 keeps the Dockerfiles' cache mounts.
+BUILDAH_CACHE = Path("/var/tmp/buildah-cache")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -313,6 +315,8 @@ def container_stack() -> Iterator[ContainerStack]:
             remove_images(engine, [qualified(n) for n in base_image_names().values()])
             engine.podman("image", "prune", "-f", check=False)
             shutil.rmtree(work, ignore_errors=True)
+            # RUN --mount=type=cache folders (uv's download cache of the builds): empty too.
+            shutil.rmtree(BUILDAH_CACHE, ignore_errors=True)
             times["cold: removing images"] = round(time.monotonic() - started, 1)
         work.mkdir(parents=True, exist_ok=True)
         build_standins(engine, work, times)

@@ -110,7 +110,10 @@ def test_the_installed_package_is_the_working_trees_code(container_stack: Contai
         "for f in sorted(root.rglob('*.py')):\n"
         "    print(f.relative_to(root), hashlib.sha256(f.read_bytes()).hexdigest())\n"
     )
-    done = container_stack.exec("airflow-worker", "python", "-c", script)
+    # From /tmp: in the image's WORKDIR (/opt/wbc) `python -c` would import the source copy.
+    done = container_stack.engine.podman(
+        "exec", "-w", "/tmp", container_stack.container("airflow-worker"), "python", "-c", script, check=False
+    )
     assert done.returncode == 0, done.stderr
     installed = dict(line.split() for line in done.stdout.splitlines())
     import hashlib
@@ -331,4 +334,11 @@ def test_a_failed_training_run_closes_its_mlflow_run_as_failed(
         time.monotonic() - failed_at, 1
     )
     assert status == "FAILED", f"MLflow run of {run_id} is {status} 300 s after the DAG run failed"
+    # Where it ran: Airflow 3 runs DAG-level callbacks in the dag-processor (its file processor,
+    # within [dag_processor] dag_file_processor_timeout). Reported, for docs/stack.md.
+    where = container_stack.exec(
+        "airflow-dag-processor", "sh", "-c",
+        "grep -rl 'Executing on_failure dag callback' /opt/airflow/logs 2>/dev/null | head -3",
+    )  # fmt: skip
+    print(f"[containers] on_failure dag callback logged in the dag-processor: {where.stdout.strip() or 'not found'}")
     timed(container_stack, "failed training run and its MLflow run closed", started)
