@@ -6,7 +6,7 @@ unexport PYTHONDONTWRITEBYTECODE
 PY := .venv/bin/python
 EXTRA ?= cpu
 
-.PHONY: setup lint format demo train test test-fast test-system airflow-ui mlflow-ui bench bench-gpu stack-start stack-stop clean
+.PHONY: setup lint format demo train test test-fast test-system test-containers airflow-ui mlflow-ui bench bench-gpu stack-start stack-stop clean
 
 setup: .venv/.synced
 
@@ -32,14 +32,20 @@ format: setup
 
 ## The whole test suite (what CI runs): unit, DAG and end-to-end tests, then the native-stack system test
 test: setup
-	$(PY) -m pytest -q --durations=20 -m "not system"
+	$(PY) -m pytest -q --durations=20 -m "not system and not containers"
 	$(PY) -m pytest -q --durations=10 -m system tests/system
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow and not system"
+	$(PY) -m pytest -q -m "not slow and not system and not containers"
 
 test-system: setup
 	$(PY) -m pytest -q -m system tests/system
+
+## The docker-compose stack for real (podman, as root): builds the images, runs both DAGs in
+## containers (~20 min cold on 2 cores). COLD=1 first removes the images it built (a cold build).
+test-containers: setup
+	tests/containers/install-podman.sh
+	WBC_CONTAINER_TEST_COLD=$(if $(COLD),1,0) $(PY) -m pytest -q -s --durations=0 -m containers tests/containers
 
 stack-start: setup
 	stack/start

@@ -2,8 +2,40 @@
 # Entry point of the stack's Airflow images.
 #   init        check the secrets, migrate the metadata database, write the admin's password
 #               for the Simple auth manager (run once per `docker compose up` by airflow-init)
+#   check-weights
+#               say whether the VGG16 ImageNet weights (WBC_VGG16_WEIGHTS) are there; exit 3 if not
+#               (init runs it and warns, but goes on: a stack that only classifies needs none)
 #   <anything>  run `airflow <anything>` (api-server, scheduler, celery worker, ...)
 set -euo pipefail
+
+check_weights() {
+  python - <<'PY'
+import sys
+
+from wbc_tasks.core.settings import get_settings
+from wbc_tasks.training.model import MissingWeightsError, vgg16_weights_file
+
+try:
+    path = vgg16_weights_file(get_settings())
+except MissingWeightsError as exc:
+    bar = "!" * 100
+    print(
+        f"{bar}\nWARNING: WBC_VGG16_WEIGHTS: the VGG16 ImageNet weights are missing, so every training run "
+        f"with weights=imagenet (the default) will fail at its first step.\n{exc}\n"
+        "In the docker-compose stack: put the file into the host folder WBC_HOST_WEIGHTS_DIR (.env), "
+        "which is mounted read-only at /data/weights, and keep WBC_VGG16_WEIGHTS naming it "
+        "(docs/stack.md, 'ImageNet weights'). Classification needs no weights.\n" + bar,
+        file=sys.stderr, flush=True,
+    )
+    sys.exit(3)
+print(f"VGG16 ImageNet weights: {path} (WBC_VGG16_WEIGHTS)", flush=True)
+PY
+}
+
+if [ "${1:-}" = "check-weights" ]; then
+  check_weights
+  exit $?
+fi
 
 require() {
   local missing=() name
@@ -34,6 +66,7 @@ if [ "${1:-}" = "init" ]; then
       > "${passwords_file}"
   )
   echo "airflow-init: database migrated; admin user '${AIRFLOW_ADMIN_USERNAME}' set from .env"
+  check_weights || echo "airflow-init: starting without the VGG16 ImageNet weights (see the warning above)"
   exit 0
 fi
 

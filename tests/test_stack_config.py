@@ -174,7 +174,10 @@ def test_compose_gpu_worker_reserves_an_nvidia_gpu_only_under_the_gpu_profile(tm
     assert gpu["profiles"] == ["gpu"]
     devices = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert devices and devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
-    assert gpu["build"]["dockerfile"] == "docker/gpu-worker.Dockerfile"
+    # One Dockerfile for both images: the GPU worker is its build with the gpu extra.
+    assert gpu["build"]["dockerfile"] == services["airflow-worker"]["build"]["dockerfile"] == "docker/airflow.Dockerfile"
+    assert gpu["build"]["args"]["WBC_EXTRA"] == "gpu"
+    assert "WBC_EXTRA" not in (services["airflow-worker"]["build"].get("args") or {})
     assert all(not s.get("profiles") for name, s in services.items() if name != "airflow-worker-gpu")
 
 
@@ -224,13 +227,28 @@ def test_dockerfile_passes_hadolint(dockerfile: Path) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-@pytest.mark.parametrize("dockerfile", ["docker/airflow.Dockerfile", "docker/gpu-worker.Dockerfile"])
-def test_airflow_images_install_from_the_lock(dockerfile: str) -> None:
-    """Both images install exactly what uv.lock pins, with the extra their hardware needs."""
-    text = (REPO_ROOT / dockerfile).read_text()
-    extra = "gpu" if "gpu" in dockerfile else '"${WBC_EXTRA}"'
-    assert f"uv sync --frozen --no-dev --extra {extra}" in text
+def test_airflow_image_installs_from_the_lock_with_the_extra_as_build_argument() -> None:
+    """One Dockerfile for every Airflow image: exactly what uv.lock pins, with the extra its
+    hardware needs (build argument WBC_EXTRA, cpu by default; the GPU worker builds it with gpu)."""
+    assert sorted(p.name for p in (REPO_ROOT / "docker").glob("*.Dockerfile")) == ["airflow.Dockerfile"]
+    text = (REPO_ROOT / "docker" / "airflow.Dockerfile").read_text()
+    assert "ARG WBC_EXTRA=cpu" in text
+    assert text.count('uv sync --frozen --no-dev --extra "${WBC_EXTRA}"') == 2
     assert "COPY pyproject.toml uv.lock" in text
+
+
+def test_compose_hands_the_imagenet_weights_to_init_and_workers(tmp_path: Path) -> None:
+    """A read-only folder with the weights file and WBC_VGG16_WEIGHTS naming the file in it, for
+    every service that trains (the workers) and for airflow-init, which checks it at start."""
+    services = resolved_compose(tmp_path, WBC_HOST_WEIGHTS_DIR=str(tmp_path / "weights"))["services"]
+    for name in ("airflow-init", *(w["name"] for w in WORKERS)):
+        service = services[name]
+        weights = Path(service["environment"]["WBC_VGG16_WEIGHTS"])
+        assert weights.name == "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
+        mounts = [v for v in service["volumes"] if v["target"] == str(weights.parent)]
+        assert mounts and mounts[0]["read_only"] and mounts[0]["source"] == str(tmp_path / "weights"), name
+    example = (REPO_ROOT / ".env.example").read_text()
+    assert "\nWBC_HOST_WEIGHTS_DIR=" in example and "\nWBC_VGG16_WEIGHTS=" in example
 
 
 # --------------------------------------------------------------------------- native stack

@@ -26,6 +26,12 @@ def parallel_map(fn: Callable[[T], R], items: Iterable[T], *, workers: int, chun
     if workers <= 1 or len(items) < 2 * chunksize:
         yield from map(fn, items)
         return
+    if multiprocessing.current_process().daemon:
+        # A Celery worker's task (the stack): its pool process is daemonic, and multiprocessing
+        # refuses children only when the pool starts them, inside pool.map below.
+        log.warning("running in a daemonic process (a Celery worker's task): no worker processes; running serially")
+        yield from map(fn, items)
+        return
     try:
         context = multiprocessing.get_context("fork")
         pool = ProcessPoolExecutor(max_workers=workers, mp_context=context)
