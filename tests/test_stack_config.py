@@ -175,7 +175,9 @@ def test_compose_gpu_worker_reserves_an_nvidia_gpu_only_under_the_gpu_profile(tm
     devices = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert devices and devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
     # One Dockerfile for both images: the GPU worker is its build with the gpu extra.
-    assert gpu["build"]["dockerfile"] == services["airflow-worker"]["build"]["dockerfile"] == "docker/airflow.Dockerfile"
+    assert (
+        gpu["build"]["dockerfile"] == services["airflow-worker"]["build"]["dockerfile"] == "docker/airflow.Dockerfile"
+    )
     assert gpu["build"]["args"]["WBC_EXTRA"] == "gpu"
     assert "WBC_EXTRA" not in (services["airflow-worker"]["build"].get("args") or {})
     assert all(not s.get("profiles") for name, s in services.items() if name != "airflow-worker-gpu")

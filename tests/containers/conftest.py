@@ -12,6 +12,7 @@ then anything of the project still there, the API service, and the firewall rule
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -21,21 +22,22 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
-from .engine import Engine, EngineError, FirewallBaseline, HealthChecker, missing_tools, run
+from .engine import Engine, FirewallBaseline, HealthChecker, missing_tools, run
 from .images import (
+    DEBIAN_BASE,
     build_project_images,
     build_standins,
     cold_requested,
     image_size_mb,
     qualified,
     remove_images,
-    DEBIAN_BASE,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -61,7 +63,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     ) == "1"
     if asked:
         return
-    skip = pytest.mark.skip(reason="container test: run with `make test-containers` (pytest -m containers tests/containers)")
+    skip = pytest.mark.skip(
+        reason="container test: run with `make test-containers` (pytest -m containers tests/containers)"
+    )
     for item in items:
         if "containers" in item.keywords:
             item.add_marker(skip)
@@ -123,14 +127,18 @@ class ContainerStack:
         return json.loads(self.compose("config", "--format", "json", timeout=120).stdout)
 
 
-def compose(engine: Engine, env_file: Path, *args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+def compose(
+    engine: Engine, env_file: Path, *args: str, timeout: float = 600, check: bool = True
+) -> subprocess.CompletedProcess:
     argv = [
         str(compose_binary()), "--project-name", PROJECT, "--project-directory", str(REPO_ROOT),
         "--env-file", str(env_file), "-f", str(REPO_ROOT / "docker-compose.yml"),
         "-f", str(Path(__file__).with_name("compose.test.yml")), *args,
     ]  # fmt: skip
     # Compose reads COMPOSE_*/WBC_* from the environment before the env file: only the file counts.
-    env = {k: v for k, v in engine.env.items() if not k.startswith(("COMPOSE_", "WBC_", "AIRFLOW", "MLFLOW", "POSTGRES"))}
+    env = {
+        k: v for k, v in engine.env.items() if not k.startswith(("COMPOSE_", "WBC_", "AIRFLOW", "MLFLOW", "POSTGRES"))
+    }
     return run(argv, env=env, timeout=timeout, check=check)
 
 
@@ -321,7 +329,7 @@ def container_stack() -> Iterator[ContainerStack]:
         work.mkdir(parents=True, exist_ok=True)
         build_standins(engine, work, times)
         build_project_images(engine, work, IMAGES, times)
-        for key, name in IMAGES.items():
+        for name in IMAGES.values():
             times[f"size MB {name}"] = image_size_mb(engine, name)
 
         started = time.monotonic()
@@ -343,10 +351,8 @@ def container_stack() -> Iterator[ContainerStack]:
         yield stack
     finally:
         started = time.monotonic()
-        try:
+        with contextlib.suppress(NameError):  # the checker may not have started
             checker.stop()  # type: ignore[possibly-undefined]
-        except NameError:
-            pass
         problems = teardown(engine, env_file, firewall, STATE_DIR)
         env_file.unlink(missing_ok=True)
         times["teardown"] = round(time.monotonic() - started, 1)

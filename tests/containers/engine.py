@@ -57,8 +57,15 @@ def missing_tools() -> list[str]:
     return [tool for tool in ("podman", "debootstrap", "iptables", "runc") if shutil.which(tool) is None]
 
 
-def run(argv: list[str], *, env: dict[str, str] | None = None, timeout: float = 600, check: bool = True,
-        input: str | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def run(
+    argv: list[str],
+    *,
+    env: dict[str, str] | None = None,
+    timeout: float = 600,
+    check: bool = True,
+    input: str | None = None,
+    cwd: Path | None = None,
+) -> subprocess.CompletedProcess:
     """Run a command, output captured; :class:`EngineError` with its output when it fails."""
     try:
         done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout, check=False,
@@ -66,9 +73,7 @@ def run(argv: list[str], *, env: dict[str, str] | None = None, timeout: float = 
     except subprocess.TimeoutExpired as exc:
         raise EngineError(f"{' '.join(argv)} timed out after {timeout:.0f} s:\n{exc.stdout}\n{exc.stderr}") from exc
     if check and done.returncode != 0:
-        raise EngineError(
-            f"{' '.join(argv)} exited {done.returncode}:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
-        )
+        raise EngineError(f"{' '.join(argv)} exited {done.returncode}:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
     return done
 
 
@@ -218,7 +223,8 @@ class HealthChecker(threading.Thread):
             done = self.engine.podman("healthcheck", "run", name, check=False, timeout=120)
             self.results[name] = (done.returncode, (done.stdout + done.stderr)[-500:])
             with open(self.engine.state_dir / "healthchecks.log", "a") as log:
-                log.write(f"{time.strftime('%H:%M:%S')} {name} exit {done.returncode}: {(done.stdout + done.stderr).strip()[-300:]}\n")
+                tail = (done.stdout + done.stderr).strip()[-300:]
+                log.write(f"{time.strftime('%H:%M:%S')} {name} exit {done.returncode}: {tail}\n")
             starting = time.monotonic() < start_period_ends and done.returncode != 0
             self.next_due[key] = time.monotonic() + (self.START_INTERVAL_S if starting else interval)
         except EngineError:
@@ -265,8 +271,7 @@ class FirewallBaseline:
 
     def added(self) -> dict[str, list[str]]:
         return {
-            table: [line for line in self._rules(table) if line not in set(self.before[table])]
-            for table in self.TABLES
+            table: [line for line in self._rules(table) if line not in set(self.before[table])] for table in self.TABLES
         }
 
     def restore(self) -> list[str]:

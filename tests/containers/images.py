@@ -120,8 +120,16 @@ def build_uv_image(engine: Engine, name: str, work: Path) -> None:
                 target.write_bytes(archive.read(member))
                 target.chmod(0o755)
     shutil.copy(STANDINS / "uv.Containerfile", context / "Containerfile")
-    engine.podman("build", "-q", "--label", f"wbc.standin={standin_digest('uv')}", "-t", qualified(name),
-                  str(context), timeout=600)
+    engine.podman(
+        "build",
+        "-q",
+        "--label",
+        f"wbc.standin={standin_digest('uv')}",
+        "-t",
+        qualified(name),
+        str(context),
+        timeout=600,
+    )
 
 
 def build_standin(engine: Engine, kind: str, name: str, work: Path) -> None:
@@ -135,8 +143,16 @@ def build_standin(engine: Engine, kind: str, name: str, work: Path) -> None:
             shutil.copy(cert, context / "host-ca" / cert.name)
     if kind == "postgres":
         shutil.copy(STANDINS / "postgres-entrypoint.sh", context / "postgres-entrypoint.sh")
-    engine.podman("build", "-q", "--label", f"wbc.standin={standin_digest(kind)}", "-t", qualified(name),
-                  str(context), timeout=900)
+    engine.podman(
+        "build",
+        "-q",
+        "--label",
+        f"wbc.standin={standin_digest(kind)}",
+        "-t",
+        qualified(name),
+        str(context),
+        timeout=900,
+    )
 
 
 def standin_digest(kind: str) -> str:

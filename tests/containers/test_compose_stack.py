@@ -19,7 +19,7 @@ import pytest
 import requests
 
 from ..system.conftest import AirflowClient
-from .conftest import DROP_NAME, DROP_SIZE, WEIGHTS_FILE, STATE_DIR, ContainerStack, generated_weights
+from .conftest import DROP_NAME, DROP_SIZE, STATE_DIR, WEIGHTS_FILE, ContainerStack, generated_weights
 
 pytestmark = [pytest.mark.containers, pytest.mark.timeout(3600)]
 
@@ -236,7 +236,9 @@ def test_training_runs_train_model_on_the_gpu_worker(training_run: dict[str, Any
 
 
 def mlflow_get(stack: ContainerStack, path: str, **params: Any) -> dict[str, Any]:
-    response = requests.get(f"{stack.mlflow_url}/api/2.0/mlflow/{path}", params=params, auth=stack.mlflow_auth, timeout=30)
+    response = requests.get(
+        f"{stack.mlflow_url}/api/2.0/mlflow/{path}", params=params, auth=stack.mlflow_auth, timeout=30
+    )
     assert response.status_code == 200, f"{path}: {response.status_code} {response.text[:500]}"
     return response.json()
 
