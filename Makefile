@@ -30,9 +30,10 @@ format: setup
 	.venv/bin/ruff check --fix wbc_tasks dags tests stack bench
 	.venv/bin/ruff format wbc_tasks dags tests stack bench
 
-## The whole test suite (what CI runs): unit, DAG and end-to-end tests, then the native-stack system test
+## The whole test suite (what CI runs): unit, DAG and end-to-end tests (two processes: about half the
+## time of one on two cores), then the native-stack system test
 test: setup
-	$(PY) -m pytest -q --durations=20 -m "not system and not containers"
+	$(PY) -m pytest -q -n 2 --durations=20 -m "not system and not containers"
 	$(PY) -m pytest -q --durations=10 -m system tests/system
 
 test-fast: setup
