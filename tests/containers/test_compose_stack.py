@@ -286,7 +286,8 @@ def mlflow_status_of(stack: ContainerStack, dag_run_id: str) -> str:
     script = (
         "import sys\n"
         "from wbc_tasks.core.settings import get_settings\n"
-        "from wbc_tasks.registry.tracking import configure_mlflow, find_tracking_run\n"
+        "from wbc_tasks.registry.client import configure_mlflow\n"
+        "from wbc_tasks.registry.runs import find_tracking_run\n"
         "s = get_settings(); run = find_tracking_run(s, sys.argv[1])\n"
         "print('STATUS', configure_mlflow(s).get_run(run).info.status if run else 'NONE')\n"
     )
