@@ -44,9 +44,10 @@ test-system: setup
 
 ## The docker-compose stack for real (podman, as root): builds the images, runs both DAGs in
 ## containers (~20 min cold on 2 cores). COLD=1 first removes the images it built (a cold build).
+## In file order (-p no:randomly): one stack, one scenario (weights missing first, then added).
 test-containers: setup
 	tests/containers/install-podman.sh
-	WBC_CONTAINER_TEST_COLD=$(if $(COLD),1,0) $(PY) -m pytest -q -s --durations=0 -m containers tests/containers
+	WBC_CONTAINER_TEST_COLD=$(if $(COLD),1,0) $(PY) -m pytest -q -s -p no:randomly --durations=0 -m containers tests/containers
 
 stack-start: setup
 	stack/start
