@@ -1,5 +1,5 @@
-"""Memory-mapped stores of generated demo images, built as the preprocess step would: the
-input of training and evaluation tests."""
+"""Memory-mapped stores of generated demo images, built as the preprocess step would, and the
+small training params that train on them: the input of training and evaluation tests."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from wbc_tasks.core.settings import CLASS_NAMES
 from wbc_tasks.data.demo import generate_demo_dataset
 from wbc_tasks.data.images import load_image
 from wbc_tasks.data.store import create_store, finish_store
+from wbc_tasks.training.params import TrainingParams, training_params
 
 
 def build_demo_stores(
@@ -53,3 +54,19 @@ def build_demo_stores(
         finish_store(store_dir, images, labels, pd.DataFrame(records))
         stores[split] = store_dir
     return stores
+
+
+def tiny_training_params(size: int = 32, **overrides: object) -> TrainingParams:
+    """Two epochs from scratch at ``size`` px, batch 8, no early stopping: seconds per epoch."""
+    values = {
+        "image_size": size,
+        "weights": "none",
+        "epochs_head": 0,
+        "epochs_finetune": 2,
+        "batch_size": 8,
+        "learning_rate_finetune": 1e-4,
+        "early_stopping_patience": 0,
+        "seed": 1,
+        **overrides,
+    }
+    return training_params(values)

@@ -9,7 +9,7 @@ import logging
 import numpy as np
 import pytest
 
-from tests.demo_stores import build_demo_stores
+from tests.demo_stores import build_demo_stores, tiny_training_params
 from wbc_tasks.data.store import open_store
 from wbc_tasks.training.checkpoints import CHECKPOINT_STATE_FILE
 from wbc_tasks.training.params import ParamError, training_params
@@ -41,18 +41,7 @@ def test_an_unknown_precision_is_refused_with_the_param_named():
 
 
 def _params(**overrides):
-    values = {
-        "image_size": SIZE,
-        "weights": "none",
-        "epochs_head": 0,
-        "epochs_finetune": 2,
-        "batch_size": 8,
-        "learning_rate_finetune": 1e-4,
-        "early_stopping_patience": 0,
-        "seed": 1,
-        **overrides,
-    }
-    return training_params(values)
+    return tiny_training_params(SIZE, **overrides)
 
 
 @pytest.mark.slow  # three short trainings of VGG16 at 32 px

@@ -10,11 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.demo_stores import build_demo_stores
+from tests.demo_stores import build_demo_stores, tiny_training_params
 from wbc_tasks.core.settings import CLASS_NAMES
 from wbc_tasks.data.store import create_store, finish_store, open_store
 from wbc_tasks.training.checkpoints import CHECKPOINT_STATE_FILE
-from wbc_tasks.training.params import training_params
 from wbc_tasks.training.train import train_model
 
 SIZE = 32
@@ -30,18 +29,7 @@ def stores(tmp_path_factory):
 
 
 def _params(**overrides):
-    values = {
-        "image_size": SIZE,
-        "weights": "none",
-        "epochs_head": 0,
-        "epochs_finetune": 2,
-        "batch_size": 8,
-        "learning_rate_finetune": 1e-4,
-        "early_stopping_patience": 0,
-        "seed": 1,
-    }
-    values.update(overrides)
-    return training_params(values)
+    return tiny_training_params(SIZE, **overrides)
 
 
 def _epoch_lines(caplog) -> list[str]:
