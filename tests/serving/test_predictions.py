@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from sqlalchemy import func, inspect, select
+from sqlalchemy import func, inspect, select, text
 
 from tests.serving.conftest import make_prediction, make_seen
 from wbc_tasks.serving import predictions as db
@@ -25,8 +25,8 @@ def test_migrations_build_the_schema_from_empty_and_match_the_tables(db_url):
     from alembic.autogenerate import compare_metadata
     from alembic.runtime.migration import MigrationContext
 
-    assert db.upgrade_database(db_url) == "0001"
-    assert db.upgrade_database(db_url) == "0001"  # a second run changes nothing
+    assert db.upgrade_database(db_url) == db.head_revision()
+    assert db.upgrade_database(db_url) == db.head_revision()  # a second run changes nothing
     with db.open_engine(db_url) as engine:
         names = set(inspect(engine).get_table_names())
         assert {"predictions", "files_seen", "rejections", db.VERSION_TABLE} <= names
@@ -49,7 +49,7 @@ def test_migrations_build_the_schema_from_empty_and_match_the_tables(db_url):
     assert db.downgrade_database(db_url, "base") is None
     with db.open_engine(db_url) as engine:
         assert not {"predictions", "files_seen", "rejections"} & set(inspect(engine).get_table_names())
-    assert db.upgrade_database(db_url) == "0001"
+    assert db.upgrade_database(db_url) == db.head_revision()
 
 
 def test_two_processes_migrating_at_once_both_succeed(db_url):
@@ -61,7 +61,7 @@ def test_two_processes_migrating_at_once_both_succeed(db_url):
     failures = [p.communicate(timeout=300)[1] for p in processes if p.wait(timeout=300) != 0]
     assert failures == []
     with db.open_engine(db_url) as engine:
-        assert db.current_revision(engine) == "0001"
+        assert db.current_revision(engine) == db.head_revision()
 
 
 # ------------------------------------------------------------------ idempotent writes
@@ -107,3 +107,24 @@ def test_insert_ignore_keeps_one_row_per_key_even_for_unreadable_files(db_url):
     assert _count(db_url, db.predictions) == 1
     assert _count(db_url, db.files_seen) == 2
     assert _count(db_url, db.rejections) == 1
+
+
+def test_migration_0002_gives_old_flagged_rows_the_low_confidence_reason(db_url):
+    # Rows written before review reasons existed: flagged ones could only have been flagged for
+    # low confidence; the others get no reason. Downgrading drops the columns again.
+    assert db.upgrade_database(db_url, "0001") == "0001"
+    insert = text(
+        "INSERT INTO predictions (sha256, predicted_class, confidence, probabilities, model_name,"
+        " model_version, model_run_id, dag_run_id, created_at, needs_review)"
+        " VALUES (:sha, 'blasts', 0.5, '{}', 'm', '1', 'r', 'd', :now, :flagged)"
+    )
+    with db.open_engine(db_url) as engine, engine.begin() as connection:
+        for sha, flagged in (("a" * 64, True), ("b" * 64, False)):
+            connection.execute(insert, {"sha": sha, "now": db.utcnow(), "flagged": flagged})
+    assert db.upgrade_database(db_url) == db.head_revision()
+    with db.open_engine(db_url) as engine, engine.connect() as connection:
+        rows = dict(connection.execute(select(db.predictions.c.sha256, db.predictions.c.review_reasons)).all())
+    assert rows == {"a" * 64: ["low_confidence"], "b" * 64: []}
+    assert db.downgrade_database(db_url, "0001") == "0001"
+    with db.open_engine(db_url) as engine:
+        assert "review_reasons" not in {c["name"] for c in inspect(engine).get_columns("predictions")}

@@ -103,6 +103,11 @@ predictions = Table(
     Column("dag_run_id", String(250), nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("needs_review", Boolean, nullable=False),
+    # Migration 0002: why it needs review (a JSON list, empty when nothing applies), the image's
+    # unfamiliar score (NULL before scores existed) and what the pre-model image check found.
+    Column("review_reasons", JSON, nullable=False, default=list, server_default="[]"),
+    Column("unfamiliar_score", Float, nullable=True),
+    Column("image_check", Text, nullable=True),
     UniqueConstraint("sha256", "model_name", "model_version"),
     Index(None, "created_at"),
 )
@@ -268,6 +273,18 @@ def upgrade_database(url: str, revision: str = "head") -> str | None:
         with engine.begin() as connection:
             command.upgrade(_alembic_config(connection), revision)
         return current_revision(engine)
+
+
+def head_revision() -> str:
+    """The newest migration in ``MIGRATIONS_DIR`` (what :func:`upgrade_database` reaches)."""
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    head = ScriptDirectory.from_config(config).get_current_head()
+    assert head is not None, f"no migrations in {MIGRATIONS_DIR}"
+    return head
 
 
 def downgrade_database(url: str, revision: str) -> str | None:
