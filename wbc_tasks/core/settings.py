@@ -170,8 +170,32 @@ class Settings(BaseSettings):
     max_chunks: int = 32
     #: Images per model call; the next batch is decoded while the model predicts this one.
     classify_batch_size: int = 32
-    #: Predictions less confident than this are flagged ``needs_review``.
-    review_threshold: float = 0.7
+    #: Review threshold on the calibrated confidence. Unset (the default), each model version's
+    #: own threshold is used: fitted on its validation split for the training param
+    #: ``review_target_accuracy`` and stored with the version. Set, it overrides every version's.
+    review_threshold: float | None = None
+    #: Used for versions registered before thresholds were fitted (no trust artifacts).
+    legacy_review_threshold: float = 0.7
+    #: A cell whose calibrated blast probability reaches this is flagged ``blast_suspected``,
+    #: whatever its top class (the lab report's "blasts suspected" flag uses the same rule).
+    #: Unset, each version's own value: fitted on its validation split so that the training
+    #: param ``blast_recall_target`` of blasts are predicted blasts or flagged.
+    blast_flag_probability: float | None = None
+    #: Cheap checks of each decoded image before the model (``image_check`` review reason): a
+    #: nearly uniform frame (grey-level standard deviation below ``image_check_min_std``; real
+    #: smears here have >= 26), too dark or too bright a frame (mean grey level outside
+    #: ``image_check_min_mean``..``image_check_max_mean``; real smears here 158-232) and a
+    #: noise-like texture (mean neighbour difference over standard deviation above
+    #: ``image_check_max_roughness``; real smears <= 0.27 at 64 px, pixel noise ~1.14).
+    image_check_min_std: float = 8.0
+    image_check_min_mean: float = 40.0
+    image_check_max_mean: float = 245.0
+    image_check_max_roughness: float = 0.6
+    #: Drift per drop: drops with fewer classified images raise no class-mix alert (too few to
+    #: tell a shift from chance); a drop whose rejected share passes ``drift_max_rejected_share``
+    #: raises an alert. The other drift limits are fitted per model version on its validation split.
+    drift_min_images: int = 30
+    drift_max_rejected_share: float = 0.2
     #: If set, classified/rejected files are moved here (after their rows are committed).
     archive_dir: ResolvedPath | None = None
     #: MLflow experiment the nightly run summaries are logged to.

@@ -35,11 +35,14 @@ def classification_param_specs(settings: Settings) -> ParamSpecs:
         },
         "threshold": {
             "default": settings.review_threshold,
-            "type": "number",
+            "type": ["number", "null"],
             "minimum": 0,
             "maximum": 1,
             "title": "Review threshold",
-            "description": "Predictions less confident than this are flagged needs_review.",
+            "description": (
+                "Calibrated confidence below which a prediction is flagged low_confidence. Empty: the model "
+                "version's own threshold, fitted on its validation split for a target accuracy."
+            ),
         },
         "chunk_size": {
             "default": settings.classify_chunk_size,

@@ -148,6 +148,30 @@ TRAINING_PARAM_SPECS: dict[str, dict[str, Any]] = {
         "maximum": 1,
         "description": "Floor for blasts' test recall (a missed blast costs most).",
     },
+    "review_target_accuracy": {
+        "default": 0.95,
+        "type": "number",
+        "minimum": 0.5,
+        "maximum": 1,
+        "description": "Accuracy wanted among predictions not flagged for review: the version's review "
+        "threshold (on calibrated confidence) is the lowest that reaches it on the validation split.",
+    },
+    "blast_recall_target": {
+        "default": 0.95,
+        "type": "number",
+        "minimum": 0.5,
+        "maximum": 1,
+        "description": "Share of validation blasts that must be predicted blasts or flagged blast_suspected: "
+        "sets the version's blast flag probability.",
+    },
+    "unfamiliar_rate": {
+        "default": 0.05,
+        "type": "number",
+        "minimum": 0.001,
+        "maximum": 0.5,
+        "description": "Share of the validation split's own images the unfamiliar threshold flags (its cost on "
+        "familiar images).",
+    },
     "precision": {
         "default": "auto",
         "type": "string",
@@ -223,6 +247,9 @@ class TrainingParams:
     min_metric: float
     min_class_recall: float
     min_blast_recall: float
+    review_target_accuracy: float
+    blast_recall_target: float
+    unfamiliar_rate: float
     precision: str
     xla: str
     seed: int

@@ -38,6 +38,23 @@ def predict_batches(model: Any, images: Any, batch_size: int) -> np.ndarray:
     return np.concatenate(parts)
 
 
+def predict_outputs(model: Any, images: Any, batch_size: int) -> list[np.ndarray]:
+    """Every output of a multi-output ``model`` for ``images``, ``batch_size`` at a time (the
+    last batch padded like :func:`predict_batches`), one array per output."""
+    batch_size = max(1, int(batch_size))
+    parts: list[list[np.ndarray]] = []
+    for start in range(0, len(images), batch_size):
+        batch = np.asarray(images[start : start + batch_size])
+        count = len(batch)
+        if count < batch_size:
+            padding = np.zeros((batch_size - count, *batch.shape[1:]), batch.dtype)
+            batch = np.concatenate([batch, padding])
+        parts.append([np.asarray(o)[:count] for o in model.predict_on_batch(batch)])
+    if not parts:
+        return [np.zeros((0, *o.shape[1:]), np.float32) for o in model.outputs]
+    return [np.concatenate(column) for column in zip(*parts)]
+
+
 def predict_store(model: Any, store: ImageStore, batch_size: int = 32) -> np.ndarray:
     """Class probabilities for every image of ``store``, read from its memory map in chunks."""
     n_classes = int(model.output_shape[-1])

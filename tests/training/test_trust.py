@@ -1,0 +1,139 @@
+"""The trust policy: review threshold for a target accuracy, blast flag for a target recall,
+the unfamiliar score, drift limits, and the whole fit on a trained model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.conftest import shared_set
+from tests.demo_stores import build_demo_stores, tiny_training_params
+from wbc_tasks.core.settings import CLASS_NAMES
+from wbc_tasks.data.image_checks import check_image, generated_non_cells
+from wbc_tasks.training import unfamiliar as uf
+from wbc_tasks.training.trust import (
+    assess,
+    blast_probability_for_recall,
+    calibrate_model,
+    load_trust,
+    review_threshold_for_accuracy,
+)
+
+
+def test_review_threshold_is_the_lowest_that_reaches_the_target_accuracy():
+    rng = np.random.default_rng(0)
+    confidence = rng.uniform(0.2, 1.0, 2000)
+    correct = rng.uniform(size=2000) < confidence  # right as often as it says
+    t = review_threshold_for_accuracy(confidence, correct, 0.9)
+    kept = confidence >= t
+    assert correct[kept].mean() >= 0.9
+    # One step lower (the next confidence below t) would miss the target.
+    lower = confidence[confidence < t].max()
+    assert correct[confidence >= lower].mean() < 0.9
+    assert review_threshold_for_accuracy(confidence, np.zeros(2000, bool), 0.9) == 1.0
+
+
+def test_blast_flag_probability_reaches_the_recall_target_on_missed_blasts():
+    is_blast = np.array([True] * 20 + [False] * 5)
+    predicted_blast = np.array([True] * 10 + [False] * 10 + [False] * 5)
+    p_blast = np.r_[np.full(10, 0.9), np.linspace(0.05, 0.5, 10), np.full(5, 0.01)]
+    p = blast_probability_for_recall(p_blast, predicted_blast, is_blast, 0.95)
+    caught = predicted_blast[is_blast] | (p_blast[is_blast] >= p)
+    assert caught.mean() >= 0.95
+    assert p == pytest.approx(p_blast[11])  # one blast (the least likely) may be missed: 19/20
+
+
+def test_min_mahalanobis_matches_scipy():
+    from scipy.spatial.distance import mahalanobis
+
+    rng = np.random.default_rng(1)
+    features, labels = rng.normal(size=(300, 5)), rng.integers(0, 3, 300)
+    stats = uf.fit_feature_statistics(features, features[:, :3], labels, 4)  # class 3 has no images
+    points = rng.normal(size=(7, 5))
+    got = uf.min_mahalanobis(points, stats.means_top, stats.precision_top)
+    want = [min(mahalanobis(x, stats.means_top[c], stats.precision_top) ** 2 for c in range(3)) for x in points]
+    np.testing.assert_allclose(got, want, rtol=1e-8)
+
+
+def test_image_checks_flag_every_generated_non_cell_frame_but_the_real_cells(settings):
+    from wbc_tasks.data.images import load_image
+
+    frames = generated_non_cells(64, 5)
+    for kind in ("black", "white", "uniform", "noise"):
+        assert all(check_image(f, settings) for f in frames[kind]), kind
+    paths = sorted((shared_set("wbc-bench") / "WBC").glob("*/*"))[::20]
+    assert len(paths) > 100
+    cells = [load_image(p, 64, max_pixels=10**8) for p in paths]
+    assert [check_image(c, settings) for c in cells].count(None) == len(cells)
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory):
+    """A tiny model trained on demo images, then calibrated with its trust policy fitted."""
+    from wbc_tasks.core.settings import get_settings
+    from wbc_tasks.training.train import train_model
+
+    root = tmp_path_factory.mktemp("trust")
+    stores = build_demo_stores(root, splits={"train": 6, "val": 6}, size=32, render_size=48)
+    trained = train_model(
+        stores["train"],
+        stores["val"],
+        root / "train",
+        tiny_training_params(32),
+        get_settings(),
+        checkpoint_dir=root / "ckpt",
+        dense_units=16,
+    )
+    summary = calibrate_model(
+        trained["model_path"],
+        stores["val"],
+        stores["train"],
+        root / "calibrate",
+        class_names=CLASS_NAMES,
+        training_counts={c: 6 for c in CLASS_NAMES},
+        review_target_accuracy=0.95,
+        blast_recall_target=0.95,
+        unfamiliar_rate=0.05,
+        batch_size=8,
+        seed=0,
+    )
+    return root, trained, summary
+
+
+def test_calibrated_model_and_policy_are_saved_and_agree(calibrated, settings):
+    import keras
+
+    from wbc_tasks.training.calibration import softmax
+    from wbc_tasks.training.trust import outputs_model, predict_all
+
+    root, trained, summary = calibrated
+    policy, stats = load_trust(root / "calibrate" / "trust")
+    assert policy is not None and stats is not None
+    assert policy.temperature == pytest.approx(summary["temperature"])
+    assert policy.unfamiliar_method in uf.METHODS
+    assert 0 <= policy.review_threshold <= 1 and 0 <= policy.blast_flag_probability <= 1
+    assert set(policy.drift) >= {"max_class_mix_divergence", "min_mean_confidence", "max_unfamiliar_share"}
+    for name in ("reliability_validation.png", "risk_coverage_validation.png", "feature_stats.npz"):
+        assert (root / "calibrate" / "trust" / name).stat().st_size > 0
+    images = np.random.default_rng(3).integers(0, 256, (5, 32, 32, 3)).astype(np.uint8)
+    raw = predict_all(outputs_model(keras.models.load_model(trained["model_path"])), images, 8)
+    folded = predict_all(outputs_model(keras.models.load_model(summary["model_path"])), images, 8)
+    np.testing.assert_allclose(folded["probabilities"], softmax(raw["logits"], policy.temperature), atol=1e-5)
+
+
+def test_assess_gives_every_generated_non_cell_a_reason(calibrated, settings):
+    import keras
+
+    from wbc_tasks.training.trust import outputs_model, predict_all
+
+    root, _, summary = calibrated
+    policy, stats = load_trust(root / "calibrate" / "trust")
+    frames = generated_non_cells(32, 4)
+    images = np.concatenate([frames[k] for k in ("black", "white", "uniform", "noise")])
+    outputs = predict_all(outputs_model(keras.models.load_model(summary["model_path"])), images, 8)
+    verdict = assess(outputs, [check_image(i, settings) for i in images], policy, stats, settings)
+    assert all("image_check" in reasons for reasons in verdict.reasons)
+    assert np.isfinite(verdict.unfamiliar_score).all()
+    # A set threshold overrides the version's.
+    forced = assess(outputs, [None] * len(images), policy, stats, settings.with_overrides(review_threshold=1.0))
+    assert all("low_confidence" in reasons for reasons in forced.reasons)

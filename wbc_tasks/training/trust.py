@@ -1,0 +1,464 @@
+"""What makes a prediction trustworthy, fitted per model version on its validation split and
+applied to every prediction: the calibration temperature, the review threshold, the blast flag,
+the unfamiliar score and the drift limits of a drop.
+
+:func:`fit_trust` runs after training (the DAG's ``calibrate`` task). It writes, in one folder
+that registration logs with the version (``trust/``): ``trust.json`` (:class:`TrustPolicy`),
+``feature_stats.npz`` (:class:`~wbc_tasks.training.unfamiliar.FeatureStatistics`), the
+reliability diagram and the risk-coverage curve. :func:`assess` applies a policy to a batch of
+model outputs: calibrated probabilities, the unfamiliar score and the review reasons.
+
+Review reasons (several can apply; ``needs_review`` is true when any does):
+``low_confidence`` (calibrated confidence under the review threshold), ``unfamiliar`` (score
+over the version's threshold), ``image_check`` (the pre-model check failed) and
+``blast_suspected`` (calibrated blast probability at or over the blast flag probability,
+whatever the top class). Imports ``core``, ``data`` and the training modules it names.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wbc_tasks.core.settings import Settings
+from wbc_tasks.core.workdir import write_json_atomic
+from wbc_tasks.training import unfamiliar as uf
+from wbc_tasks.training.calibration import LOGITS_LAYER, softmax
+
+log = logging.getLogger(__name__)
+
+TRUST_FILE = "trust.json"
+FEATURES_FILE = "feature_stats.npz"
+#: The MLflow artifact folder of a version's run holding the files above.
+TRUST_ARTIFACT_PATH = "trust"
+REASONS = ("low_confidence", "unfamiliar", "image_check", "blast_suspected")
+BLAST_CLASS = "blasts"
+#: Drift limits are fitted on draws of this many validation images (a typical small drop).
+DRIFT_DRAW_SIZE = 100
+DRIFT_DRAWS = 2000
+#: Fewest validation images a review threshold is chosen over (fewer: nothing is trusted).
+_MIN_COVERED = 20
+
+
+@dataclass
+class TrustPolicy:
+    """Everything a consumer needs besides the model to turn its output into a prediction row."""
+
+    class_names: list[str]
+    temperature: float
+    review_threshold: float
+    review_target_accuracy: float
+    blast_flag_probability: float
+    blast_recall_target: float
+    unfamiliar_method: str
+    unfamiliar_threshold: float
+    unfamiliar_rate: float
+    standardiser: dict[str, Any]
+    training_class_mix: dict[str, float]
+    drift: dict[str, float] = field(default_factory=dict)
+    fitted_on: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, folder: Path) -> None:
+        write_json_atomic(Path(folder) / TRUST_FILE, asdict(self))
+
+    @classmethod
+    def load(cls, folder: Path) -> TrustPolicy:
+        data = json.loads((Path(folder) / TRUST_FILE).read_text())
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+
+@dataclass
+class Assessment:
+    """One batch's calibrated output and verdicts (arrays aligned with the batch)."""
+
+    probabilities: np.ndarray
+    unfamiliar_score: np.ndarray
+    reasons: list[list[str]]
+
+
+def outputs_model(model: Any) -> Any:
+    """A model over ``model``'s layers returning probabilities, logits, pooled top features and
+    averaged mid-level features (for the unfamiliar score). Shares weights; nothing is copied."""
+    import keras
+
+    from wbc_tasks.training.model import BASE_LAYER, PREPROCESS_LAYER
+
+    base = model.get_layer(BASE_LAYER)
+    inner = keras.Model(base.inputs, [base.get_layer(uf.LOW_LAYER).output, base.output])
+    pixels = keras.Input(model.input_shape[1:], name="pixels")
+    low, top = inner(model.get_layer(PREPROCESS_LAYER)(pixels))
+    pooled = model.get_layer("head_pool")(top)
+    logits = model.get_layer(LOGITS_LAYER)(model.get_layer("head_dense")(pooled))
+    probabilities = model.get_layer("probabilities")(logits)
+    low_pooled = keras.layers.GlobalAveragePooling2D(name="low_pool")(low)
+    return keras.Model(pixels, [probabilities, logits, pooled, low_pooled], name=f"{model.name}_outputs")
+
+
+def predict_all(outputs: Any, images: Any, batch_size: int) -> dict[str, np.ndarray]:
+    """The four outputs of an :func:`outputs_model` for ``images`` (array or memory map)."""
+    from wbc_tasks.training.predict import predict_outputs
+
+    probabilities, logits, top, low = predict_outputs(outputs, images, batch_size)
+    return {
+        "probabilities": probabilities.astype(np.float64),
+        "logits": logits.astype(np.float64),
+        "top": top.astype(np.float64),
+        "low": low.astype(np.float64),
+    }
+
+
+def review_threshold_for_accuracy(confidence: np.ndarray, correct: np.ndarray, target: float) -> float:
+    """The lowest confidence threshold whose unflagged images (confidence >= it) are right at
+    least ``target`` of the time on these images; 1.0 (flag all) when none is."""
+    order = np.argsort(-np.asarray(confidence), kind="stable")
+    conf = np.asarray(confidence)[order]
+    hits = np.cumsum(np.asarray(correct)[order])
+    n = np.arange(1, len(conf) + 1)
+    ok = (hits / n >= target) & (n >= min(_MIN_COVERED, len(conf)))
+    # Only cut between distinct confidences: ties are all kept or all flagged.
+    distinct = np.r_[conf[1:] < conf[:-1], True]
+    candidates = np.flatnonzero(ok & distinct)
+    if not len(candidates):
+        return 1.0
+    return float(conf[candidates.max()])
+
+
+def risk_coverage(confidence: np.ndarray, correct: np.ndarray) -> dict[str, list[float]]:
+    """Coverage (share unflagged) and accuracy among the unflagged for every threshold."""
+    order = np.argsort(-np.asarray(confidence), kind="stable")
+    hits = np.cumsum(np.asarray(correct)[order])
+    n = np.arange(1, len(order) + 1)
+    return {
+        "threshold": np.asarray(confidence)[order].tolist(),
+        "coverage": (n / len(order)).tolist(),
+        "accuracy": (hits / n).tolist(),
+    }
+
+
+def blast_probability_for_recall(
+    p_blast: np.ndarray, predicted_blast: np.ndarray, is_blast: np.ndarray, target: float
+) -> float:
+    """The highest blast probability such that at least ``target`` of the true blasts are
+    predicted blasts or have at least that probability (1.0 when there are no blasts)."""
+    is_blast = np.asarray(is_blast, bool)
+    if not is_blast.any():
+        return 1.0
+    missed = np.asarray(p_blast)[is_blast & ~np.asarray(predicted_blast, bool)]
+    allowed_misses = int(np.floor((1 - target) * is_blast.sum()))
+    if len(missed) <= allowed_misses:
+        return 1.0
+    # Flag the blasts the model missed, from the most likely down, until few enough remain.
+    return float(np.sort(missed)[::-1][len(missed) - allowed_misses - 1])
+
+
+def jensen_shannon(p: np.ndarray, q: np.ndarray) -> float:
+    """Jensen-Shannon divergence (base 2, 0..1) between two class mixes."""
+    from scipy.spatial.distance import jensenshannon
+
+    return float(jensenshannon(p, q, base=2) ** 2)
+
+
+def _drift_limits(
+    predicted: np.ndarray, confidence: np.ndarray, unfamiliar: np.ndarray, mix: np.ndarray, seed: int
+) -> dict[str, float]:
+    rng = np.random.default_rng(seed)
+    n_classes = len(mix)
+    size = min(DRIFT_DRAW_SIZE, len(predicted))
+    divergences, confidences, shares = [], [], []
+    for _ in range(DRIFT_DRAWS):
+        pick = rng.choice(len(predicted), size, replace=False)
+        counts = np.bincount(predicted[pick], minlength=n_classes)
+        divergences.append(jensen_shannon(counts / counts.sum(), mix))
+        confidences.append(confidence[pick].mean())
+        shares.append(unfamiliar[pick].mean())
+    return {
+        "draw_size": float(size),
+        "max_class_mix_divergence": float(np.quantile(divergences, 0.995)),
+        "min_mean_confidence": float(np.quantile(confidences, 0.005)),
+        "max_unfamiliar_share": float(np.quantile(shares, 0.995)),
+    }
+
+
+def fit_trust(
+    val: dict[str, np.ndarray],
+    val_labels: np.ndarray,
+    train: dict[str, np.ndarray],
+    train_labels: np.ndarray,
+    negatives: dict[str, dict[str, np.ndarray]],
+    *,
+    class_names: list[str],
+    training_counts: dict[str, int],
+    review_target_accuracy: float,
+    blast_recall_target: float,
+    unfamiliar_rate: float,
+    seed: int = 0,
+) -> tuple[TrustPolicy, uf.FeatureStatistics, dict[str, Any]]:
+    """Fit every part of the policy from model outputs (see :func:`predict_all`, uncalibrated).
+
+    ``val``/``train``: outputs on the validation split and the (unaugmented) training split;
+    ``negatives``: outputs on synthetic negative sets by name. Returns the policy, the feature
+    statistics and a report (validation calibration before/after, AUROC per method and set).
+    """
+    from wbc_tasks.training.calibration import calibration_metrics, fit_temperature
+
+    val_labels = np.asarray(val_labels)
+    temperature = fit_temperature(val["logits"], val_labels)
+    calibrated = softmax(val["logits"], temperature)
+
+    def calibrated_outputs(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {**outputs, "logits": outputs["logits"] / temperature}
+
+    stats = uf.fit_feature_statistics(train["top"], train["low"], np.asarray(train_labels), len(class_names))
+    standard = uf.fit_standardiser(uf.raw_scores(calibrated_outputs(val), stats))
+    val_scores = uf.scores(calibrated_outputs(val), stats, standard)
+    negative_scores = {name: uf.scores(calibrated_outputs(o), stats, standard) for name, o in negatives.items()}
+    method, aurocs = uf.choose_method(val_scores, negative_scores)
+    unfamiliar_threshold = uf.threshold_for_rate(val_scores[method], unfamiliar_rate)
+
+    confidence = calibrated.max(axis=1)
+    predicted = calibrated.argmax(axis=1)
+    correct = predicted == val_labels
+    review_threshold = review_threshold_for_accuracy(confidence, correct, review_target_accuracy)
+    blast = class_names.index(BLAST_CLASS) if BLAST_CLASS in class_names else None
+    blast_probability = (
+        1.0
+        if blast is None
+        else blast_probability_for_recall(
+            calibrated[:, blast], predicted == blast, val_labels == blast, blast_recall_target
+        )
+    )
+    total = sum(training_counts.get(c, 0) for c in class_names) or 1
+    mix = np.array([training_counts.get(c, 0) / total for c in class_names])
+    drift = _drift_limits(predicted, confidence, val_scores[method] > unfamiliar_threshold, mix, seed)
+    policy = TrustPolicy(
+        class_names=list(class_names),
+        temperature=temperature,
+        review_threshold=review_threshold,
+        review_target_accuracy=review_target_accuracy,
+        blast_flag_probability=blast_probability,
+        blast_recall_target=blast_recall_target,
+        unfamiliar_method=method,
+        unfamiliar_threshold=unfamiliar_threshold,
+        unfamiliar_rate=unfamiliar_rate,
+        standardiser=uf.to_json(standard),
+        training_class_mix={c: float(m) for c, m in zip(class_names, mix)},
+        drift=drift,
+        fitted_on={
+            "validation_images": len(val_labels),
+            "training_images_for_features": len(train_labels),
+            "negative_sets": {name: len(o["logits"]) for name, o in negatives.items()},
+        },
+    )
+    unflagged = confidence >= review_threshold
+    report = {
+        "validation_before": calibration_metrics(softmax(val["logits"]), val_labels),
+        "validation_after": calibration_metrics(calibrated, val_labels),
+        "unfamiliar_auroc": aurocs,
+        "validation_coverage": float(unflagged.mean()),
+        "validation_unflagged_accuracy": float(correct[unflagged].mean()) if unflagged.any() else None,
+        "risk_coverage": risk_coverage(confidence, correct),
+    }
+    log.info(
+        "trust fitted on %d validation images: T %.3f, review threshold %.3f (coverage %.2f), blast flag %.3f, "
+        "unfamiliar %s > %.2f, drift limits %s",
+        len(val_labels),
+        temperature,
+        review_threshold,
+        report["validation_coverage"],
+        blast_probability,
+        method,
+        unfamiliar_threshold,
+        {k: round(v, 3) for k, v in drift.items()},
+    )
+    return policy, stats, report
+
+
+def effective_thresholds(policy: TrustPolicy | None, settings: Settings) -> dict[str, float | None]:
+    """Review threshold and blast flag probability in force: a setting when set, else the
+    version's fitted value (versions without a policy: the legacy fixed threshold, no blast flag)."""
+    review = settings.review_threshold
+    if review is None:
+        review = policy.review_threshold if policy else settings.legacy_review_threshold
+    blast = settings.blast_flag_probability
+    if blast is None and policy is not None:
+        blast = policy.blast_flag_probability
+    return {"review_threshold": float(review), "blast_flag_probability": blast}
+
+
+def assess(
+    outputs: dict[str, np.ndarray],
+    image_checks: list[str | None],
+    policy: TrustPolicy | None,
+    stats: uf.FeatureStatistics | None,
+    settings: Settings,
+    *,
+    review_threshold: float | None = None,
+) -> Assessment:
+    """Calibrated probabilities (the model's, already calibrated), unfamiliar scores and review
+    reasons for a batch of outputs of a registered (temperature-folded) model.
+
+    Without a policy (a version registered before trust existed) only ``low_confidence`` (at the
+    legacy threshold) and ``image_check`` apply, and scores are NaN.
+    """
+    probabilities = np.asarray(outputs["probabilities"], dtype=np.float64)
+    thresholds = effective_thresholds(policy, settings)
+    threshold = thresholds["review_threshold"] if review_threshold is None else float(review_threshold)
+    if policy is not None and stats is not None:
+        standard = uf.standardiser_from_json(policy.standardiser)
+        score = uf.scores(outputs, stats, standard)[policy.unfamiliar_method]
+        unfamiliar = score > policy.unfamiliar_threshold
+    else:
+        score = np.full(len(probabilities), np.nan)
+        unfamiliar = np.zeros(len(probabilities), bool)
+    blast_p = thresholds["blast_flag_probability"]
+    names = policy.class_names if policy else []
+    blast = names.index(BLAST_CLASS) if BLAST_CLASS in names else None
+    reasons: list[list[str]] = []
+    for i, row in enumerate(probabilities):
+        found = []
+        if row.max() < threshold:
+            found.append("low_confidence")
+        if unfamiliar[i]:
+            found.append("unfamiliar")
+        if image_checks[i] is not None:
+            found.append("image_check")
+        if blast is not None and blast_p is not None and row[blast] >= blast_p:
+            found.append("blast_suspected")
+        reasons.append(found)
+    return Assessment(probabilities, score, reasons)
+
+
+#: Training images per class whose features the class means are taken from (bounds the time).
+FEATURE_IMAGES_PER_CLASS = 400
+#: Validation images the synthetic negatives are made from.
+NEGATIVE_SOURCE_IMAGES = 400
+
+
+def _sample_per_class(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    picks = [rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in np.unique(labels)]
+    return np.sort(np.concatenate(picks)) if picks else np.zeros(0, int)
+
+
+def calibrate_model(
+    model_path: Path,
+    val_store: Path,
+    train_store: Path,
+    out_dir: Path,
+    *,
+    class_names: tuple[str, ...],
+    training_counts: dict[str, int],
+    review_target_accuracy: float,
+    blast_recall_target: float,
+    unfamiliar_rate: float,
+    batch_size: int,
+    seed: int,
+) -> dict[str, Any]:
+    """Fit the trust policy of a trained model and save the calibrated model.
+
+    Writes in ``out_dir``: ``model.keras`` (the temperature folded into its logits layer),
+    ``trust/`` (``trust.json``, ``feature_stats.npz``, ``reliability_validation.png``,
+    ``risk_coverage_validation.png``) and ``trust_report.json``. Returns the summary.
+    """
+    import keras
+
+    from wbc_tasks.data.image_checks import colour_shifts, corner_crops
+    from wbc_tasks.data.store import open_store
+    from wbc_tasks.training.calibration import fold_temperature, plot_reliability
+
+    out_dir = Path(out_dir)
+    trust_dir = out_dir / TRUST_ARTIFACT_PATH
+    trust_dir.mkdir(parents=True, exist_ok=True)
+    model = keras.models.load_model(model_path)
+    outputs = outputs_model(model)
+    val = open_store(Path(val_store))
+    train = open_store(Path(train_store))
+    if len(val) == 0:
+        raise ValueError(f"validation store {val_store} is empty: nothing to calibrate on")
+    index = {name: i for i, name in enumerate(class_names)}
+    val_labels = np.array([index[c] for c in val.records["class"]])
+    train_labels_all = np.array([index[c] for c in train.records["class"]])
+    picked = _sample_per_class(train_labels_all, FEATURE_IMAGES_PER_CLASS, seed)
+    log.info(
+        "calibrating on %d validation images; class features from %d training images; negatives from %d",
+        len(val),
+        len(picked),
+        min(len(val), NEGATIVE_SOURCE_IMAGES),
+    )
+    val_out = predict_all(outputs, val.images, batch_size)
+    train_out = predict_all(outputs, np.asarray(train.images[picked]), batch_size)
+    source = np.asarray(
+        val.images[np.sort(_sample_per_class(val_labels, NEGATIVE_SOURCE_IMAGES, seed))[:NEGATIVE_SOURCE_IMAGES]]
+    )
+    negatives = {
+        "corner_crops": predict_all(outputs, corner_crops(source, seed=seed), batch_size),
+        "colour_shifts": predict_all(outputs, colour_shifts(source, seed=seed), batch_size),
+    }
+    policy, stats, report = fit_trust(
+        val_out,
+        val_labels,
+        train_out,
+        train_labels_all[picked],
+        negatives,
+        class_names=list(class_names),
+        training_counts=training_counts,
+        review_target_accuracy=review_target_accuracy,
+        blast_recall_target=blast_recall_target,
+        unfamiliar_rate=unfamiliar_rate,
+        seed=seed,
+    )
+    fold_temperature(model, policy.temperature)
+    model.save(out_dir / "model.keras")
+    policy.save(trust_dir)
+    stats.save(trust_dir / FEATURES_FILE)
+    plot_reliability(
+        val_labels,
+        {"before": softmax(val_out["logits"]), "after": softmax(val_out["logits"], policy.temperature)},
+        trust_dir / "reliability_validation.png",
+        title=f"validation reliability (T = {policy.temperature:.2f})",
+    )
+    _plot_risk_coverage(report["risk_coverage"], policy.review_threshold, trust_dir / "risk_coverage_validation.png")
+    write_json_atomic(out_dir / "trust_report.json", report)
+    return {
+        "model_path": str(out_dir / "model.keras"),
+        "trust_dir": str(trust_dir),
+        "temperature": policy.temperature,
+        "review_threshold": policy.review_threshold,
+        "blast_flag_probability": policy.blast_flag_probability,
+        "unfamiliar_method": policy.unfamiliar_method,
+        "unfamiliar_threshold": policy.unfamiliar_threshold,
+        "validation_coverage": report["validation_coverage"],
+        "validation_unflagged_accuracy": report["validation_unflagged_accuracy"],
+        "validation_ece_before": report["validation_before"]["ece"],
+        "validation_ece_after": report["validation_after"]["ece"],
+        "unfamiliar_auroc": report["unfamiliar_auroc"][policy.unfamiliar_method],
+    }
+
+
+def _plot_risk_coverage(curve: dict[str, list[float]], threshold: float, path: Path) -> None:
+    from wbc_tasks.data.figures import new_figure, save_figure
+
+    fig = new_figure(5.5, 4.0, dpi=110)
+    ax = fig.subplots()
+    ax.plot(curve["coverage"], curve["accuracy"])
+    covered = [c for c, t in zip(curve["coverage"], curve["threshold"]) if t >= threshold]
+    if covered:
+        ax.axvline(max(covered), color="grey", linestyle="--", label=f"review threshold {threshold:.2f}")
+        ax.legend(loc="lower left", fontsize=8)
+    ax.set_xlabel("coverage (share not flagged)")
+    ax.set_ylabel("accuracy of the unflagged")
+    ax.set_ylim(0, 1.01)
+    ax.set_title("risk-coverage")
+    save_figure(fig, path)
+
+
+def load_trust(folder: Path | None) -> tuple[TrustPolicy | None, uf.FeatureStatistics | None]:
+    """The policy and feature statistics in ``folder`` (None, None when absent)."""
+    if folder is None or not (Path(folder) / TRUST_FILE).is_file():
+        return None, None
+    return TrustPolicy.load(folder), uf.FeatureStatistics.load(Path(folder) / FEATURES_FILE)

@@ -1,0 +1,175 @@
+"""The unfamiliar score: how far an image lies from what the model was trained on, from the
+model's own features, with the method chosen by measurement for each model version.
+
+Candidates (higher = less familiar):
+
+- ``mahalanobis``: the smallest Mahalanobis distance² from the pooled top features
+  (``head_pool``) to a training class mean, with one shared covariance (Ledoit-Wolf shrinkage,
+  scikit-learn: 512 dimensions from a few thousand images need it);
+- ``mahalanobis_low``: the same on mid-level features (VGG16's ``block3_pool``, averaged over
+  the image): stain and scanner shifts change colour and texture statistics there first;
+- ``energy``: minus the log-sum-exp of the calibrated logits (low when some class fits well);
+- ``combined``: the mean of the three, each standardised on the validation images.
+
+Each is standardised by the validation images' median and interquartile range, so scores of
+different methods and versions read alike: 0 is a typical familiar image. The method kept is
+the one separating validation images best (AUROC) from synthetic negatives made from training
+data only (corner crops without the white cell, strong colour shifts: see
+:mod:`wbc_tasks.data.image_checks`); the threshold is the validation quantile that flags the
+training param ``unfamiliar_rate`` of familiar images. Another lab's images are measured, never
+used here. Imports ``data``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+METHODS = ("mahalanobis", "mahalanobis_low", "energy", "combined")
+#: Mid-level VGG16 layer whose averaged output feeds ``mahalanobis_low``.
+LOW_LAYER = "block3_pool"
+
+
+@dataclass
+class FeatureStatistics:
+    """Class means and shared precision matrices of the top and mid-level features."""
+
+    means_top: np.ndarray
+    precision_top: np.ndarray
+    means_low: np.ndarray
+    precision_low: np.ndarray
+
+    def save(self, path: Path) -> None:
+        np.savez_compressed(path, **{k: getattr(self, k) for k in self.__dataclass_fields__})
+
+    @classmethod
+    def load(cls, path: Path) -> FeatureStatistics:
+        with np.load(path) as data:
+            return cls(**{k: np.asarray(data[k]) for k in cls.__dataclass_fields__})
+
+
+@dataclass
+class Standardiser:
+    """Median and interquartile range of each raw score on the validation images."""
+
+    centre: dict[str, float] = field(default_factory=dict)
+    scale: dict[str, float] = field(default_factory=dict)
+
+    def apply(self, name: str, raw: np.ndarray) -> np.ndarray:
+        return (np.asarray(raw, dtype=np.float64) - self.centre[name]) / self.scale[name]
+
+
+def _class_stats(features: np.ndarray, labels: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.covariance import LedoitWolf
+
+    features = np.asarray(features, dtype=np.float64)
+    means = np.zeros((n_classes, features.shape[1]))
+    centred = np.empty_like(features)
+    for c in range(n_classes):
+        mask = labels == c
+        if mask.any():
+            means[c] = features[mask].mean(axis=0)
+            centred[mask] = features[mask] - means[c]
+    present = np.isin(np.arange(n_classes), labels)
+    # A class with no training image gets an unreachable mean (it can never be the nearest).
+    means[~present] = np.inf
+    return means, LedoitWolf(assume_centered=True).fit(centred).precision_
+
+
+def fit_feature_statistics(top: np.ndarray, low: np.ndarray, labels: np.ndarray, n_classes: int) -> FeatureStatistics:
+    """Class means and shared (shrunk) precision of training features by true class."""
+    labels = np.asarray(labels)
+    means_top, precision_top = _class_stats(top, labels, n_classes)
+    means_low, precision_low = _class_stats(low, labels, n_classes)
+    return FeatureStatistics(means_top, precision_top, means_low, precision_low)
+
+
+def min_mahalanobis(features: np.ndarray, means: np.ndarray, precision: np.ndarray) -> np.ndarray:
+    """Smallest squared Mahalanobis distance of each row of ``features`` to a class mean."""
+    f = np.asarray(features, dtype=np.float64)
+    finite = np.isfinite(means).all(axis=1)
+    m = means[finite]
+    fp = f @ precision
+    d = (fp * f).sum(axis=1)[:, None] - 2 * fp @ m.T + ((m @ precision) * m).sum(axis=1)[None, :]
+    return np.maximum(d.min(axis=1), 0.0)
+
+
+def energy(logits: np.ndarray) -> np.ndarray:
+    """Minus the log-sum-exp of (calibrated) logits."""
+    z = np.asarray(logits, dtype=np.float64)
+    top = z.max(axis=1, keepdims=True)
+    return -(top[:, 0] + np.log(np.exp(z - top).sum(axis=1)))
+
+
+def raw_scores(outputs: dict[str, np.ndarray], stats: FeatureStatistics) -> dict[str, np.ndarray]:
+    """The three raw candidate scores from a batch's (calibrated) logits and features."""
+    return {
+        "mahalanobis": min_mahalanobis(outputs["top"], stats.means_top, stats.precision_top),
+        "mahalanobis_low": min_mahalanobis(outputs["low"], stats.means_low, stats.precision_low),
+        "energy": energy(outputs["logits"]),
+    }
+
+
+def scores(outputs: dict[str, np.ndarray], stats: FeatureStatistics, standard: Standardiser) -> dict[str, np.ndarray]:
+    """Every candidate's standardised score (``combined`` included)."""
+    raw = raw_scores(outputs, stats)
+    standardised = {name: standard.apply(name, value) for name, value in raw.items()}
+    standardised["combined"] = np.mean([standardised[name] for name in raw], axis=0)
+    return standardised
+
+
+def fit_standardiser(val_raw: dict[str, np.ndarray]) -> Standardiser:
+    standard = Standardiser()
+    for name, value in val_raw.items():
+        q1, median, q3 = np.percentile(value, [25, 50, 75])
+        standard.centre[name] = float(median)
+        standard.scale[name] = float(q3 - q1) or 1.0
+    return standard
+
+
+def auroc(familiar: np.ndarray, unfamiliar: np.ndarray) -> float:
+    """Probability that an unfamiliar image scores above a familiar one (scikit-learn)."""
+    from sklearn.metrics import roc_auc_score
+
+    y = np.r_[np.zeros(len(familiar)), np.ones(len(unfamiliar))]
+    return float(roc_auc_score(y, np.r_[familiar, unfamiliar]))
+
+
+def choose_method(
+    val_scores: dict[str, np.ndarray], negative_scores: dict[str, dict[str, np.ndarray]]
+) -> tuple[str, dict]:
+    """The method with the best worst-case AUROC over the negative sets (ties: the simpler one,
+    in ``METHODS`` order), and every method's AUROC per set."""
+    table = {
+        method: {kind: auroc(val_scores[method], scored[method]) for kind, scored in negative_scores.items()}
+        for method in METHODS
+    }
+    best = max(METHODS, key=lambda m: (round(min(table[m].values()), 3), -METHODS.index(m)))
+    log.info(
+        "unfamiliar score: %s chosen; AUROC by method and negative set %s",
+        best,
+        {m: {k: round(v, 3) for k, v in t.items()} for m, t in table.items()},
+    )
+    return best, table
+
+
+def threshold_for_rate(val_scores: np.ndarray, rate: float) -> float:
+    """The score above which ``rate`` of the validation images lie."""
+    return float(np.quantile(np.asarray(val_scores, dtype=np.float64), 1.0 - rate))
+
+
+def to_json(standard: Standardiser) -> dict[str, Any]:
+    return {"centre": standard.centre, "scale": standard.scale}
+
+
+def standardiser_from_json(data: dict[str, Any]) -> Standardiser:
+    return Standardiser(
+        centre={k: float(v) for k, v in data["centre"].items()},
+        scale={k: float(v) for k, v in data["scale"].items()},
+    )
