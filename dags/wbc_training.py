@@ -1,6 +1,7 @@
 """Train, evaluate and (maybe) promote the white-blood-cell classifier.
 
-split → preprocess → augment → balance (SMOTE) → train (queue ``gpu``) → evaluate → register → promote
+split → preprocess → augment → balance (SMOTE) → train (queue ``gpu``) → calibrate (queue ``gpu``: temperature,
+review threshold, blast flag, unfamiliar score, drift limits) → evaluate → register → promote
 
 Each task is one call of one ``wbc_tasks.pipelines.training`` function. Tasks pass only small dicts; the data
 moves through the run's work folder (``$WBC_WORK_DIR/runs/<run id>/<step>/``). Trigger it from
@@ -92,6 +93,12 @@ def wbc_training() -> None:
 
         return train_step(*_run_id_and_params())
 
+    @task(queue="gpu")
+    def calibrate() -> dict:
+        from wbc_tasks.pipelines.training import calibrate_step
+
+        return calibrate_step(*_run_id_and_params())
+
     @task
     def evaluate() -> dict:
         from wbc_tasks.pipelines.training import evaluate_step
@@ -110,7 +117,7 @@ def wbc_training() -> None:
 
         return promote_step(*_run_id_and_params())
 
-    chain(split(), preprocess(), augment(), balance(), train_model(), evaluate(), register(), promote())
+    chain(split(), preprocess(), augment(), balance(), train_model(), calibrate(), evaluate(), register(), promote())
 
 
 wbc_training()

@@ -15,7 +15,7 @@ from airflow.sdk.definitions.param import ParamValidationError
 from tests.conftest import REPO_ROOT, free_port, parse_dag, write_image
 from wbc_tasks.training.params import TRAINING_PARAM_SPECS
 
-ORDER = ["split", "preprocess", "augment", "balance", "train_model", "evaluate", "register", "promote"]
+ORDER = ["split", "preprocess", "augment", "balance", "train_model", "calibrate", "evaluate", "register", "promote"]
 HEAVY = {
     "tensorflow",
     "keras",

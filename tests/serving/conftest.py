@@ -73,6 +73,7 @@ def make_prediction(
     confidence=0.9,
     created_at=None,
     review=False,
+    reasons=None,
 ) -> dict:
     """A ``predictions`` row of model ``version`` whose class ``best`` has ``confidence``."""
     rest = (1.0 - confidence) / (len(classes) - 1)
@@ -86,7 +87,8 @@ def make_prediction(
         "model_version": version,
         "model_run_id": f"run{version}",
         "dag_run_id": "night",
-        "needs_review": review,
+        "needs_review": review or bool(reasons),
+        "review_reasons": list(reasons) if reasons is not None else (["low_confidence"] if review else []),
         "created_at": created_at or db.utcnow(),
     }
 

@@ -31,7 +31,9 @@ def known_rows(db_settings):
             db.predictions,
             [
                 make_prediction("a" * 64, "1", best=2, confidence=0.95, created_at=old),
-                make_prediction("b" * 64, "1", best=8, confidence=0.40, created_at=old, review=True),
+                make_prediction(
+                    "b" * 64, "1", best=8, confidence=0.40, created_at=old, reasons=["low_confidence", "unfamiliar"]
+                ),
                 make_prediction(
                     "a" * 64,
                     "2",
@@ -47,6 +49,7 @@ def known_rows(db_settings):
                     best=2,
                     confidence=0.99,
                     created_at=new,
+                    reasons=["blast_suspected"],
                 ),
             ],
         )
@@ -119,7 +122,7 @@ def test_export_filters(known_rows, tmp_path):
         ("2026-11-25/a-again.jpg", "1"),
         ("c.jpg", "2"),
     }
-    assert [r["path"] for r in rows(needs_review=True)] == ["2026-11-24/b.jpg"]
+    assert [r["path"] for r in rows(needs_review=True)] == ["2026-11-24/b.jpg", "c.jpg"]
     assert {r["path"] for r in rows(model_version=2)} == {
         "2026-11-24/a.jpg",
         "2026-11-25/a-again.jpg",
@@ -142,6 +145,30 @@ def test_export_filters(known_rows, tmp_path):
         *CLASS_NAMES,
         "smudge",
     }
+
+
+def test_review_reasons_are_exported_as_lists_and_filter_rows(known_rows, tmp_path):
+    def paths(**filters):
+        buffer = io.BytesIO()
+        queries.export_predictions(known_rows, fmt="json", out=buffer, **filters)
+        return {(r["path"], tuple(r["review_reasons"])) for r in json.loads(buffer.getvalue())}
+
+    assert paths(review_reason="unfamiliar") == {("2026-11-24/b.jpg", ("low_confidence", "unfamiliar"))}
+    assert paths(review_reason="low_confidence") == {("2026-11-24/b.jpg", ("low_confidence", "unfamiliar"))}
+    assert paths(review_reason="blast_suspected") == {("c.jpg", ("blast_suspected",))}
+    assert paths(review_reason="image_check") == set()
+    with pytest.raises(ValueError, match="unknown review reason 'tired'"):
+        queries.export_predictions(known_rows, fmt="json", out=io.BytesIO(), review_reason="tired")
+    # CSV: the list as JSON text; parquet: a list column.
+    queries.export_predictions(known_rows, fmt="csv", out=tmp_path / "x.csv")
+    queries.export_predictions(known_rows, fmt="parquet", out=tmp_path / "x.parquet")
+    csv = pd.read_csv(tmp_path / "x.csv", keep_default_na=False)
+    assert json.loads(csv.set_index("path").loc["2026-11-24/b.jpg", "review_reasons"]) == [
+        "low_confidence",
+        "unfamiliar",
+    ]
+    parquet = pd.read_parquet(tmp_path / "x.parquet").set_index("path")
+    assert list(parquet.loc["c.jpg", "review_reasons"]) == ["blast_suspected"]
 
 
 def test_export_formats_hold_the_same_rows(known_rows, tmp_path):

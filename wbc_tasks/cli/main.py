@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from wbc_tasks.cli.embedded import airflow_environment, run_airflow_command, run_airflow_ui, run_mlflow_ui
-from wbc_tasks.core.settings import Settings, get_settings
+from wbc_tasks.core.settings import REVIEW_REASONS, Settings, get_settings
 from wbc_tasks.training.params import PROFILES
 
 
@@ -100,6 +100,7 @@ def cmd_predictions(args: argparse.Namespace, settings: Settings) -> int:
         since=args.since,
         predicted_class=args.predicted_class,
         needs_review=review,
+        review_reason=args.review_reason,
         model_version=args.model_version,
         latest=args.latest,
         fmt=args.format,
@@ -219,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     preds.add_argument("--since", help="only files seen / predictions made at or after this ISO time")
     preds.add_argument("--class", dest="predicted_class", help="only this predicted class")
     preds.add_argument("--needs-review", choices=["yes", "no"], help="only flagged (yes) or unflagged (no)")
+    preds.add_argument(
+        "--review-reason", choices=REVIEW_REASONS, help="only predictions flagged for this reason (among others)"
+    )
     preds.add_argument("--model-version", help="only predictions of this model version")
     preds.add_argument("--latest", action="store_true", help="only the newest prediction per file")
     preds.set_defaults(func=cmd_predictions)

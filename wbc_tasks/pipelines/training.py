@@ -144,6 +144,50 @@ def train_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
         )
 
 
+def calibrate_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
+    """Calibrate the trained model on the validation split and fit its trust policy (review
+    threshold, blast flag, unfamiliar score, drift limits); log them to the run."""
+    from wbc_tasks.core.settings import CLASS_NAMES
+    from wbc_tasks.registry.artifacts import log_metrics, log_stage_artifacts
+    from wbc_tasks.training.trust import TRUST_ARTIFACT_PATH, calibrate_model
+
+    settings, p, run = _context(run_id, params)
+    trained = require_complete(run / "train")
+    split = require_complete(run / "split")
+    summary = run_step(
+        run / "calibrate",
+        lambda out: calibrate_model(
+            Path(trained["model_path"]),
+            run / "preprocess" / "val",
+            run / "preprocess" / "train",
+            out,
+            class_names=CLASS_NAMES,
+            # The class mix of the labelled training split, before augmentation and SMOTE: what a
+            # drop from the same labs should look like.
+            training_counts=split["counts"].get("train", {}),
+            review_target_accuracy=p.review_target_accuracy,
+            blast_recall_target=p.blast_recall_target,
+            unfamiliar_rate=p.unfamiliar_rate,
+            batch_size=p.batch_size,
+            seed=p.seed,
+        ),
+    )
+    log_metrics(
+        settings,
+        run_id,
+        {k: v for k, v in summary.items() if isinstance(v, int | float) and not isinstance(v, bool)},
+        prefix="calibration",
+    )
+    log_stage_artifacts(
+        settings,
+        run_id,
+        run / "calibrate" / TRUST_ARTIFACT_PATH,
+        TRUST_ARTIFACT_PATH,
+        suffixes=(".json", ".npz", ".png"),
+    )
+    return summary
+
+
 def _groups_csv(data_dir: Path) -> Path | None:
     """An optional ``groups.csv`` beside the data (lab, scanner...) for broken-down metrics."""
     for candidate in (data_dir / "groups.csv", data_dir.parent / "groups.csv"):
@@ -153,25 +197,41 @@ def _groups_csv(data_dir: Path) -> Path | None:
 
 
 def evaluate_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
-    """Evaluate the trained model on the untouched test split (argmax); log metrics and figures."""
+    """Evaluate the calibrated model on the untouched test split (argmax) and measure its trust
+    policy there (calibration, coverage, flags); log metrics and figures."""
     from wbc_tasks.core.settings import CLASS_NAMES
     from wbc_tasks.registry.artifacts import log_metrics
     from wbc_tasks.training.evaluate import evaluate_model
+    from wbc_tasks.training.evaluate_trust import evaluate_trust
 
     settings, p, run = _context(run_id, params)
-    trained = require_complete(run / "train")
+    calibrated = require_complete(run / "calibrate")
     data_dir = Path(require_complete(run / "split")["data_dir"])
-    summary = run_step(
-        run / "evaluate",
-        lambda out: evaluate_model(
-            Path(trained["model_path"]),
+
+    def build(out: Path) -> dict:
+        summary = evaluate_model(
+            Path(calibrated["model_path"]),
             run / "preprocess" / "test",
             out,
             class_names=CLASS_NAMES,
             groups_csv=_groups_csv(data_dir),
             batch_size=p.batch_size,
-        ),
-    )
+        )
+        trust = evaluate_trust(
+            Path(calibrated["model_path"]),
+            Path(calibrated["trust_dir"]),
+            run / "preprocess" / "test",
+            out,
+            settings,
+            class_names=CLASS_NAMES,
+            batch_size=p.batch_size,
+        )
+        # Flat numbers join the headline metrics: version tags, the model card, the comparison.
+        summary["metrics"].update(trust["metrics"])
+        summary["trust"] = trust["metrics"]
+        return summary
+
+    summary = run_step(run / "evaluate", build)
     log_metrics(settings, run_id, summary["metrics"], prefix="test")
     _log_artifacts(settings, run_id, run / "evaluate", "evaluation", data_dir)
     return summary
@@ -187,7 +247,7 @@ def register_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
     from wbc_tasks.registry.registration import register_model
 
     settings, p, run = _context(run_id, params)
-    trained = require_complete(run / "train")
+    trained = require_complete(run / "calibrate")
     evaluated = require_complete(run / "evaluate")
     split = require_complete(run / "split")
 
@@ -236,6 +296,7 @@ def promote_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
             min_metric=p.min_metric,
             min_class_recall=p.min_class_recall,
             min_blast_recall=p.min_blast_recall,
+            max_ece=p.max_ece,
         )
 
     summary = run_step(run / "promote", build)

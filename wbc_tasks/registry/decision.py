@@ -8,11 +8,11 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from wbc_tasks.registry.tags import per_class_values
+from wbc_tasks.registry.tags import is_number, per_class_values
 
 BLAST_CLASS = "blasts"
 PROMOTED = "promoted"
@@ -20,6 +20,18 @@ REJECTED = "rejected"  # failed a floor
 KEPT_CHAMPION = "kept_champion"  # lost or tied the comparison
 ALREADY_CHAMPION = "already_champion"
 ERROR = "error"  # an alias move failed; aliases were put back
+
+
+#: Trust figures of the candidate written into the comparison record.
+TRUST_COMPARED = (
+    "ece",
+    "ece_before_calibration",
+    "coverage",
+    "unflagged_accuracy",
+    "unfamiliar_or_image_check_share",
+    "mosaics_flagged_share",
+    "non_cells_flagged_share",
+)
 
 
 class PromotionConflict(RuntimeError):
@@ -39,10 +51,13 @@ class PromotionDecision:
     champion_value: float | None
     margin: float
     failed_floors: tuple[str, ...] = ()
+    #: The candidate's calibration and unfamiliar-detection figures (recorded, compared by people).
+    candidate_trust: Mapping[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["failed_floors"] = list(self.failed_floors)
+        out["candidate_trust"] = dict(self.candidate_trust)
         return out
 
     def as_tags(self, decided_at: str) -> dict[str, str]:
@@ -61,6 +76,7 @@ class PromotionDecision:
             "promotion.compared_with_version": self.champion_version or "none",
             "promotion.failed_floors": json.dumps(list(self.failed_floors)),
             "promotion.decided_at": decided_at,
+            **{f"promotion.candidate_{k}": num(v) for k, v in self.candidate_trust.items()},
         }
 
 
@@ -91,9 +107,19 @@ def check_floors(
     min_metric: float,
     min_class_recall: float,
     min_blast_recall: float,
+    max_ece: float | None = None,
 ) -> list[str]:
-    """Each floor the candidate misses, worded for people (empty: it passes them all)."""
+    """Each floor the candidate misses, worded for people (empty: it passes them all).
+
+    ``max_ece``: an optional ceiling on the candidate's calibrated test ECE (off when None).
+    """
     failures = []
+    if max_ece is not None:
+        ece = metrics.get("ece")
+        if ece is None or not is_number(ece):
+            failures.append(f"no calibration error recorded, and max_ece {max_ece:.3f} is set")
+        elif float(ece) > max_ece:
+            failures.append(f"calibration error (ECE) {float(ece):.4f} is above the ceiling {max_ece:.4f} (max_ece)")
     value = _metric_value(metrics, metric, "candidate")
     if math.isnan(value) or value < min_metric:
         failures.append(f"{metric} {value:.4f} is below the floor {min_metric:.4f} (min_metric)")
@@ -122,6 +148,7 @@ def decide_promotion(
     min_metric: float,
     min_class_recall: float,
     min_blast_recall: float,
+    max_ece: float | None = None,
 ) -> PromotionDecision:
     """Promote, reject (a floor) or keep the champion; pure, no MLflow.
 
@@ -135,12 +162,16 @@ def decide_promotion(
         min_metric=min_metric,
         min_class_recall=min_class_recall,
         min_blast_recall=min_blast_recall,
+        max_ece=max_ece,
     )
     common: dict[str, Any] = {
         "metric": metric,
         "candidate_value": candidate_value,
         "champion_version": champion_version,
         "margin": margin,
+        "candidate_trust": {
+            k: float(candidate_metrics[k]) for k in TRUST_COMPARED if is_number(candidate_metrics.get(k))
+        },
     }
     champion_value = None
     if champion_version is not None:

@@ -211,6 +211,7 @@ def promote_if_better(
     min_metric: float,
     min_class_recall: float,
     min_blast_recall: float,
+    max_ece: float | None = None,
 ) -> dict[str, Any]:
     """Decide on ``candidate`` against the champion of this moment and apply the decision.
 
@@ -225,6 +226,7 @@ def promote_if_better(
         "min_metric": min_metric,
         "min_class_recall": min_class_recall,
         "min_blast_recall": min_blast_recall,
+        "max_ece": max_ece,
     }
     with promotion_lock(settings):
         champion_version = current_aliases(settings).get(settings.champion_alias)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from wbc_tasks.core.settings import Settings
@@ -103,6 +104,33 @@ def load_keras_model(settings: Settings, ref: ModelRef) -> Any:
         )
     configure_mlflow(settings)
     return mlflow.tensorflow.load_model(expected)
+
+
+def download_trust_artifacts(settings: Settings, ref: ModelRef, dst: Path) -> Path | None:
+    """Download the trust policy files logged with ``ref``'s run into ``dst``; the folder holding
+    them, or None for a version registered before policies existed (or with no run)."""
+    import mlflow.artifacts
+
+    from wbc_tasks.training.trust import TRUST_ARTIFACT_PATH, TRUST_FILE
+
+    if not ref.run_id:
+        return None
+    client = configure_mlflow(settings)
+    found = call_with_retries(settings, client.list_artifacts, ref.run_id, TRUST_ARTIFACT_PATH)
+    if not found:
+        return None
+    dst = Path(dst)
+    if (dst / TRUST_ARTIFACT_PATH / TRUST_FILE).is_file():
+        return dst / TRUST_ARTIFACT_PATH
+    dst.mkdir(parents=True, exist_ok=True)
+    call_with_retries(
+        settings,
+        mlflow.artifacts.download_artifacts,
+        run_id=ref.run_id,
+        artifact_path=TRUST_ARTIFACT_PATH,
+        dst_path=str(dst),
+    )
+    return dst / TRUST_ARTIFACT_PATH
 
 
 def current_aliases(settings: Settings) -> dict[str, str]:

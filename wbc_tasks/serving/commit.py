@@ -33,7 +33,15 @@ from wbc_tasks.serving.scan import FoundFile
 log = logging.getLogger(__name__)
 
 #: The fields of a prediction that :func:`wbc_tasks.serving.infer.prediction_fields` gives.
-PREDICTION_FIELDS = ("predicted_class", "confidence", "probabilities", "needs_review")
+PREDICTION_FIELDS = (
+    "predicted_class",
+    "confidence",
+    "probabilities",
+    "needs_review",
+    "review_reasons",
+    "unfamiliar_score",
+    "image_check",
+)
 
 
 def seen_row(found: FoundFile, run_id: str, seen_at: datetime) -> dict[str, Any]:
@@ -101,6 +109,8 @@ def empty_stats() -> dict[str, Any]:
         "files_recorded": 0,
         "files_changed": 0,
         "needs_review": 0,
+        "review_reasons": {},
+        "unfamiliar_score_sum": 0.0,
         "confidence_sum": 0.0,
         "per_class": {},
         "classify_seconds": 0.0,
@@ -128,7 +138,7 @@ def classify_chunk(
         return json.loads(done_file.read_text())
     chunk = json.loads(chunk_file.read_text())
     ref = model_ref_from_dict(model if model is not None else chunk["model"])
-    threshold = settings.review_threshold if threshold is None else float(threshold)
+    threshold = None if threshold is None else float(threshold)
     items = chunk["items"]
     stats = empty_stats()
     started = time.perf_counter()
@@ -148,6 +158,7 @@ def classify_chunk(
         todo = [i for i in items if i["sha256"] not in already]
         stats["images_already_classified"] = len(items) - len(todo)
         per_class: Counter[str] = Counter()
+        reasons: Counter[str] = Counter()
         prediction_rows, rejection_rows, seen_rows, committed_paths = [], [], [], []
         now = db.utcnow()
         for item in items:
@@ -166,7 +177,7 @@ def classify_chunk(
                 for index, item in enumerate(todo)
             ]
             predict_started = time.perf_counter()
-            for outcome in predict_images(settings, keras_model, ref, jobs):
+            for outcome in predict_images(settings, keras_model, ref, jobs, review_threshold=threshold):
                 item = todo[outcome.key]
                 files = [FoundFile(**f) for f in item["files"]]
                 if outcome.probabilities is None and outcome.reason is None:
@@ -189,11 +200,13 @@ def classify_chunk(
                     stats["files_rejected"] += len(files)
                 else:
                     assert outcome.probabilities is not None  # no reason: it was predicted
-                    fields = prediction_fields(outcome.probabilities, ref, threshold)
+                    fields = prediction_fields(outcome, ref)
                     prediction_rows.append(prediction_row(item["sha256"], fields, ref, run_id, now))
                     per_class[fields["predicted_class"]] += 1
                     stats["confidence_sum"] += fields["confidence"]
                     stats["needs_review"] += int(fields["needs_review"])
+                    reasons.update(fields["review_reasons"])
+                    stats["unfamiliar_score_sum"] += fields["unfamiliar_score"] or 0.0
                 seen_rows.extend(seen_row(f, run_id, now) for f in files)
                 committed_paths.extend(f.path for f in files)
             stats["classify_seconds"] = time.perf_counter() - predict_started
@@ -213,6 +226,7 @@ def classify_chunk(
         images_classified=len(prediction_rows),
         files_recorded=len(seen_rows),
         per_class=dict(sorted(per_class.items())),
+        review_reasons=dict(sorted(reasons.items())),
         seconds=time.perf_counter() - started,
     )
     write_json_atomic(done_file, stats)

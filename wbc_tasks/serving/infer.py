@@ -1,9 +1,10 @@
 """Classifying image files with a loaded model: files are hashed, checked and decoded in a
-thread pool one batch ahead of the model, batches go through
-:func:`wbc_tasks.training.predict.predict_batches`, and an output row becomes the fields of a
-prediction (class, confidence, probabilities by class, review flag). Writes nothing. Imports
-``core``, ``data``, ``training``, ``registry`` (the model reference) and :mod:`.scan` (the
-folders links may lead into).
+thread pool one batch ahead of the model, each decoded image gets the cheap image check, batches
+go through the model's outputs (probabilities, logits, features) and the version's trust policy
+(:func:`wbc_tasks.training.trust.assess`), and an output becomes the fields of a prediction
+(class, calibrated confidence, probabilities by class, unfamiliar score, review reasons). Writes
+nothing. Imports ``core``, ``data``, ``training``, ``registry`` (the model reference) and
+:mod:`.scan` (the folders links may lead into).
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ import logging
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from wbc_tasks.core.settings import Settings
+from wbc_tasks.data.image_checks import check_image
 from wbc_tasks.data.images import (
     DISAPPEARED,
     ImageError,
@@ -27,18 +29,34 @@ from wbc_tasks.data.images import (
 from wbc_tasks.registry.versions import ModelRef
 from wbc_tasks.serving.scan import allowed_roots
 from wbc_tasks.training.predict import predict_batches
+from wbc_tasks.training.trust import assess, predict_all
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
+class ServingModel:
+    """A registered version ready to classify: its Keras model, the same layers returning the
+    features the unfamiliar score needs, and its trust policy (None for versions registered
+    before policies existed: then only low confidence and the image check apply)."""
+
+    keras_model: Any
+    outputs: Any | None
+    policy: Any | None = None
+    stats: Any | None = None
+
+
+@dataclass
 class Outcome:
-    """One image's result: probabilities, or the reason it was rejected."""
+    """One image's result: probabilities and verdicts, or the reason it was rejected."""
 
     key: Any
     sha256: str
     probabilities: list[float] | None = None
     reason: str | None = None
+    unfamiliar_score: float | None = None
+    review_reasons: list[str] = field(default_factory=list)
+    image_check: str | None = None
 
 
 def _decode(path: Path, size: int, settings: Settings, expected_sha: str | None) -> tuple[str, Any]:
@@ -67,16 +85,28 @@ def _decode(path: Path, size: int, settings: Settings, expected_sha: str | None)
         )
     except ImageError as exc:
         return "rejected", ("" if exc.reason == DISAPPEARED else digest, exc.reason)
-    return "ok", (digest, array)
+    return "ok", (digest, array, check_image(array, settings))
+
+
+def _model_outputs(model: ServingModel, images: Any, batch_size: int) -> dict[str, Any]:
+    import numpy as np
+
+    if model.outputs is not None:
+        return predict_all(model.outputs, images, batch_size)
+    return {"probabilities": np.asarray(predict_batches(model.keras_model, images, batch_size), dtype=np.float64)}
 
 
 def predict_images(
     settings: Settings,
-    model: Any,
+    model: ServingModel,
     ref: ModelRef,
     jobs: Sequence[tuple[Any, Path, str | None]],
+    *,
+    review_threshold: float | None = None,
 ) -> Iterator[Outcome]:
     """Classify ``jobs`` (key, path, expected sha256 or None) in batches.
+
+    ``review_threshold`` overrides the version's (and ``WBC_REVIEW_THRESHOLD``) for this call.
 
     Decoding runs in a thread pool (Pillow releases the GIL) one batch ahead of the model, so
     the CPU decodes the next batch while the model predicts this one. A file whose content no
@@ -103,11 +133,12 @@ def predict_images(
             upcoming = next(queue, None)
             if upcoming is not None:
                 pending.append(submit(upcoming))
-            arrays, owners = [], []
+            arrays, owners, checks = [], [], []
             for key, (status, value) in decoded:
                 if status == "ok":
                     owners.append((key, value[0]))
                     arrays.append(value[1])
+                    checks.append(value[2])
                 elif status == "rejected":
                     yield Outcome(key, value[0], reason=value[1])
                 else:
@@ -115,23 +146,38 @@ def predict_images(
                     yield Outcome(key, value)
             if not arrays:
                 continue
-            output = np.asarray(predict_batches(model, np.stack(arrays), batch_size), dtype=np.float64)
+            outputs = _model_outputs(model, np.stack(arrays), batch_size)
+            output = outputs["probabilities"]
             if output.ndim != 2 or output.shape[1] != n_classes:
                 raise ValueError(
                     f"model {ref.name} version {ref.version} returned shape {output.shape}, "
                     f"expected (batch, {n_classes}) for classes {ref.class_names}"
                 )
-            for (key, digest), row in zip(owners, output, strict=True):
-                yield Outcome(key, digest, probabilities=[float(p) for p in row])
+            verdict = assess(outputs, checks, model.policy, model.stats, settings, review_threshold=review_threshold)
+            for i, (key, digest) in enumerate(owners):
+                score = float(verdict.unfamiliar_score[i])
+                yield Outcome(
+                    key,
+                    digest,
+                    probabilities=[float(p) for p in verdict.probabilities[i]],
+                    unfamiliar_score=None if score != score else score,  # NaN: no score for this version
+                    review_reasons=verdict.reasons[i],
+                    image_check=checks[i],
+                )
 
 
-def prediction_fields(probabilities: Sequence[float], ref: ModelRef, threshold: float) -> dict[str, Any]:
-    """Class, confidence, probabilities by class and the review flag of one output row."""
+def prediction_fields(outcome: Outcome, ref: ModelRef) -> dict[str, Any]:
+    """Class, calibrated confidence, probabilities by class, unfamiliar score and review reasons
+    of one predicted image (``needs_review``: any reason applies)."""
+    probabilities = outcome.probabilities
+    assert probabilities is not None, "a rejected image has no prediction"
     best = max(range(len(probabilities)), key=probabilities.__getitem__)
-    confidence = float(probabilities[best])
     return {
         "predicted_class": ref.class_names[best],
-        "confidence": confidence,
+        "confidence": float(probabilities[best]),
         "probabilities": {name: float(p) for name, p in zip(ref.class_names, probabilities, strict=True)},
-        "needs_review": confidence < threshold,
+        "needs_review": bool(outcome.review_reasons),
+        "review_reasons": list(outcome.review_reasons),
+        "unfamiliar_score": outcome.unfamiliar_score,
+        "image_check": outcome.image_check,
     }

@@ -59,16 +59,49 @@ def resolve_run_model(settings: Settings, ref: str | None = None) -> dict[str, A
     return model_ref_to_dict(model)
 
 
+def load_policy(settings: Settings, ref: ModelRef) -> tuple[Any, Any]:
+    """The trust policy and feature statistics of ``ref`` ((None, None) for a version without)."""
+    from wbc_tasks.registry.versions import download_trust_artifacts
+    from wbc_tasks.training.trust import load_trust
+
+    return load_trust(
+        download_trust_artifacts(settings, ref, settings.work_dir / "model-trust" / f"{ref.name}-{ref.version}")
+    )
+
+
 def load_model(settings: Settings, ref: ModelRef) -> Any:
-    """The Keras model of ``ref`` (from the configured registry)."""
+    """The version ``ref`` ready to classify (:class:`~wbc_tasks.serving.infer.ServingModel`): its
+    Keras model from the configured registry and its trust policy, downloaded once per version
+    into ``<work_dir>/model-trust/``."""
     from wbc_tasks.registry.versions import load_keras_model
+    from wbc_tasks.serving.infer import ServingModel
+    from wbc_tasks.training.trust import outputs_model
 
     started = time.perf_counter()
     model = load_keras_model(settings, ref)
+    policy, stats = load_policy(settings, ref)
+    try:
+        outputs = outputs_model(model)
+    except (ValueError, KeyError) as exc:
+        # Not this project's architecture (no named head/base layers): probabilities only.
+        log.warning("%s version %s: no feature outputs (%s); unfamiliar score off", ref.name, ref.version, exc)
+        outputs, policy, stats = None, None, None
+    if policy is None:
+        log.warning(
+            "%s version %s has no trust policy (registered before calibration existed): review threshold %.2f on "
+            "the raw softmax, no unfamiliar score or blast flag; retrain to get them",
+            ref.name,
+            ref.version,
+            settings.review_threshold if settings.review_threshold is not None else settings.legacy_review_threshold,
+        )
     log.info(
-        "loaded %s version %s in %.1f s",
+        "loaded %s version %s in %.1f s%s",
         ref.name,
         ref.version,
         time.perf_counter() - started,
+        f" (T {policy.temperature:.2f}, review threshold {policy.review_threshold:.2f}, unfamiliar "
+        f"{policy.unfamiliar_method} > {policy.unfamiliar_threshold:.2f})"
+        if policy
+        else "",
     )
-    return model
+    return ServingModel(model, outputs, policy, stats)

@@ -16,10 +16,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import Text, and_, cast, or_, select
 from sqlalchemy.engine import Connection
 
-from wbc_tasks.core.settings import CLASS_NAMES, Settings
+from wbc_tasks.core.settings import CLASS_NAMES, REVIEW_REASONS, Settings
 from wbc_tasks.serving.predictions import (
     UNREADABLE_SHA,
     files_seen,
@@ -45,6 +45,9 @@ EXPORT_COLUMNS = (
     "predicted_class",
     "confidence",
     "needs_review",
+    "review_reasons",
+    "unfamiliar_score",
+    "image_check",
     "model_name",
     "model_version",
     "model_run_id",
@@ -142,6 +145,7 @@ def query_predictions(
     since: datetime | str | None = None,
     predicted_class: str | None = None,
     needs_review: bool | None = None,
+    review_reason: str | None = None,
     model_version: str | int | None = None,
     latest: bool = False,
 ) -> pd.DataFrame:
@@ -166,6 +170,9 @@ def query_predictions(
             p.c.predicted_class,
             p.c.confidence,
             p.c.needs_review,
+            p.c.review_reasons,
+            p.c.unfamiliar_score,
+            p.c.image_check,
             p.c.probabilities,
             p.c.model_name,
             p.c.model_version,
@@ -186,6 +193,11 @@ def query_predictions(
         query = query.where(p.c.predicted_class == predicted_class)
     if needs_review is not None:
         query = query.where(p.c.needs_review == bool(needs_review))
+    if review_reason is not None:
+        if review_reason not in REVIEW_REASONS:
+            raise ValueError(f"unknown review reason {review_reason!r}; choose one of {', '.join(REVIEW_REASONS)}")
+        # The JSON list as text on both SQLite and PostgreSQL: '["low_confidence", "unfamiliar"]'.
+        query = query.where(cast(p.c.review_reasons, Text).like(f'%"{review_reason}"%'))
     if model_version is not None:
         query = query.where(p.c.model_version == str(model_version))
     since_utc = _as_utc(since)
@@ -250,7 +262,7 @@ def _iso_or_none(value: Any) -> Any:
 def _is_null(value: Any) -> bool:
     import pandas as pd
 
-    return value is None or (not isinstance(value, dict) and bool(pd.isna(value)))
+    return value is None or (not isinstance(value, dict | list) and bool(pd.isna(value)))
 
 
 def _json_records(table: pd.DataFrame) -> list[dict[str, Any]]:
@@ -261,7 +273,7 @@ def _json_records(table: pd.DataFrame) -> list[dict[str, Any]]:
             key = str(column)
             if key in ("seen_at", "predicted_at", "rejected_at"):
                 record[key] = _iso_or_none(value)
-            elif isinstance(value, dict):
+            elif isinstance(value, dict | list):
                 record[key] = value
             elif _is_null(value):
                 record[key] = None
@@ -280,6 +292,7 @@ def export_predictions(
     since: datetime | str | None = None,
     predicted_class: str | None = None,
     needs_review: bool | None = None,
+    review_reason: str | None = None,
     model_version: str | int | None = None,
     latest: bool = False,
     fmt: str = "csv",
@@ -299,6 +312,7 @@ def export_predictions(
         since=since,
         predicted_class=predicted_class,
         needs_review=needs_review,
+        review_reason=review_reason,
         model_version=model_version,
         latest=latest,
     )
@@ -306,6 +320,8 @@ def export_predictions(
         payload: bytes | str = json.dumps(_json_records(table), indent=1, ensure_ascii=False) + "\n"
     elif fmt == "csv":
         wide = wide_table(table)
+        # A list cell as JSON text (pandas would write Python's repr).
+        wide["review_reasons"] = [json.dumps(v) if isinstance(v, list) else v for v in wide["review_reasons"]]
         payload = wide.to_csv(index=False, date_format="%Y-%m-%dT%H:%M:%S.%f%z")
     else:
         buffer = io.BytesIO()

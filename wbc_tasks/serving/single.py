@@ -51,21 +51,21 @@ def classify_paths(
     from wbc_tasks.registry.versions import resolve_model
 
     ref = model_ref if isinstance(model_ref, ModelRef) else resolve_model(settings, model_ref)
-    threshold = settings.review_threshold if threshold is None else float(threshold)
     model = load_model(settings, ref)
     absolute = [Path(p).expanduser().absolute() for p in paths]
     # Each file is checked like a drop folder's files, against every configured folder: one
     # outside them (or a link leading out) is rejected with its reason, the others still run.
     one_shot = settings.with_overrides(allowed_roots=settings.input_roots())
     results: list[dict[str, Any]] = [{"path": str(p)} for p in absolute]
-    for outcome in predict_images(one_shot, model, ref, [(i, p, None) for i, p in enumerate(absolute)]):
+    jobs = [(i, p, None) for i, p in enumerate(absolute)]
+    for outcome in predict_images(one_shot, model, ref, jobs, review_threshold=threshold):
         result = results[outcome.key]
         result["sha256"] = outcome.sha256
         if outcome.reason is not None:
             result["rejected"] = outcome.reason
         else:
             assert outcome.probabilities is not None  # no reason: it was predicted
-            result.update(prediction_fields(outcome.probabilities, ref, threshold))
+            result.update(prediction_fields(outcome, ref))
             result.update(model_name=ref.name, model_version=ref.version)
     if record:
         _record_paths(settings, ref, results, run_id or new_run_id("classify-paths"))

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from wbc_tasks.core.paths import safe_name
 from wbc_tasks.core.settings import Settings
 from wbc_tasks.core.workdir import write_json_atomic
 from wbc_tasks.registry.versions import ModelRef
@@ -39,6 +40,8 @@ _METRICS = (
     "images_classified",
     "mean_confidence",
     "needs_review",
+    "unfamiliar_share",
+    "drops_drifted",
     "files_rejected",
     "files_linked_to_existing_predictions",
     "files_settling",
@@ -59,9 +62,11 @@ def summarise_run(
     ref = model_ref_from_dict(model)
     chunk_summaries = [c for c in (chunk_summaries or []) if c]
     per_class: Counter[str] = Counter()
+    reasons: Counter[str] = Counter()
     totals = empty_stats()
     for chunk in chunk_summaries:
         per_class.update(chunk.get("per_class", {}))
+        reasons.update(chunk.get("review_reasons", {}))
         for key in _CHUNK_TOTALS:
             totals[key] += chunk.get(key, 0)
     classified = totals["images_classified"]
@@ -79,6 +84,8 @@ def summarise_run(
         "per_class": dict(sorted(per_class.items())),
         "mean_confidence": totals["confidence_sum"] / classified if classified else None,
         "needs_review": totals["needs_review"],
+        "review_reasons": dict(sorted(reasons.items())),
+        "unfamiliar_share": reasons.get("unfamiliar", 0) / classified if classified else None,
         "files_rejected": found.get("files_rejected", 0) + totals["files_rejected"],
         "files_changed_during_run": totals["files_changed"],
         "classify_seconds": totals["classify_seconds"],
@@ -99,11 +106,27 @@ def summarise_run(
         summary["files_settling"],
         "n/a" if summary["images_per_second"] is None else f"{summary['images_per_second']:.1f}",
     )
+    summary["drift"] = _drift(settings, run_id, ref)
+    summary["drops_drifted"] = sum(bool(d["alerts"]) for d in summary["drift"])
     summary["mlflow_run_id"] = _log_summary_to_mlflow(settings, ref, summary, params or {})
     work = Path(found["work_dir"]) if found.get("work_dir") else run_work_dir(settings, run_id)
     work.mkdir(parents=True, exist_ok=True)
     write_json_atomic(work / SUMMARY_FILE, summary)
     return summary
+
+
+def _drift(settings: Settings, run_id: str, ref: ModelRef) -> list[dict[str, Any]]:
+    """Drift per drop of this run; drifted drops are alerted on every configured channel."""
+    from wbc_tasks.ops.alerts import send_alert
+    from wbc_tasks.serving.drift import drift_alert_details, drift_by_drop
+    from wbc_tasks.serving.model import load_policy
+
+    policy, _ = load_policy(settings, ref)
+    drops = drift_by_drop(settings, run_id, ref, policy)
+    drifted = [d for d in drops if d["alerts"]]
+    if drifted:
+        send_alert(settings, drift_alert_details(run_id, drifted))
+    return drops
 
 
 def _log_summary_to_mlflow(settings: Settings, ref: ModelRef, summary: dict, params: dict) -> str:
@@ -123,6 +146,13 @@ def _log_summary_to_mlflow(settings: Settings, ref: ModelRef, summary: dict, par
     }
     metrics = {key: float(summary[key]) for key in _METRICS if summary[key] is not None}
     metrics.update({f"count_{name}": float(n) for name, n in summary["per_class"].items()})
+    metrics.update({f"review_{name}": float(n) for name, n in summary["review_reasons"].items()})
+    for d in summary["drift"]:
+        key = "drift." + (safe_name(d["drop"]) if d["drop"] else "loose")
+        for name in ("class_mix_divergence", "mean_confidence", "unfamiliar_share", "rejected_share"):
+            if d[name] is not None:
+                metrics[f"{key}.{name}"] = float(d[name])
+        metrics[f"{key}.alerts"] = float(len(d["alerts"]))
     run = client.create_run(experiment_id, run_name=f"classify {summary['run_id']}", tags=tags)
     run_id = run.info.run_id
     stamp = int(time.time() * 1000)

@@ -148,6 +148,14 @@ TRAINING_PARAM_SPECS: dict[str, dict[str, Any]] = {
         "maximum": 1,
         "description": "Floor for blasts' test recall (a missed blast costs most).",
     },
+    "max_ece": {
+        "default": None,
+        "type": ["null", "number"],
+        "minimum": 0,
+        "maximum": 1,
+        "description": "Optional ceiling on the candidate's calibrated test ECE (15 bins); empty: off. A perfectly "
+        "calibrated model scores about 0.04 on a 544-image test split by chance, so keep any ceiling above that.",
+    },
     "review_target_accuracy": {
         "default": 0.95,
         "type": "number",
@@ -247,6 +255,7 @@ class TrainingParams:
     min_metric: float
     min_class_recall: float
     min_blast_recall: float
+    max_ece: float | None
     review_target_accuracy: float
     blast_recall_target: float
     unfamiliar_rate: float

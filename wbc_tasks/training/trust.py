@@ -36,7 +36,6 @@ TRUST_FILE = "trust.json"
 FEATURES_FILE = "feature_stats.npz"
 #: The MLflow artifact folder of a version's run holding the files above.
 TRUST_ARTIFACT_PATH = "trust"
-REASONS = ("low_confidence", "unfamiliar", "image_check", "blast_suspected")
 BLAST_CLASS = "blasts"
 #: Drift limits are fitted on draws of this many validation images (a typical small drop).
 DRIFT_DRAW_SIZE = 100

@@ -1,0 +1,228 @@
+"""Can the predictions be trusted? Train on wbc-bench, then measure calibration, review flags,
+unfamiliar images and drift on the test split, the training labs' nightly drops and a third lab.
+
+    .venv/bin/python bench/bench_trust.py [--profile cpu] [--param NAME=VALUE ...] [--seed 42] [--home DIR]
+    .venv/bin/python bench/bench_trust.py --summarise HOME [HOME ...]   # mean/range over seeds
+
+Runs the training pipeline's own steps without Airflow (``wbc_tasks.pipelines.training``: split,
+preprocess, augment, balance, train, calibrate, evaluate, register, promote) on
+``../shared/data/wbc-bench/WBC``, then one nightly classification (``classify_new_images``) over a
+classify folder holding copies of the training labs' two drops (``wbc-bench/classify-images``)
+and of every ``wbc-other-lab`` image as drop ``other-lab`` (copies in ``--home``; the shared data
+is only read). ``wbc-other-lab`` is never trained or tuned on: it is only measured here.
+
+Reports (markdown on stdout, JSON in ``<home>/bench_trust.json``):
+
+- test split: balanced accuracy, ECE / NLL / Brier before and after calibration with bootstrap 95 %
+  intervals, coverage and unflagged accuracy (interval, per class), the unfamiliar / image-check
+  share, the blast flag's cost on non-blasts, corner mosaics and generated non-cells flagged;
+- other lab: accuracy and balanced accuracy over its classes with >= 20 images, per-class recall,
+  share flagged, share unflagged and right, share called blasts, AUROC of the unfamiliar score
+  against the test split;
+- drift per drop (alerts and their measures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+SHARED = REPO.parent / "shared" / "data"
+BENCH = SHARED / "wbc-bench" / "WBC"
+DROPS = SHARED / "wbc-bench" / "classify-images"
+OTHER_LAB = SHARED / "wbc-other-lab" / "WBC"
+OTHER_DROP = "other-lab"
+STEPS = ("split", "preprocess", "augment", "balance", "train", "calibrate", "evaluate", "register", "promote")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profile", default="cpu", help="training profile (default cpu)")
+    parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="param override")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--home", type=Path, help="WBC_HOME (default: a new temporary folder, kept)")
+    parser.add_argument("--summarise", nargs="+", type=Path, metavar="HOME", help="summarise earlier runs")
+    return parser.parse_args(argv)
+
+
+def _params(args: argparse.Namespace) -> dict:
+    from wbc_tasks.training.params import PROFILES
+
+    params = {**PROFILES[args.profile], "seed": args.seed, "data_dir": None}
+    for pair in args.param:
+        name, _, value = pair.partition("=")
+        try:
+            params[name] = json.loads(value)
+        except json.JSONDecodeError:
+            params[name] = value
+    return params
+
+
+def _fill_classify_folder(classify: Path) -> dict[str, str]:
+    """Copy the drops and the other lab's images; return {relative path: true class} of the latter."""
+    truth = {}
+    for drop in sorted(DROPS.iterdir()):
+        shutil.copytree(drop, classify / drop.name, dirs_exist_ok=True)
+    target = classify / OTHER_DROP
+    target.mkdir(parents=True, exist_ok=True)
+    for path in sorted(OTHER_LAB.glob("*/*")):
+        name = f"{path.parent.name}-{path.name}"  # names are not inputs to the model; kept unique
+        shutil.copy2(path, target / name)
+        truth[f"{OTHER_DROP}/{name}"] = path.parent.name
+    return truth
+
+
+def _other_lab_report(table, truth: dict[str, str], test_scores) -> dict:
+    import numpy as np
+
+    from wbc_tasks.training.unfamiliar import auroc
+
+    rows = table[table["drop"] == OTHER_DROP].copy()
+    rows = rows[rows["status"] == "classified"]
+    rows["true"] = rows["path"].map(truth)
+    counts = rows["true"].value_counts()
+    big = [c for c, n in counts.items() if n >= 20]
+    recall = {c: float((rows[rows["true"] == c]["predicted_class"] == c).mean()) for c in counts.index}
+    flagged = rows["needs_review"].astype(bool)
+    right = rows["predicted_class"] == rows["true"]
+    scores = rows["unfamiliar_score"].astype(float).to_numpy()
+    return {
+        "images": len(rows),
+        "accuracy": float(right.mean()),
+        "balanced_accuracy_classes_ge_20": float(np.mean([recall[c] for c in big])),
+        "per_class_recall": recall,
+        "class_counts": {c: int(n) for c, n in counts.items()},
+        "flagged_share": float(flagged.mean()),
+        "unfamiliar_share": float(rows["review_reasons"].map(lambda r: "unfamiliar" in r).mean()),
+        "unflagged_share": float((~flagged).mean()),
+        "unflagged_accuracy": float(right[~flagged].mean()) if (~flagged).any() else None,
+        "called_blasts_share": float((rows["predicted_class"] == "blasts").mean()),
+        "mean_confidence": float(rows["confidence"].mean()),
+        "unfamiliar_auroc_vs_test": auroc(np.asarray(test_scores, float), scores)
+        if np.isfinite(scores).all()
+        else None,
+    }
+
+
+def run(args: argparse.Namespace) -> dict:
+    home = args.home or Path(tempfile.mkdtemp(prefix="wbc-bench-trust-"))
+    home.mkdir(parents=True, exist_ok=True)
+    classify = home / "classify-images"
+    os.environ.update(
+        {
+            "WBC_HOME": str(home),
+            "WBC_DATA_DIR": str(BENCH),
+            "WBC_CLASSIFY_DIR": str(classify),
+            "WBC_ALLOWED_ROOTS": str(SHARED),
+        }
+    )
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    import pandas as pd
+
+    from wbc_tasks.core.settings import get_settings
+    from wbc_tasks.pipelines import training as steps
+    from wbc_tasks.serving.nightly import classify_new_images
+    from wbc_tasks.serving.queries import query_predictions
+
+    settings = get_settings()
+    params = _params(args)
+    run_id = f"bench-trust-{args.seed}"
+    timings = {}
+    for step in STEPS:
+        started = time.perf_counter()
+        getattr(steps, f"{step}_step")(run_id, params)
+        timings[step] = round(time.perf_counter() - started, 1)
+        print(f"{step}: {timings[step]} s", flush=True)
+    evaluated = json.loads((settings.run_dir(run_id) / "evaluate" / "trust_metrics.json").read_text())
+    metrics = json.loads((settings.run_dir(run_id) / "evaluate" / "metrics.json").read_text())
+    test_rows = pd.read_csv(settings.run_dir(run_id) / "evaluate" / "test_review_reasons.csv")
+
+    truth = _fill_classify_folder(classify)
+    started = time.perf_counter()
+    night = classify_new_images(settings)
+    timings["classify"] = round(time.perf_counter() - started, 1)
+    table = query_predictions(settings, latest=True)
+    result = {
+        "profile": args.profile,
+        "params": params,
+        "seed": args.seed,
+        "home": str(home),
+        "timings_s": timings,
+        "test": {
+            "balanced_accuracy": metrics["balanced_accuracy"],
+            "accuracy": metrics["accuracy"],
+            **evaluated["metrics"],
+            "detail": evaluated["detail"],
+        },
+        "other_lab": _other_lab_report(table, truth, test_rows["unfamiliar_score"]),
+        "drift": night["drift"],
+        "night": {k: night[k] for k in ("images_classified", "needs_review", "review_reasons", "images_per_second")},
+    }
+    (home / "bench_trust.json").write_text(json.dumps(result, indent=1, default=str))
+    return result
+
+
+def _print(result: dict) -> None:
+    t, o = result["test"], result["other_lab"]
+    d = t["detail"]
+    print(f"\n## seed {result['seed']} ({result['profile']}), {result['home']}\n")
+    print("| test split | value |\n|---|---|")
+    for key in (
+        "balanced_accuracy",
+        "ece_before_calibration",
+        "ece",
+        "nll_before_calibration",
+        "nll",
+        "brier",
+        "temperature",
+        "review_threshold",
+        "coverage",
+        "unflagged_accuracy",
+        "unfamiliar_or_image_check_share",
+        "blast_flag_non_blast_share",
+        "blasts_caught_share",
+        "mosaics_flagged_share",
+        "non_cells_flagged_share",
+    ):
+        if key in t:
+            print(f"| {key} | {t[key]:.3f} |")
+    print(
+        f"| ECE 95 % before / after | {d['calibration_intervals_95']['before']['ece']} / "
+        f"{d['calibration_intervals_95']['after']['ece']} |"
+    )
+    print(f"| unflagged accuracy 95 % | {d['unflagged_accuracy_interval_95']} |")
+    print(f"| method | {d['unfamiliar_method']} |")
+    print("\n| other lab | value |\n|---|---|")
+    for key, value in o.items():
+        print(f"| {key} | {value if not isinstance(value, float) else round(value, 3)} |")
+    print("\n| drop | images | divergence | mean conf | unfamiliar | alerts |\n|---|---|---|---|---|---|")
+    for e in result["drift"]:
+        print(
+            f"| {e['drop']} | {e['images']} | {e['class_mix_divergence']} | {e['mean_confidence']} | "
+            f"{e['unfamiliar_share']} | {'; '.join(e['alerts']) or 'none'} |"
+        )
+    print(f"\ntimings (s): {result['timings_s']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.summarise:
+        for home in args.summarise:
+            _print(json.loads((home / "bench_trust.json").read_text()))
+        return 0
+    _print(run(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
