@@ -144,6 +144,7 @@ def run_config(name: str, run_id: str, params: dict, shared_run: str | None, sha
     balanced = _timed(result, "balance", steps.balance_step, run_id, params)
     keras.backend.clear_session()
     trained = _timed(result, "train", steps.train_step, run_id, params)
+    _timed(result, "calibrate", steps.calibrate_step, run_id, params)
     evaluated = _timed(result, "evaluate", steps.evaluate_step, run_id, params)
     # The step's summary holds the headline metrics; metrics.json holds all of them.
     metrics = json.loads(Path(evaluated["artifacts"]["metrics"]).read_text())

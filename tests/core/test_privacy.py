@@ -66,15 +66,12 @@ def env(settings, labelled, mlflow_dir, tmp_path, monkeypatch):
 
 
 def _fake_training(run_id: str) -> None:
-    """A tiny Keras model where the train step puts its model (training itself is not the point)."""
-    import keras
-
+    """An untrained model where the train step puts its model (training itself is not the point)."""
     from wbc_tasks.core.workdir import run_step
+    from wbc_tasks.training.model import build_model
 
     def build(out: Path) -> dict:
-        inputs = keras.Input((32, 32, 3))
-        x = keras.layers.Rescaling(1 / 255)(keras.layers.GlobalAveragePooling2D()(inputs))
-        model = keras.Model(inputs, keras.layers.Dense(9, activation="softmax")(x))
+        model = build_model(32, 9, weights="none", settings=get_settings(), dense_units=8)
         model.save(out / "model.keras")
         return {"model_path": str(out / "model.keras")}
 
@@ -130,6 +127,7 @@ def test_with_the_option_on_no_patient_name_reaches_mlflow_or_the_logs(env, labe
     steps.augment_step(run_id, RUN_PARAMS)
     steps.balance_step(run_id, RUN_PARAMS)
     _fake_training(run_id)
+    steps.calibrate_step(run_id, RUN_PARAMS)
     evaluated = steps.evaluate_step(run_id, RUN_PARAMS)
 
     settings = get_settings()

@@ -43,8 +43,10 @@ def test_tasks_chained_in_order_with_training_on_gpu_queue():
     dag = parse_dag("wbc_training")
     for upstream, downstream in zip(ORDER, ORDER[1:]):
         assert dag.get_task(upstream).downstream_task_ids == {downstream}
-    assert dag.get_task("train_model").queue == "gpu"
-    assert {t.queue for t in dag.tasks if t.task_id != "train_model"} == {"default"}
+    # The two steps that run the network (training, then calibration's passes over the images).
+    on_gpu = {"train_model", "calibrate"}
+    assert {t.task_id for t in dag.tasks if t.queue == "gpu"} == on_gpu
+    assert {t.queue for t in dag.tasks if t.task_id not in on_gpu} == {"default"}
     assert dag.schedule is None and dag.catchup is False
 
 

@@ -90,6 +90,7 @@ def run_steps(run_id: str, params: dict) -> dict:
         steps.augment_step,
         steps.balance_step,
         steps.train_step,
+        steps.calibrate_step,
         steps.evaluate_step,
         steps.register_step,
         steps.promote_step,

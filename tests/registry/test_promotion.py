@@ -93,6 +93,18 @@ def test_decision_needs_the_numbers():
         decide_promotion(metrics(0.8), None, champion_version="2", **FLOORS)
 
 
+def test_calibration_ceiling_is_off_by_default_and_recorded_either_way():
+    candidate = {**metrics(0.8), "ece": 0.12, "ece_before_calibration": 0.2, "coverage": 0.6}
+    passed = decide_promotion(candidate, None, champion_version=None, **FLOORS)
+    assert passed.promote and passed.candidate_trust == {"ece": 0.12, "ece_before_calibration": 0.2, "coverage": 0.6}
+    assert passed.as_tags("now")["promotion.candidate_ece"] == "0.12"
+    capped = decide_promotion(candidate, None, champion_version=None, **FLOORS, max_ece=0.1)
+    assert capped.outcome == REJECTED and "ECE) 0.1200 is above the ceiling 0.1000 (max_ece)" in capped.reason
+    assert decide_promotion(metrics(0.8), None, champion_version=None, **FLOORS, max_ece=0.1).failed_floors == (
+        "no calibration error recorded, and max_ece 0.100 is set",
+    )
+
+
 # ------------------------------------------------------------------ against a real registry
 
 
