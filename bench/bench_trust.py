@@ -130,6 +130,7 @@ def run(args: argparse.Namespace) -> dict:
     import pandas as pd
 
     from wbc_tasks.core.settings import get_settings
+    from wbc_tasks.core.workdir import require_complete
     from wbc_tasks.pipelines import training as steps
     from wbc_tasks.serving.nightly import classify_new_images
     from wbc_tasks.serving.queries import query_predictions
@@ -149,7 +150,9 @@ def run(args: argparse.Namespace) -> dict:
 
     truth = _fill_classify_folder(classify)
     started = time.perf_counter()
-    night = classify_new_images(settings)
+    # The version this run registered, champion or not (a weak model may fail the floors).
+    registered = require_complete(settings.run_dir(run_id) / "register")
+    night = classify_new_images(settings, model=str(registered["version"]))
     timings["classify"] = round(time.perf_counter() - started, 1)
     table = query_predictions(settings, latest=True)
     result = {
