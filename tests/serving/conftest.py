@@ -232,3 +232,55 @@ def add_bad_files(folder: Path, good: Path) -> dict[str, str]:
         "empty.png": "empty",
         "notes.txt": "unsupported file type",
     }
+
+
+#: The known drop of the report and review tests: (file name, class, confidence, needs_review,
+#: review_reasons). 11 cells, 2 immature granulocytes, 2 suspected blasts (one by class, one by reason).
+KNOWN_DROP = "2026-12-01"
+KNOWN_CELLS = (
+    ("n1.jpg", "neutrophils", 0.9, False, []),
+    ("n2.jpg", "neutrophils", 0.9, False, []),
+    ("n3.jpg", "neutrophils", 0.9, False, []),
+    ("n4.jpg", "neutrophils", 0.6, True, ["unfamiliar"]),
+    ("l1.jpg", "lymphocytes", 0.95, False, []),
+    ("l2.jpg", "lymphocytes", 0.5, True, ["low_confidence"]),
+    ("b1.jpg", "bands", 0.8, False, []),
+    ("m1.jpg", "metamyelocytes", 0.8, False, []),
+    ("x1.jpg", "blasts", 0.95, False, []),
+    ("o1.jpg", "monocytes", 0.55, True, []),  # flagged before reasons were recorded
+    ("o2.jpg", "monocytes", 0.6, True, ["blast_suspected", "low_confidence"]),
+)
+
+
+def known_sha(name: str) -> str:
+    return hashlib.sha256(name.encode()).hexdigest()
+
+
+def add_known_drop(settings, drop: str = KNOWN_DROP) -> None:
+    """:data:`KNOWN_CELLS` classified by version 1, two unreadable files and one pending file in
+    ``drop``, and one classified file in another drop (which must not count)."""
+    rows, seen = [], []
+    for name, label, confidence, review, reasons in KNOWN_CELLS:
+        sha_ = known_sha(f"{drop}/{name}")
+        row = make_prediction(sha_, "1", best=CLASS_NAMES.index(label), confidence=confidence, review=review)
+        rows.append({**row, "review_reasons": reasons})
+        seen.append(make_seen(f"{drop}/{name}", sha_, drop))
+    other = known_sha("other/n.jpg")
+    rows.append(
+        {**make_prediction(other, "1", best=CLASS_NAMES.index("blasts"), confidence=0.99), "review_reasons": []}
+    )
+    seen.append(make_seen("2026-12-02/n.jpg", other, "2026-12-02"))
+    seen += [make_seen(f"{drop}/empty.png", db.UNREADABLE_SHA, drop), make_seen(f"{drop}/late.jpg", "f" * 64, drop)]
+    seen.append(make_seen(f"{drop}/notes.txt", known_sha("notes"), drop))
+    rejected = [
+        {"path": f"{drop}/empty.png", "sha256": db.UNREADABLE_SHA, "reason": "empty file"},
+        {"path": f"{drop}/notes.txt", "sha256": known_sha("notes"), "reason": "unsupported file type '.txt'"},
+    ]
+    with db.open_engine(settings.predictions_db_url) as engine, engine.begin() as connection:
+        db.insert_ignore(connection, db.predictions, rows)
+        db.insert_ignore(
+            connection,
+            db.rejections,
+            [{**r, "created_at": db.utcnow(), "dag_run_id": "night"} for r in rejected],
+        )
+        db.insert_ignore(connection, db.files_seen, seen)

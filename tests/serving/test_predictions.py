@@ -29,7 +29,7 @@ def test_migrations_build_the_schema_from_empty_and_match_the_tables(db_url):
     assert db.upgrade_database(db_url) == db.head_revision()  # a second run changes nothing
     with db.open_engine(db_url) as engine:
         names = set(inspect(engine).get_table_names())
-        assert {"predictions", "files_seen", "rejections", db.VERSION_TABLE} <= names
+        assert {"predictions", "files_seen", "rejections", "reviews", db.VERSION_TABLE} <= names
         # Left free for MLflow/Airflow in a shared database.
         assert "alembic_version" not in names
         with engine.connect() as connection:
@@ -48,7 +48,7 @@ def test_migrations_build_the_schema_from_empty_and_match_the_tables(db_url):
 
     assert db.downgrade_database(db_url, "base") is None
     with db.open_engine(db_url) as engine:
-        assert not {"predictions", "files_seen", "rejections"} & set(inspect(engine).get_table_names())
+        assert not {"predictions", "files_seen", "rejections", "reviews"} & set(inspect(engine).get_table_names())
     assert db.upgrade_database(db_url) == db.head_revision()
 
 

@@ -3,6 +3,8 @@
 wbc train [--profile cpu|demo|gpu] [--param name=value ...]   run wbc_training end to end
 wbc classify-night [--param ...]                               run wbc_batch_classification once
 wbc predictions [--format csv|parquet|json] [filters]           fetch the predictions table
+wbc report DROP [--format html|csv|json] [--out FILE]           a drop's differential report
+wbc reviews export --out DIR                                    reviewed images as <class>/<file>
 wbc classify PATH...                                            classify a few images now
 wbc promote VERSION --why TEXT / wbc rollback --why TEXT        move the champion by hand
 wbc airflow-ui / wbc mlflow-ui                                  open the UIs on the same state
@@ -108,6 +110,33 @@ def cmd_predictions(args: argparse.Namespace, settings: Settings) -> int:
     )
     if args.out:
         print(f"{rows} rows written to {args.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
+    from wbc_tasks.serving.report import ReportError, write_report
+
+    try:
+        text = write_report(settings, args.drop, args.format, args.out, model_version=args.model_version)
+    except ReportError as exc:
+        print(f"wbc report: {exc}", file=sys.stderr)
+        return 2
+    if args.out:
+        print(f"{args.format} report of drop {args.drop!r} written to {args.out}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_reviews_export(args: argparse.Namespace, settings: Settings) -> int:
+    from wbc_tasks.serving.reviews import ReviewError, export_reviewed
+
+    try:
+        summary = export_reviewed(settings, Path(args.out))
+    except ReviewError as exc:
+        print(f"wbc reviews export: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2, default=str))
     return 0
 
 
@@ -226,6 +255,23 @@ def build_parser() -> argparse.ArgumentParser:
     preds.add_argument("--model-version", help="only predictions of this model version")
     preds.add_argument("--latest", action="store_true", help="only the newest prediction per file")
     preds.set_defaults(func=cmd_predictions)
+
+    report = sub.add_parser("report", help="a drop's differential report: counts per class, review, flags")
+    report.add_argument("drop", help="the drop (sub-folder of the classify folder); '' for loose files")
+    report.add_argument("--format", choices=["html", "csv", "json"], default="html")
+    report.add_argument("--out", help="file to write (default: standard output)")
+    report.add_argument("--model-version", help="this version's predictions (default: each image's newest)")
+    report.set_defaults(func=cmd_report)
+
+    reviews = sub.add_parser("reviews", help="reviewed cells")
+    reviews_sub = reviews.add_subparsers(dest="reviews_command", required=True)
+    export = reviews_sub.add_parser(
+        "export",
+        help="write every reviewed image as DIR/<class>/<file> (hard links where possible, else copies; "
+        "'unusable' ones left out and listed)",
+    )
+    export.add_argument("--out", required=True, help="folder to write into (outside the classify folder)")
+    export.set_defaults(func=cmd_reviews_export)
 
     classify = sub.add_parser("classify", help="classify a few images now, without Airflow")
     classify.add_argument("paths", nargs="+")

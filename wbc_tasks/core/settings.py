@@ -201,6 +201,13 @@ class Settings(BaseSettings):
     #: raises an alert. The other drift limits are fitted per model version on its validation split.
     drift_min_images: int = 30
     drift_max_rejected_share: float = 0.2
+    #: Differential report (wbc_tasks.serving.report): the "left shift" flag is raised when bands,
+    #: metamyelocytes and myelocytes together are more than this percent of a drop's cells (a
+    #: left shift is commonly read from about 10 % immature granulocytes upward).
+    left_shift_percent: float = Field(default=10.0, ge=0, le=100)
+    #: The "many unreadable files" flag is raised when more than this percent of a drop's files
+    #: were rejected (a failing scanner or a copy gone wrong, rather than a few bad images).
+    unreadable_flag_percent: float = Field(default=10.0, ge=0, le=100)
     #: If set, classified/rejected files are moved here (after their rows are committed).
     archive_dir: ResolvedPath | None = None
     #: MLflow experiment the nightly run summaries are logged to.

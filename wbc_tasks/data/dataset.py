@@ -6,12 +6,19 @@ files or folders, at any depth) are followed only when their target lies under t
 or ``settings.allowed_roots``; links out of them, broken links and symlink loops are rejected.
 Every file found ends up in the manifest or in the rejections, each rejection with its reason;
 the input folder is only read.
+
+Images people reviewed in the predictions database may join the labelled ones (``extra``, built
+by the pipeline layer): the same checks and the same hash-stable split, their absolute path in
+the manifest and ``source`` ``review``. The labelled folder wins over a review of the same image.
+The headline test split (:func:`headline_test`) holds labelled images only, so models trained
+before and after reviews are compared on the same images.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -32,7 +39,10 @@ MANIFEST_FILE = "manifest.csv"
 REJECTED_FILE = "rejected.csv"
 LEDGER_FILE = "split_ledger.csv"
 SPLITS = ("train", "val", "test")
-MANIFEST_COLUMNS = ["path", "class", "sha256", "split", "width", "height"]
+MANIFEST_COLUMNS = ["path", "class", "sha256", "split", "width", "height", "source"]
+#: ``source`` of images from the labelled folder and of images a person reviewed.
+SOURCE_LABELLED = "labelled"
+SOURCE_REVIEW = "review"
 REJECTED_COLUMNS = ["path", "class", "sha256", "reason"]
 
 
@@ -48,9 +58,19 @@ class Rejection:
     reason: str
     label: str = ""
     sha256: str = ""
+    source: str = SOURCE_LABELLED
 
     def as_row(self) -> dict[str, str]:
         return {"path": self.path, "class": self.label, "sha256": self.sha256, "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class ExtraImage:
+    """An image from outside the labelled folder with its class, e.g. a reviewed cell."""
+
+    path: Path
+    label: str
+    source: str = SOURCE_REVIEW
 
 
 def _walk_class_folder(folder: Path, roots: tuple[Path, ...]) -> tuple[list[Path], list[tuple[Path, str]]]:
@@ -249,24 +269,52 @@ def _ensure_test_and_train(manifest: pd.DataFrame, ledger: dict[str, str]) -> li
     return notes
 
 
-def split_dataset(data_dir: Path, out_dir: Path, settings: Settings) -> dict:
-    """Validate, de-duplicate and split ``data_dir``; write the manifest and rejections.
+def split_dataset(data_dir: Path, out_dir: Path, settings: Settings, extra: Sequence[ExtraImage] = ()) -> dict:
+    """Validate, de-duplicate and split ``data_dir`` and the ``extra`` images; write the manifest
+    and rejections.
 
-    Returns a small summary (counts per class and split, rejections, file locations).
+    Returns a small summary (counts per class and split, rejections, file locations; with
+    ``extra``, their counts per split under ``extra``).
     """
     candidates, rejected = find_labelled_images(data_dir, settings)
     data_dir = data_dir.resolve()
     log.info("found %d candidate images, %d entries rejected while listing", len(candidates), len(rejected))
+    sources = [SOURCE_LABELLED] * len(candidates)
+    for image in extra:
+        if image.label not in CLASS_NAMES:
+            rejected.append(Rejection(str(image.path), f"unknown class '{image.label}'", source=image.source))
+            continue
+        candidates.append((Path(image.path), image.label))
+        sources.append(image.source)
     check = partial(_inspect, max_pixels=settings.max_image_pixels, min_side=settings.min_image_side)
     results = parallel_map(check, [p for p, _ in candidates], workers=settings.worker_count())
     rows = []
-    for (path, label), (status, value) in zip(candidates, results, strict=True):
-        rel = str(path.relative_to(data_dir))
+    for (path, label), source, (status, value) in zip(candidates, sources, results, strict=True):
+        # Extra images keep their absolute path: the preprocess step's data_dir / path is then that path.
+        rel = str(path.relative_to(data_dir)) if source == SOURCE_LABELLED else str(path)
         if status == "rejected":
-            rejected.append(Rejection(rel, str(value), label))
+            rejected.append(Rejection(rel, str(value), label, source=source))
             continue
-        rows.append({"path": rel, "class": label, "sha256": value.sha256, "width": value.width, "height": value.height})
-    table = pd.DataFrame(rows, columns=["path", "class", "sha256", "width", "height"])
+        rows.append(
+            {
+                "path": rel,
+                "class": label,
+                "sha256": value.sha256,
+                "width": value.width,
+                "height": value.height,
+                "source": source,
+            }
+        )
+    table = pd.DataFrame(rows, columns=["path", "class", "sha256", "width", "height", "source"])
+
+    # A reviewed image also in the labelled folder: the curated label stands, the review is noted.
+    labelled = table[table["source"] == SOURCE_LABELLED].drop_duplicates("sha256").set_index("sha256")
+    repeated = (table["source"] != SOURCE_LABELLED) & table["sha256"].isin(labelled.index)
+    for row in table[repeated].to_dict("records"):
+        first = labelled.loc[row["sha256"]]
+        reason = f"already in the labelled folder as {first['path']} ({first['class']}); the labelled folder wins"
+        rejected.append(Rejection(row["path"], reason, row["class"], row["sha256"], row["source"]))
+    table = table[~repeated]
 
     # One image under two classes: nobody knows which label is right, so neither copy is used.
     labels_per_hash = table.groupby("sha256")["class"].nunique()
@@ -305,7 +353,7 @@ def split_dataset(data_dir: Path, out_dir: Path, settings: Settings) -> dict:
     ledger.update(zip(manifest["sha256"], manifest["split"], strict=True))
     save_ledger(settings.work_dir, ledger)
 
-    manifest = manifest[MANIFEST_COLUMNS].sort_values(["class", "path"]).reset_index(drop=True)
+    manifest = manifest[MANIFEST_COLUMNS].sort_values(["source", "class", "path"]).reset_index(drop=True)
     manifest.to_csv(out_dir / MANIFEST_FILE, index=False)
     rejected_table = pd.DataFrame([r.as_row() for r in rejected], columns=REJECTED_COLUMNS)
     rejected_table.to_csv(out_dir / REJECTED_FILE, index=False)
@@ -327,10 +375,43 @@ def split_dataset(data_dir: Path, out_dir: Path, settings: Settings) -> dict:
         "counts": counts,
         "split_fallbacks": notes,
     }
+    if extra:
+        added = manifest[manifest["source"] != SOURCE_LABELLED]
+        summary["extra"] = {
+            "offered": len(extra),
+            "added": int(len(added)),
+            "per_split": {split: int((added["split"] == split).sum()) for split in SPLITS},
+            "left_out": [r.as_row() for r in rejected if r.source != SOURCE_LABELLED],
+        }
     write_json_atomic(out_dir / "class_counts.json", counts)
     return summary
 
 
 def read_manifest(split_dir: Path) -> pd.DataFrame:
-    """The manifest a split step wrote."""
-    return pd.read_csv(split_dir / MANIFEST_FILE, dtype={"sha256": str}, keep_default_na=False)
+    """The manifest a split step wrote (one written before ``source`` existed reads as labelled)."""
+    manifest = pd.read_csv(split_dir / MANIFEST_FILE, dtype={"sha256": str}, keep_default_na=False)
+    if "source" not in manifest.columns:
+        manifest["source"] = SOURCE_LABELLED
+    return manifest
+
+
+def split_table(manifest: pd.DataFrame, split: str) -> pd.DataFrame:
+    """The manifest rows a split's store is built from: train and val take every source, the
+    headline test split only labelled images (:func:`headline_test`)."""
+    if split == "test":
+        return headline_test(manifest)
+    return manifest[manifest["split"] == split].reset_index(drop=True)
+
+
+def headline_test(manifest: pd.DataFrame) -> pd.DataFrame:
+    """The labelled test images: the ones a model's headline metrics and the champion
+    comparison use, unchanged by reviews."""
+    source = manifest["source"] if "source" in manifest.columns else SOURCE_LABELLED
+    return manifest[(manifest["split"] == "test") & (source == SOURCE_LABELLED)].reset_index(drop=True)
+
+
+def reviewed_test(manifest: pd.DataFrame) -> pd.DataFrame:
+    """The reviewed images that fell in the test split (their metrics are reported apart)."""
+    if "source" not in manifest.columns:
+        return manifest.iloc[0:0]
+    return manifest[(manifest["split"] == "test") & (manifest["source"] != SOURCE_LABELLED)].reset_index(drop=True)

@@ -1,4 +1,6 @@
-"""Decode and resize every split into memory-mapped uint8 stores."""
+"""Decode and resize every split into memory-mapped uint8 stores: ``train``, ``val``, ``test``
+(labelled images only: the headline metrics and the champion comparison) and, when reviewed
+images fell in the test split, ``test_reviewed`` (their metrics are reported apart)."""
 
 from __future__ import annotations
 
@@ -13,13 +15,15 @@ from wbc_tasks.core.parallel import parallel_map
 from wbc_tasks.core.privacy import pseudonymiser
 from wbc_tasks.core.settings import CLASS_NAMES, Settings
 from wbc_tasks.core.workdir import require_complete
-from wbc_tasks.data.dataset import REJECTED_COLUMNS, SPLITS, read_manifest
+from wbc_tasks.data.dataset import REJECTED_COLUMNS, SPLITS, read_manifest, reviewed_test, split_table
 from wbc_tasks.data.images import ImageError, load_image
 from wbc_tasks.data.store import create_store, finish_store, release_pages, shrink_store
 
 log = logging.getLogger(__name__)
 
 PREPROCESS_REJECTED_FILE = "rejected.csv"
+#: The store of reviewed images in the test split.
+REVIEWED_TEST_STORE = "test_reviewed"
 
 
 def _load(path: str, *, size: int, max_pixels: int, min_side: int) -> np.ndarray | str:
@@ -63,8 +67,10 @@ def preprocess_splits(split_dir: Path, out_dir: Path, settings: Settings, image_
     data_dir = Path(require_complete(split_dir)["data_dir"])
     counts: dict[str, dict[str, int]] = {}
     all_rejected: list[dict[str, str]] = []
-    for split in SPLITS:
-        table = manifest[manifest["split"] == split].reset_index(drop=True)
+    tables = {split: split_table(manifest, split) for split in SPLITS}
+    if len(reviewed_test(manifest)):
+        tables[REVIEWED_TEST_STORE] = reviewed_test(manifest)
+    for split, table in tables.items():
         kept, rejected = build_split_store(table, data_dir, out_dir / split, image_size, settings)
         all_rejected.extend(rejected)
         counts[split] = {
@@ -84,5 +90,5 @@ def preprocess_splits(split_dir: Path, out_dir: Path, settings: Settings, image_
         "image_size": image_size,
         "counts": {s: {c: int(n) for c, n in v.items()} for s, v in counts.items()},
         "rejected": len(all_rejected),
-        "stores": {s: str(out_dir / s) for s in SPLITS},
+        "stores": {s: str(out_dir / s) for s in tables},
     }

@@ -43,10 +43,12 @@ def resolve_data_dir(settings: Settings, params: TrainingParams) -> Path:
 def _log_artifacts(
     settings: Settings, run_id: str, folder: Path, artifact_path: str, data_dir: Path | None = None
 ) -> None:
-    """Log a step folder's result files (pseudonymised copies when ``WBC_PSEUDONYMISE_NAMES``)."""
+    """Log a step folder's result files (pseudonymised copies when ``WBC_PSEUDONYMISE_NAMES``;
+    reviewed images' paths lie in the classify folder, so that is a root too)."""
     from wbc_tasks.registry.artifacts import log_stage_artifacts
 
-    log_stage_artifacts(settings, run_id, folder, artifact_path, roots=(data_dir,) if data_dir else ())
+    roots = (data_dir, settings.classify_dir) if data_dir else ()
+    log_stage_artifacts(settings, run_id, folder, artifact_path, roots=roots)
 
 
 def _for_logs(settings: Settings, summary: dict, data_dir: Path, manifest) -> dict:
@@ -54,17 +56,53 @@ def _for_logs(settings: Settings, summary: dict, data_dir: Path, manifest) -> di
     which name files, pseudonymised when the option is on. The marker keeps the real text."""
     from wbc_tasks.core.privacy import pseudonymiser
 
-    names = pseudonymiser(settings, data_dir)
-    if not names.enabled or not summary.get("split_fallbacks"):
+    names = pseudonymiser(settings, data_dir, settings.classify_dir)
+    if not names.enabled:
         return summary
     known = names.known(manifest["path"])
-    return {**summary, "split_fallbacks": [names.text(n, known) for n in summary["split_fallbacks"]]}
+    shown = {**summary, "split_fallbacks": [names.text(n, known) for n in summary.get("split_fallbacks", [])]}
+    if "reviewed" in summary:
+        shown["reviewed"] = names.json(summary["reviewed"], known)
+    return shown
+
+
+def _split_with_reviews(data_dir: Path, out: Path, settings: Settings, params: TrainingParams) -> dict:
+    """The split of the labelled folder plus, with ``include_reviewed``, every image's latest
+    review (``unusable`` ones and files no longer found are listed, not used)."""
+    from wbc_tasks.data.dataset import ExtraImage, split_dataset
+
+    if not params.include_reviewed:
+        summary = split_dataset(data_dir, out, settings)
+        summary["reviewed"] = {"included": False}
+        return summary
+    from wbc_tasks.serving.reviews import reviewed_images
+
+    found = reviewed_images(settings)
+    summary = split_dataset(data_dir, out, settings, [ExtraImage(i.path, i.label) for i in found.images])
+    added = summary.pop("extra", {"added": 0, "per_split": {}, "left_out": []})
+    summary["reviewed"] = {
+        "included": True,
+        "added": added["added"],
+        "per_split": added["per_split"],
+        "left_out": added["left_out"],
+        "unusable": found.unusable,
+        "missing": found.missing,
+    }
+    log.info(
+        "reviewed images: %d added %s, %d reviewed unusable (left out), %d no longer found, %d left out by the split",
+        added["added"],
+        added["per_split"],
+        len(found.unusable),
+        len(found.missing),
+        len(added["left_out"]),
+    )
+    return summary
 
 
 def split_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
     """Validate, de-duplicate and split the labelled images; open the run's MLflow run."""
-    from wbc_tasks.data.dataset import read_manifest, split_dataset
-    from wbc_tasks.registry.artifacts import log_split_manifest
+    from wbc_tasks.data.dataset import read_manifest
+    from wbc_tasks.registry.artifacts import log_metrics, log_split_manifest
     from wbc_tasks.registry.runs import open_tracking_run
 
     settings, p, run = _context(run_id, params)
@@ -74,10 +112,15 @@ def split_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
 
         vgg16_weights_file(settings)
     data_dir = resolve_data_dir(settings, p)
-    summary = run_step(run / "split", lambda out: split_dataset(data_dir, out, settings))
+    summary = run_step(run / "split", lambda out: _split_with_reviews(data_dir, out, settings, p))
     open_tracking_run(settings, run_id, {**p.as_dict(), "data_dir": str(data_dir)})
     manifest = read_manifest(run / "split")
     log_split_manifest(settings, run_id, manifest, data_dir)
+    reviewed = summary.get("reviewed", {})
+    if reviewed.get("included"):
+        counts = {"added": reviewed["added"], **{split: n for split, n in reviewed["per_split"].items()}}
+        counts.update(unusable=len(reviewed["unusable"]), missing=len(reviewed["missing"]))
+        log_metrics(settings, run_id, counts, prefix="reviewed_images")
     _log_artifacts(settings, run_id, run / "split", "data/split", data_dir)
     return _for_logs(settings, summary, data_dir, manifest)
 
@@ -234,7 +277,31 @@ def evaluate_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
     summary = run_step(run / "evaluate", build)
     log_metrics(settings, run_id, summary["metrics"], prefix="test")
     _log_artifacts(settings, run_id, run / "evaluate", "evaluation", data_dir)
-    return summary
+    reviewed = _evaluate_reviewed(settings, run_id, run, Path(calibrated["model_path"]), p.batch_size, data_dir)
+    return {**summary, "reviewed_test": reviewed} if reviewed is not None else summary
+
+
+def _evaluate_reviewed(
+    settings: Settings, run_id: str, run: Path, model_path: Path, batch_size: int, data_dir: Path
+) -> dict | None:
+    """Metrics on the reviewed images in the test split, apart from the headline ones (which
+    stay on labelled images, comparable across models); None when there are none."""
+    from wbc_tasks.core.settings import CLASS_NAMES
+    from wbc_tasks.data.preprocess import REVIEWED_TEST_STORE
+    from wbc_tasks.data.store import open_store
+    from wbc_tasks.registry.artifacts import log_metrics
+    from wbc_tasks.training.evaluate import evaluate_model
+
+    store = run / "preprocess" / REVIEWED_TEST_STORE
+    if not store.is_dir() or len(open_store(store)) == 0:
+        return None
+    summary = run_step(
+        run / "evaluate_reviewed",
+        lambda out: evaluate_model(model_path, store, out, class_names=CLASS_NAMES, batch_size=batch_size),
+    )
+    log_metrics(settings, run_id, summary["metrics"], prefix="test_reviewed")
+    _log_artifacts(settings, run_id, run / "evaluate_reviewed", "evaluation/reviewed", data_dir)
+    return {"images": len(open_store(store)), "metrics": summary["metrics"]}
 
 
 def register_step(run_id: str, params: dict[str, Any] | None = None) -> dict:

@@ -270,7 +270,7 @@ def champion_metrics_on_this_test_split(
         import numpy as np
 
         from wbc_tasks.core.workdir import require_complete
-        from wbc_tasks.data.dataset import read_manifest
+        from wbc_tasks.data.dataset import headline_test, read_manifest
         from wbc_tasks.data.preprocess import build_split_store
         from wbc_tasks.data.store import open_store
         from wbc_tasks.registry.versions import load_keras_model
@@ -283,7 +283,7 @@ def champion_metrics_on_this_test_split(
             if not (test_dir / "labels.npy").exists():
                 manifest = read_manifest(run / "split")
                 data_dir = Path(require_complete(run / "split")["data_dir"])
-                table = manifest[manifest["split"] == "test"].reset_index(drop=True)
+                table = headline_test(manifest)  # labelled only: the candidate's test images
                 build_split_store(table, data_dir, test_dir, ref.image_size, settings)
         store = open_store(test_dir)
         known = {name: i for i, name in enumerate(ref.class_names)}

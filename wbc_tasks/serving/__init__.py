@@ -5,6 +5,7 @@ look-ups, export). Imports ``core``, ``data``, ``training`` and ``registry``.
 Modules, lowest first: ``predictions`` (tables, migrations, writes) and ``queries`` (reads,
 export); ``model`` (which version a run uses); ``scan`` (what lies in the classify folder);
 ``archive``; ``infer`` (decode and predict); ``commit`` (rows, the chunk task); ``plan`` (what is
-new, chunk files); ``summary``; ``nightly`` (one run in one process) and ``single``
-(``wbc classify``). The DAG's tasks are ``model.resolve_run_model``, ``plan.find_new_images``,
-``commit.classify_chunk`` and ``summary.summarise_run``."""
+new, chunk files); ``reviews`` (the review queue, people's decisions, reviewed images as files)
+and ``report`` (the differential of a drop); ``summary``; ``nightly`` (one run in one process)
+and ``single`` (``wbc classify``). The DAG's tasks are ``model.resolve_run_model``,
+``plan.find_new_images``, ``commit.classify_chunk`` and ``summary.summarise_run``."""

@@ -2,7 +2,7 @@
 writes. Reading it (the nightly look-ups, the export) is :mod:`wbc_tasks.serving.queries`.
 Imports ``core``.
 
-Three tables (SQLite by default, PostgreSQL through ``WBC_PREDICTIONS_DB_URL``):
+Four tables (SQLite by default, PostgreSQL through ``WBC_PREDICTIONS_DB_URL``):
 
 - ``predictions``: one row per image *content* (sha256) and model version, with the predicted
   class, its confidence and every class probability (JSON ``{class: prob}``, so a model with
@@ -15,6 +15,9 @@ Three tables (SQLite by default, PostgreSQL through ``WBC_PREDICTIONS_DB_URL``):
 - ``rejections``: files that could not be classified, with the reason. UNIQUE(path, sha256);
   an unreadable file has sha256 ``''`` (not NULL: NULLs never collide in a UNIQUE constraint,
   so retries would duplicate them).
+- ``reviews``: a person's decision on one image (migration 0003): who, when, the model version
+  and its prediction at that time, the label (a class or ``unusable``) and a note. Never updated:
+  a second review is a new row and the latest one counts (:mod:`wbc_tasks.serving.reviews`).
 
 Writes use INSERT ... ON CONFLICT DO NOTHING, so a retried task never duplicates a row. A
 transaction that fails because the connection was lost or refused (a database restarting) is
@@ -138,6 +141,25 @@ rejections = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("dag_run_id", String(250), nullable=False),
     UniqueConstraint("path", "sha256"),
+)
+
+reviews = Table(
+    "reviews",
+    metadata,
+    Column("id", _Id, primary_key=True, autoincrement=True),
+    Column("sha256", String(64), nullable=False),
+    Column("drop", String(255), nullable=False),
+    Column("path", String(1024), nullable=False),
+    Column("reviewer", String(255), nullable=False),
+    Column("reviewed_at", DateTime(timezone=True), nullable=False),
+    Column("model_name", String(200), nullable=False),
+    Column("model_version", String(50), nullable=False),
+    Column("predicted_class", String(100), nullable=False),
+    Column("label", String(100), nullable=False),
+    Column("note", Text, nullable=True),
+    # No unique key: a second opinion is a new row, never an overwrite (the latest one counts).
+    Index(None, "sha256"),
+    Index(None, "drop"),
 )
 
 _CONFLICT_KEYS = {

@@ -1,7 +1,9 @@
 """The end of a nightly run: its chunks' counts added up (per class, mean confidence, flagged for
 review, rejected, images per second), logged, written to the run's work folder and recorded as
 one MLflow run in ``settings.classify_experiment``, tagged with the model name, version and run.
-Imports ``core``, ``registry`` and the serving modules below it: model, plan and commit.
+The differential report of each drop the run classified goes with it (``reports/<drop>/``, HTML,
+CSV and JSON). Imports ``core``, ``registry`` and the serving modules below it: model, plan,
+commit and report.
 """
 
 from __future__ import annotations
@@ -161,6 +163,37 @@ def _log_summary_to_mlflow(settings: Settings, ref: ModelRef, summary: dict, par
         metrics=[Metric(key, value, stamp, 0) for key, value in metrics.items()],
         params=[Param(key, str(value)) for key, value in params.items()],
     )
-    client.log_dict(run_id, summary, "summary.json")
+    reports = _log_drop_reports(settings, client, run_id, summary["run_id"])
+    client.log_dict(run_id, {**summary, "reports": reports}, "summary.json")
     client.set_terminated(run_id)
     return run_id
+
+
+def _log_drop_reports(settings: Settings, client: Any, mlflow_run_id: str, dag_run_id: str) -> list[str]:
+    """Log the report of every drop ``dag_run_id`` classified; return the drops logged.
+
+    A report is an extra: one that cannot be made or logged is a warning, never a failed night
+    (the predictions are committed by then, and ``wbc report`` makes it again)."""
+    import tempfile
+
+    from wbc_tasks.core.paths import safe_name
+    from wbc_tasks.serving.report import drops_of_run, report_files
+
+    try:
+        drops = drops_of_run(settings, dag_run_id)
+    except Exception as exc:  # a report never fails the night (docstring)
+        log.warning("no drop reports for run %s: finding its drops failed: %s", dag_run_id, exc)
+        return []
+    logged = []
+    for drop in drops:
+        folder = f"reports/{safe_name(drop) if drop else '_loose'}"
+        try:
+            with tempfile.TemporaryDirectory(prefix="wbc-report-") as scratch:
+                report_files(settings, drop, Path(scratch))
+                client.log_artifacts(mlflow_run_id, scratch, folder)
+        except Exception as exc:  # a report never fails the night (docstring)
+            log.warning("the report of drop %r was not logged to MLflow: %s", drop, exc)
+            continue
+        logged.append(drop)
+    log.info("logged the differential reports of %d drops under reports/", len(logged))
+    return logged

@@ -27,6 +27,14 @@ TRAINING_PARAM_SPECS: dict[str, dict[str, Any]] = {
         "description": "Folder laid out as <class>/<images>, inside WBC_DATA_DIR, WBC_HOME or WBC_ALLOWED_ROOTS. "
         "Empty: WBC_DATA_DIR, else generated demo data.",
     },
+    "include_reviewed": {
+        "default": True,
+        "type": "boolean",
+        "description": "Add the images people reviewed in the predictions database (latest review per image, "
+        "'unusable' left out and listed) to the labelled images with their reviewed class, split by content hash "
+        "like the rest. Headline test metrics stay on labelled test images; reviewed test images are reported "
+        "apart. No effect while there are no reviews.",
+    },
     "image_size": {
         "default": 256,
         "type": "integer",
@@ -237,6 +245,7 @@ class TrainingParams:
     """Validated params of one training run."""
 
     data_dir: str | None
+    include_reviewed: bool
     image_size: int
     weights: str
     epochs_head: int

@@ -1,0 +1,174 @@
+"""Reviews flow back into training: reviewed images join the labelled ones through the same
+hash-stable split (``include_reviewed``), unusable and vanished ones are listed, the manifest
+says where each image came from, the headline test split stays labelled-only, and reviewed test
+images are evaluated apart; on real images, with the reviews in SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import shutil
+
+import pandas as pd
+import pytest
+
+from tests.conftest import shared_set
+from tests.demo_stores import tiny_training_params
+from tests.serving.conftest import DB_KINDS, drop_source, make_prediction, make_seen, sha, throwaway_database
+from wbc_tasks.core.settings import CLASS_NAMES, get_settings
+from wbc_tasks.data.dataset import SOURCE_LABELLED, SOURCE_REVIEW, load_ledger, read_manifest, split_of
+from wbc_tasks.data.store import open_store
+from wbc_tasks.pipelines import training as steps
+from wbc_tasks.serving import predictions as db
+from wbc_tasks.serving.reviews import record_review
+
+DROP = "2026-11-24"
+
+
+def _labelled_set(folder, per_class: int = 5):
+    """The first ``per_class`` real images of each class of wbc-bench."""
+    source = shared_set("wbc-bench") / "WBC"
+    for name in CLASS_NAMES:
+        (folder / name).mkdir(parents=True)
+        for image in sorted((source / name).iterdir())[:per_class]:
+            shutil.copy(image, folder / name / image.name)
+    return folder
+
+
+def _classified(settings, name: str, content=None) -> str:
+    """A real image (or ``content``'s bytes) in the drop, recorded as seen and classified."""
+    target = settings.classify_dir / DROP / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(content or drop_source(DROP) / name, target)
+    with db.open_engine(settings.predictions_db_url) as engine, engine.begin() as connection:
+        db.insert_ignore(connection, db.predictions, [make_prediction(sha(target), "1", best=8, review=True)])
+        db.insert_ignore(connection, db.files_seen, [make_seen(f"{DROP}/{name}", sha(target), DROP)])
+    return f"{DROP}/{name}"
+
+
+@pytest.fixture(params=DB_KINDS)
+def reviewed_lab(request, settings, tmp_path, monkeypatch):
+    """A labelled folder of 45 real images and a drop with reviews: two reviewed images that
+    fall in the test split by hash, three in train/val, one unusable, one that vanished and one
+    that is a copy of a labelled image under another class."""
+    with throwaway_database(request.param, tmp_path) as url:
+        data_dir = _labelled_set(tmp_path / "WBC")
+        monkeypatch.setenv("WBC_DATA_DIR", str(data_dir))
+        monkeypatch.setenv("WBC_PREDICTIONS_DB_URL", url)
+        db.upgrade_database(url)
+        lab = get_settings()
+        by_split: dict[str, list[str]] = {"test": [], "other": []}
+        for image in sorted(drop_source(DROP).glob("*.jpg")):
+            split = split_of(sha(image), lab.test_fraction, lab.val_fraction)
+            group = by_split["test" if split == "test" else "other"]
+            if len(group) < (2 if split == "test" else 6):
+                group.append(image.name)
+        reviewed = {}
+        for name, label in zip(by_split["test"] + by_split["other"][:3], ["eosinophils", "blasts", "bands"] * 2):
+            reviewed[_classified(lab, name)] = label
+        unusable = _classified(lab, by_split["other"][3])
+        gone = _classified(lab, by_split["other"][4])
+        labelled_copy = sorted((data_dir / "monocytes").iterdir())[0]
+        duplicate = _classified(lab, "copy.jpg", labelled_copy)
+        for path, label in reviewed.items():
+            record_review(lab, path, "lymphocytes", reviewer="alice")
+            record_review(lab, path, label, reviewer="bob")  # the latest counts
+        record_review(lab, unusable, "unusable", reviewer="alice")
+        record_review(lab, gone, "basophils", reviewer="alice")
+        record_review(lab, duplicate, "neutrophils", reviewer="alice")
+        (lab.classify_dir / gone).unlink()
+        yield {
+            "settings": lab,
+            "reviewed": reviewed,
+            "unusable": unusable,
+            "gone": gone,
+            "duplicate": duplicate,
+            "test": [f"{DROP}/{n}" for n in by_split["test"]],
+        }
+
+
+def test_reviewed_images_join_the_split_by_content_hash_and_stay_out_of_the_headline_test(reviewed_lab):
+    lab = reviewed_lab["settings"]
+    classify = lab.classify_dir.resolve()
+    before = {p: p.read_bytes() for p in classify.rglob("*") if p.is_file()}
+    conf = tiny_training_params().as_dict()
+
+    summary = steps.split_step("reviews-1", conf)
+
+    manifest = read_manifest(lab.run_dir("reviews-1") / "split")
+    from_review = manifest[manifest["source"] == SOURCE_REVIEW].set_index("path")
+    expected = {str(classify / path): label for path, label in reviewed_lab["reviewed"].items()}
+    assert from_review["class"].to_dict() == expected
+    assert (manifest["source"] == SOURCE_LABELLED).sum() == 45
+    ledger = load_ledger(lab.work_dir)
+    for path, row in from_review.iterrows():
+        assert row["sha256"] == sha(classify / str(path).split(f"{classify}/")[1])
+        assert row["split"] == ledger[row["sha256"]]
+        if not any(str(path) in note for note in summary["split_fallbacks"]):
+            assert row["split"] == split_of(row["sha256"], lab.test_fraction, lab.val_fraction)
+    assert set(from_review[from_review["split"] == "test"].index) == {str(classify / p) for p in reviewed_lab["test"]}
+
+    reviewed = summary["reviewed"]
+    assert reviewed["included"] and reviewed["added"] == 5 and reviewed["per_split"]["test"] == 2
+    assert [u["path"] for u in reviewed["unusable"]] == [reviewed_lab["unusable"]]
+    assert [m["path"] for m in reviewed["missing"]] == [reviewed_lab["gone"]]
+    assert [r["path"] for r in reviewed["left_out"]] == [str(classify / reviewed_lab["duplicate"])]
+    assert "the labelled folder wins" in reviewed["left_out"][0]["reason"]
+
+    from wbc_tasks.registry.client import configure_mlflow
+    from wbc_tasks.registry.runs import open_tracking_run
+
+    metrics = configure_mlflow(lab).get_run(open_tracking_run(lab, "reviews-1")).data.metrics
+    assert metrics["reviewed_images_added"] == 5 and metrics["reviewed_images_test"] == 2
+    assert metrics["reviewed_images_unusable"] == 1 and metrics["reviewed_images_missing"] == 1
+
+    steps.preprocess_step("reviews-1", conf)
+    stores = lab.run_dir("reviews-1") / "preprocess"
+    headline = open_store(stores / "test").records
+    assert not headline["path"].isin(from_review.index).any()
+    assert len(headline) == ((manifest["split"] == "test") & (manifest["source"] == SOURCE_LABELLED)).sum()
+    assert sorted(open_store(stores / "test_reviewed").records["path"]) == sorted(
+        str(classify / p) for p in reviewed_lab["test"]
+    )
+    train_val = pd.concat([open_store(stores / s).records for s in ("train", "val")])
+    assert set(from_review[from_review["split"] != "test"].index) <= set(train_val["path"])
+
+    # A later run puts each image in the same split; switched off, the reviews are not used.
+    again = steps.split_step("reviews-2", conf)
+    assert read_manifest(lab.run_dir("reviews-2") / "split").set_index("sha256")["split"].to_dict() == (
+        manifest.set_index("sha256")["split"].to_dict()
+    )
+    assert again["reviewed"]["added"] == 5
+    off = steps.split_step("reviews-3", {**conf, "include_reviewed": False})
+    assert off["reviewed"] == {"included": False}
+    assert set(read_manifest(lab.run_dir("reviews-3") / "split")["source"]) == {SOURCE_LABELLED}
+    assert {p: p.read_bytes() for p in classify.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.slow
+def test_reviewed_test_images_are_evaluated_apart_from_the_headline_metrics(settings, tmp_path, monkeypatch):
+    data_dir = _labelled_set(tmp_path / "WBC", per_class=4)
+    monkeypatch.setenv("WBC_DATA_DIR", str(data_dir))
+    lab = get_settings()
+    db.upgrade_database(lab.predictions_db_url)
+    in_test = [
+        i.name
+        for i in sorted(drop_source(DROP).glob("*.jpg"))
+        if split_of(sha(i), lab.test_fraction, lab.val_fraction) == "test"
+    ][:3]
+    for name in in_test:
+        record_review(lab, _classified(lab, name), "neutrophils", reviewer="alice")
+    conf = tiny_training_params(augment_per_class=8, smote=False).as_dict()
+
+    for step in (steps.split_step, steps.preprocess_step, steps.augment_step, steps.balance_step, steps.train_step):
+        step("reviews-eval", conf)
+    evaluated = steps.evaluate_step("reviews-eval", conf)
+
+    manifest = read_manifest(lab.run_dir("reviews-eval") / "split")
+    labelled_test = ((manifest["split"] == "test") & (manifest["source"] == SOURCE_LABELLED)).sum()
+    assert evaluated["n_images"] == labelled_test
+    assert evaluated["reviewed_test"]["images"] == 3 and evaluated["reviewed_test"]["metrics"]["n_images"] == 3
+    from wbc_tasks.registry.client import configure_mlflow
+    from wbc_tasks.registry.runs import open_tracking_run
+
+    metrics = configure_mlflow(lab).get_run(open_tracking_run(lab, "reviews-eval")).data.metrics
+    assert metrics["test_n_images"] == labelled_test and metrics["test_reviewed_n_images"] == 3
+    assert 0.0 <= metrics["test_reviewed_accuracy"] <= 1.0
