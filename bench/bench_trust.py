@@ -124,6 +124,8 @@ def run(args: argparse.Namespace) -> dict:
             "WBC_DATA_DIR": str(BENCH),
             "WBC_CLASSIFY_DIR": str(classify),
             "WBC_ALLOWED_ROOTS": str(SHARED),
+            # The copies were just written: classify them now rather than wait for them to settle.
+            "WBC_SETTLE_MINUTES": "0",
         }
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

@@ -55,6 +55,19 @@ def _drop_rows(settings: Settings, run_id: str, ref: ModelRef) -> dict[str, dict
     return drops
 
 
+def _unfamiliar_limit(limits: dict[str, float], n: int) -> float:
+    """The unfamiliar share a familiar drop of ``n`` images stays under 999 times in 1000: a
+    binomial quantile at the validation images' own share (a 100-image limit for older policies)."""
+    from scipy.stats import binom
+
+    from wbc_tasks.training.trust import DRIFT_QUANTILE
+
+    rate = limits.get("validation_unfamiliar_share")
+    if rate is None:
+        return float(limits["max_unfamiliar_share"])
+    return float(binom.ppf(DRIFT_QUANTILE, n, max(rate, 1e-3)) / n)
+
+
 def drift_by_drop(settings: Settings, run_id: str, ref: ModelRef, policy: Any | None) -> list[dict[str, Any]]:
     """Drift measures and alerts of every drop ``run_id`` touched (empty without a policy, except
     the rejected share, which needs none)."""
@@ -95,9 +108,12 @@ def drift_by_drop(settings: Settings, run_id: str, ref: ModelRef, policy: Any | 
                 entry["alerts"].append(
                     f"mean confidence {entry['mean_confidence']:.2f} < {limits['min_mean_confidence']:.2f}"
                 )
-            if entry["unfamiliar_share"] > limits["max_unfamiliar_share"]:
+            unfamiliar_limit = _unfamiliar_limit(limits, n)
+            entry["max_unfamiliar_share"] = unfamiliar_limit
+            if entry["unfamiliar_share"] > unfamiliar_limit:
                 entry["alerts"].append(
-                    f"{entry['unfamiliar_share']:.0%} of images unfamiliar (limit {limits['max_unfamiliar_share']:.0%})"
+                    f"{entry['unfamiliar_share']:.0%} of images unfamiliar "
+                    f"(limit {unfamiliar_limit:.0%} for {n} images)"
                 )
         if entry["alerts"]:
             log.warning("drift in drop %r (%d images): %s", drop, n, "; ".join(entry["alerts"]))

@@ -40,6 +40,9 @@ BLAST_CLASS = "blasts"
 #: Drift limits are fitted on draws of this many validation images (a typical small drop).
 DRIFT_DRAW_SIZE = 100
 DRIFT_DRAWS = 2000
+#: A drop of the training labs passes each drift limit this often (one false alert in about a
+#: thousand nights per measure).
+DRIFT_QUANTILE = 0.999
 #: Fewest validation images a review threshold is chosen over (fewer: nothing is trusted).
 _MIN_COVERED = 20
 
@@ -177,9 +180,11 @@ def _drift_limits(
         shares.append(unfamiliar[pick].mean())
     return {
         "draw_size": float(size),
-        "max_class_mix_divergence": float(np.quantile(divergences, 0.995)),
-        "min_mean_confidence": float(np.quantile(confidences, 0.005)),
-        "max_unfamiliar_share": float(np.quantile(shares, 0.995)),
+        "max_class_mix_divergence": float(np.quantile(divergences, DRIFT_QUANTILE)),
+        "min_mean_confidence": float(np.quantile(confidences, 1 - DRIFT_QUANTILE)),
+        # The share of a 100-image drop; drift.py scales the limit to each drop's size.
+        "max_unfamiliar_share": float(np.quantile(shares, DRIFT_QUANTILE)),
+        "validation_unfamiliar_share": float(np.mean(unfamiliar)),
     }
 
 

@@ -1,0 +1,93 @@
+"""Drift end to end on real images: a model trained on part of wbc-bench (the training labs), its
+trust policy fitted by the calibrate step, then one nightly run over the training labs' two drops
+and the third lab's cells. The third lab's drop raises a drift alert, posted to a real local HTTP
+endpoint; the training labs' drops raise none. The third lab is only classified, never trained on."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests.conftest import shared_set
+from tests.local_servers import Webhook
+
+pytestmark = pytest.mark.slow
+
+PER_CLASS = 70
+PARAMS = {
+    "image_size": 32,
+    "weights": "none",
+    "epochs_head": 0,
+    "epochs_finetune": 3,
+    "batch_size": 32,
+    "learning_rate_finetune": 1e-4,
+    "augment_per_class": 0,
+    "smote": False,
+    "early_stopping_patience": 0,
+    "min_metric": 0.0,
+    "min_class_recall": 0.0,
+    "min_blast_recall": 0.0,
+    "seed": 42,
+}
+
+
+def _link_tree(pairs, root):
+    for source, target in pairs:
+        target = root / target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.symlink_to(source)
+
+
+def test_a_third_labs_drop_raises_a_drift_alert_and_the_training_labs_drops_none(tmp_path, monkeypatch):
+    bench, other = shared_set("wbc-bench"), shared_set("wbc-other-lab")
+    labelled, classify = tmp_path / "WBC", tmp_path / "classify"
+    # Every 3rd image of each class up to PER_CLASS: a small training set spread over both labs.
+    _link_tree(
+        [
+            (p, f"{c.name}/{p.name}")
+            for c in sorted((bench / "WBC").iterdir())
+            for p in sorted(c.iterdir())[::3][:PER_CLASS]
+        ],
+        labelled,
+    )
+    _link_tree([(p, f"{p.parent.name}/{p.name}") for p in sorted((bench / "classify-images").glob("*/*"))], classify)
+    _link_tree([(p, f"other-lab/{p.parent.name}-{p.name}") for p in sorted((other / "WBC").glob("*/*"))], classify)
+    hook = Webhook()
+    for name in [n for n in os.environ if n.startswith("WBC_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("WBC_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("WBC_WORKERS", "1")
+    monkeypatch.setenv("WBC_CLASSIFY_DIR", str(classify))
+    monkeypatch.setenv("WBC_SETTLE_MINUTES", "0")
+    monkeypatch.setenv("WBC_ALLOWED_ROOTS", os.pathsep.join([str(bench.parent), str(tmp_path)]))
+    monkeypatch.setenv("WBC_ALERT_WEBHOOK_URL", hook.url)
+    from wbc_tasks.core.settings import get_settings
+    from wbc_tasks.pipelines import training as steps
+    from wbc_tasks.serving.nightly import classify_new_images
+
+    params = {**PARAMS, "data_dir": str(labelled)}
+    run_id = "drift-real-images"
+    try:
+        for step in (
+            steps.split_step,
+            steps.preprocess_step,
+            steps.augment_step,
+            steps.balance_step,
+            steps.train_step,
+            steps.calibrate_step,
+            steps.evaluate_step,
+            steps.register_step,
+        ):
+            step(run_id, params)
+        night = classify_new_images(get_settings(), model="1")
+    finally:
+        hook.close()
+
+    drift = {d["drop"]: d for d in night["drift"]}
+    assert set(drift) == {"2026-11-24", "2026-11-25", "other-lab"}
+    assert drift["other-lab"]["images"] == 299 and drift["other-lab"]["alerts"], drift["other-lab"]
+    assert drift["2026-11-24"]["alerts"] == [] and drift["2026-11-25"]["alerts"] == [], drift
+    assert night["drops_drifted"] == 1
+    [post] = hook.posts
+    assert post["json"]["event"] == "drift" and [d["drop"] for d in post["json"]["drops"]] == ["other-lab"]
