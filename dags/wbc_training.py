@@ -25,12 +25,22 @@ FAIL_AT_ONCE_ON_PERMANENT_ERRORS = ExceptionRetryPolicy(
     rules=[RetryRule(exception=PermanentError, action=RetryAction.FAIL, reason="retrying cannot fix this")]
 )
 
+def _close_mlflow_run(context) -> None:
+    """A task failed for good: close the run's MLflow run as FAILED from the worker, where no
+    time limit cuts it short while MLflow is slow to answer (the DAG-level callback below runs in
+    the dag-processor, killed after 50 s; it stays as the backstop for a task killed outright)."""
+    from wbc_tasks.pipelines import training as steps
+
+    steps.mark_run_failed(context["run_id"])
+
+
 DEFAULT_ARGS = {
     "retries": 2,
     "retry_delay": timedelta(seconds=30),
     "retry_exponential_backoff": True,
     "retry_policy": FAIL_AT_ONCE_ON_PERMANENT_ERRORS,
-    "on_failure_callback": alert_task_failure,
+    # Alert first: closing the MLflow run may wait on an unreachable tracking server.
+    "on_failure_callback": [alert_task_failure, _close_mlflow_run],
 }
 
 
