@@ -158,7 +158,14 @@ def test_reviewed_test_images_are_evaluated_apart_from_the_headline_metrics(sett
         record_review(lab, _classified(lab, name), "neutrophils", reviewer="alice")
     conf = tiny_training_params(augment_per_class=8, smote=False).as_dict()
 
-    for step in (steps.split_step, steps.preprocess_step, steps.augment_step, steps.balance_step, steps.train_step):
+    for step in (
+        steps.split_step,
+        steps.preprocess_step,
+        steps.augment_step,
+        steps.balance_step,
+        steps.train_step,
+        steps.calibrate_step,
+    ):
         step("reviews-eval", conf)
     evaluated = steps.evaluate_step("reviews-eval", conf)
 

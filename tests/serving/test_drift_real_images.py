@@ -14,14 +14,14 @@ from tests.local_servers import Webhook
 
 pytestmark = pytest.mark.slow
 
-#: Every 4th labelled image: a small training set with the labs' own class mix (the drops' mix is
+#: Every 2nd labelled image: a small training set with the labs' own class mix (the drops' mix is
 #: compared with the training split's, so a subset with another mix would be a real drift).
-STRIDE = 4
+STRIDE = 2
 PARAMS = {
     "image_size": 32,
     "weights": "none",
     "epochs_head": 0,
-    "epochs_finetune": 3,
+    "epochs_finetune": 4,
     "batch_size": 32,
     "learning_rate_finetune": 1e-4,
     "augment_per_class": 0,
@@ -45,11 +45,7 @@ def test_a_third_labs_drop_raises_a_drift_alert_and_the_training_labs_drops_none
     bench, other = shared_set("wbc-bench"), shared_set("wbc-other-lab")
     labelled, classify = tmp_path / "WBC", tmp_path / "classify"
     _link_tree(
-        [
-            (p, f"{c.name}/{p.name}")
-            for c in sorted((bench / "WBC").iterdir())
-            for p in sorted(c.iterdir())[::STRIDE]
-        ],
+        [(p, f"{c.name}/{p.name}") for c in sorted((bench / "WBC").iterdir()) for p in sorted(c.iterdir())[::STRIDE]],
         labelled,
     )
     _link_tree([(p, f"{p.parent.name}/{p.name}") for p in sorted((bench / "classify-images").glob("*/*"))], classify)

@@ -221,13 +221,14 @@ def calibrate_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
         {k: v for k, v in summary.items() if isinstance(v, int | float) and not isinstance(v, bool)},
         prefix="calibration",
     )
-    log_stage_artifacts(
-        settings,
-        run_id,
-        run / "calibrate" / TRUST_ARTIFACT_PATH,
-        TRUST_ARTIFACT_PATH,
-        suffixes=(".json", ".npz", ".png"),
-    )
+    if summary.get("trust_dir"):
+        log_stage_artifacts(
+            settings,
+            run_id,
+            run / "calibrate" / TRUST_ARTIFACT_PATH,
+            TRUST_ARTIFACT_PATH,
+            suffixes=(".json", ".npz", ".png"),
+        )
     return summary
 
 
@@ -260,6 +261,8 @@ def evaluate_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
             groups_csv=_groups_csv(data_dir),
             batch_size=p.batch_size,
         )
+        if not calibrated.get("trust_dir"):  # no validation images: nothing was fitted to measure
+            return summary
         trust = evaluate_trust(
             Path(calibrated["model_path"]),
             Path(calibrated["trust_dir"]),

@@ -377,13 +377,22 @@ def calibrate_model(
 
     out_dir = Path(out_dir)
     trust_dir = out_dir / TRUST_ARTIFACT_PATH
-    trust_dir.mkdir(parents=True, exist_ok=True)
     model = keras.models.load_model(model_path)
-    outputs = outputs_model(model)
     val = open_store(Path(val_store))
     train = open_store(Path(train_store))
     if len(val) == 0:
-        raise ValueError(f"validation store {val_store} is empty: nothing to calibrate on")
+        # Nothing to fit on (a data set too small for a validation split): the model is kept as it
+        # is and served like a version from before calibration (legacy threshold, no unfamiliar
+        # score or blast flag), which the serving side logs whenever it loads it.
+        log.warning(
+            "validation store %s is empty: the model is NOT calibrated and gets no trust policy (no unfamiliar "
+            "score, no blast flag; the legacy review threshold applies); use more labelled images",
+            val_store,
+        )
+        model.save(out_dir / "model.keras")
+        return {"model_path": str(out_dir / "model.keras"), "trust_dir": None, "calibrated": False}
+    trust_dir.mkdir(parents=True, exist_ok=True)
+    outputs = outputs_model(model)
     index = {name: i for i, name in enumerate(class_names)}
     val_labels = np.array([index[c] for c in val.records["class"]])
     train_labels_all = np.array([index[c] for c in train.records["class"]])
@@ -396,9 +405,8 @@ def calibrate_model(
     )
     val_out = predict_all(outputs, val.images, batch_size)
     train_out = predict_all(outputs, np.asarray(train.images[picked]), batch_size)
-    source = np.asarray(
-        val.images[np.sort(_sample_per_class(val_labels, NEGATIVE_SOURCE_IMAGES, seed))[:NEGATIVE_SOURCE_IMAGES]]
-    )
+    chosen = np.sort(np.random.default_rng(seed).permutation(len(val))[:NEGATIVE_SOURCE_IMAGES])
+    source = np.asarray(val.images[chosen])
     negatives = {
         "corner_crops": predict_all(outputs, corner_crops(source, seed=seed), batch_size),
         "colour_shifts": predict_all(outputs, colour_shifts(source, seed=seed), batch_size),
@@ -431,6 +439,7 @@ def calibrate_model(
     return {
         "model_path": str(out_dir / "model.keras"),
         "trust_dir": str(trust_dir),
+        "calibrated": True,
         "temperature": policy.temperature,
         "review_threshold": policy.review_threshold,
         "blast_flag_probability": policy.blast_flag_probability,
