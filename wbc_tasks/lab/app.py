@@ -99,9 +99,17 @@ def _links(request: Request, drop: str | None = None) -> dict[str, str]:
     return links
 
 
-def _page(request: Request, who: LabUser, name: str, drop: str | None = None, **context: Any) -> HTMLResponse:
+def _page(
+    request: Request, who: LabUser, name: str, title: str, drop: str | None = None, **context: Any
+) -> HTMLResponse:
     html = render(
-        name, links=_links(request, drop), user=who.name, can_review=auth.is_allowed(who, "PUT"), drop=drop, **context
+        name,
+        title=title,
+        links=_links(request, drop),
+        user=who.name,
+        can_review=auth.is_allowed(who, "PUT"),
+        drop=drop,
+        **context,
     )
     return HTMLResponse(html, headers={"Cache-Control": "no-store"})
 
@@ -134,13 +142,13 @@ def create_app() -> FastAPI:
 
     @app.get("/drops", response_class=HTMLResponse, name="drops_page", summary="Drops (HTML)")
     def drops_page(request: Request, who: PageReader) -> HTMLResponse:
-        return _page(request, who, "drops", heading="Drops", drops=_drops(request))
+        return _page(request, who, "drops", "Drops", heading="Drops", drops=_drops(request))
 
     @app.get("/runs/{run_id}", response_class=HTMLResponse, summary="The drops a nightly run classified (HTML)")
     def run_page(request: Request, run_id: str, who: PageReader) -> HTMLResponse:
         chosen = _drops_of_run(run_id)
         drops = [d for d in _drops(request) if d["drop"] in chosen]
-        return _page(request, who, "drops", heading=f"Drops of run {run_id}", drops=drops)
+        return _page(request, who, "drops", f"Run {run_id}", heading=f"Drops of run {run_id}", drops=drops)
 
     @app.get("/drops/{drop}/review", response_class=HTMLResponse, name="review_page", summary="Review queue (HTML)")
     def review_page(request: Request, drop: str, who: PageReader) -> HTMLResponse:
@@ -161,6 +169,7 @@ def create_app() -> FastAPI:
             request,
             who,
             "review",
+            f"Review {drop}",
             drop,
             queue=queue,
             reviewed=sum(1 for c in queue if c["latest_review"]),

@@ -102,8 +102,8 @@ _REVIEW = """{% extends "base" %}
 <p>{{ queue|length }} cells to review ({{ reviewed }} reviewed so far): suspected blasts first, then the least
 confident.</p>
 <p class="keys">Keyboard: {% for label in labels %}<kbd>{{ label.key }}</kbd> {{ label.name }}
-{%- if not loop.last %} · {% endif %}{% endfor %}
-· <kbd>s</kbd> skip · <kbd>↑</kbd>/<kbd>↓</kbd> previous/next cell.
+{%- if not loop.last %} · {% endif %}{% endfor %} ·
+<kbd>s</kbd> skip · <kbd>↑</kbd>/<kbd>↓</kbd> previous/next cell.
 A decision is saved at once and moves to the next cell.</p>
 {% if not can_review %}
 <p class="notice">You may look at the queue; recording a decision needs edit rights.</p>
