@@ -6,7 +6,7 @@ unexport PYTHONDONTWRITEBYTECODE
 PY := .venv/bin/python
 EXTRA ?= cpu
 
-.PHONY: setup lint format demo train test test-fast test-system test-containers airflow-ui mlflow-ui bench bench-gpu stack-start stack-stop clean
+.PHONY: setup lint format demo train test test-fast test-system test-browser test-containers airflow-ui mlflow-ui bench bench-gpu stack-start stack-stop clean
 
 setup: .venv/.synced
 
@@ -33,14 +33,20 @@ format: setup
 ## The whole test suite (what CI runs): unit, DAG and end-to-end tests (two processes: about half the
 ## time of one on two cores), then the native-stack system test
 test: setup
-	$(PY) -m pytest -q -n 2 --durations=20 -m "not system and not containers"
+	$(PY) -m pytest -q -n 2 --durations=20 -m "not system and not containers and not browser"
 	$(PY) -m pytest -q --durations=10 -m system tests/system
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow and not system and not containers"
+	$(PY) -m pytest -q -m "not slow and not system and not containers and not browser"
 
 test-system: setup
 	$(PY) -m pytest -q -m system tests/system
+
+## The lab's pages in a real browser (Debian's chromium, installed when missing; needs root then):
+## one Airflow started as README says, the HTTP checks and the browser walk-through (~2 min)
+test-browser: setup
+	tests/lab/install-chromium.sh
+	$(PY) -m pytest -q -p no:randomly --durations=10 -m browser tests/lab
 
 ## The docker-compose stack for real (podman, as root): builds the images, runs both DAGs in
 ## containers (~20 min cold on 2 cores). COLD=1 first removes the images it built (a cold build).

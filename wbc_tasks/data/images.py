@@ -188,3 +188,20 @@ def inspect_image(path: Path | str, *, max_pixels: int, min_side: int = 1) -> Im
     except OSError as exc:
         raise ImageError(path, f"cannot read file: {exc.strerror or exc}") from exc
     return ImageInfo(sha256=digest, width=width, height=height, mode=mode, format=fmt)
+
+
+def thumbnail_jpeg(path: Path | str, side: int, *, max_pixels: int, quality: int = 90) -> bytes:
+    """A JPEG of the image at ``path`` fitting in ``side`` x ``side`` (never enlarged), decoded with
+    the same checks and orientation/colour handling as :func:`load_image`; the file is only read."""
+    import io
+
+    with _open_checked(Path(path), max_pixels, 1) as img:
+        try:
+            img.load()
+            rgb = _to_rgb(ImageOps.exif_transpose(img))
+        except OSError as exc:
+            raise ImageError(path, f"cannot decode image: {exc}") from exc
+    rgb.thumbnail((side, side), Image.Resampling.LANCZOS)
+    out = io.BytesIO()
+    rgb.save(out, format="JPEG", quality=quality)
+    return out.getvalue()

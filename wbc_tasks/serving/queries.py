@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from sqlalchemy import Text, and_, cast, or_, select
+from sqlalchemy import Select, Text, and_, cast, func, or_, select
 from sqlalchemy.engine import Connection
 
 from wbc_tasks.core.settings import CLASS_NAMES, REVIEW_REASONS, Settings
@@ -138,27 +138,16 @@ def _for_db(value: datetime, connection: Connection) -> datetime:
     return value.replace(tzinfo=None) if connection.dialect.name == "sqlite" else value
 
 
-def query_predictions(
-    settings: Settings,
+def _export_query(
     *,
-    drop: str | None = None,
-    since: datetime | str | None = None,
-    predicted_class: str | None = None,
-    needs_review: bool | None = None,
-    review_reason: str | None = None,
-    model_version: str | int | None = None,
-    latest: bool = False,
-) -> pd.DataFrame:
-    """One row per file seen and prediction of its content (long form: ``probabilities`` dict).
-
-    A file whose content was classified by two model versions has two rows (``latest=True``
-    keeps only the newest prediction per file). Rejected files appear with ``status``
-    ``rejected`` and their ``reason`` unless a prediction filter (class, review, version) is
-    given. ``since`` keeps rows whose file was first seen, or whose prediction or rejection was
-    made, at or after that time (naive times are UTC).
-    """
-    import pandas as pd
-
+    drop: str | None,
+    predicted_class: str | None,
+    needs_review: bool | None,
+    review_reason: str | None,
+    model_version: str | int | None,
+) -> Select[Any]:
+    """The export's SELECT with its filters (``since`` is added per connection: SQLite compares
+    naive times)."""
     fs, p, r = files_seen, predictions, rejections
     query = (
         select(
@@ -200,20 +189,51 @@ def query_predictions(
         query = query.where(cast(p.c.review_reasons, Text).like(f'%"{review_reason}"%'))
     if model_version is not None:
         query = query.where(p.c.model_version == str(model_version))
+    return query
+
+
+def _since(query: Select[Any], since_utc: datetime | None, connection: Connection) -> Select[Any]:
+    """Rows whose file was first seen, or whose prediction or rejection was made, at or after ``since_utc``."""
+    if since_utc is None:
+        return query
+    bound = _for_db(since_utc, connection)
+    return query.where(
+        or_(files_seen.c.seen_at >= bound, predictions.c.created_at >= bound, rejections.c.created_at >= bound)
+    )
+
+
+def query_predictions(
+    settings: Settings,
+    *,
+    drop: str | None = None,
+    since: datetime | str | None = None,
+    predicted_class: str | None = None,
+    needs_review: bool | None = None,
+    review_reason: str | None = None,
+    model_version: str | int | None = None,
+    latest: bool = False,
+) -> pd.DataFrame:
+    """One row per file seen and prediction of its content (long form: ``probabilities`` dict).
+
+    A file whose content was classified by two model versions has two rows (``latest=True``
+    keeps only the newest prediction per file). Rejected files appear with ``status``
+    ``rejected`` and their ``reason`` unless a prediction filter (class, review, version) is
+    given. ``since`` keeps rows whose file was first seen, or whose prediction or rejection was
+    made, at or after that time (naive times are UTC).
+    """
+    import pandas as pd
+
+    query = _export_query(
+        drop=drop,
+        predicted_class=predicted_class,
+        needs_review=needs_review,
+        review_reason=review_reason,
+        model_version=model_version,
+    )
     since_utc = _as_utc(since)
 
     def fetch(connection: Connection) -> list[dict[str, Any]]:
-        selected = query
-        if since_utc is not None:
-            bound = _for_db(since_utc, connection)
-            selected = selected.where(
-                or_(
-                    fs.c.seen_at >= bound,
-                    p.c.created_at >= bound,
-                    r.c.created_at >= bound,
-                )
-            )
-        return [dict(row) for row in connection.execute(selected).mappings()]
+        return [dict(row) for row in connection.execute(_since(query, since_utc, connection)).mappings()]
 
     with open_engine(settings.predictions_db_url) as engine:
         rows = read_with_retries(settings, engine, fetch, what="reading predictions")
@@ -348,3 +368,202 @@ def _write(payload: bytes | str, out: Path | str | IO | None) -> None:
         out.write(data.decode())
     else:
         out.write(data)
+
+
+# --------------------------------------------------------------------------------------------
+# The export, streamed (the lab's HTTP endpoint): rows read in batches, never all in memory
+# --------------------------------------------------------------------------------------------
+
+#: Rows fetched from the database per round trip, and rows per written chunk (a Parquet row group).
+STREAM_BATCH = 5000
+_TIME_COLUMNS = ("seen_at", "predicted_at", "rejected_at")
+
+
+def _status(row: dict[str, Any]) -> str:
+    if row["predicted_class"] is not None:
+        return "classified"
+    return "rejected" if row["rejection_reason"] is not None else "pending"
+
+
+def stream_predictions(
+    settings: Settings,
+    *,
+    drop: str | None = None,
+    since: datetime | str | None = None,
+    predicted_class: str | None = None,
+    needs_review: bool | None = None,
+    review_reason: str | None = None,
+    model_version: str | int | None = None,
+    latest: bool = False,
+    batch_size: int = STREAM_BATCH,
+) -> Iterator[dict[str, Any]]:
+    """The rows of :func:`query_predictions` (same filters, order and columns; times UTC), one
+    dict at a time: a server-side cursor on PostgreSQL, SQLite's own cursor, ``batch_size``
+    rows per fetch. ``latest`` keeps each file's last row: the query is ordered by path, content
+    and prediction time, so a file's rows arrive together. Not retried: a lost connection
+    ends the stream with the error (the client sees a cut-off download and asks again)."""
+    query = _export_query(
+        drop=drop,
+        predicted_class=predicted_class,
+        needs_review=needs_review,
+        review_reason=review_reason,
+        model_version=model_version,
+    )
+    since_utc = _as_utc(since)
+    with open_engine(settings.predictions_db_url) as engine, engine.connect() as connection:
+        result = connection.execution_options(stream_results=True, yield_per=batch_size).execute(
+            _since(query, since_utc, connection)
+        )
+        held: dict[str, Any] | None = None
+        for mapping in result.mappings():
+            row = dict(mapping)
+            for column in _TIME_COLUMNS:
+                row[column] = _as_utc(row[column])
+            row["status"] = _status(row)
+            row = {c: row[c] for c in EXPORT_COLUMNS}
+            if not latest:
+                yield row
+                continue
+            if held is not None and (held["path"], held["sha256"]) != (row["path"], row["sha256"]):
+                yield held
+            held = row
+        if held is not None:
+            yield held
+
+
+def stream_probability_columns(settings: Settings, *, model_version: str | int | None = None) -> list[str]:
+    """The class names of every model version with predictions (of ``model_version`` only when
+    given), the project's order first: the ``prob_<class>`` columns a streamed CSV or Parquet
+    carries, known before the first row (one prediction read per version)."""
+
+    def read(connection: Connection) -> list[str]:
+        first = select(func.min(predictions.c.id)).group_by(predictions.c.model_name, predictions.c.model_version)
+        if model_version is not None:
+            first = first.where(predictions.c.model_version == str(model_version))
+        seen: set[str] = set()
+        query = select(predictions.c.probabilities).where(predictions.c.id.in_(first))
+        for probs in connection.execute(query).scalars():
+            seen.update(probs or {})
+        known = [c for c in CLASS_NAMES if c in seen]
+        return known + sorted(seen - set(known))
+
+    with open_engine(settings.predictions_db_url) as engine:
+        return read_with_retries(settings, engine, read, what="reading the class names of the predictions")
+
+
+def _wide_row(row: dict[str, Any], classes: Sequence[str]) -> dict[str, Any]:
+    probs = row["probabilities"] or {}
+    wide = {k: v for k, v in row.items() if k != "probabilities"}
+    wide.update({f"prob_{name}": probs.get(name) for name in classes})
+    return wide
+
+
+def _csv_cell(column: str, value: Any) -> Any:
+    # As pandas writes the same table (`wbc predictions`): ISO times with microseconds and
+    # +0000, lists as JSON, missing values empty.
+    if value is None:
+        return ""
+    if column in _TIME_COLUMNS:
+        return value.strftime("%Y-%m-%dT%H:%M:%S.%f%z")
+    if isinstance(value, list):
+        return json.dumps(value)
+    return value
+
+
+def _chunks(rows: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
+    chunk: list[dict[str, Any]] = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def stream_csv(rows: Iterable[dict[str, Any]], classes: Sequence[str], *, chunk_rows: int = 1000) -> Iterator[bytes]:
+    """The wide CSV of ``rows`` (header first), ``chunk_rows`` rows per piece of output."""
+    import csv
+
+    header = [c for c in EXPORT_COLUMNS if c != "probabilities"] + [f"prob_{name}" for name in classes]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    yield buffer.getvalue().encode()
+    for chunk in _chunks(rows, chunk_rows):
+        buffer.seek(0)
+        buffer.truncate()
+        for row in chunk:
+            wide = _wide_row(row, classes)
+            writer.writerow([_csv_cell(c, wide[c]) for c in header])
+        yield buffer.getvalue().encode()
+
+
+def stream_json(rows: Iterable[dict[str, Any]], *, chunk_rows: int = 1000) -> Iterator[bytes]:
+    """A JSON list of records (``probabilities`` an object, times ISO 8601), written as it is read."""
+    yield b"["
+    first = True
+    for chunk in _chunks(rows, chunk_rows):
+        parts = []
+        for row in chunk:
+            record = {k: (v.isoformat() if k in _TIME_COLUMNS and v is not None else v) for k, v in row.items()}
+            parts.append(("\n" if first else ",\n") + json.dumps(record, ensure_ascii=False))
+            first = False
+        yield "".join(parts).encode()
+    yield b"\n]\n"
+
+
+class _Drain(io.RawIOBase):
+    """A write-only file that keeps what was written until :meth:`take` (Parquet's sink)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._parts: list[bytes] = []
+        self._written = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        chunk = bytes(data)
+        self._parts.append(chunk)
+        self._written += len(chunk)
+        return len(chunk)
+
+    def tell(self) -> int:
+        return self._written
+
+    def take(self) -> bytes:
+        data, self._parts = b"".join(self._parts), []
+        return data
+
+
+def stream_parquet(
+    rows: Iterable[dict[str, Any]], classes: Sequence[str], *, chunk_rows: int = STREAM_BATCH
+) -> Iterator[bytes]:
+    """The wide table as Parquet, one row group per ``chunk_rows`` rows, each sent once written."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    text = pa.string()
+    types: dict[str, Any] = {
+        "size": pa.int64(),
+        "confidence": pa.float64(),
+        "unfamiliar_score": pa.float64(),
+        "needs_review": pa.bool_(),
+        "review_reasons": pa.list_(text),
+        **{c: pa.timestamp("us", tz="UTC") for c in _TIME_COLUMNS},
+        **{f"prob_{name}": pa.float64() for name in classes},
+    }
+    names = [c for c in EXPORT_COLUMNS if c != "probabilities"] + [f"prob_{name}" for name in classes]
+    schema = pa.schema([(name, types.get(name, text)) for name in names])
+    sink = _Drain()
+    with pq.ParquetWriter(sink, schema) as writer:
+        for chunk in _chunks(rows, chunk_rows):
+            wide = [_wide_row(row, classes) for row in chunk]
+            columns = {
+                name: [w[name] if name in types or w[name] is None else str(w[name]) for w in wide] for name in names
+            }
+            writer.write_table(pa.table(columns, schema=schema))
+            yield sink.take()
+    yield sink.take()
