@@ -10,6 +10,8 @@ container. Run with ``make test-containers`` (about 20 minutes on 2 cores with e
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import shutil
 import time
@@ -279,6 +281,16 @@ def test_batch_classification_rows_read_back_with_wbc_predictions_in_a_container
     assert sorted(row["path"].rsplit("/", 1)[-1] for row in rows) == dropped
     assert {row["status"] for row in rows} == {"classified"}
     assert {str(row["model_version"]) for row in rows} == {str(champion(container_stack)["version"])}
+
+    # The same rows over HTTP from the lab plugin in the API server (loaded through the package's
+    # airflow.plugins entry point), with the REST API's token; anonymous requests are refused.
+    url = f"{container_stack.api_url}/lab/api/predictions"
+    query = {"format": "csv", "drop": DROP_NAME}
+    assert requests.get(url, params=query, timeout=60).status_code == 401
+    response = airflow.session.get(url, params=query, timeout=60)
+    assert response.status_code == 200, response.text[:2000]
+    table = list(csv.DictReader(io.StringIO(response.text)))
+    assert sorted(row["path"].rsplit("/", 1)[-1] for row in table) == dropped
 
 
 def mlflow_status_of(stack: ContainerStack, dag_run_id: str) -> str:
