@@ -201,6 +201,12 @@ class Settings(BaseSettings):
     #: raises an alert. The other drift limits are fitted per model version on its validation split.
     drift_min_images: int = 30
     drift_max_rejected_share: float = 0.2
+    #: How far one specimen's class mix may lie from the training labs' mix before the class-mix
+    #: alert: the limit is fitted on simulated drops whose class mix is drawn from a Dirichlet
+    #: around the training mix with this concentration (10: a class making 23 % of the training
+    #: images ranges about 0-50 % between specimens, as differentials of different patients do).
+    #: Higher is stricter. Read when a model is calibrated (it is stored with the version).
+    drift_class_mix_concentration: float = Field(default=10.0, gt=0)
     #: Differential report (wbc_tasks.serving.report): the "left shift" flag is raised when bands,
     #: metamyelocytes and myelocytes together are more than this percent of a drop's cells (a
     #: left shift is commonly read from about 10 % immature granulocytes upward).

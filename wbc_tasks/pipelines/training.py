@@ -213,6 +213,7 @@ def calibrate_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
             unfamiliar_rate=p.unfamiliar_rate,
             batch_size=p.batch_size,
             seed=p.seed,
+            drift_class_mix_concentration=settings.drift_class_mix_concentration,
         ),
     )
     log_metrics(

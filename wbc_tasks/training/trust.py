@@ -166,20 +166,36 @@ def jensen_shannon(p: np.ndarray, q: np.ndarray) -> float:
 
 
 def _drift_limits(
-    predicted: np.ndarray, confidence: np.ndarray, unfamiliar: np.ndarray, mix: np.ndarray, seed: int
+    labels: np.ndarray,
+    predicted: np.ndarray,
+    confidence: np.ndarray,
+    unfamiliar: np.ndarray,
+    mix: np.ndarray,
+    concentration: float,
+    seed: int,
 ) -> dict[str, float]:
+    """Limits a familiar drop stays within 999 times in 1000, from simulated drops of validation
+    images. Each simulated drop is one specimen: its class mix is drawn from a Dirichlet around the
+    training mix (``concentration``: specimens' differentials vary between patients), then its
+    images from the validation images of each class; the drop is judged by the model's
+    predictions on them, as a real drop is."""
     rng = np.random.default_rng(seed)
     n_classes = len(mix)
     size = min(DRIFT_DRAW_SIZE, len(predicted))
+    by_class = [np.flatnonzero(labels == c) for c in range(n_classes)]
+    present = np.array([len(members) > 0 for members in by_class])
+    alpha = concentration * np.where(present, mix, 0.0) + 1e-6 * present
     divergences, confidences, shares = [], [], []
     for _ in range(DRIFT_DRAWS):
-        pick = rng.choice(len(predicted), size, replace=False)
+        counts_true = rng.multinomial(size, rng.dirichlet(alpha[present]))
+        pick = np.concatenate([rng.choice(by_class[c], n) for c, n in zip(np.flatnonzero(present), counts_true) if n])
         counts = np.bincount(predicted[pick], minlength=n_classes)
         divergences.append(jensen_shannon(counts / counts.sum(), mix))
         confidences.append(confidence[pick].mean())
         shares.append(unfamiliar[pick].mean())
     return {
         "draw_size": float(size),
+        "class_mix_concentration": float(concentration),
         "max_class_mix_divergence": float(np.quantile(divergences, DRIFT_QUANTILE)),
         "min_mean_confidence": float(np.quantile(confidences, 1 - DRIFT_QUANTILE)),
         # The share of a 100-image drop; drift.py scales the limit to each drop's size.
@@ -200,6 +216,7 @@ def fit_trust(
     review_target_accuracy: float,
     blast_recall_target: float,
     unfamiliar_rate: float,
+    drift_class_mix_concentration: float = 10.0,
     seed: int = 0,
 ) -> tuple[TrustPolicy, uf.FeatureStatistics, dict[str, Any]]:
     """Fit every part of the policy from model outputs (see :func:`predict_all`, uncalibrated).
@@ -238,7 +255,15 @@ def fit_trust(
     )
     total = sum(training_counts.get(c, 0) for c in class_names) or 1
     mix = np.array([training_counts.get(c, 0) / total for c in class_names])
-    drift = _drift_limits(predicted, confidence, val_scores[method] > unfamiliar_threshold, mix, seed)
+    drift = _drift_limits(
+        val_labels,
+        predicted,
+        confidence,
+        val_scores[method] > unfamiliar_threshold,
+        mix,
+        drift_class_mix_concentration,
+        seed,
+    )
     policy = TrustPolicy(
         class_names=list(class_names),
         temperature=temperature,
@@ -362,6 +387,7 @@ def calibrate_model(
     unfamiliar_rate: float,
     batch_size: int,
     seed: int,
+    drift_class_mix_concentration: float = 10.0,
 ) -> dict[str, Any]:
     """Fit the trust policy of a trained model and save the calibrated model.
 
@@ -422,6 +448,7 @@ def calibrate_model(
         review_target_accuracy=review_target_accuracy,
         blast_recall_target=blast_recall_target,
         unfamiliar_rate=unfamiliar_rate,
+        drift_class_mix_concentration=drift_class_mix_concentration,
         seed=seed,
     )
     fold_temperature(model, policy.temperature)
