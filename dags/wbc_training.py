@@ -25,6 +25,7 @@ FAIL_AT_ONCE_ON_PERMANENT_ERRORS = ExceptionRetryPolicy(
     rules=[RetryRule(exception=PermanentError, action=RetryAction.FAIL, reason="retrying cannot fix this")]
 )
 
+
 def _close_mlflow_run(context) -> None:
     """A task failed for good: close the run's MLflow run as FAILED from the worker, where no
     time limit cuts it short while MLflow is slow to answer (the DAG-level callback below runs in
