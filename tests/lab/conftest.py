@@ -39,7 +39,7 @@ class Lab:
         return str(body["access_token"])  # type: ignore[index]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def lab(tmp_path_factory) -> Lab:
     from wbc_tasks.serving.nightly import classify_new_images
 

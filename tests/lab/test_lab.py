@@ -2,8 +2,8 @@
 images classified in the test: every page and endpoint needs an Airflow login (401 or a redirect
 to Airflow's login page without), a viewer reads but may not decide, decisions are CSRF-guarded,
 thumbnails never leave the allowed folders, the predictions table streams the same rows as
-``wbc predictions``; then a real browser logs in, reviews by click and by keyboard, sees the
-reviewed differential change, and opens the training DAG's trigger form."""
+``wbc predictions``; then a real browser logs in, reviews by click and by keyboard, and sees the
+reviewed differential change. Airflow's own pages (the trigger form, the navigation): test_airflow_ui.py."""
 
 from __future__ import annotations
 

@@ -179,3 +179,93 @@ def test_reviewed_test_images_are_evaluated_apart_from_the_headline_metrics(sett
     metrics = configure_mlflow(lab).get_run(open_tracking_run(lab, "reviews-eval")).data.metrics
     assert metrics["test_n_images"] == labelled_test and metrics["test_reviewed_n_images"] == 3
     assert 0.0 <= metrics["test_reviewed_accuracy"] <= 1.0
+
+
+@pytest.mark.slow
+def test_a_nightly_drop_is_reviewed_exported_and_the_next_training_run_learns_from_it(
+    settings, tmp_path, monkeypatch, capsys
+):
+    """Issue 16 end to end: a drop of real images classified by the champion, four of its cells
+    reviewed (one unusable), the reviewed differential in ``wbc report`` and the images in
+    ``wbc reviews export``, then every step of the next ``wbc_training`` run on a labelled folder of
+    real images (symlinks into ../shared/data): the manifest lists the reviewed images as such."""
+    import json
+
+    from tests.serving.conftest import DROPS, copy_drop, register_tiny_model
+    from wbc_tasks.cli.main import main as wbc
+    from wbc_tasks.registry.client import configure_mlflow
+    from wbc_tasks.registry.runs import open_tracking_run
+    from wbc_tasks.serving.nightly import classify_new_images
+    from wbc_tasks.serving.reviews import review_queue
+
+    source = shared_set("wbc-bench") / "WBC"
+    data_dir = tmp_path / "labelled"
+    for name in CLASS_NAMES:
+        (data_dir / name).mkdir(parents=True)
+        for image in sorted((source / name).iterdir())[:4]:
+            (data_dir / name / image.name).symlink_to(image)
+    monkeypatch.setenv("WBC_ALLOWED_ROOTS", f"{tmp_path}:{DROPS.parents[2]}")
+    monkeypatch.setenv("WBC_REVIEW_THRESHOLD", "0.65")
+    monkeypatch.setenv("WBC_SETTLE_MINUTES", "0")  # the drop was just copied in
+    lab = get_settings()
+    lab.classify_dir.mkdir(parents=True)
+    register_tiny_model(lab, seed=1, alias="champion")
+    copy_drop(DROP, lab)
+    night = classify_new_images(lab)
+    assert night["images_classified"] == 100, night
+
+    queue = review_queue(lab, DROP)
+    labels = ["neutrophils", "lymphocytes", "eosinophils", "unusable"]
+    for cell, label in zip(queue, labels):
+        record_review(lab, cell["path"], label, reviewer="tech")
+    reviewed = {str(lab.classify_dir.resolve() / c["path"]): label for c, label in zip(queue, labels[:3])}
+
+    capsys.readouterr()  # what classifying printed
+    assert wbc(["report", DROP, "--format", "json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    after = report["reviewed"]
+    assert (after["reviewed_cells"], after["unusable"], after["reviewers"]) == (4, 1, ["tech"])
+    assert report["review"]["reviewed"] == 4 and after["cells"] == report["cells"] - 1  # unusable left out
+    counts = {row["class"]: row["count"] for row in after["differential"]}
+    assert sum(counts.values()) == after["cells"] and all(counts[label] >= 1 for label in labels[:3])
+    assert "research use" in json.dumps(report).lower()
+
+    out = tmp_path / "curated"
+    assert wbc(["reviews", "export", "--out", str(out)]) == 0
+    exported = json.loads(capsys.readouterr().out)
+    assert exported["exported"] == 3 and [u["path"] for u in exported["unusable"]] == [queue[3]["path"]]
+    assert sorted(str(p.relative_to(out).parent) for p in out.rglob("*.jpg")) == sorted(labels[:3])
+
+    conf = tiny_training_params(
+        epochs_finetune=1,
+        augment_per_class=0,
+        smote=False,
+        data_dir=str(data_dir),
+        min_metric=0.0,
+        min_class_recall=0.0,
+        min_blast_recall=0.0,
+    ).as_dict()
+    run_id = "after-review"
+    results = {}
+    for step in (
+        steps.split_step,
+        steps.preprocess_step,
+        steps.augment_step,
+        steps.balance_step,
+        steps.train_step,
+        steps.calibrate_step,
+        steps.evaluate_step,
+        steps.register_step,
+        steps.promote_step,
+    ):
+        results[step.__name__] = step(run_id, conf)
+
+    manifest = read_manifest(lab.run_dir(run_id) / "split")
+    from_review = manifest[manifest["source"] == SOURCE_REVIEW].set_index("path")["class"].to_dict()
+    assert from_review == reviewed
+    assert (manifest["source"] == SOURCE_LABELLED).sum() == 36
+    metrics = configure_mlflow(lab).get_run(open_tracking_run(lab, run_id)).data.metrics
+    assert metrics["reviewed_images_added"] == 3 and metrics["reviewed_images_unusable"] == 1
+    # The run went through: a new version, compared with the champion that classified the drop.
+    assert results["register_step"]["version"] == "2"
+    assert results["promote_step"]["compared_with_version"] == "1"
