@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import requests
 
-from ..system.conftest import AirflowClient
+from ..system.conftest import AirflowClient, assert_tasks_ran_on_their_queues
 from .conftest import DROP_NAME, DROP_SIZE, STATE_DIR, WEIGHTS_FILE, ContainerStack, generated_weights
 
 pytestmark = [pytest.mark.containers, pytest.mark.timeout(3600)]
@@ -228,15 +228,7 @@ def training_run(container_stack: ContainerStack, airflow: AirflowClient) -> dic
 
 
 def test_training_runs_train_model_on_the_gpu_worker(training_run: dict[str, Any]) -> None:
-    tis = {ti["task_id"]: ti for ti in training_run["task_instances"]}
-    assert {ti["state"] for ti in tis.values()} == {"success"}, {k: v["state"] for k, v in tis.items()}
-    # Training and calibration (the network's passes over the validation images) go to queue gpu.
-    on_gpu = {"train_model", "calibrate"}
-    for task in on_gpu:
-        assert tis[task]["queue"] == "gpu"
-        assert tis[task]["hostname"].startswith("gpu@"), (task, tis[task]["hostname"])
-    others = {task: ti["hostname"] for task, ti in tis.items() if task not in on_gpu}
-    assert all(host.startswith("cpu@") for host in others.values()), others
+    assert_tasks_ran_on_their_queues(training_run)
 
 
 def mlflow_get(stack: ContainerStack, path: str, **params: Any) -> dict[str, Any]:

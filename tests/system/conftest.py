@@ -260,3 +260,20 @@ def airflow(native_stack: NativeStack) -> AirflowClient:
         native_stack.env["AIRFLOW_ADMIN_USERNAME"],
         native_stack.env["AIRFLOW_ADMIN_PASSWORD"],
     )
+
+
+#: The training tasks that run the network (training, then calibration's passes over the images):
+#: they go to queue ``gpu``, every other task to ``default``.
+GPU_TASKS = {"train_model", "calibrate"}
+
+
+def assert_tasks_ran_on_their_queues(training_run: dict[str, Any]) -> None:
+    """Every task of a finished ``wbc_training`` run succeeded; the GPU tasks went to queue ``gpu``
+    and ran on the gpu worker (hostname ``gpu@…``), the rest on the cpu worker."""
+    tis = {ti["task_id"]: ti for ti in training_run["task_instances"]}
+    assert {ti["state"] for ti in tis.values()} == {"success"}, {k: v["state"] for k, v in tis.items()}
+    for task in GPU_TASKS:
+        assert tis[task]["queue"] == "gpu", (task, tis[task]["queue"])
+        assert tis[task]["hostname"].startswith("gpu@"), (task, tis[task]["hostname"])
+    others = {task: ti["hostname"] for task, ti in tis.items() if task not in GPU_TASKS}
+    assert all(host.startswith("cpu@") for host in others.values()), others

@@ -19,7 +19,7 @@ from unittest import mock
 import pytest
 import requests
 
-from .conftest import AirflowClient, NativeStack
+from .conftest import AirflowClient, NativeStack, assert_tasks_ran_on_their_queues
 
 pytestmark = [pytest.mark.system, pytest.mark.slow, pytest.mark.timeout(3600)]
 
@@ -117,14 +117,8 @@ def test_anonymous_requests_are_refused(native_stack: NativeStack) -> None:
 
 
 def test_training_runs_train_model_on_the_gpu_worker(training_run: dict[str, Any]) -> None:
-    """Every task succeeded; train_model went to queue gpu and ran on the gpu worker, the rest on cpu."""
-    tis = {ti["task_id"]: ti for ti in training_run["task_instances"]}
-    assert {ti["state"] for ti in tis.values()} == {"success"}, {k: v["state"] for k, v in tis.items()}
-    train = tis["train_model"]
-    assert train["queue"] == "gpu"
-    assert train["hostname"].startswith("gpu@"), train["hostname"]
-    others = {task: ti["hostname"] for task, ti in tis.items() if task != "train_model"}
-    assert all(host.startswith("cpu@") for host in others.values()), others
+    """Every task succeeded; train_model and calibrate ran on the gpu worker, the rest on cpu."""
+    assert_tasks_ran_on_their_queues(training_run)
 
 
 def test_training_promotes_a_champion_on_the_mlflow_server(
