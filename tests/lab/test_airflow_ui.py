@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
+from urllib.parse import unquote
 
 import pytest
 
@@ -179,10 +180,15 @@ def test_a_technologist_triggers_a_tiny_training_run_from_airflows_form(lab, bro
             0,
         ), conf
         # The UI opens the run, queued, with the plugin's tab for the run's drops.
-        wait_for(lambda: run["dag_run_id"] in driver.page_source, "the run's page")
-        body = wait_for(lambda: driver.find_element(By.TAG_NAME, "body").text, "the run's page")
-        wait_for(lambda: "Queued" in driver.find_element(By.TAG_NAME, "body").text, "the run shown queued")
-        assert "Review and differential of this run's drops" in body
+        # The page source names the run (in the trigger's toast) before the run's page has rendered.
+        wait_for(lambda: run["dag_run_id"] in unquote(driver.current_url), "the run's page")
+        tab = "Review and differential of this run's drops"
+        body = wait_for(
+            lambda: "Queued" in (text := driver.find_element(By.TAG_NAME, "body").text) and tab in text and text,
+            f"the run shown queued with the tab {tab!r}",
+            180,
+        )
+        assert "seed for augmentation" not in body.lower(), "the trigger form is still shown"
         driver.save_screenshot(str(shots / "run-queued.png"))
         assert api(lab, "GET", f"/dags/{DAG}", admin)[1]["is_paused"] is True
     finally:
