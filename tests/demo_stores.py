@@ -70,3 +70,37 @@ def tiny_training_params(size: int = 32, **overrides: object) -> TrainingParams:
         **overrides,
     }
     return training_params(values)
+
+
+def train_and_calibrate(root: Path, *, splits: dict[str, int], epochs: int = 2) -> tuple[dict[str, Path], dict, dict]:
+    """Demo stores under ``root``, a 32 px VGG16 with a tiny head trained on them for ``epochs``,
+    then calibrated with its trust policy fitted (the DAG's train and calibrate steps):
+    (stores, training summary, calibration summary)."""
+    from wbc_tasks.core.settings import get_settings
+    from wbc_tasks.training.train import train_model
+    from wbc_tasks.training.trust import calibrate_model
+
+    stores = build_demo_stores(root, splits=splits, size=32, render_size=48)
+    trained = train_model(
+        stores["train"],
+        stores["val"],
+        root / "train",
+        tiny_training_params(32, epochs_finetune=epochs),
+        get_settings(),
+        checkpoint_dir=root / "ckpt",
+        dense_units=16,
+    )
+    calibrated = calibrate_model(
+        trained["model_path"],
+        stores["val"],
+        stores["train"],
+        root / "calibrate",
+        class_names=CLASS_NAMES,
+        training_counts=dict.fromkeys(CLASS_NAMES, splits["train"]),
+        review_target_accuracy=0.95,
+        blast_recall_target=0.95,
+        unfamiliar_rate=0.05,
+        batch_size=8,
+        seed=0,
+    )
+    return stores, trained, calibrated

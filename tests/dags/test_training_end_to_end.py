@@ -154,6 +154,14 @@ def test_a_trained_model_wins_and_the_old_champion_moves_to_rollback(env, base, 
     assert client.get_model_version_by_alias(env.model_name, env.champion_alias).version == int(new)
     assert client.get_model_version_by_alias(env.model_name, env.rollback_alias).version == 1
     assert results["promote_step"]["outcome"] == "promoted"
+    # Registration exported the CPU engine, checked it against Keras and logged it with the run.
+    version = client.get_model_version(env.model_name, new)
+    engine = json.loads((env.run_dir("win-run") / "export" / "engine.json").read_text())
+    assert engine["accepted"] and engine["check_images"] > 0, engine
+    assert version.tags["engine"] == f"openvino {engine['precision']}" == results["register_step"]["engine"]
+    logged = {a.path for a in client.list_artifacts(version.run_id, "engine")}
+    assert {"engine/engine.json", "engine/model.xml", "engine/model.bin"} <= logged
+    assert "engine_" + engine["precision"] + "_argmax_agreement" in client.get_run(version.run_id).data.metrics
 
 
 def test_a_worse_model_loses_and_the_aliases_stay(env, base, demo_params):

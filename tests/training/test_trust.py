@@ -7,14 +7,12 @@ import numpy as np
 import pytest
 
 from tests.conftest import shared_set
-from tests.demo_stores import build_demo_stores, tiny_training_params
-from wbc_tasks.core.settings import CLASS_NAMES
+from tests.demo_stores import train_and_calibrate
 from wbc_tasks.data.image_checks import check_image, generated_non_cells
 from wbc_tasks.training import unfamiliar as uf
 from wbc_tasks.training.trust import (
     assess,
     blast_probability_for_recall,
-    calibrate_model,
     load_trust,
     review_threshold_for_accuracy,
 )
@@ -70,33 +68,8 @@ def test_image_checks_flag_every_generated_non_cell_frame_but_the_real_cells(set
 @pytest.fixture(scope="module")
 def calibrated(tmp_path_factory):
     """A tiny model trained on demo images, then calibrated with its trust policy fitted."""
-    from wbc_tasks.core.settings import get_settings
-    from wbc_tasks.training.train import train_model
-
     root = tmp_path_factory.mktemp("trust")
-    stores = build_demo_stores(root, splits={"train": 6, "val": 6}, size=32, render_size=48)
-    trained = train_model(
-        stores["train"],
-        stores["val"],
-        root / "train",
-        tiny_training_params(32),
-        get_settings(),
-        checkpoint_dir=root / "ckpt",
-        dense_units=16,
-    )
-    summary = calibrate_model(
-        trained["model_path"],
-        stores["val"],
-        stores["train"],
-        root / "calibrate",
-        class_names=CLASS_NAMES,
-        training_counts={c: 6 for c in CLASS_NAMES},
-        review_target_accuracy=0.95,
-        blast_recall_target=0.95,
-        unfamiliar_rate=0.05,
-        batch_size=8,
-        seed=0,
-    )
+    _, trained, summary = train_and_calibrate(root, splits={"train": 6, "val": 6})
     return root, trained, summary
 
 

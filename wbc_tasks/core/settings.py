@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, AliasChoices, BeforeValidator, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -175,6 +175,17 @@ class Settings(BaseSettings):
     max_chunks: int = 32
     #: Images per model call; the next batch is decoded while the model predicts this one.
     classify_batch_size: int = 32
+    #: What classification computes with: ``auto`` uses a version's exported CPU engine
+    #: (OpenVINO, checked against Keras at registration) when it has an accepted one, Keras
+    #: otherwise; ``keras`` always uses Keras.
+    inference_engine: Literal["auto", "keras"] = "auto"
+    #: The registration check of an exported engine: on up to ``engine_check_images`` test
+    #: images, the top class and the review reasons must agree with Keras on at least
+    #: ``engine_min_agreement`` of them and no calibrated probability may differ by more than
+    #: ``engine_max_probability_difference``; otherwise the engine is refused.
+    engine_check_images: int = Field(default=400, ge=0)
+    engine_min_agreement: float = Field(default=0.995, ge=0, le=1)
+    engine_max_probability_difference: float = Field(default=0.02, ge=0, le=1)
     #: Review threshold on the calibrated confidence. Unset (the default), each model version's
     #: own threshold is used: fitted on its validation split for the training param
     #: ``review_target_accuracy`` and stored with the version. Set, it overrides every version's.

@@ -308,6 +308,46 @@ def _evaluate_reviewed(
     return {"images": len(open_store(store)), "metrics": summary["metrics"]}
 
 
+def _export_engine(settings: Settings, run_id: str, run: Path, calibrated: dict, p: TrainingParams) -> dict:
+    """Export the calibrated model to the CPU inference engine, checked against Keras on the test
+    split, and log it to the run (``engine/``). A failed export is logged and registration goes
+    on: the engine only makes classification faster; Keras remains the reference."""
+    from wbc_tasks.registry.artifacts import log_metrics, log_stage_artifacts
+    from wbc_tasks.training.export import ENGINE_ARTIFACT_PATH, export_engine
+
+    def build(out: Path) -> dict:
+        try:
+            return export_engine(
+                Path(calibrated["model_path"]),
+                run / "preprocess" / "test",
+                out,
+                trust_dir=Path(calibrated["trust_dir"]) if calibrated.get("trust_dir") else None,
+                settings=settings,
+                batch_size=p.batch_size,
+            )
+        except Exception as exc:  # noqa: BLE001 - any export failure leaves classification on Keras
+            log.exception("exporting the engine failed; the version will classify with Keras")
+            return {"engine": "openvino", "accepted": False, "reason": f"export failed: {type(exc).__name__}: {exc}"}
+
+    engine = run_step(run / "export", build)
+    for check in engine.get("checks", []):
+        log_metrics(
+            settings,
+            run_id,
+            {k: v for k, v in check.items() if k not in ("precision", "accepted", "reason")},
+            prefix=f"engine_{check['precision']}",
+        )
+    log_stage_artifacts(settings, run_id, run / "export", ENGINE_ARTIFACT_PATH, suffixes=(".json", ".xml", ".bin"))
+    return engine
+
+
+def engine_tags(engine: dict) -> dict[str, str]:
+    """Version tags saying which engine the version classifies with, and why."""
+    if engine.get("accepted"):
+        return {"engine": f"{engine['engine']} {engine['precision']}", "engine.reason": str(engine.get("reason", ""))}
+    return {"engine": "keras", "engine.reason": f"export refused: {engine.get('reason', '')}"[:5000]}
+
+
 def register_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
     """Log the model with its signature and model card; register a new version."""
     import keras
@@ -321,6 +361,7 @@ def register_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
     trained = require_complete(run / "calibrate")
     evaluated = require_complete(run / "evaluate")
     split = require_complete(run / "split")
+    engine = _export_engine(settings, run_id, run, trained, p)
 
     def build(out: Path) -> dict:
         model = keras.models.load_model(trained["model_path"])
@@ -339,8 +380,15 @@ def register_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
             metrics=evaluated["metrics"],
             data_summary=data_summary,
             params=p.as_dict(),
+            extra_tags=engine_tags(engine),
         )
-        return {"model_name": ref.name, "version": ref.version, "uri": ref.uri, "mlflow_run_id": ref.run_id}
+        return {
+            "model_name": ref.name,
+            "version": ref.version,
+            "uri": ref.uri,
+            "mlflow_run_id": ref.run_id,
+            "engine": engine_tags(engine)["engine"],
+        }
 
     return run_step(run / "register", build)
 

@@ -158,12 +158,14 @@ def register_model(
     metrics: Mapping[str, Any],
     data_summary: Mapping[str, Any],
     params: Mapping[str, Any],
+    extra_tags: Mapping[str, str] | None = None,
 ) -> ModelRef:
     """Log and register ``model`` in the DAG run's MLflow run, with its model card.
 
     The card (:func:`~wbc_tasks.registry.model_card.model_card`) becomes the version's
     description, the registered model's description and the run artifact ``model_card.md``; the
-    test metrics become version tags (:func:`~wbc_tasks.registry.tags.metric_tags`). A retried
+    test metrics become version tags (:func:`~wbc_tasks.registry.tags.metric_tags`), with
+    ``extra_tags`` (which inference engine the version classifies with). A retried
     task finds the version its DAG run already registered (by MLflow run id) and completes its
     tags instead of registering a second one.
     """
@@ -177,7 +179,7 @@ def register_model(
             client.search_model_versions,
             f"name='{settings.model_name}' and run_id='{run_id}'",
         )
-        tags = {TAG_AIRFLOW_RUN_ID: dag_run_id, **metric_tags(metrics)}
+        tags = {TAG_AIRFLOW_RUN_ID: dag_run_id, **metric_tags(metrics), **(extra_tags or {})}
         if existing:
             version = str(max(int(v.version) for v in existing))
             log.warning(

@@ -106,31 +106,37 @@ def load_keras_model(settings: Settings, ref: ModelRef) -> Any:
     return mlflow.tensorflow.load_model(expected)
 
 
-def download_trust_artifacts(settings: Settings, ref: ModelRef, dst: Path) -> Path | None:
-    """Download the trust policy files logged with ``ref``'s run into ``dst``; the folder holding
-    them, or None for a version registered before policies existed (or with no run)."""
-    import mlflow.artifacts
+#: Written into a downloaded artifact folder once every file is there.
+DOWNLOADED_MARKER = ".downloaded"
 
-    from wbc_tasks.training.trust import TRUST_ARTIFACT_PATH, TRUST_FILE
+
+def download_version_artifacts(settings: Settings, ref: ModelRef, artifact_path: str, dst: Path) -> Path | None:
+    """Download the folder ``artifact_path`` (``trust``, ``engine``) logged with ``ref``'s run into
+    ``dst`` once (a version's artifacts never change); the local folder, or None when the run
+    has no such folder (a version registered before it existed, or with no run)."""
+    import mlflow.artifacts
 
     if not ref.run_id:
         return None
+    dst = Path(dst)
+    local = dst / artifact_path
+    if (local / DOWNLOADED_MARKER).is_file():
+        return local
     client = configure_mlflow(settings)
-    found = call_with_retries(settings, client.list_artifacts, ref.run_id, TRUST_ARTIFACT_PATH)
+    found = call_with_retries(settings, client.list_artifacts, ref.run_id, artifact_path)
     if not found:
         return None
-    dst = Path(dst)
-    if (dst / TRUST_ARTIFACT_PATH / TRUST_FILE).is_file():
-        return dst / TRUST_ARTIFACT_PATH
     dst.mkdir(parents=True, exist_ok=True)
     call_with_retries(
         settings,
         mlflow.artifacts.download_artifacts,
         run_id=ref.run_id,
-        artifact_path=TRUST_ARTIFACT_PATH,
+        artifact_path=artifact_path,
         dst_path=str(dst),
     )
-    return dst / TRUST_ARTIFACT_PATH
+    # Written last: a download cut short is not mistaken for a complete one.
+    (local / DOWNLOADED_MARKER).write_text(ref.run_id)
+    return local
 
 
 def current_aliases(settings: Settings) -> dict[str, str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from wbc_tasks.core.settings import Settings
@@ -61,12 +62,27 @@ def resolve_run_model(settings: Settings, ref: str | None = None) -> dict[str, A
 
 def load_policy(settings: Settings, ref: ModelRef) -> tuple[Any, Any]:
     """The trust policy and feature statistics of ``ref`` ((None, None) for a version without)."""
-    from wbc_tasks.registry.versions import download_trust_artifacts
-    from wbc_tasks.training.trust import load_trust
+    from wbc_tasks.training.trust import TRUST_ARTIFACT_PATH, load_trust
 
-    return load_trust(
-        download_trust_artifacts(settings, ref, settings.work_dir / "model-trust" / f"{ref.name}-{ref.version}")
+    return load_trust(_artifacts(settings, ref, TRUST_ARTIFACT_PATH))
+
+
+def _artifacts(settings: Settings, ref: ModelRef, artifact_path: str) -> Path | None:
+    from wbc_tasks.registry.versions import download_version_artifacts
+
+    return download_version_artifacts(
+        settings, ref, artifact_path, settings.work_dir / "model-trust" / f"{ref.name}-{ref.version}"
     )
+
+
+def load_engine_for(settings: Settings, ref: ModelRef) -> Any | None:
+    """The version's accepted CPU inference engine, or None (``WBC_INFERENCE_ENGINE=keras``, no
+    engine exported, refused at registration, or failing to load: Keras classifies)."""
+    from wbc_tasks.training.export import ENGINE_ARTIFACT_PATH, load_engine
+
+    if settings.inference_engine == "keras":
+        return None
+    return load_engine(_artifacts(settings, ref, ENGINE_ARTIFACT_PATH))
 
 
 def load_model(settings: Settings, ref: ModelRef) -> Any:
@@ -86,6 +102,9 @@ def load_model(settings: Settings, ref: ModelRef) -> Any:
         # Not this project's architecture (no named head/base layers): probabilities only.
         log.warning("%s version %s: no feature outputs (%s); unfamiliar score off", ref.name, ref.version, exc)
         outputs, policy, stats = None, None, None
+    engine = load_engine_for(settings, ref) if outputs is not None else None
+    if engine is not None:
+        outputs = engine
     if policy is None:
         log.warning(
             "%s version %s has no trust policy (registered before calibration existed): review threshold %.2f on "
@@ -95,10 +114,11 @@ def load_model(settings: Settings, ref: ModelRef) -> Any:
             settings.review_threshold if settings.review_threshold is not None else settings.legacy_review_threshold,
         )
     log.info(
-        "loaded %s version %s in %.1f s%s",
+        "loaded %s version %s in %.1f s, classifying with %s%s",
         ref.name,
         ref.version,
         time.perf_counter() - started,
+        f"OpenVINO ({engine.precision}, checked against Keras at registration)" if engine else "Keras",
         f" (T {policy.temperature:.2f}, review threshold {policy.review_threshold:.2f}, unfamiliar "
         f"{policy.unfamiliar_method} > {policy.unfamiliar_threshold:.2f})"
         if policy
