@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 from wbc_tasks.core.settings import CLASS_NAMES, get_settings  # noqa: E402
 from wbc_tasks.data.images import load_image  # noqa: E402
 from wbc_tasks.registry.versions import ModelRef  # noqa: E402
-from wbc_tasks.serving.infer import predict_images  # noqa: E402
+from wbc_tasks.serving.infer import ServingModel, predict_images  # noqa: E402
 
 DROP = REPO.parent / "shared" / "data" / "wbc-bench" / "classify-images" / "2026-11-24"
 
@@ -76,7 +76,9 @@ def main() -> None:
         return len(model.predict(x[rows], batch_size=args.batch_size, verbose=0))
 
     def task(rows: slice = slice(None)) -> int:
-        return sum(o.probabilities is not None for o in predict_images(settings, model, ref, jobs[rows]))
+        return sum(
+            o.probabilities is not None for o in predict_images(settings, ServingModel(model, None), ref, jobs[rows])
+        )
 
     def one_at_a_time(rows: slice = slice(None)) -> int:
         for p in paths[rows]:
