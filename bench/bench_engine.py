@@ -99,7 +99,8 @@ def agreement_on(store: Path, outputs, engines: dict, policy, stats, settings, b
     reference = predict_all(outputs, images, batch)
     found = {}
     for precision, engine in engines.items():
-        found[precision] = compare_outputs(reference, predict_all(engine, images, batch), checks, policy, stats, settings)
+        candidate = predict_all(engine, images, batch)
+        found[precision] = compare_outputs(reference, candidate, checks, policy, stats, settings)
     return {"images": len(images), **found}
 
 
