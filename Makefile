@@ -75,6 +75,8 @@ bench: setup
 	$(PY) bench/bench_dag_parse.py
 	$(PY) bench/bench_training_input.py
 	$(PY) bench/bench_inference.py
+	$(PY) bench/bench_engine_choice.py
+	$(PY) bench/bench_engine.py
 	$(PY) bench/bench_training.py --epochs 2 --epochs-without-smote 4
 
 ## On a GPU machine, `make bench-gpu EXTRA=gpu`: fp32 vs mixed precision vs XLA, share of peak FLOP/s
