@@ -16,6 +16,8 @@ import os
 import mlflow
 import pytest
 
+from tests.training_steps import run_training_steps
+
 pytestmark = pytest.mark.slow
 
 BASE = {
@@ -82,20 +84,7 @@ def demo_params(demo_images):
 
 def run_steps(run_id: str, params: dict) -> dict:
     """The training DAG's step functions in task order, as its tasks call them."""
-    from wbc_tasks.pipelines import training as steps
-
-    order = [
-        steps.split_step,
-        steps.preprocess_step,
-        steps.augment_step,
-        steps.balance_step,
-        steps.train_step,
-        steps.calibrate_step,
-        steps.evaluate_step,
-        steps.register_step,
-        steps.promote_step,
-    ]
-    return {step.__name__: step(run_id, params) for step in order}
+    return run_training_steps(run_id, params)
 
 
 def client_for(settings):

@@ -7,22 +7,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 
-from tests.conftest import REPO_ROOT
+from tests.killed_worker import kill_train_step_after_an_epoch
+from tests.training_steps import run_training_steps
 
 pytestmark = pytest.mark.slow  # a killed training process and the whole training pipeline at 32 px
-
-TRAIN_STEP_SCRIPT = (
-    "import json, sys; from wbc_tasks.pipelines.training import train_step; "
-    "train_step(sys.argv[1], json.loads(sys.argv[2]))"
-)
 
 
 @pytest.mark.parametrize("precision", ["mixed_float16", "mixed_bfloat16"])
@@ -63,32 +55,11 @@ def test_a_mixed_precision_training_killed_resumes_and_registers_a_float32_model
         "precision": precision,
         "seed": 3,
     }
-    for step in (steps.split_step, steps.preprocess_step, steps.augment_step, steps.balance_step):
-        step(run_id, params)
+    run_training_steps(run_id, params, last="balance_step")
     run = get_settings().run_dir(run_id)
     state_file = run / "train_checkpoints" / CHECKPOINT_STATE_FILE
 
-    log = open(tmp_path / "worker.log", "wb")  # noqa: SIM115 - the worker writes to it until killed
-    worker = subprocess.Popen(
-        [sys.executable, "-c", TRAIN_STEP_SCRIPT, run_id, json.dumps(params)],
-        cwd=REPO_ROOT,
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "3"},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    log.close()
-    try:
-        deadline = time.monotonic() + 600
-        while not (state_file.is_file() and json.loads(state_file.read_text())["epochs_done"] >= 1):
-            assert worker.poll() is None, (tmp_path / "worker.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "no epoch checkpoint within 10 minutes"
-            time.sleep(0.05)
-        assert worker.poll() is None, "the task finished before it could be killed"
-        worker.send_signal(signal.SIGKILL)
-    finally:
-        worker.kill()
-        worker.wait(timeout=60)
-    done_before = json.loads(state_file.read_text())["epochs_done"]
+    done_before = kill_train_step_after_an_epoch(run_id, params, state_file, tmp_path / "worker.log")
     assert 1 <= done_before < 4
 
     trained = steps.train_step(run_id, params)  # Airflow's retry of the task
@@ -97,8 +68,7 @@ def test_a_mixed_precision_training_killed_resumes_and_registers_a_float32_model
     as_trained = keras.models.load_model(run / "train_checkpoints" / state["model_file"])
     assert as_trained.get_layer("vgg16").get_layer("block1_conv1").dtype_policy.name == precision
 
-    for step in (steps.calibrate_step, steps.evaluate_step, steps.register_step, steps.promote_step):
-        step(run_id, params)
+    run_training_steps(run_id, params, first="calibrate_step")
     settings = get_settings()
     ref = resolve_model(settings, settings.champion_alias)
     registered = load_keras_model(settings, ref)

@@ -13,6 +13,7 @@ import pytest
 from tests.conftest import shared_set
 from tests.demo_stores import tiny_training_params
 from tests.serving.conftest import DB_KINDS, drop_source, make_prediction, make_seen, sha, throwaway_database
+from tests.training_steps import run_training_steps
 from wbc_tasks.core.settings import CLASS_NAMES, get_settings
 from wbc_tasks.data.dataset import SOURCE_LABELLED, SOURCE_REVIEW, load_ledger, read_manifest, split_of
 from wbc_tasks.data.store import open_store
@@ -158,16 +159,7 @@ def test_reviewed_test_images_are_evaluated_apart_from_the_headline_metrics(sett
         record_review(lab, _classified(lab, name), "neutrophils", reviewer="alice")
     conf = tiny_training_params(augment_per_class=8, smote=False).as_dict()
 
-    for step in (
-        steps.split_step,
-        steps.preprocess_step,
-        steps.augment_step,
-        steps.balance_step,
-        steps.train_step,
-        steps.calibrate_step,
-    ):
-        step("reviews-eval", conf)
-    evaluated = steps.evaluate_step("reviews-eval", conf)
+    evaluated = run_training_steps("reviews-eval", conf, last="evaluate_step")["evaluate_step"]
 
     manifest = read_manifest(lab.run_dir("reviews-eval") / "split")
     labelled_test = ((manifest["split"] == "test") & (manifest["source"] == SOURCE_LABELLED)).sum()
@@ -246,19 +238,7 @@ def test_a_nightly_drop_is_reviewed_exported_and_the_next_training_run_learns_fr
         min_blast_recall=0.0,
     ).as_dict()
     run_id = "after-review"
-    results = {}
-    for step in (
-        steps.split_step,
-        steps.preprocess_step,
-        steps.augment_step,
-        steps.balance_step,
-        steps.train_step,
-        steps.calibrate_step,
-        steps.evaluate_step,
-        steps.register_step,
-        steps.promote_step,
-    ):
-        results[step.__name__] = step(run_id, conf)
+    results = run_training_steps(run_id, conf)
 
     manifest = read_manifest(lab.run_dir(run_id) / "split")
     from_review = manifest[manifest["source"] == SOURCE_REVIEW].set_index("path")["class"].to_dict()

@@ -11,6 +11,7 @@ import pytest
 
 from tests.conftest import shared_set
 from tests.local_servers import Webhook
+from tests.training_steps import run_training_steps
 
 pytestmark = pytest.mark.slow
 
@@ -60,23 +61,12 @@ def test_a_third_labs_drop_raises_a_drift_alert_and_the_training_labs_drops_none
     monkeypatch.setenv("WBC_ALLOWED_ROOTS", os.pathsep.join([str(bench.parent), str(tmp_path)]))
     monkeypatch.setenv("WBC_ALERT_WEBHOOK_URL", hook.url)
     from wbc_tasks.core.settings import get_settings
-    from wbc_tasks.pipelines import training as steps
     from wbc_tasks.serving.nightly import classify_new_images
 
     params = {**PARAMS, "data_dir": str(labelled)}
     run_id = "drift-real-images"
     try:
-        for step in (
-            steps.split_step,
-            steps.preprocess_step,
-            steps.augment_step,
-            steps.balance_step,
-            steps.train_step,
-            steps.calibrate_step,
-            steps.evaluate_step,
-            steps.register_step,
-        ):
-            step(run_id, params)
+        run_training_steps(run_id, params, last="register_step")
         night = classify_new_images(get_settings(), model="1")
     finally:
         hook.close()

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from tests.demo_stores import build_demo_stores, tiny_training_params
+from tests.killed_worker import kill_train_step_after_an_epoch
 from wbc_tasks.core.settings import CLASS_NAMES
 from wbc_tasks.data.store import create_store, finish_store, open_store
 from wbc_tasks.training.checkpoints import CHECKPOINT_STATE_FILE
@@ -219,24 +220,12 @@ def test_image_size_mismatch_is_refused(stores, tmp_path, settings):
         train_model(stores["train"], stores["val"], tmp_path / "t", _params(image_size=64), settings)
 
 
-TRAIN_STEP_SCRIPT = (
-    "import json, sys; from wbc_tasks.pipelines.training import train_step; "
-    "train_step(sys.argv[1], json.loads(sys.argv[2]))"
-)
-
-
 @pytest.mark.slow  # a second process imports TensorFlow and trains
 def test_train_task_killed_after_an_epoch_resumes_from_its_checkpoint(stores, tmp_path, settings, monkeypatch, caplog):
     """The worker running the train task is SIGKILLed once an epoch is checkpointed; the retried
     task (same run, same params) resumes after that epoch and ends with each epoch once, in its
     history and in MLflow."""
-    import os
     import shutil
-    import signal
-    import subprocess
-    import sys
-    import time
-    from pathlib import Path
 
     import mlflow
 
@@ -266,29 +255,7 @@ def test_train_task_killed_after_an_epoch_resumes_from_its_checkpoint(stores, tm
     }
     state_file = run / "train_checkpoints" / CHECKPOINT_STATE_FILE
 
-    repo = Path(__file__).resolve().parents[2]
-    log = open(tmp_path / "worker.log", "wb")  # noqa: SIM115 - the worker writes to it until killed
-    worker = subprocess.Popen(
-        [sys.executable, "-c", TRAIN_STEP_SCRIPT, run_id, json.dumps(params)],
-        cwd=repo,
-        env={**os.environ, "PYTHONPATH": str(repo), "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "3"},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    log.close()
-    try:
-        deadline = time.monotonic() + 300
-        while not (state_file.is_file() and json.loads(state_file.read_text())["epochs_done"] >= 1):
-            assert worker.poll() is None, (tmp_path / "worker.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "no epoch checkpoint within 5 minutes"
-            time.sleep(0.05)
-        assert worker.poll() is None, "the task finished before it could be killed"
-        worker.send_signal(signal.SIGKILL)
-    finally:
-        worker.kill()
-        worker.wait(timeout=60)
-    assert worker.returncode == -signal.SIGKILL
-    done_before = json.loads(state_file.read_text())["epochs_done"]
+    done_before = kill_train_step_after_an_epoch(run_id, params, state_file, tmp_path / "worker.log")
     assert 1 <= done_before < 5
     assert not (run / "train" / COMPLETE_MARKER).exists()
 
