@@ -35,3 +35,23 @@ def test_source_counts_from_real_sources_file():
     )
     assert f"blasts (only {blast_sources.pop()})" in card and "Acevedo" in card
     assert "Few test images (under 30) for blasts" in card
+
+
+def test_the_card_says_when_the_model_normalises_colour():
+    from wbc_tasks.registry.model_card import model_card
+
+    def card(**params) -> str:
+        return model_card(
+            model_name="m",
+            version="1",
+            dag_run_id="d",
+            mlflow_run_id="r",
+            image_size=32,
+            class_names=CLASS_NAMES,
+            metrics={},
+            data_summary={},
+            params=params,
+        )
+
+    assert "colour normalised to the training images' (reinhard)" in card(colour_normalisation="reinhard")
+    assert "colour normalised" not in card(colour_normalisation="none") and "colour normalised" not in card()
