@@ -75,6 +75,7 @@ bench: setup
 	$(PY) bench/bench_dag_parse.py
 	$(PY) bench/bench_training_input.py
 	$(PY) bench/bench_inference.py
+	$(PY) bench/bench_precision.py
 	$(PY) bench/bench_engine_choice.py
 	$(PY) bench/bench_engine.py
 	$(PY) bench/bench_training.py --epochs 2 --epochs-without-smote 4

@@ -35,6 +35,20 @@ def test_the_choice_follows_the_params_and_the_hardware(precision, xla, gpu, pol
     assert choice.reason.startswith("auto:") == (precision == "auto")
 
 
+@pytest.mark.parametrize("native_bfloat16", [True, False])
+def test_a_precision_this_machine_only_emulates_is_warned_about(native_bfloat16, monkeypatch):
+    import wbc_tasks.training.precision as precision
+
+    monkeypatch.setattr(precision, "cpu_has_bfloat16", lambda: native_bfloat16)
+    bfloat16 = choose_precision("mixed_bfloat16", gpu=False)
+    assert bfloat16.policy == "mixed_bfloat16"  # still what was asked for
+    assert ("emulated" in bfloat16.warning) == (not native_bfloat16)
+    assert "emulated" in choose_precision("mixed_float16", gpu=False).warning
+    assert choose_precision("mixed_float16", gpu=True).warning == ""
+    assert choose_precision("float32", gpu=False).warning == ""
+    assert choose_precision("auto", gpu=False).warning == ""
+
+
 def test_an_unknown_precision_is_refused_with_the_param_named():
     with pytest.raises(ParamError, match="param precision"):
         training_params({"precision": "float8"})

@@ -204,7 +204,8 @@ TRAINING_PARAM_SPECS: dict[str, dict[str, Any]] = {
         "type": "string",
         "enum": ["auto", "float32", "mixed_float16", "mixed_bfloat16"],
         "description": "Training arithmetic. auto: mixed_float16 on a CUDA GPU, float32 on CPUs; "
-        "mixed_bfloat16 suits CPUs with AVX512_BF16/AMX. The registered model is float32 either way.",
+        "mixed_bfloat16 suits CPUs with AVX512_BF16/AMX (elsewhere it is emulated and slower than float32). "
+        "The registered model is float32 either way.",
     },
     "xla": {
         "default": "auto",

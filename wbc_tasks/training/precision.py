@@ -24,6 +24,8 @@ class PrecisionChoice:
     policy: str
     xla: bool
     reason: str
+    #: Why this choice will be slow on this machine ("" when it will not).
+    warning: str = ""
 
     @property
     def mixed(self) -> bool:
@@ -48,8 +50,16 @@ def choose_precision(precision: str = "auto", xla: str = "auto", *, gpu: bool | 
         import tensorflow as tf
 
         gpu = bool(tf.config.list_physical_devices("GPU"))
+    warning = ""
     if precision != "auto":
         policy, why = precision, f"precision={precision} asked for"
+        if not gpu and policy == "mixed_float16":
+            warning = "float16 on a CPU is emulated: several times slower than float32 (use float32 or auto)"
+        elif not gpu and policy == "mixed_bfloat16" and not cpu_has_bfloat16():
+            warning = (
+                "this CPU has no AVX512_BF16 or AMX: bfloat16 is emulated, several times slower than float32 "
+                "(docs/benchmarks.md; use float32 or auto)"
+            )
     elif gpu:
         policy, why = "mixed_float16", "auto: a CUDA GPU (float16 tensor cores)"
     else:
@@ -59,7 +69,7 @@ def choose_precision(precision: str = "auto", xla: str = "auto", *, gpu: bool | 
     xla_why = (
         f"XLA {'on' if use_xla else 'off'} ({'auto: ' + ('GPU' if gpu else 'CPU') if xla == 'auto' else 'asked for'})"
     )
-    return PrecisionChoice(policy, use_xla, f"{why}; {xla_why}")
+    return PrecisionChoice(policy, use_xla, f"{why}; {xla_why}", warning)
 
 
 def compile_model(model: Any, learning_rate: float, *, policy: str, xla: bool) -> None:

@@ -73,6 +73,8 @@ def train_model(
 
     choice = choose_precision(params.precision, params.xla)
     mixed, xla = choice.mixed, choice.xla
+    if choice.warning:
+        log.warning("precision %s: %s", choice.policy, choice.warning)
     keras.utils.set_random_seed(params.seed)
     phases = plan_phases(params)
     total_epochs = sum(p.epochs for p in phases)
