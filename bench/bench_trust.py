@@ -2,7 +2,7 @@
 unfamiliar images and drift on the test split, the training labs' nightly drops and a third lab.
 
     .venv/bin/python bench/bench_trust.py [--profile cpu] [--param NAME=VALUE ...] [--seed 42] [--home DIR]
-    .venv/bin/python bench/bench_trust.py --summarise HOME [HOME ...]   # mean/range over seeds
+    .venv/bin/python bench/bench_trust.py --summarise HOME [HOME ...]   # mean/range over seeds, per setting
 
 Runs the training pipeline's own steps without Airflow (``wbc_tasks.pipelines.training``: split,
 preprocess, augment, balance, train, calibrate, evaluate, register, promote) on
@@ -219,11 +219,82 @@ def _print(result: dict) -> None:
     print(f"\ntimings (s): {result['timings_s']}")
 
 
+#: What the summary compares across seeds: (label, section, key).
+SUMMARY_ROWS = (
+    ("test balanced accuracy", "test", "balanced_accuracy"),
+    ("test ECE after calibration", "test", "ece"),
+    ("test coverage (unflagged share)", "test", "coverage"),
+    ("test unflagged accuracy", "test", "unflagged_accuracy"),
+    ("test share unfamiliar or image check", "test", "unfamiliar_or_image_check_share"),
+    ("other lab balanced accuracy (classes >= 20 images)", "other_lab", "balanced_accuracy_classes_ge_20"),
+    ("other lab accuracy", "other_lab", "accuracy"),
+    ("other lab flagged", "other_lab", "flagged_share"),
+    ("other lab unflagged and right", "other_lab", "unflagged_accuracy"),
+    ("other lab called blasts", "other_lab", "called_blasts_share"),
+    ("other lab unfamiliar AUROC vs test", "other_lab", "unfamiliar_auroc_vs_test"),
+)
+
+
+def _varying_params(results: list[dict]) -> list[str]:
+    """Params (other than the seed) that differ between runs: what the summary groups by."""
+    names = sorted({k for r in results for k in r["params"]} - {"seed"})
+    return [n for n in names if len({json.dumps(r["params"].get(n)) for r in results}) > 1]
+
+
+def _summarise(results: list[dict]) -> None:
+    """Mean and range over seeds per configuration; per-class recall on the other lab; the
+    difference of each configuration from the first, seed by seed."""
+    import numpy as np
+
+    by = _varying_params(results)
+    groups: dict[str, list[dict]] = {}
+    for r in results:
+        groups.setdefault(", ".join(f"{n}={r['params'].get(n)}" for n in by) or "all", []).append(r)
+    names = list(groups)
+    seeds = ", ".join(f"{n} (seeds {sorted(r['seed'] for r in groups[n])})" for n in names)
+    print(f"\n## Over seeds: {seeds}\n")
+    print("| measure | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
+
+    def values(group: list[dict], section: str, key: str) -> list[float]:
+        return [float(r[section][key]) for r in group if r[section].get(key) is not None]
+
+    for label, section, key in SUMMARY_ROWS:
+        cells = []
+        for n in names:
+            v = values(groups[n], section, key)
+            cells.append(f"{np.mean(v):.3f} ({min(v):.3f}-{max(v):.3f})" if v else "-")
+        print(f"| {label} | " + " | ".join(cells) + " |")
+    classes = sorted({c for r in results for c, k in r["other_lab"]["class_counts"].items() if k >= 20})
+    for c in classes:
+        cells = [f"{np.mean([r['other_lab']['per_class_recall'][c] for r in groups[n]]):.3f}" for n in names]
+        print(f"| other lab recall {c} | " + " | ".join(cells) + " |")
+    base = {r["seed"]: r for r in groups[names[0]]}
+    for n in names[1:]:
+        paired = [(base[r["seed"]], r) for r in groups[n] if r["seed"] in base]
+        if not paired:
+            continue
+        d_other = np.mean(
+            [
+                r["other_lab"]["balanced_accuracy_classes_ge_20"] - b["other_lab"]["balanced_accuracy_classes_ge_20"]
+                for b, r in paired
+            ]
+        )
+        d_test = np.mean([r["test"]["balanced_accuracy"] - b["test"]["balanced_accuracy"] for b, r in paired])
+        kept = d_other >= 0.10 and d_test >= -0.01
+        print(
+            f"\n{n} against {names[0]} over {len(paired)} paired seeds: other lab balanced accuracy "
+            f"{d_other * 100:+.1f} points, test balanced accuracy {d_test * 100:+.1f} points: "
+            f"{'passes' if kept else 'fails'} the keep rule (>= +10 and >= -1)"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.summarise:
-        for home in args.summarise:
-            _print(json.loads((home / "bench_trust.json").read_text()))
+        results = [json.loads((home / "bench_trust.json").read_text()) for home in args.summarise]
+        for result in results:
+            _print(result)
+        _summarise(results)
         return 0
     _print(run(args))
     return 0
