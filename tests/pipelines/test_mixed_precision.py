@@ -81,18 +81,23 @@ def test_a_mixed_precision_training_killed_resumes_and_registers_a_float32_model
     from wbc_tasks.training.calibration import softmax
     from wbc_tasks.training.trust import load_trust, outputs_model, predict_all
 
-    images = np.asarray(open_store(run / "preprocess" / "test").images)
+    images = np.concatenate(
+        [np.asarray(open_store(run / "preprocess" / split).images) for split in ("train", "val", "test")]
+    )
     policy, _ = load_trust(run / "calibrate" / "trust")
     mixed = predict_all(outputs_model(as_trained), images, 8)
     served = predict_all(outputs_model(registered), images, 8)
-    assert (mixed["probabilities"].argmax(1) == served["probabilities"].argmax(1)).mean() >= 0.99
     # float16 keeps 11 significant bits, bfloat16 8: through 13 convolutions the logits of this
     # small net differ by up to ~0.1 (bfloat16, measured); calibrated probabilities by less.
-    np.testing.assert_allclose(
-        served["probabilities"],
-        softmax(mixed["logits"], policy.temperature),
-        atol=0.05 if "bfloat" in precision else 0.01,
-    )
+    tolerance = 0.05 if "bfloat" in precision else 0.01
+    np.testing.assert_allclose(served["probabilities"], softmax(mixed["logits"], policy.temperature), atol=tolerance)
+    # The same top class wherever the trained model's top two are further apart than both can move
+    # (on a CPU without native float16/bfloat16 an emulated near-tie may flip; the check above bounds it).
+    top_two = np.sort(mixed["probabilities"], axis=1)[:, -2:]
+    decided = top_two[:, 1] - top_two[:, 0] > 2 * tolerance
+    same = mixed["probabilities"].argmax(1) == served["probabilities"].argmax(1)
+    assert decided.mean() >= 0.5, "too few clear predictions to compare"
+    assert same[decided].mean() >= 0.99
 
     # Classified by the nightly code path, from the registry.
     model = load_model(settings, ref)
