@@ -10,16 +10,13 @@ import pytest
 from wbc_tasks.core.settings import CLASS_NAMES
 from wbc_tasks.training.model import (
     BASE_LAYER,
-    COLOUR_LAYER,
     PREPROCESS_LAYER,
     VGG16_WEIGHTS_FILE,
     VGG16_WEIGHTS_URL,
     MissingWeightsError,
     build_model,
-    colour_reference,
     conv_layers,
     float32_copy,
-    model_colour_reference,
     set_trainable,
 )
 
@@ -199,65 +196,3 @@ def test_keras_home_environment_variable_moves_the_cache(settings, tmp_path, mon
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "elsewhere"))
     with pytest.raises(MissingWeightsError, match=str(tmp_path / "elsewhere" / "models" / VGG16_WEIGHTS_FILE)):
         build_model(SIZE, 9, weights="imagenet", settings=get_settings())
-
-
-def _real_cells(folder, n: int) -> np.ndarray:
-    """``n`` real cells (one per class, cycling) from ``folder`` (<class>/<images>) at SIZE px."""
-    from wbc_tasks.data.images import load_image
-
-    paths = [sorted((folder / name).iterdir())[0] for name in CLASS_NAMES]
-    return np.stack([load_image(paths[i % len(paths)], SIZE, max_pixels=10**8) for i in range(n)])
-
-
-def _stain_shift(images: np.ndarray) -> np.ndarray:
-    """Another lab's look as a per-channel gain and offset: weaker blue, a yellow cast."""
-    return np.clip(images.astype(np.float32) * [1.05, 0.9, 0.7] + [5.0, 10.0, 20.0], 0, 255).astype(np.uint8)
-
-
-def test_colour_reference_is_the_mean_per_image_channel_mean_and_spread_read_in_chunks(seed_shaped):
-    images = _real_cells(seed_shaped, 5)
-    reference = colour_reference(images, chunk_size=2)
-    pixels = images.astype(np.float64)
-    np.testing.assert_allclose(reference.mean, pixels.mean(axis=(1, 2)).mean(axis=0), rtol=1e-5)
-    np.testing.assert_allclose(reference.std, pixels.std(axis=(1, 2)).mean(axis=0), rtol=1e-5)
-    with pytest.raises(ValueError, match="no images"):
-        colour_reference(images[:0])
-
-
-def test_reinhard_normalisation_maps_images_to_the_reference_colour_inside_the_model(settings, seed_shaped, tmp_path):
-    cells = _real_cells(seed_shaped, 9)
-    reference = colour_reference(cells)
-    keras.utils.set_random_seed(3)
-    normalised = build_model(SIZE, len(CLASS_NAMES), weights="none", settings=settings, colour=reference)
-    keras.utils.set_random_seed(3)
-    plain = build_model(SIZE, len(CLASS_NAMES), weights="none", settings=settings)
-
-    # What the network sees: each image's channel means and spreads are the reference's.
-    colour = keras.Model(normalised.input, normalised.get_layer(COLOUR_LAYER).output)
-    seen = colour.predict(_stain_shift(cells), verbose=0)
-    np.testing.assert_allclose(seen.mean(axis=(1, 2)), np.tile(reference.mean, (9, 1)), atol=0.05)
-    np.testing.assert_allclose(seen.std(axis=(1, 2)), np.tile(reference.std, (9, 1)), rtol=0.01)
-
-    # A stain shift barely moves its predictions (only clipping and rounding differ); without it, it does.
-    def moved(model) -> float:
-        return float(np.abs(model.predict(_stain_shift(cells), verbose=0) - model.predict(cells, verbose=0)).max())
-
-    assert moved(normalised) < 0.1 * moved(plain)
-
-    # Stock layers: loads without this package, stays frozen, survives the float32 copy.
-    normalised.save(tmp_path / "m.keras")
-    loaded = keras.models.load_model(tmp_path / "m.keras")
-    assert model_colour_reference(loaded) == pytest.approx(reference)
-    set_trainable(loaded, "scratch", 0)
-    assert COLOUR_LAYER not in _trainable_layer_names(loaded)
-    assert model_colour_reference(float32_copy(loaded, settings=settings)) == pytest.approx(reference)
-    assert model_colour_reference(plain) is None
-
-
-def test_the_trust_outputs_see_the_colour_normalisation(settings, seed_shaped):
-    from wbc_tasks.training.trust import outputs_model
-
-    cells = _real_cells(seed_shaped, 4)
-    model = build_model(SIZE, len(CLASS_NAMES), weights="none", settings=settings, colour=colour_reference(cells))
-    probabilities = outputs_model(model).predict(cells, verbose=0)[0]
-    np.testing.assert_allclose(probabilities, model.predict(cells, verbose=0), rtol=1e-5, atol=1e-7)

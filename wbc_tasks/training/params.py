@@ -14,9 +14,6 @@ from jsonschema import Draft202012Validator
 
 from wbc_tasks.core.errors import PermanentError
 
-#: Choices of the ``colour_normalisation`` param (built by ``wbc_tasks.training.model``).
-COLOUR_NORMALISATIONS = ("none", "reinhard")
-
 
 class ParamError(PermanentError, ValueError):
     """A training param is unknown, missing or out of its range."""
@@ -191,14 +188,6 @@ TRAINING_PARAM_SPECS: dict[str, dict[str, Any]] = {
         "description": "Share of the validation split's own images the unfamiliar threshold flags (its cost on "
         "familiar images).",
     },
-    "colour_normalisation": {
-        "default": "none",
-        "type": "string",
-        "enum": list(COLOUR_NORMALISATIONS),
-        "description": "Colour normalisation inside the model (so serving matches training). reinhard: each image's "
-        "RGB channel means and spreads mapped to the training images' (against another lab's stain or scanner). "
-        "Measured in docs/benchmarks.md (Trust).",
-    },
     "precision": {
         "default": "auto",
         "type": "string",
@@ -280,7 +269,6 @@ class TrainingParams:
     review_target_accuracy: float
     blast_recall_target: float
     unfamiliar_rate: float
-    colour_normalisation: str
     precision: str
     xla: str
     seed: int
