@@ -21,14 +21,14 @@ demo: setup
 
 ## Lint and types (what CI runs before the tests): ruff (lint + format) and mypy on wbc_tasks/
 lint: setup
-	.venv/bin/ruff check wbc_tasks dags tests stack bench
-	.venv/bin/ruff format --check wbc_tasks dags tests stack bench
-	.venv/bin/mypy wbc_tasks
+	.venv/bin/ruff check wbc_tasks wbc_airflow dags tests stack bench
+	.venv/bin/ruff format --check wbc_tasks wbc_airflow dags tests stack bench
+	.venv/bin/mypy wbc_tasks wbc_airflow
 
 ## Apply ruff's fixes and formatting
 format: setup
-	.venv/bin/ruff check --fix wbc_tasks dags tests stack bench
-	.venv/bin/ruff format wbc_tasks dags tests stack bench
+	.venv/bin/ruff check --fix wbc_tasks wbc_airflow dags tests stack bench
+	.venv/bin/ruff format wbc_tasks wbc_airflow dags tests stack bench
 
 ## The whole test suite (what CI runs): unit, DAG and end-to-end tests (two processes: about half the
 ## time of one on two cores), then the native-stack system test

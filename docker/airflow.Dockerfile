@@ -40,6 +40,7 @@ COPY pyproject.toml uv.lock README.md ./
 RUN --mount=type=cache,target=/root/.cache/uv \
     uv sync --frozen --no-dev --extra "${WBC_EXTRA}" --no-install-project
 COPY wbc_tasks ./wbc_tasks
+COPY wbc_airflow ./wbc_airflow
 COPY dags ./dags
 # --reinstall-package: uv keys its cached wheel of a local project on pyproject.toml alone, so with
 # the cache mount a rebuild after a code change would install the previous build's code.

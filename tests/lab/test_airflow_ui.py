@@ -63,7 +63,7 @@ def test_the_plugin_and_its_links_are_registered_in_airflow(lab):
     status, body = api(lab, "GET", "/plugins", lab.token("viewer"))
     assert status == 200, body
     plugin = next(p for p in body["plugins"] if p["name"] == "wbc_lab")
-    assert "wbc_tasks.lab.plugin:LabPlugin" in plugin["source"], plugin  # the package's entry point
+    assert "wbc_airflow.lab_plugin:LabPlugin" in plugin["source"], plugin  # the package's entry point
     views = {v["name"]: v for v in plugin["external_views"]}
     drops = views["WBC lab: drops and review"]
     assert (drops["href"], drops["destination"], drops["url_route"]) == ("lab/drops", "nav", "wbc-lab")

@@ -1,5 +1,5 @@
-"""The lab's view inside Airflow: a FastAPI app the ``wbc-lab`` Airflow plugin mounts in the API
-server under ``/lab``, and the links to it in Airflow's navigation.
+"""The lab's view inside Airflow: a FastAPI app the ``wbc-lab`` Airflow plugin
+(``wbc_airflow.lab_plugin``) mounts in the API server under ``/lab``.
 
 It owns the pages a hematology lab works in (the drops, a drop's review queue, its differential
 report), the thumbnails of reviewed cells (read-only, from the original files, through the
@@ -7,7 +7,7 @@ allowed-folder checks of :func:`wbc_tasks.serving.reviews.review_image_path`), t
 records a decision, and the predictions table over HTTP (streamed). The data side lives in
 ``wbc_tasks.serving`` (reviews, report, queries); this package only serves it.
 
-Every page and endpoint asks Airflow's auth manager who the caller is (the UI's login cookie or a
-REST API bearer token: :mod:`.auth`); Airflow is imported only inside the API server, when the
-plugin builds the app or a request is checked, so importing this package stays cheap.
+Every page and endpoint asks the :class:`~.auth.LabAccess` the app was created with who the caller
+is and what they may do (inside Airflow: its auth manager, the UI's login cookie or a REST API
+bearer token). This package never imports Airflow.
 """

@@ -40,7 +40,7 @@ class _LoginNeeded(Exception):
 async def api_reader(request: Request, credentials: Credentials) -> LabUser:
     """An API caller who may read: 401 anonymous, 403 without read access."""
     who = await auth.authenticated(request, credentials)
-    auth.require(who, "GET")
+    auth.require(request, who, "GET")
     return who
 
 
@@ -52,7 +52,7 @@ async def page_reader(request: Request, credentials: Credentials) -> LabUser:
         if exc.status_code == status.HTTP_401_UNAUTHORIZED:
             raise _LoginNeeded from exc
         raise
-    auth.require(who, "GET")
+    auth.require(request, who, "GET")
     return who
 
 
@@ -107,15 +107,16 @@ def _page(
         title=title,
         links=_links(request, drop),
         user=who.name,
-        can_review=auth.is_allowed(who, "PUT"),
+        can_review=auth.is_allowed(request, who, "PUT"),
         drop=drop,
         **context,
     )
     return HTMLResponse(html, headers={"Cache-Control": "no-store"})
 
 
-def create_app() -> FastAPI:
-    """The app the plugin mounts; its OpenAPI schema is ``/lab/openapi.json`` (no /docs page: Swagger
+def create_app(access: auth.LabAccess) -> FastAPI:
+    """The app the plugin mounts, ``access`` deciding who calls and what they may do; its OpenAPI
+    schema is ``/lab/openapi.json`` (no /docs page: Swagger
     UI loads its assets from a CDN the API server may not reach)."""
     app = FastAPI(
         title="WBC lab",
@@ -127,6 +128,7 @@ def create_app() -> FastAPI:
         redoc_url=None,
         openapi_url="/openapi.json",
     )
+    app.state.lab_access = access
 
     @app.exception_handler(_LoginNeeded)
     async def to_login(request: Request, exc: _LoginNeeded) -> RedirectResponse:
@@ -238,12 +240,12 @@ def create_app() -> FastAPI:
         summary="Record a decision on a cell (needs edit access to the nightly DAG's runs)",
         dependencies=[Depends(same_origin_json)],
     )
-    def record_decision(decision: Decision, who: Reader) -> JSONResponse:
+    def record_decision(request: Request, decision: Decision, who: Reader) -> JSONResponse:
         from fastapi.encoders import jsonable_encoder
 
         from wbc_tasks.serving.reviews import ReviewError, record_review
 
-        auth.require(who, "PUT")
+        auth.require(request, who, "PUT")
         try:
             row = record_review(
                 get_settings(),

@@ -1,16 +1,13 @@
-"""Who is calling, through Airflow's auth manager: the same login cookie as the Airflow UI and the
-same bearer tokens as its REST API, no second user list.
-
-Reading (pages, thumbnails, predictions) needs read access to the nightly DAG's runs; recording a
-review needs edit access to them (``is_authorized_dag(method="PUT", access_entity=RUN)``): with
-Airflow's Simple auth manager the USER, OP and ADMIN roles may review, VIEWER may only read; with
-another auth manager (FAB, Keycloak) its own per-DAG permissions decide.
+"""Who is calling and what they may do, as the app sees it: a :class:`LabAccess` given to
+:func:`wbc_tasks.lab.app.create_app` answers (inside Airflow, ``wbc_airflow.lab_plugin``'s, through
+Airflow's auth manager). Reading (pages, thumbnails, predictions) needs read access to the nightly
+DAG's runs; recording a review needs edit access to them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from fastapi import HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -22,42 +19,52 @@ NIGHTLY_DAG_ID = "wbc_batch_classification"
 #: also puts the bearer scheme into the OpenAPI schema.
 bearer_scheme = HTTPBearer(auto_error=False, description="An Airflow JWT from POST /auth/token")
 
+Method = Literal["GET", "PUT"]
+
 
 @dataclass(frozen=True)
 class LabUser:
-    """The caller: Airflow's user object and its name."""
+    """The caller: the access provider's user object and its name."""
 
     name: str
     user: Any
 
 
+class LabAccess(Protocol):
+    """Identity and permissions for the lab's app."""
+
+    async def identify(self, request: Request, credentials: HTTPAuthorizationCredentials | None) -> LabUser:
+        """The caller; ``HTTPException`` 401 when anonymous, 403 for an invalid token."""
+        ...
+
+    def is_allowed(self, who: LabUser, method: Method) -> bool:
+        """Whether ``who`` may read (GET) or edit (PUT) the nightly DAG's runs."""
+        ...
+
+    def login_url(self, request: Request) -> str:
+        """The login page, coming back to ``request``'s page afterwards."""
+        ...
+
+
+def access_of(request: Request) -> LabAccess:
+    """The :class:`LabAccess` the app was created with."""
+    access: LabAccess = request.app.state.lab_access
+    return access
+
+
 async def authenticated(request: Request, credentials: HTTPAuthorizationCredentials | None) -> LabUser:
-    """The logged-in Airflow user, by Airflow's own ``get_user`` (bearer token first, else the
-    UI's ``_token`` cookie); 401 when there is none, 403 for an invalid token."""
-    from airflow.api_fastapi.core_api.security import get_user
-
-    user = await get_user(request, None, credentials)
-    return LabUser(name=str(user.get_name()), user=user)
+    """The caller of ``request``; 401 when there is none, 403 for an invalid token."""
+    return await access_of(request).identify(request, credentials)
 
 
-def is_allowed(who: LabUser, method: Literal["GET", "PUT"]) -> bool:
-    """Whether ``who`` may read (GET) or edit (PUT) the nightly DAG's runs, per the auth manager."""
-    from airflow.api_fastapi.app import get_auth_manager
-    from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity, DagDetails
-
-    return bool(
-        get_auth_manager().is_authorized_dag(
-            method=method,
-            access_entity=DagAccessEntity.RUN,
-            details=DagDetails(id=NIGHTLY_DAG_ID),
-            user=who.user,
-        )
-    )
+def is_allowed(request: Request, who: LabUser, method: Method) -> bool:
+    """Whether ``who`` may ``method`` the nightly DAG's runs."""
+    return access_of(request).is_allowed(who, method)
 
 
-def require(who: LabUser, method: Literal["GET", "PUT"]) -> None:
+def require(request: Request, who: LabUser, method: Method) -> None:
     """403 unless ``who`` may ``method`` the nightly DAG's runs."""
-    if not is_allowed(who, method):
+    if not is_allowed(request, who, method):
         action = "record reviews" if method == "PUT" else "see the lab's pages"
         raise HTTPException(
             status.HTTP_403_FORBIDDEN,
@@ -67,7 +74,5 @@ def require(who: LabUser, method: Literal["GET", "PUT"]) -> None:
 
 
 def login_url(request: Request) -> str:
-    """Airflow's login page, coming back to this page afterwards."""
-    from airflow.api_fastapi.app import get_auth_manager
-
-    return str(get_auth_manager().get_url_login(next_url=str(request.url)))
+    """The login page, coming back to this page afterwards."""
+    return access_of(request).login_url(request)
