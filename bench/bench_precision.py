@@ -33,7 +33,7 @@ def _cpu() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def _build(policy: str, image_size: int, batch_size: int):
+def _build(policy: str, image_size: int):
     import keras
 
     from wbc_tasks.core.settings import CLASS_NAMES, get_settings
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     size = args.image_size
     x = rng.integers(0, 256, (args.images, size, size, 3)).astype("float32")
     y = keras.utils.to_categorical(np.arange(args.images) % len(CLASS_NAMES), len(CLASS_NAMES))
-    models = {p: _build(p, size, args.batch_size) for p in policies}
+    models = {p: _build(p, size) for p in policies}
     for model in models.values():  # warm-up: tracing and first-call costs out of the timings
         model.fit(x[: args.batch_size * 2], y[: args.batch_size * 2], batch_size=args.batch_size, verbose=0)
         model.predict(x[: args.batch_size], verbose=0)

@@ -13,13 +13,13 @@ auth manager (FAB, Keycloak) its own per-DAG permissions decide.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from airflow.plugins_manager import AirflowPlugin
 from fastapi import Request
 from fastapi.security import HTTPAuthorizationCredentials
 
-from wbc_tasks.lab.auth import NIGHTLY_DAG_ID, LabUser
+from wbc_tasks.lab.auth import NIGHTLY_DAG_ID, LabUser, Method
 
 #: Where the app is mounted in the API server (not one of Airflow's reserved prefixes).
 URL_PREFIX = "/lab"
@@ -36,7 +36,7 @@ class AirflowAccess:
         user = await get_user(request, None, credentials)
         return LabUser(name=str(user.get_name()), user=user)
 
-    def is_allowed(self, who: LabUser, method: Literal["GET", "PUT"]) -> bool:
+    def is_allowed(self, who: LabUser, method: Method) -> bool:
         """Whether ``who`` may read (GET) or edit (PUT) the nightly DAG's runs, per the auth manager."""
         from airflow.api_fastapi.app import get_auth_manager
         from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity, DagDetails
