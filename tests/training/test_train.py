@@ -277,3 +277,40 @@ def test_train_task_killed_after_an_epoch_resumes_from_its_checkpoint(stores, tm
     mlflow.set_tracking_uri(None)
     assert len(steps_logged) == len(set(steps_logged)), f"epochs logged twice: {sorted(steps_logged)}"
     assert set(range(done_before + 1, 6)) <= set(steps_logged) <= set(range(1, 6))
+
+
+def test_grey_world_colour_normalisation_takes_the_training_images_colour_and_is_part_of_the_setup(
+    stores, tmp_path, settings, caplog
+):
+    from wbc_tasks.training.model import colour_reference, model_colour_reference
+
+    caplog.set_level(logging.INFO, logger="wbc_tasks.training")
+    checkpoints = tmp_path / "ckpt"
+    train_model(
+        stores["train"],
+        stores["val"],
+        tmp_path / "plain",
+        _params(epochs_finetune=1),
+        settings,
+        checkpoint_dir=checkpoints,
+        **FAST,
+    )
+    caplog.clear()
+    summary = train_model(
+        stores["train"],
+        stores["val"],
+        tmp_path / "grey_world",
+        _params(epochs_finetune=1, colour_normalisation="grey_world"),
+        settings,
+        checkpoint_dir=checkpoints,
+        **FAST,
+    )
+
+    # Not resumed from the plain model's checkpoint: the colour setting is part of the setup.
+    assert summary["resumed_from_epoch"] == 0
+    assert any("colour_normalisation" in r.getMessage() and "afresh" in r.getMessage() for r in caplog.records)
+    saved = keras.models.load_model(summary["model_path"])
+    expected = colour_reference(np.asarray(open_store(stores["train"]).images))
+    assert model_colour_reference(saved) == pytest.approx(expected)
+    assert any("colour normalisation grey_world" in r.getMessage() for r in caplog.records)
+    assert model_colour_reference(keras.models.load_model(tmp_path / "plain" / "model.keras")) is None
