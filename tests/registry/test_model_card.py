@@ -8,25 +8,8 @@ from tests.conftest import SHARED_DATA, skip_unless_required
 from wbc_tasks.core.settings import CLASS_NAMES
 
 
-def _card(**overrides) -> str:
-    from wbc_tasks.registry.model_card import model_card
-
-    values = {
-        "model_name": "m",
-        "version": "1",
-        "dag_run_id": "d",
-        "mlflow_run_id": "r",
-        "image_size": 32,
-        "class_names": CLASS_NAMES,
-        "metrics": {},
-        "data_summary": {},
-        "params": {},
-    }
-    return model_card(**{**values, **overrides})
-
-
 def test_source_counts_from_real_sources_file():
-    from wbc_tasks.registry.model_card import source_counts
+    from wbc_tasks.registry.model_card import model_card, source_counts
 
     sources_file = SHARED_DATA / "wbc-seed-shaped" / "SOURCES.csv"
     if not sources_file.is_file():
@@ -39,17 +22,16 @@ def test_source_counts_from_real_sources_file():
     blast_sources = set(counts["blasts"])
     assert len(blast_sources) == 1, "the README says blasts come from one lab only"
 
-    card = _card(
+    card = model_card(
+        model_name="m",
+        version="1",
+        dag_run_id="d",
+        mlflow_run_id="r",
+        image_size=32,
+        class_names=CLASS_NAMES,
         metrics={"balanced_accuracy": 0.5, "recall": {"blasts": 0.9}},
         data_summary={"counts": {"test": {"blasts": 1}}, "sources": counts},
+        params={},
     )
     assert f"blasts (only {blast_sources.pop()})" in card and "Acevedo" in card
     assert "Few test images (under 30) for blasts" in card
-
-
-def test_the_card_says_when_the_model_normalises_colour():
-    assert "colour normalised to the training images' (grey_world)" in _card(
-        params={"colour_normalisation": "grey_world"}
-    )
-    assert "colour normalised" not in _card(params={"colour_normalisation": "none"})
-    assert "colour normalised" not in _card()

@@ -10,16 +10,13 @@ import pytest
 from wbc_tasks.core.settings import CLASS_NAMES
 from wbc_tasks.training.model import (
     BASE_LAYER,
-    COLOUR_LAYERS,
     PREPROCESS_LAYER,
     VGG16_WEIGHTS_FILE,
     VGG16_WEIGHTS_URL,
     MissingWeightsError,
     build_model,
-    colour_reference,
     conv_layers,
     float32_copy,
-    model_colour_reference,
     set_trainable,
 )
 
@@ -199,76 +196,3 @@ def test_keras_home_environment_variable_moves_the_cache(settings, tmp_path, mon
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "elsewhere"))
     with pytest.raises(MissingWeightsError, match=str(tmp_path / "elsewhere" / "models" / VGG16_WEIGHTS_FILE)):
         build_model(SIZE, 9, weights="imagenet", settings=get_settings())
-
-
-def _real_cells(folder, n: int) -> np.ndarray:
-    """``n`` real cells (one per class, cycling) from ``folder`` (<class>/<images>) at SIZE px."""
-    from wbc_tasks.data.images import load_image
-
-    paths = [sorted((folder / name).iterdir())[0] for name in CLASS_NAMES]
-    return np.stack([load_image(paths[i % len(paths)], SIZE, max_pixels=10**8) for i in range(n)])
-
-
-def _stain_shift(images: np.ndarray) -> np.ndarray:
-    """Another lab's look as a per-channel gain and offset: weaker blue, a yellow cast."""
-    return np.clip(images.astype(np.float32) * [1.05, 0.9, 0.7] + [5.0, 10.0, 20.0], 0, 255).astype(np.uint8)
-
-
-def test_colour_reference_is_the_mean_per_image_channel_strength_read_in_chunks(seed_shaped):
-    images = _real_cells(seed_shaped, 5)
-    reference = colour_reference(images, chunk_size=2)
-    pixels = images.astype(np.float64)
-    np.testing.assert_allclose(reference.rms, np.sqrt((pixels**2).mean(axis=(1, 2))).mean(axis=0), rtol=1e-5)
-    with pytest.raises(ValueError, match="no images"):
-        colour_reference(images[:0])
-
-
-def test_grey_world_normalisation_maps_each_channel_to_the_reference_strength_inside_the_model(
-    settings, seed_shaped, tmp_path
-):
-    cells = _real_cells(seed_shaped, 9)
-    reference = colour_reference(cells)
-    keras.utils.set_random_seed(3)
-    normalised = build_model(SIZE, len(CLASS_NAMES), weights="none", settings=settings, colour=reference)
-    keras.utils.set_random_seed(3)
-    plain = build_model(SIZE, len(CLASS_NAMES), weights="none", settings=settings)
-
-    # What the network sees: each image's channel strengths are the reference's, and each
-    # channel is the image's own channel, rescaled (contrast within it kept).
-    colour = keras.Model(normalised.input, normalised.get_layer(COLOUR_LAYERS[-1]).output)
-    seen = colour.predict(cells, verbose=0)
-    strengths = np.sqrt((seen.astype(np.float64) ** 2).mean(axis=(1, 2)))
-    np.testing.assert_allclose(strengths, np.tile(reference.rms, (9, 1)), rtol=1e-3)
-    gain = seen / np.maximum(cells.astype(np.float32), 1.0)
-    bright = cells > 10
-    for image, channel in [(0, 0), (4, 2)]:
-        channel_gain = gain[image, ..., channel][bright[image, ..., channel]]
-        assert channel_gain.std() < 1e-3 * channel_gain.mean()
-
-    # A colour cast (a gain per channel) barely moves its predictions; without it, it does.
-    cast = np.clip(cells.astype(np.float32) * [1.05, 0.9, 0.7], 0, 255).astype(np.uint8)
-
-    def moved(model) -> float:
-        return float(np.abs(model.predict(cast, verbose=0) - model.predict(cells, verbose=0)).max())
-
-    assert moved(normalised) < 0.1 * moved(plain)
-
-    # Stock layers: loads without this package, stays frozen, survives the float32 copy.
-    normalised.save(tmp_path / "m.keras")
-    loaded = keras.models.load_model(tmp_path / "m.keras")
-    assert model_colour_reference(loaded) == pytest.approx(reference)
-    set_trainable(loaded, "scratch", 0)
-    assert not set(COLOUR_LAYERS) & set(_trainable_layer_names(loaded))
-    copy = float32_copy(loaded, settings=settings)
-    assert model_colour_reference(copy) == pytest.approx(reference)
-    np.testing.assert_allclose(copy.predict(cells, verbose=0), loaded.predict(cells, verbose=0), rtol=1e-5, atol=1e-6)
-    assert model_colour_reference(plain) is None
-
-
-def test_the_trust_outputs_see_the_colour_normalisation(settings, seed_shaped):
-    from wbc_tasks.training.trust import outputs_model
-
-    cells = _real_cells(seed_shaped, 4)
-    model = build_model(SIZE, len(CLASS_NAMES), weights="none", settings=settings, colour=colour_reference(cells))
-    probabilities = outputs_model(model).predict(cells, verbose=0)[0]
-    np.testing.assert_allclose(probabilities, model.predict(cells, verbose=0), rtol=1e-5, atol=1e-7)

@@ -49,12 +49,3 @@ def test_the_cli_and_the_trigger_form_check_the_same_schema():
 def test_bad_values_are_refused_with_the_param_named(values, message):
     with pytest.raises(ParamError, match=message):
         training_params(values)
-
-
-def test_stain_augmentation_choices_are_the_augmentations_the_data_layer_defines():
-    from wbc_tasks.data.transforms import STAIN_AUGMENTATIONS as DEFINED
-    from wbc_tasks.training.params import STAIN_AUGMENTATIONS, training_params
-
-    assert set(STAIN_AUGMENTATIONS) == set(DEFINED)
-    assert training_params({}).stain_augmentation == "standard"
-    assert training_params({"stain_augmentation": "strong"}).stain_augmentation == "strong"

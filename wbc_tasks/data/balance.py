@@ -76,7 +76,6 @@ from wbc_tasks.data.store import (
     open_store,
     release_pages,
 )
-from wbc_tasks.data.transforms import DEFAULT_PARAMS, AugmentParams
 
 log = logging.getLogger(__name__)
 
@@ -250,22 +249,14 @@ def _link_store(source: Path, target: Path) -> str:
 
 
 def balance_with_smote(
-    augmented_store: Path,
-    out_dir: Path,
-    *,
-    enabled: bool,
-    k: int,
-    seed: int,
-    settings: Settings,
-    augment_params: AugmentParams = DEFAULT_PARAMS,
+    augmented_store: Path, out_dir: Path, *, enabled: bool, k: int, seed: int, settings: Settings
 ) -> dict:
     """Bring every class of ``augmented_store`` up to the largest class; write the store in ``out_dir``.
 
     With ``enabled=False`` the output is the augmented store unchanged (hard-linked, or copied
     where links are impossible) and classes stay unbalanced. Also writes ``class_counts.json``
     and ``.png`` (counts by stage: split, augment, balance) and a grid of synthetic samples.
-    Returns a small summary (counts in and out, fallbacks, store path). ``augment_params`` are
-    the augmentation's, for classes topped up by augmentation instead of SMOTE.
+    Returns a small summary (counts in and out, fallbacks, store path).
     """
     if k < 1:
         raise ValueError(f"SMOTE needs k >= 1 neighbours, got {k}")
@@ -367,15 +358,7 @@ def balance_with_smote(
         images.flush()
     if fallback_needed:
         plan = plan_top_up(fallback_sources, fallback_needed, first_row=row)
-        augment_into(
-            augmented_store,
-            out_dir,
-            plan,
-            seed=seed,
-            stage=STAGE_BALANCE_FALLBACK,
-            settings=settings,
-            params=augment_params,
-        )
+        augment_into(augmented_store, out_dir, plan, seed=seed, stage=STAGE_BALANCE_FALLBACK, settings=settings)
         new_records.append(augmented_records(source.records, plan).assign(gap=""))
         new_labels.append(plan.class_indices.astype(np.int16))
     del images

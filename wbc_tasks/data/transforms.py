@@ -38,22 +38,9 @@ class AugmentParams:
     zoom_fraction: float = 0.1
     hed_scale: float = 0.1
     hed_shift: float = 0.015
-    #: Brightness (a gain on every pixel) and contrast (a gain on the distance from the image's
-    #: mean), each in ``1 +- fraction``; 0 draws nothing, so the standard copies stay as they were.
-    brightness_fraction: float = 0.0
-    contrast_fraction: float = 0.0
 
 
 DEFAULT_PARAMS = AugmentParams()
-
-#: The ``stain_augmentation`` training param's choices. "strong" is the stain-robustness method
-#: 2 of docs/trust.md: three times the standard stain jitter (scale +-0.3 is Tellez et al.'s
-#: "HED-strong" range widened; shift +-0.045 stays under the 0.05 that turned whole smears green)
-#: plus brightness and contrast +-25 %.
-STAIN_AUGMENTATIONS: dict[str, AugmentParams] = {
-    "standard": DEFAULT_PARAMS,
-    "strong": AugmentParams(hed_scale=0.3, hed_shift=0.045, brightness_fraction=0.25, contrast_fraction=0.25),
-}
 
 
 # --- single images -----------------------------------------------------------------------------
@@ -161,18 +148,4 @@ def augment_image(image: np.ndarray, rng: np.random.Generator, params: AugmentPa
     alpha = rng.uniform(1.0 - params.hed_scale, 1.0 + params.hed_scale, size=3)
     beta = rng.uniform(-params.hed_shift, params.hed_shift, size=3)
     matrix, offset = random_affine(image.shape[:2], rng, params)
-    coloured = jitter_stain(image, alpha, beta)
-    if params.brightness_fraction > 0 or params.contrast_fraction > 0:
-        brightness = rng.uniform(1.0 - params.brightness_fraction, 1.0 + params.brightness_fraction)
-        contrast = rng.uniform(1.0 - params.contrast_fraction, 1.0 + params.contrast_fraction)
-        coloured = adjust_brightness_contrast(coloured, brightness, contrast)
-    return warp_reflect(coloured, matrix, offset)
-
-
-def adjust_brightness_contrast(image: np.ndarray, brightness: float, contrast: float) -> np.ndarray:
-    """A uint8 RGB image with every pixel times ``brightness`` and its distance from the image's
-    mean grey level times ``contrast``; clipped, uint8 out."""
-    pixels = image.astype(np.float32)
-    mean = float(pixels.mean())
-    out = ((pixels - mean) * contrast + mean) * brightness
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    return warp_reflect(jitter_stain(image, alpha, beta), matrix, offset)

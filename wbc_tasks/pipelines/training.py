@@ -137,19 +137,13 @@ def preprocess_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
 def augment_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
     """Top up every training class with augmented copies (train split only)."""
     from wbc_tasks.data.augment import augment_training_set
-    from wbc_tasks.data.transforms import STAIN_AUGMENTATIONS
 
     settings, p, run = _context(run_id, params)
     require_complete(run / "preprocess")
     summary = run_step(
         run / "augment",
         lambda out: augment_training_set(
-            run / "preprocess" / "train",
-            out,
-            per_class=p.augment_per_class,
-            seed=p.seed,
-            settings=settings,
-            params=STAIN_AUGMENTATIONS[p.stain_augmentation],
+            run / "preprocess" / "train", out, per_class=p.augment_per_class, seed=p.seed, settings=settings
         ),
     )
     _log_artifacts(settings, run_id, run / "augment", "data/augment")
@@ -159,20 +153,13 @@ def augment_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
 def balance_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
     """Balance the augmented training classes with SMOTE (or pass them through when off)."""
     from wbc_tasks.data.balance import balance_with_smote
-    from wbc_tasks.data.transforms import STAIN_AUGMENTATIONS
 
     settings, p, run = _context(run_id, params)
     require_complete(run / "augment")
     summary = run_step(
         run / "balance",
         lambda out: balance_with_smote(
-            run / "augment",
-            out,
-            enabled=p.smote,
-            k=p.smote_k,
-            seed=p.seed,
-            settings=settings,
-            augment_params=STAIN_AUGMENTATIONS[p.stain_augmentation],
+            run / "augment", out, enabled=p.smote, k=p.smote_k, seed=p.seed, settings=settings
         ),
     )
     _log_artifacts(settings, run_id, run / "balance", "data/balance")

@@ -80,11 +80,6 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _colour_note(params: Mapping[str, Any]) -> str:
-    method = params.get("colour_normalisation") or "none"
-    return "" if method == "none" else f", colour normalised to the training images' ({method})"
-
-
 def model_card(
     *,
     model_name: str,
@@ -110,7 +105,7 @@ def model_card(
         "",
         (
             f"White-blood-cell classifier; input {image_size}x{image_size} RGB uint8 pixels "
-            f"(normalisation inside the model{_colour_note(params)}); outputs probabilities for {len(class_names)} "
+            f"(normalisation inside the model); outputs probabilities for {len(class_names)} "
             f"classes: {', '.join(class_names)}. Registered {registered_at} by Airflow DAG run "
             f"`{dag_run_id}` (MLflow run `{mlflow_run_id}`)."
         ),

@@ -62,7 +62,6 @@ def checkpoint_fingerprint(
     return {
         "policy": policy,
         "weights": params.weights,
-        "colour_normalisation": params.colour_normalisation,
         "image_size": train.image_size,
         "batch_size": params.batch_size,
         "learning_rate_head": params.learning_rate_head,

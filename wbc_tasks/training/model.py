@@ -2,15 +2,13 @@
 
 The model takes plain RGB pixels (uint8 or float, 0..255): the registered model and the image
 loader agree on "pixels in, probabilities out", so training and serving cannot disagree about
-normalisation (VGG16's, and the optional colour normalisation to the training images' colour).
+normalisation.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -26,8 +24,6 @@ VGG16_WEIGHTS_URL = "https://storage.googleapis.com/tensorflow/keras-application
 #: Layer names the training schedule relies on.
 BASE_LAYER = "vgg16"
 PREPROCESS_LAYER = "vgg16_preprocess_input"
-#: The optional colour normalisation in front of everything (``colour_normalisation`` param), in order.
-COLOUR_LAYERS = ("colour_channels_first", "colour_normalisation", "colour_channels_last", "colour_reference")
 HEAD_LAYERS = ("head_pool", "head_dense", "head_dropout", "head_logits", "probabilities")
 
 WEIGHT_CHOICES = ("imagenet", "none")
@@ -87,77 +83,6 @@ def _preprocess_layer(image_size: int):
     return layer
 
 
-@dataclass(frozen=True)
-class ColourReference:
-    """The training images' colour: the mean over images of each RGB channel's root mean square
-    over the image (pixel units)."""
-
-    rms: tuple[float, float, float]
-
-
-def colour_reference(images: np.ndarray, chunk_size: int = 512) -> ColourReference:
-    """The :class:`ColourReference` of ``images`` (N x S x S x 3, e.g. a store's memory map),
-    read in chunks."""
-    if len(images) == 0:
-        raise ValueError("no images to take a colour reference from")
-    rms = []
-    for start in range(0, len(images), chunk_size):
-        chunk = np.asarray(images[start : start + chunk_size], dtype=np.float32)
-        rms.append(np.sqrt(np.square(chunk).mean(axis=(1, 2))))
-    return ColourReference(_rgb(np.concatenate(rms).mean(axis=0)))
-
-
-def _rgb(values: Any) -> tuple[float, float, float]:
-    red, green, blue = (float(v) for v in np.asarray(values).reshape(3))
-    return red, green, blue
-
-
-def _colour_layers(image_size: int, reference: ColourReference) -> list:
-    """Grey-world-type colour constancy with stock layers, frozen: each RGB channel divided by its
-    root mean square over the image, then multiplied by the reference's (Finlayson and Trezzi's
-    "shades of grey" with p = 2; grey-world is p = 1, which needs a division by a mean that no
-    stock layer does). A stain or scanner that scales a channel (a colour cast, a weaker stain,
-    exposure) then looks like the training labs'; contrast within each channel is kept.
-
-    Inside the model rather than in the image loader, so training, serving, the exported engine,
-    the trust policy's synthetic shifts and anyone loading ``models:/...`` all see the same
-    input. ``RMSNormalization`` over two axes broadcasts its scale only when they are the last
-    two, hence the channels-first detour; epsilon (pixel units squared) keeps a black frame finite
-    (the image check rejects it).
-    """
-    import keras
-
-    norm = keras.layers.RMSNormalization(axis=[2, 3], epsilon=1.0, name=COLOUR_LAYERS[1], dtype="float32")
-    norm.build((None, 3, image_size, image_size))
-    layers = [
-        keras.layers.Permute((3, 1, 2), name=COLOUR_LAYERS[0], dtype="float32"),
-        norm,
-        keras.layers.Permute((2, 3, 1), name=COLOUR_LAYERS[2], dtype="float32"),
-        keras.layers.Rescaling(scale=list(reference.rms), name=COLOUR_LAYERS[3], dtype="float32"),
-    ]
-    for layer in layers:
-        layer.trainable = False
-    return layers
-
-
-def model_colour_reference(model) -> ColourReference | None:
-    """The reference of ``model``'s colour normalisation, or None when it has none."""
-    try:
-        layer = model.get_layer(COLOUR_LAYERS[3])
-    except ValueError:
-        return None
-    return ColourReference(_rgb(layer.scale))
-
-
-def apply_colour_normalisation(model, pixels):
-    """``pixels`` through ``model``'s colour normalisation layers (unchanged when it has none)."""
-    if model_colour_reference(model) is None:
-        return pixels
-    for name in COLOUR_LAYERS:
-        pixels = model.get_layer(name)(pixels)
-    return pixels
-
-
 def _he_initialise(base) -> None:
     """Re-draw the conv kernels of a randomly initialised VGG16 from He-normal.
 
@@ -184,15 +109,13 @@ def build_model(
     settings: Settings,
     dropout: float = 0.5,
     dense_units: int = 256,
-    colour: ColourReference | None = None,
 ):
     """VGG16 without its top, VGG16's preprocessing in front and a softmax head on top.
 
     Input: ``(image_size, image_size, 3)`` RGB pixels 0..255 (uint8 input is cast). Output:
     ``n_classes`` probabilities, computed in float32 even under mixed precision. ``weights`` is
     ``"imagenet"`` (from a local file, see :func:`vgg16_weights_file`) or ``"none"`` (random
-    initialisation, He-normal for the conv kernels). ``colour`` puts a colour normalisation to
-    that reference in front (:func:`_colour_layers`). The returned model is not compiled; all of
+    initialisation, He-normal for the conv kernels). The returned model is not compiled; all of
     it is trainable except the preprocessing (use :func:`set_trainable`).
     """
     import keras
@@ -222,10 +145,7 @@ def build_model(
         _he_initialise(base)
 
     pixels = keras.Input((image_size, image_size, 3), dtype="float32", name="pixels")
-    x = pixels
-    for layer in _colour_layers(image_size, colour) if colour is not None else []:
-        x = layer(x)
-    x = _preprocess_layer(image_size)(x)
+    x = _preprocess_layer(image_size)(pixels)
     x = base(x)
     x = keras.layers.GlobalAveragePooling2D(name="head_pool")(x)
     x = keras.layers.Dense(dense_units, activation="relu", name="head_dense")(x)
@@ -270,9 +190,6 @@ def set_trainable(model, phase: str, unfreeze_layers: int = 0) -> int:
     for name in HEAD_LAYERS:
         model.get_layer(name).trainable = True
     model.get_layer(PREPROCESS_LAYER).trainable = False
-    if model_colour_reference(model) is not None:
-        for name in COLOUR_LAYERS:
-            model.get_layer(name).trainable = False
     return int(sum(int(np.prod(w.shape)) for w in model.trainable_weights))
 
 
@@ -297,7 +214,6 @@ def float32_copy(model, *, settings: Settings):
             settings=settings,
             dropout=float(model.get_layer("head_dropout").rate),
             dense_units=int(head.units),
-            colour=model_colour_reference(model),
         )
     finally:
         keras.mixed_precision.set_global_policy(previous)

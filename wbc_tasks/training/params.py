@@ -14,11 +14,6 @@ from jsonschema import Draft202012Validator
 
 from wbc_tasks.core.errors import PermanentError
 
-#: Choices of the ``colour_normalisation`` param (built by ``wbc_tasks.training.model``).
-COLOUR_NORMALISATIONS = ("none", "grey_world")
-#: Choices of the ``stain_augmentation`` param (``wbc_tasks.data.transforms.STAIN_AUGMENTATIONS``).
-STAIN_AUGMENTATIONS = ("standard", "strong")
-
 
 class ParamError(PermanentError, ValueError):
     """A training param is unknown, missing or out of its range."""
@@ -193,21 +188,6 @@ TRAINING_PARAM_SPECS: dict[str, dict[str, Any]] = {
         "description": "Share of the validation split's own images the unfamiliar threshold flags (its cost on "
         "familiar images).",
     },
-    "colour_normalisation": {
-        "default": "none",
-        "type": "string",
-        "enum": list(COLOUR_NORMALISATIONS),
-        "description": "Colour normalisation inside the model (so serving matches training). grey_world: each "
-        "image's RGB channels scaled to the training images' mean channel strength (shades of grey, p = 2), against "
-        "another lab's stain or scanner. Measured in docs/trust.md.",
-    },
-    "stain_augmentation": {
-        "default": "standard",
-        "type": "string",
-        "enum": list(STAIN_AUGMENTATIONS),
-        "description": "Colour jitter of the augmented copies. standard: HED stain scale +-10 %, shift +-0.015. "
-        "strong: three times that, plus brightness and contrast +-25 %. Measured in docs/trust.md.",
-    },
     "precision": {
         "default": "auto",
         "type": "string",
@@ -289,8 +269,6 @@ class TrainingParams:
     review_target_accuracy: float
     blast_recall_target: float
     unfamiliar_rate: float
-    colour_normalisation: str
-    stain_augmentation: str
     precision: str
     xla: str
     seed: int

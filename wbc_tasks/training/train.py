@@ -11,10 +11,9 @@ from pathlib import Path
 import pandas as pd
 
 from wbc_tasks.core.settings import CLASS_NAMES, Settings
-from wbc_tasks.data.store import ImageStore, open_store
+from wbc_tasks.data.store import open_store
 from wbc_tasks.training.checkpoints import HISTORY_COLUMNS, Checkpoints, checkpoint_fingerprint, epoch_monitor_class
 from wbc_tasks.training.input import EpochClock, make_dataset
-from wbc_tasks.training.model import ColourReference
 from wbc_tasks.training.params import TrainingParams
 from wbc_tasks.training.precision import choose_precision, compile_model
 from wbc_tasks.training.schedule import SCRATCH_LR_HINT, balanced_class_weights, plan_phases
@@ -132,7 +131,6 @@ def train_model(
                 settings=settings,
                 dropout=dropout,
                 dense_units=dense_units,
-                colour=_colour_reference(params, train),
             )
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
@@ -222,18 +220,3 @@ def train_model(
     }
     log.info("training done: %s", {k: summary[k] for k in ("epochs", "best_value", "stopped_early", "images_per_s")})
     return summary
-
-
-def _colour_reference(params: TrainingParams, train: ImageStore) -> ColourReference | None:
-    """The training images' colour for ``colour_normalisation=grey_world`` (None otherwise), logged."""
-    from wbc_tasks.training.model import colour_reference
-
-    if params.colour_normalisation == "none":
-        return None
-    reference = colour_reference(train.images)
-    log.info(
-        "colour normalisation %s to the training images' RGB channel strengths (root mean square) %s",
-        params.colour_normalisation,
-        [round(v, 1) for v in reference.rms],
-    )
-    return reference

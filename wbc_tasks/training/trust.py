@@ -88,12 +88,12 @@ def outputs_model(model: Any) -> Any:
     averaged mid-level features (for the unfamiliar score). Shares weights; nothing is copied."""
     import keras
 
-    from wbc_tasks.training.model import BASE_LAYER, PREPROCESS_LAYER, apply_colour_normalisation
+    from wbc_tasks.training.model import BASE_LAYER, PREPROCESS_LAYER
 
     base = model.get_layer(BASE_LAYER)
     inner = keras.Model(base.inputs, [base.get_layer(uf.LOW_LAYER).output, base.output])
     pixels = keras.Input(model.input_shape[1:], name="pixels")
-    low, top = inner(model.get_layer(PREPROCESS_LAYER)(apply_colour_normalisation(model, pixels)))
+    low, top = inner(model.get_layer(PREPROCESS_LAYER)(pixels))
     pooled = model.get_layer("head_pool")(top)
     logits = model.get_layer(LOGITS_LAYER)(model.get_layer("head_dense")(pooled))
     probabilities = model.get_layer("probabilities")(logits)
