@@ -19,7 +19,7 @@ setup: .venv/.synced
 demo: setup
 	$(PY) -m wbc_tasks.cli train --profile cpu $(ARGS)
 
-## Lint and types (what CI runs before the tests): ruff (lint + format) and mypy on wbc_tasks/
+## Lint and types (what CI runs before the tests): ruff (lint + format) and mypy on wbc_tasks/ and wbc_airflow/
 lint: setup
 	.venv/bin/ruff check wbc_tasks wbc_airflow dags tests stack bench
 	.venv/bin/ruff format --check wbc_tasks wbc_airflow dags tests stack bench

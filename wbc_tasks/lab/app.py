@@ -116,8 +116,8 @@ def _page(
 
 def create_app(access: auth.LabAccess) -> FastAPI:
     """The app the plugin mounts, ``access`` deciding who calls and what they may do; its OpenAPI
-    schema is ``/lab/openapi.json`` (no /docs page: Swagger
-    UI loads its assets from a CDN the API server may not reach)."""
+    schema is ``/lab/openapi.json`` (no /docs page: Swagger UI loads its assets from a CDN the API
+    server may not reach)."""
     app = FastAPI(
         title="WBC lab",
         description="The lab's view of the WBC classifier: drops, review queue, differential report and the "
