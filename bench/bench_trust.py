@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> dict:
     from wbc_tasks.core.workdir import require_complete
     from wbc_tasks.pipelines import training as steps
     from wbc_tasks.serving.nightly import classify_new_images
-    from wbc_tasks.serving.queries import query_predictions
+    from wbc_tasks.serving.queries import PredictionFilter, query_predictions
 
     settings = get_settings()
     params = _params(args)
@@ -156,7 +156,7 @@ def run(args: argparse.Namespace) -> dict:
     registered = require_complete(settings.run_dir(run_id) / "register")
     night = classify_new_images(settings, model=str(registered["version"]))
     timings["classify"] = round(time.perf_counter() - started, 1)
-    table = query_predictions(settings, latest=True)
+    table = query_predictions(settings, PredictionFilter(latest=True))
     result = {
         "profile": args.profile,
         "params": params,

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from tests.lab.conftest import DROP, lab_url
-from wbc_tasks.serving.queries import export_predictions
+from wbc_tasks.serving.queries import PredictionFilter, export_predictions
 from wbc_tasks.serving.reviews import latest_reviews, review_queue
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -122,15 +122,13 @@ def test_predictions_over_http_are_the_table_wbc_predictions_gives(lab, tmp_path
         status, headers, body = fetch(lab_url(lab, "/api/predictions", format="csv", **params), token=token)
         assert status == 200 and headers["content-type"].startswith("text/csv")
         expected = tmp_path / "expected.csv"
-        export_predictions(
-            lab.settings,
-            fmt="csv",
-            out=expected,
+        where = PredictionFilter(
             drop=params.get("drop"),
             needs_review=True if params.get("needs_review") else None,
             predicted_class=params.get("class"),
             latest=bool(params.get("latest")),
         )
+        export_predictions(lab.settings, where, fmt="csv", out=expected)
         got, want = pd.read_csv(io.BytesIO(body)), pd.read_csv(expected)
         assert len(want) > 0
         pd.testing.assert_frame_equal(got, want)

@@ -110,7 +110,7 @@ def test_export_lists_every_file_with_each_prediction_of_its_content(known_rows,
 def test_export_filters(known_rows, tmp_path):
     def rows(**filters):
         buffer = io.BytesIO()
-        n = queries.export_predictions(known_rows, fmt="json", out=buffer, **filters)
+        n = queries.export_predictions(known_rows, queries.PredictionFilter(**filters), fmt="json", out=buffer)
         records = json.loads(buffer.getvalue())
         assert len(records) == n
         return records
@@ -150,7 +150,7 @@ def test_export_filters(known_rows, tmp_path):
 def test_review_reasons_are_exported_as_lists_and_filter_rows(known_rows, tmp_path):
     def paths(**filters):
         buffer = io.BytesIO()
-        queries.export_predictions(known_rows, fmt="json", out=buffer, **filters)
+        queries.export_predictions(known_rows, queries.PredictionFilter(**filters), fmt="json", out=buffer)
         return {(r["path"], tuple(r["review_reasons"])) for r in json.loads(buffer.getvalue())}
 
     assert paths(review_reason="unfamiliar") == {("2026-11-24/b.jpg", ("low_confidence", "unfamiliar"))}
@@ -158,7 +158,7 @@ def test_review_reasons_are_exported_as_lists_and_filter_rows(known_rows, tmp_pa
     assert paths(review_reason="blast_suspected") == {("c.jpg", ("blast_suspected",))}
     assert paths(review_reason="image_check") == set()
     with pytest.raises(ValueError, match="unknown review reason 'tired'"):
-        queries.export_predictions(known_rows, fmt="json", out=io.BytesIO(), review_reason="tired")
+        queries.PredictionFilter(review_reason="tired")
     # CSV: the list as JSON text; parquet: a list column.
     queries.export_predictions(known_rows, fmt="csv", out=tmp_path / "x.csv")
     queries.export_predictions(known_rows, fmt="parquet", out=tmp_path / "x.parquet")
@@ -196,7 +196,7 @@ def test_export_formats_hold_the_same_rows(known_rows, tmp_path):
 
 
 def test_export_to_stdout_and_bad_format(known_rows, capsysbinary):
-    assert queries.export_predictions(known_rows, fmt="csv", drop="2026-11-25") == 2
+    assert queries.export_predictions(known_rows, queries.PredictionFilter(drop="2026-11-25"), fmt="csv") == 2
     lines = capsysbinary.readouterr().out.decode().splitlines()
     assert lines[0].startswith("path,drop,status") and len(lines) == 3
     with pytest.raises(ValueError, match="unknown export format 'xlsx'"):
@@ -246,7 +246,9 @@ def test_export_in_every_format_matches_the_database(night, tmp_path):
         assert exported["2026-11-24/empty.png"]["status"] == "rejected"
 
     flagged = sum(r["needs_review"] for r in truth.values())
-    assert queries.export_predictions(settings, needs_review=True, out=tmp_path / "review.csv") == flagged
+    review = queries.PredictionFilter(needs_review=True)
+    assert queries.export_predictions(settings, review, out=tmp_path / "review.csv") == flagged
     some_class = next(iter(truth.values()))["predicted_class"]
     n_class = sum(r["predicted_class"] == some_class for r in truth.values())
-    assert queries.export_predictions(settings, predicted_class=some_class, out=tmp_path / "c.csv") == n_class
+    of_class = queries.PredictionFilter(predicted_class=some_class)
+    assert queries.export_predictions(settings, of_class, out=tmp_path / "c.csv") == n_class

@@ -165,10 +165,10 @@ def test_batch_classification_writes_predictions_to_postgresql(
     airflow.wait_for_run("wbc_batch_classification", run_id, timeout=RUN_TIMEOUT_S)
     summary = airflow.xcom("wbc_batch_classification", run_id, "summarise")
 
-    from wbc_tasks.serving.queries import export_predictions
+    from wbc_tasks.serving.queries import PredictionFilter, export_predictions
 
     out = tmp_path / "predictions.json"
-    count = export_predictions(settings, drop=DROP_NAME, fmt="json", out=out)
+    count = export_predictions(settings, PredictionFilter(drop=DROP_NAME), fmt="json", out=out)
     rows = json.loads(out.read_text())
     assert count == len(rows) == len(dropped), f"rows {rows}; run summary {summary}"
     assert sorted(Path(row["path"]).name for row in rows) == dropped

@@ -93,21 +93,18 @@ def cmd_classify_night(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_predictions(args: argparse.Namespace, settings: Settings) -> int:
-    from wbc_tasks.serving.queries import export_predictions
+    from wbc_tasks.serving.queries import PredictionFilter, export_predictions
 
-    review = {"yes": True, "no": False}.get(args.needs_review) if args.needs_review else None
-    rows = export_predictions(
-        settings,
+    where = PredictionFilter(
         drop=args.drop,
         since=args.since,
         predicted_class=args.predicted_class,
-        needs_review=review,
+        needs_review={"yes": True, "no": False}.get(args.needs_review) if args.needs_review else None,
         review_reason=args.review_reason,
         model_version=args.model_version,
         latest=args.latest,
-        fmt=args.format,
-        out=args.out,
     )
+    rows = export_predictions(settings, where, fmt=args.format, out=args.out)
     if args.out:
         print(f"{rows} rows written to {args.out}", file=sys.stderr)
     return 0

@@ -279,6 +279,7 @@ def create_app(access: auth.LabAccess) -> FastAPI:
         latest: Annotated[bool, Query(description="Only each file's newest prediction")] = False,
     ) -> StreamingResponse:
         from wbc_tasks.serving.queries import (
+            PredictionFilter,
             stream_csv,
             stream_json,
             stream_parquet,
@@ -287,8 +288,7 @@ def create_app(access: auth.LabAccess) -> FastAPI:
         )
 
         settings = get_settings()
-        rows = stream_predictions(
-            settings,
+        where = PredictionFilter(
             drop=drop,
             since=since,
             predicted_class=predicted_class,
@@ -297,6 +297,7 @@ def create_app(access: auth.LabAccess) -> FastAPI:
             model_version=model_version,
             latest=latest,
         )
+        rows = stream_predictions(settings, where)
         if format == "json":
             body = stream_json(rows)
         else:

@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -138,14 +139,34 @@ def _for_db(value: datetime, connection: Connection) -> datetime:
     return value.replace(tzinfo=None) if connection.dialect.name == "sqlite" else value
 
 
-def _export_query(
-    *,
-    drop: str | None,
-    predicted_class: str | None,
-    needs_review: bool | None,
-    review_reason: str | None,
-    model_version: str | int | None,
-) -> Select[Any]:
+@dataclass(frozen=True)
+class PredictionFilter:
+    """Which rows of the predictions table a read returns; every condition given must hold.
+
+    ``since`` keeps rows whose file was first seen, or whose prediction or rejection was made, at
+    or after that time (naive times are UTC). ``latest`` keeps only each file's newest
+    prediction. A prediction condition (class, review, version) leaves out rejected and pending
+    files. ``review_reason`` must be one of ``REVIEW_REASONS`` (checked here, before any read).
+    """
+
+    drop: str | None = None
+    since: datetime | str | None = None
+    predicted_class: str | None = None
+    needs_review: bool | None = None
+    review_reason: str | None = None
+    model_version: str | int | None = None
+    latest: bool = False
+
+    def __post_init__(self) -> None:
+        if self.review_reason is not None and self.review_reason not in REVIEW_REASONS:
+            raise ValueError(f"unknown review reason {self.review_reason!r}; choose one of {', '.join(REVIEW_REASONS)}")
+
+
+#: Every row of the table.
+ALL_ROWS = PredictionFilter()
+
+
+def _export_query(where: PredictionFilter) -> Select[Any]:
     """The export's SELECT with its filters (``since`` is added per connection: SQLite compares
     naive times)."""
     fs, p, r = files_seen, predictions, rejections
@@ -176,19 +197,17 @@ def _export_query(
         .outerjoin(r, and_(r.c.path == fs.c.path, r.c.sha256 == fs.c.sha256))
         .order_by(fs.c.path, fs.c.sha256, p.c.created_at, p.c.model_version)
     )
-    if drop is not None:
-        query = query.where(fs.c.drop == drop)
-    if predicted_class is not None:
-        query = query.where(p.c.predicted_class == predicted_class)
-    if needs_review is not None:
-        query = query.where(p.c.needs_review == bool(needs_review))
-    if review_reason is not None:
-        if review_reason not in REVIEW_REASONS:
-            raise ValueError(f"unknown review reason {review_reason!r}; choose one of {', '.join(REVIEW_REASONS)}")
+    if where.drop is not None:
+        query = query.where(fs.c.drop == where.drop)
+    if where.predicted_class is not None:
+        query = query.where(p.c.predicted_class == where.predicted_class)
+    if where.needs_review is not None:
+        query = query.where(p.c.needs_review == bool(where.needs_review))
+    if where.review_reason is not None:
         # The JSON list as text on both SQLite and PostgreSQL: '["low_confidence", "unfamiliar"]'.
-        query = query.where(cast(p.c.review_reasons, Text).like(f'%"{review_reason}"%'))
-    if model_version is not None:
-        query = query.where(p.c.model_version == str(model_version))
+        query = query.where(cast(p.c.review_reasons, Text).like(f'%"{where.review_reason}"%'))
+    if where.model_version is not None:
+        query = query.where(p.c.model_version == str(where.model_version))
     return query
 
 
@@ -202,35 +221,18 @@ def _since(query: Select[Any], since_utc: datetime | None, connection: Connectio
     )
 
 
-def query_predictions(
-    settings: Settings,
-    *,
-    drop: str | None = None,
-    since: datetime | str | None = None,
-    predicted_class: str | None = None,
-    needs_review: bool | None = None,
-    review_reason: str | None = None,
-    model_version: str | int | None = None,
-    latest: bool = False,
-) -> pd.DataFrame:
-    """One row per file seen and prediction of its content (long form: ``probabilities`` dict).
+def query_predictions(settings: Settings, where: PredictionFilter = ALL_ROWS) -> pd.DataFrame:
+    """One row per file seen and prediction of its content (long form: ``probabilities`` dict),
+    the rows ``where`` selects.
 
-    A file whose content was classified by two model versions has two rows (``latest=True``
+    A file whose content was classified by two model versions has two rows (``where.latest``
     keeps only the newest prediction per file). Rejected files appear with ``status``
-    ``rejected`` and their ``reason`` unless a prediction filter (class, review, version) is
-    given. ``since`` keeps rows whose file was first seen, or whose prediction or rejection was
-    made, at or after that time (naive times are UTC).
+    ``rejected`` and their ``rejection_reason``.
     """
     import pandas as pd
 
-    query = _export_query(
-        drop=drop,
-        predicted_class=predicted_class,
-        needs_review=needs_review,
-        review_reason=review_reason,
-        model_version=model_version,
-    )
-    since_utc = _as_utc(since)
+    query = _export_query(where)
+    since_utc = _as_utc(where.since)
 
     def fetch(connection: Connection) -> list[dict[str, Any]]:
         return [dict(row) for row in connection.execute(_since(query, since_utc, connection)).mappings()]
@@ -244,7 +246,7 @@ def query_predictions(
     table.loc[table["rejection_reason"].notna(), "status"] = "rejected"
     table.loc[table["predicted_class"].notna(), "status"] = "classified"
     table = table[[c for c in EXPORT_COLUMNS if c in table.columns]]
-    if latest and len(table):
+    if where.latest and len(table):
         table = (
             table.sort_values(["path", "sha256", "predicted_at"], na_position="first")
             .groupby(["path", "sha256"], sort=False)
@@ -307,18 +309,12 @@ def _json_records(table: pd.DataFrame) -> list[dict[str, Any]]:
 
 def export_predictions(
     settings: Settings,
+    where: PredictionFilter = ALL_ROWS,
     *,
-    drop: str | None = None,
-    since: datetime | str | None = None,
-    predicted_class: str | None = None,
-    needs_review: bool | None = None,
-    review_reason: str | None = None,
-    model_version: str | int | None = None,
-    latest: bool = False,
     fmt: str = "csv",
     out: Path | str | IO | None = None,
 ) -> int:
-    """Write the predictions of the files seen (filters as :func:`query_predictions`).
+    """Write the predictions of the files seen that ``where`` selects (as :func:`query_predictions`).
 
     ``fmt``: ``csv`` and ``parquet`` are wide (one ``prob_<class>`` column per class); ``json``
     is a list of records with ``probabilities`` as an object. ``out``: a file path, an open
@@ -326,16 +322,7 @@ def export_predictions(
     """
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
-    table = query_predictions(
-        settings,
-        drop=drop,
-        since=since,
-        predicted_class=predicted_class,
-        needs_review=needs_review,
-        review_reason=review_reason,
-        model_version=model_version,
-        latest=latest,
-    )
+    table = query_predictions(settings, where)
     if fmt == "json":
         payload: bytes | str = json.dumps(_json_records(table), indent=1, ensure_ascii=False) + "\n"
     elif fmt == "csv":
@@ -386,30 +373,16 @@ def _status(row: dict[str, Any]) -> str:
 
 
 def stream_predictions(
-    settings: Settings,
-    *,
-    drop: str | None = None,
-    since: datetime | str | None = None,
-    predicted_class: str | None = None,
-    needs_review: bool | None = None,
-    review_reason: str | None = None,
-    model_version: str | int | None = None,
-    latest: bool = False,
-    batch_size: int = STREAM_BATCH,
+    settings: Settings, where: PredictionFilter = ALL_ROWS, *, batch_size: int = STREAM_BATCH
 ) -> Iterator[dict[str, Any]]:
-    """The rows of :func:`query_predictions` (same filters, order and columns; times UTC), one
+    """The rows of :func:`query_predictions` (same filter, order and columns; times UTC), one
     dict at a time: a server-side cursor on PostgreSQL, SQLite's own cursor, ``batch_size``
-    rows per fetch. ``latest`` keeps each file's last row: the query is ordered by path, content
-    and prediction time, so a file's rows arrive together. Not retried: a lost connection
-    ends the stream with the error (the client sees a cut-off download and asks again)."""
-    query = _export_query(
-        drop=drop,
-        predicted_class=predicted_class,
-        needs_review=needs_review,
-        review_reason=review_reason,
-        model_version=model_version,
-    )
-    since_utc = _as_utc(since)
+    rows per fetch. ``where.latest`` keeps each file's last row: the query is ordered by path,
+    content and prediction time, so a file's rows arrive together. Not retried: a lost
+    connection ends the stream with the error (the client sees a cut-off download and asks
+    again)."""
+    query = _export_query(where)
+    since_utc = _as_utc(where.since)
     with open_engine(settings.predictions_db_url) as engine, engine.connect() as connection:
         result = connection.execution_options(stream_results=True, yield_per=batch_size).execute(
             _since(query, since_utc, connection)
@@ -421,7 +394,7 @@ def stream_predictions(
                 row[column] = _as_utc(row[column])
             row["status"] = _status(row)
             row = {c: row[c] for c in EXPORT_COLUMNS}
-            if not latest:
+            if not where.latest:
                 yield row
                 continue
             if held is not None and (held["path"], held["sha256"]) != (row["path"], row["sha256"]):
