@@ -61,3 +61,23 @@ def test_folding_the_temperature_calibrates_the_saved_model_with_stock_layers(tm
     reloaded = keras.models.load_model(tmp_path / "m.keras")
     assert {type(layer).__module__.split(".")[0] for layer in reloaded.layers} == {"keras"}
     np.testing.assert_allclose(reloaded.predict(images, verbose=0), softmax(logits, 3.0), atol=1e-5)
+
+
+def test_temperature_is_kept_only_when_it_beats_its_noise():
+    from wbc_tasks.training.calibration import fit_temperature, temperature_worth_keeping
+
+    rng = np.random.default_rng(5)
+    y = rng.integers(0, 4, 300)
+    honest = rng.normal(size=(300, 4))
+    honest[np.arange(300), y] += 1.5
+    # Labels drawn from the model's own probabilities: calibrated as it stands.
+    p = np.exp(honest) / np.exp(honest).sum(axis=1, keepdims=True)
+    y_honest = np.array([rng.choice(4, p=row) for row in p])
+    t_honest = fit_temperature(honest, y_honest)
+    verdict = temperature_worth_keeping(honest, y_honest, t_honest)
+    assert not verdict["keep"] and verdict["nll_gain"] >= 0
+    # The same logits made three times over-confident: T ~ 3 is far beyond noise.
+    t_sharp = fit_temperature(3 * honest, y_honest)
+    sharp = temperature_worth_keeping(3 * honest, y_honest, t_sharp)
+    assert sharp["keep"] and t_sharp == pytest.approx(3, rel=0.25)
+    assert sharp["nll_gain"] > 2 * sharp["nll_gain_standard_error"]

@@ -29,6 +29,9 @@ LOGITS_LAYER = "head_logits"
 ECE_BINS = 15
 #: Temperatures searched (log scale): far wider than any sane model needs.
 _T_BOUNDS = (0.05, 20.0)
+#: A fitted T is kept only when its validation NLL gain exceeds this many standard errors (about
+#: a one-sided 97.5 % test); otherwise T = 1, the model as trained.
+GUARD_STANDARD_ERRORS = 2.0
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -116,6 +119,32 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
         len(y),
     )
     return temperature
+
+
+def temperature_worth_keeping(logits: np.ndarray, y: np.ndarray, temperature: float) -> dict[str, Any]:
+    """Whether ``temperature`` lowers the (validation) NLL by more than its noise.
+
+    T is fitted on a few hundred validation images, so a T that only fits their chance quirks can
+    make the test split worse (measured: T 0.83 on 285 images raised the test ECE from 0.041 to
+    0.049). The per-image NLL gains of T over T = 1 are paired; T is kept only when their mean
+    exceeds ``GUARD_STANDARD_ERRORS`` standard errors. Returns the verdict and the figures behind it.
+    """
+    logits = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(y)
+    rows = np.arange(len(y))
+
+    def per_image_nll(t: float) -> np.ndarray:
+        return -np.log(np.clip(softmax(logits, t)[rows, y], 1e-12, 1.0))
+
+    gain = per_image_nll(1.0) - per_image_nll(temperature)
+    mean = float(gain.mean()) if len(gain) else 0.0
+    error = float(gain.std(ddof=1) / np.sqrt(len(gain))) if len(gain) > 1 else float("inf")
+    return {
+        "keep": bool(mean > GUARD_STANDARD_ERRORS * error),
+        "nll_gain": mean,
+        "nll_gain_standard_error": error,
+        "fitted_temperature": float(temperature),
+    }
 
 
 def fold_temperature(model: Any, temperature: float) -> None:

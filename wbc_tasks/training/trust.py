@@ -211,6 +211,7 @@ def fit_trust(
     train_labels: np.ndarray,
     negatives: dict[str, dict[str, np.ndarray]],
     *,
+    cell_free: dict[str, np.ndarray] | None = None,
     class_names: list[str],
     training_counts: dict[str, int],
     review_target_accuracy: float,
@@ -222,19 +223,36 @@ def fit_trust(
     """Fit every part of the policy from model outputs (see :func:`predict_all`, uncalibrated).
 
     ``val``/``train``: outputs on the validation split and the (unaugmented) training split;
-    ``negatives``: outputs on synthetic negative sets by name. Returns the policy, the feature
+    ``negatives``: outputs on synthetic negative sets by name (made from validation images, to
+    choose the method); ``cell_free``: outputs on cell-free crops of *training* images (their mean
+    feeds the ``cell_free`` score; None leaves that score out). Returns the policy, the feature
     statistics and a report (validation calibration before/after, AUROC per method and set).
     """
-    from wbc_tasks.training.calibration import calibration_metrics, fit_temperature
+    from wbc_tasks.training.calibration import calibration_metrics, fit_temperature, temperature_worth_keeping
 
     val_labels = np.asarray(val_labels)
-    temperature = fit_temperature(val["logits"], val_labels)
+    fitted_temperature = fit_temperature(val["logits"], val_labels)
+    guard = temperature_worth_keeping(val["logits"], val_labels, fitted_temperature)
+    temperature = fitted_temperature if guard["keep"] else 1.0
+    if not guard["keep"]:
+        log.info(
+            "temperature %.3f not kept (validation NLL gain %.4f, standard error %.4f: within noise); T = 1",
+            fitted_temperature,
+            guard["nll_gain"],
+            guard["nll_gain_standard_error"],
+        )
     calibrated = softmax(val["logits"], temperature)
 
     def calibrated_outputs(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {**outputs, "logits": outputs["logits"] / temperature}
 
-    stats = uf.fit_feature_statistics(train["top"], train["low"], np.asarray(train_labels), len(class_names))
+    stats = uf.fit_feature_statistics(
+        train["top"],
+        train["low"],
+        np.asarray(train_labels),
+        len(class_names),
+        cell_free_top=None if cell_free is None else cell_free["top"],
+    )
     standard = uf.fit_standardiser(uf.raw_scores(calibrated_outputs(val), stats))
     val_scores = uf.scores(calibrated_outputs(val), stats, standard)
     negative_scores = {name: uf.scores(calibrated_outputs(o), stats, standard) for name, o in negatives.items()}
@@ -281,10 +299,14 @@ def fit_trust(
             "validation_images": len(val_labels),
             "training_images_for_features": len(train_labels),
             "negative_sets": {name: len(o["logits"]) for name, o in negatives.items()},
+            "cell_free_crops": 0 if cell_free is None else len(cell_free["top"]),
+            "fitted_temperature": fitted_temperature,
+            "temperature_kept": guard["keep"],
         },
     )
     unflagged = confidence >= review_threshold
     report = {
+        "temperature_guard": guard,
         "validation_before": calibration_metrics(softmax(val["logits"]), val_labels),
         "validation_after": calibration_metrics(calibrated, val_labels),
         "unfamiliar_auroc": aurocs,
@@ -364,7 +386,8 @@ def assess(
 
 #: Training images per class whose features the class means are taken from (bounds the time).
 FEATURE_IMAGES_PER_CLASS = 400
-#: Validation images the synthetic negatives are made from.
+#: Validation images the synthetic negatives are made from; as many training images give the
+#: cell-free crops whose mean the ``cell_free`` score measures against.
 NEGATIVE_SOURCE_IMAGES = 400
 
 
@@ -437,12 +460,21 @@ def calibrate_model(
         "corner_crops": predict_all(outputs, corner_crops(source, seed=seed), batch_size),
         "colour_shifts": predict_all(outputs, colour_shifts(source, seed=seed), batch_size),
     }
+    # Cell-free crops of training images (another seed than the negatives): the score is fitted
+    # on training images, the method chosen on validation ones.
+    crop_from = np.sort(np.random.default_rng(seed + 1).permutation(picked)[:NEGATIVE_SOURCE_IMAGES])
+    cell_free = (
+        predict_all(outputs, corner_crops(np.asarray(train.images[crop_from]), seed=seed + 1), batch_size)
+        if len(crop_from)
+        else None
+    )
     policy, stats, report = fit_trust(
         val_out,
         val_labels,
         train_out,
         train_labels_all[picked],
         negatives,
+        cell_free=cell_free,
         class_names=list(class_names),
         training_counts=training_counts,
         review_target_accuracy=review_target_accuracy,
