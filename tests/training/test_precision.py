@@ -20,16 +20,22 @@ SIZE = 32
 
 
 @pytest.mark.parametrize(
-    "precision, xla, gpu, policy, use_xla",
+    "precision, xla, gpu, native_bfloat16, policy, use_xla",
     [
-        ("auto", "auto", True, "mixed_float16", True),
-        ("auto", "auto", False, "float32", False),
-        ("auto", "off", True, "mixed_float16", False),
-        ("mixed_bfloat16", "auto", False, "mixed_bfloat16", False),
-        ("float32", "on", False, "float32", True),
+        ("auto", "auto", True, True, "mixed_float16", True),
+        ("auto", "auto", False, False, "float32", False),
+        ("auto", "auto", False, True, "mixed_bfloat16", False),
+        ("auto", "off", True, False, "mixed_float16", False),
+        ("mixed_bfloat16", "auto", False, False, "mixed_bfloat16", False),
+        ("float32", "on", False, True, "float32", True),
     ],
 )
-def test_the_choice_follows_the_params_and_the_hardware(precision, xla, gpu, policy, use_xla):
+def test_the_choice_follows_the_params_and_the_hardware(
+    precision, xla, gpu, native_bfloat16, policy, use_xla, monkeypatch
+):
+    import wbc_tasks.training.precision as module
+
+    monkeypatch.setattr(module, "cpu_has_bfloat16", lambda: native_bfloat16)
     choice = choose_precision(precision, xla, gpu=gpu)
     assert (choice.policy, choice.xla) == (policy, use_xla)
     assert choice.reason.startswith("auto:") == (precision == "auto")
