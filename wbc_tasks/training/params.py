@@ -193,7 +193,7 @@ TRAINING_PARAM_SPECS: dict[str, dict[str, Any]] = {
         "type": "string",
         "enum": ["auto", "float32", "mixed_float16", "mixed_bfloat16"],
         "description": "Training arithmetic. auto: mixed_float16 on a CUDA GPU, mixed_bfloat16 on a CPU with "
-        "AVX512_BF16/AMX (about twice float32's speed, same quality), float32 on other CPUs (where bfloat16 is "
+        "AVX512_BF16/AMX (1.7-2x float32's speed, same quality), float32 on other CPUs (where bfloat16 is "
         "emulated and slower). The registered model is float32 either way.",
     },
     "xla": {

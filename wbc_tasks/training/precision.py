@@ -3,7 +3,7 @@
 optimizer that goes with the choice (loss scaling only for float16).
 
 ``auto`` keeps what has been measured: mixed float16 + XLA on a CUDA GPU; mixed bfloat16 on a
-CPU with AVX512_BF16 or AMX (the ``cpu`` profile trains in 14 instead of 25 minutes there, test
+CPU with AVX512_BF16 or AMX (the ``cpu`` profile trains in 15 instead of 25 minutes there, test
 balanced accuracy 0.804 against float32's 0.808 over three seeds, within seed noise:
 docs/benchmarks.md); float32 on other CPUs, where bfloat16 is emulated and slower.
 """
@@ -64,7 +64,7 @@ def choose_precision(precision: str = "auto", xla: str = "auto", *, gpu: bool | 
     elif gpu:
         policy, why = "mixed_float16", "auto: a CUDA GPU (float16 tensor cores)"
     elif cpu_has_bfloat16():
-        policy, why = "mixed_bfloat16", "auto: a CPU with native bfloat16 (AVX512_BF16/AMX), about 2x float32"
+        policy, why = "mixed_bfloat16", "auto: a CPU with native bfloat16 (AVX512_BF16/AMX), 1.7-2x float32 at equal quality"
     else:
         policy, why = "float32", "auto: no GPU, and this CPU has no native bfloat16"
     use_xla = gpu if xla == "auto" else xla == "on"
