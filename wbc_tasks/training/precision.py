@@ -64,7 +64,7 @@ def choose_precision(precision: str = "auto", xla: str = "auto", *, gpu: bool | 
     elif gpu:
         policy, why = "mixed_float16", "auto: a CUDA GPU (float16 tensor cores)"
     elif cpu_has_bfloat16():
-        policy, why = "mixed_bfloat16", "auto: a CPU with native bfloat16 (AVX512_BF16/AMX), 1.7-2x float32 at equal quality"
+        policy, why = "mixed_bfloat16", "auto: a CPU with native bfloat16 (AVX512_BF16/AMX), 1.7-2x float32"
     else:
         policy, why = "float32", "auto: no GPU, and this CPU has no native bfloat16"
     use_xla = gpu if xla == "auto" else xla == "on"
