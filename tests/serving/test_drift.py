@@ -103,3 +103,18 @@ def test_drift_alert_reaches_a_webhook(db_settings):
     assert outcome == {"webhook": "sent"}
     posted = hook.posts[0]["json"]
     assert posted["event"] == "drift" and "2026-12-01" in posted["text"] and "unfamiliar" in posted["text"]
+
+
+def test_the_unfamiliar_limit_is_chance_or_the_spread_between_specimens_whichever_is_larger():
+    from scipy.stats import binom
+
+    from wbc_tasks.serving.drift import _unfamiliar_limit
+
+    limits = {"max_unfamiliar_share": 0.16, "validation_unfamiliar_share": 0.05}
+    # 100 images: the binomial allows 13 %, patients' differing class mixes 16 %.
+    assert binom.ppf(0.999, 100, 0.05) / 100 < 0.16
+    assert _unfamiliar_limit(limits, 100) == 0.16
+    # 10 images: chance alone allows far more.
+    assert _unfamiliar_limit(limits, 10) == binom.ppf(0.999, 10, 0.05) / 10 > 0.16
+    # A policy from before the validation share was stored: the simulated limit.
+    assert _unfamiliar_limit({"max_unfamiliar_share": 0.2}, 40) == 0.2

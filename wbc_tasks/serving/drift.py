@@ -56,16 +56,20 @@ def _drop_rows(settings: Settings, run_id: str, ref: ModelRef) -> dict[str, dict
 
 
 def _unfamiliar_limit(limits: dict[str, float], n: int) -> float:
-    """The unfamiliar share a familiar drop of ``n`` images stays under 999 times in 1000: a
-    binomial quantile at the validation images' own share (a 100-image limit for older policies)."""
+    """The unfamiliar share a familiar drop of ``n`` images stays under 999 times in 1000: the
+    larger of a binomial quantile at the validation images' own share (chance, which shrinks as
+    ``n`` grows) and the quantile over simulated 100-image specimens (a drop is one patient, and
+    its class mix, hence its unfamiliar share, varies with the patient; a binomial alone raised a
+    false alert on a training lab's drop with three times the training split's blasts)."""
     from scipy.stats import binom
 
     from wbc_tasks.training.trust import DRIFT_QUANTILE
 
+    specimens = float(limits["max_unfamiliar_share"])
     rate = limits.get("validation_unfamiliar_share")
     if rate is None:
-        return float(limits["max_unfamiliar_share"])
-    return float(binom.ppf(DRIFT_QUANTILE, n, max(rate, 1e-3)) / n)
+        return specimens
+    return max(float(binom.ppf(DRIFT_QUANTILE, n, max(rate, 1e-3)) / n), specimens)
 
 
 def drift_by_drop(settings: Settings, run_id: str, ref: ModelRef, policy: Any | None) -> list[dict[str, Any]]:
