@@ -151,36 +151,3 @@ def test_feature_statistics_of_a_version_fitted_before_cell_free_still_load_and_
     new.save(tmp_path / "new.npz")
     reloaded = uf.FeatureStatistics.load(tmp_path / "new.npz")
     np.testing.assert_allclose(reloaded.cell_free_top, features[:10].mean(axis=0))
-
-
-def test_test_time_views_average_the_image_its_transpose_and_mirror_images(settings):
-    from wbc_tasks.training.model import build_model
-    from wbc_tasks.training.trust import outputs_model, predict_all
-
-    model = build_model(32, 9, weights="none", settings=settings, dense_units=16)
-    x = np.random.default_rng(0).uniform(0, 255, (5, 32, 32, 3)).astype(np.float32)
-    single = outputs_model(model)
-    seen = [predict_all(single, v, 8) for v in (x, x.transpose(0, 2, 1, 3), x[:, :, ::-1], x[:, ::-1])]
-    for views in (2, 4):
-        got = predict_all(outputs_model(model, views), x, 8)
-        for key in ("logits", "top", "low"):
-            want = np.mean([s[key] for s in seen[:views]], axis=0)
-            np.testing.assert_allclose(got[key], want, rtol=1e-4, atol=1e-3 * np.abs(want).max())
-            assert not np.allclose(got[key], seen[0][key], rtol=1e-3)  # the views differ: the test can fail
-        np.testing.assert_allclose(got["probabilities"].sum(axis=1), 1, atol=1e-5)
-    with pytest.raises(ValueError, match="views"):
-        outputs_model(model, 3)
-
-
-def test_a_policy_saved_before_test_time_views_loads_with_one_view(calibrated, tmp_path):
-    import json
-
-    root, _, _ = calibrated
-    policy, _ = load_trust(root / "calibrate" / "trust")
-    assert policy is not None and policy.views == 1
-    data = json.loads((root / "calibrate" / "trust" / "trust.json").read_text())
-    del data["views"]
-    (tmp_path / "trust.json").write_text(json.dumps(data))
-    (tmp_path / "feature_stats.npz").write_bytes((root / "calibrate" / "trust" / "feature_stats.npz").read_bytes())
-    old, _ = load_trust(tmp_path)
-    assert old is not None and old.views == 1 and old.review_threshold == policy.review_threshold

@@ -214,7 +214,6 @@ def calibrate_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
             batch_size=p.batch_size,
             seed=p.seed,
             drift_class_mix_concentration=settings.drift_class_mix_concentration,
-            views=p.test_time_views,
         ),
     )
     log_metrics(

@@ -97,7 +97,7 @@ def load_model(settings: Settings, ref: ModelRef) -> Any:
     model = load_keras_model(settings, ref)
     policy, stats = load_policy(settings, ref)
     try:
-        outputs = outputs_model(model, policy.views if policy else 1)
+        outputs = outputs_model(model)
     except (ValueError, KeyError) as exc:
         # Not this project's architecture (no named head/base layers): probabilities only.
         log.warning("%s version %s: no feature outputs (%s); unfamiliar score off", ref.name, ref.version, exc)

@@ -68,7 +68,7 @@ def evaluate_trust(
         raise FileNotFoundError(f"no trust policy in {trust_dir}")
     out_dir = Path(out_dir)
     store = open_store(Path(test_store))
-    outputs = outputs_model(keras.models.load_model(model_path), policy.views)
+    outputs = outputs_model(keras.models.load_model(model_path))
     index = {name: i for i, name in enumerate(class_names)}
     y = np.array([index[c] for c in store.records["class"]])
     images = np.asarray(store.images)

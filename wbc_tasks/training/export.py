@@ -174,9 +174,9 @@ def export_engine(
 
     precisions = precisions or engine_precisions()
     model = keras.models.load_model(model_path)
-    policy, stats = load_trust(trust_dir)
-    outputs = outputs_model(model, policy.views if policy else 1)
+    outputs = outputs_model(model)
     image_size = int(model.input_shape[1])
+    policy, stats = load_trust(trust_dir)
     images = sample_for_check(check_store, settings.engine_check_images)
     checks = [check_image(image, settings) for image in images]
     info: dict[str, Any] = {

@@ -188,14 +188,6 @@ TRAINING_PARAM_SPECS: dict[str, dict[str, Any]] = {
         "description": "Share of the validation split's own images the unfamiliar threshold flags (its cost on "
         "familiar images).",
     },
-    "test_time_views": {
-        "default": 1,
-        "type": "integer",
-        "enum": [1, 2, 4],
-        "description": "Views of each image whose outputs are averaged when the version classifies: 1 the image "
-        "alone; 2 adds its transpose; 4 also its two mirror images (a cell has no up or left). Fitted into the "
-        "version's trust policy; costs that many times the inference compute.",
-    },
     "precision": {
         "default": "auto",
         "type": "string",
@@ -277,7 +269,6 @@ class TrainingParams:
     review_target_accuracy: float
     blast_recall_target: float
     unfamiliar_rate: float
-    test_time_views: int
     precision: str
     xla: str
     seed: int

@@ -64,8 +64,6 @@ class TrustPolicy:
     training_class_mix: dict[str, float]
     drift: dict[str, float] = field(default_factory=dict)
     fitted_on: dict[str, Any] = field(default_factory=dict)
-    #: Test-time views the policy was fitted with (:func:`outputs_model`); 1 for versions before them.
-    views: int = 1
 
     def save(self, folder: Path) -> None:
         write_json_atomic(Path(folder) / TRUST_FILE, asdict(self))
@@ -85,51 +83,9 @@ class Assessment:
     reasons: list[list[str]]
 
 
-#: Test-time views :func:`outputs_model` can average: the image, its transpose, its mirror
-#: images left-right and top-bottom. A cell on a slide has no up, down, left or right, so each view
-#: is as valid as the image itself.
-VIEW_COUNTS = (1, 2, 4)
-
-
-def _mirror(axis: int, size: int, name: str) -> Any:
-    """A stock-layer function reversing image axis ``axis`` (1 rows, 2 columns) of a square
-    (batch, size, size, channels) tensor: the axis is moved last and multiplied by the
-    anti-identity (a frozen, float32 ``Dense``), then moved back. Stock layers keep the graph
-    exportable to the inference engine without custom code."""
-    import keras
-
-    order = (3, 2, 1) if axis == 1 else (1, 3, 2)
-    flip = keras.layers.Dense(size, use_bias=False, trainable=False, dtype="float32", name=name)
-    flip.build((None, size))
-    flip.set_weights([np.eye(size, dtype="float32")[::-1]])
-
-    def apply(x: Any) -> Any:
-        return keras.layers.Permute(order, name=f"{name}_back")(flip(keras.layers.Permute(order, name=f"{name}_to")(x)))
-
-    return apply
-
-
-def _views(pixels: Any, views: int, size: int) -> list[Any]:
-    import keras
-
-    if views not in VIEW_COUNTS:
-        raise ValueError(f"test-time views must be one of {VIEW_COUNTS}, not {views}")
-    out = [pixels]
-    if views >= 2:
-        out.append(keras.layers.Permute((2, 1, 3), name="view_transpose")(pixels))
-    if views >= 4:
-        out.append(_mirror(2, size, "view_mirror_columns")(pixels))
-        out.append(_mirror(1, size, "view_mirror_rows")(pixels))
-    return out
-
-
-def outputs_model(model: Any, views: int = 1) -> Any:
+def outputs_model(model: Any) -> Any:
     """A model over ``model``'s layers returning probabilities, logits, pooled top features and
-    averaged mid-level features (for the unfamiliar score). Shares weights; nothing is copied.
-
-    ``views`` > 1 averages the logits and features of the image and its transpose (2), and its
-    two mirror images (4): test-time augmentation, at ``views`` times the compute. The policy
-    records the count it was fitted with (:attr:`TrustPolicy.views`); consumers build the same."""
+    averaged mid-level features (for the unfamiliar score). Shares weights; nothing is copied."""
     import keras
 
     from wbc_tasks.training.model import BASE_LAYER, PREPROCESS_LAYER
@@ -137,20 +93,11 @@ def outputs_model(model: Any, views: int = 1) -> Any:
     base = model.get_layer(BASE_LAYER)
     inner = keras.Model(base.inputs, [base.get_layer(uf.LOW_LAYER).output, base.output])
     pixels = keras.Input(model.input_shape[1:], name="pixels")
-    low_pool = keras.layers.GlobalAveragePooling2D(name="low_pool")
-    per_view = []
-    for view in _views(pixels, views, int(model.input_shape[1])):
-        low, top = inner(model.get_layer(PREPROCESS_LAYER)(view))
-        pooled = model.get_layer("head_pool")(top)
-        per_view.append((model.get_layer(LOGITS_LAYER)(model.get_layer("head_dense")(pooled)), pooled, low_pool(low)))
-    if views == 1:
-        logits, pooled, low_pooled = per_view[0]
-    else:
-        logits, pooled, low_pooled = (
-            keras.layers.Average(name=f"view_mean_{what}")([v[i] for v in per_view])
-            for i, what in enumerate(("logits", "top", "low"))
-        )
+    low, top = inner(model.get_layer(PREPROCESS_LAYER)(pixels))
+    pooled = model.get_layer("head_pool")(top)
+    logits = model.get_layer(LOGITS_LAYER)(model.get_layer("head_dense")(pooled))
     probabilities = model.get_layer("probabilities")(logits)
+    low_pooled = keras.layers.GlobalAveragePooling2D(name="low_pool")(low)
     return keras.Model(pixels, [probabilities, logits, pooled, low_pooled], name=f"{model.name}_outputs")
 
 
@@ -272,12 +219,10 @@ def fit_trust(
     unfamiliar_rate: float,
     drift_class_mix_concentration: float = 10.0,
     seed: int = 0,
-    views: int = 1,
 ) -> tuple[TrustPolicy, uf.FeatureStatistics, dict[str, Any]]:
     """Fit every part of the policy from model outputs (see :func:`predict_all`, uncalibrated).
 
     ``val``/``train``: outputs on the validation split and the (unaugmented) training split;
-    (``views``: the test-time views they were computed with, recorded in the policy);
     ``negatives``: outputs on synthetic negative sets by name (made from validation images, to
     choose the method); ``cell_free``: outputs on cell-free crops of *training* images (their mean
     feeds the ``cell_free`` score; None leaves that score out). Returns the policy, the feature
@@ -358,7 +303,6 @@ def fit_trust(
             "fitted_temperature": fitted_temperature,
             "temperature_kept": guard["keep"],
         },
-        views=views,
     )
     unflagged = confidence >= review_threshold
     report = {
@@ -371,10 +315,9 @@ def fit_trust(
         "risk_coverage": risk_coverage(confidence, correct),
     }
     log.info(
-        "trust fitted on %d validation images (%d test-time view(s)): T %.3f, review threshold %.3f (coverage %.2f), "
-        "blast flag %.3f, unfamiliar %s > %.2f, drift limits %s",
+        "trust fitted on %d validation images: T %.3f, review threshold %.3f (coverage %.2f), blast flag %.3f, "
+        "unfamiliar %s > %.2f, drift limits %s",
         len(val_labels),
-        views,
         temperature,
         review_threshold,
         report["validation_coverage"],
@@ -468,10 +411,8 @@ def calibrate_model(
     batch_size: int,
     seed: int,
     drift_class_mix_concentration: float = 10.0,
-    views: int = 1,
 ) -> dict[str, Any]:
-    """Fit the trust policy of a trained model and save the calibrated model (``views``: the
-    test-time views every output is averaged over, see :func:`outputs_model`).
+    """Fit the trust policy of a trained model and save the calibrated model.
 
     Writes in ``out_dir``: ``model.keras`` (the temperature folded into its logits layer),
     ``trust/`` (``trust.json``, ``feature_stats.npz``, ``reliability_validation.png``,
@@ -500,7 +441,7 @@ def calibrate_model(
         model.save(out_dir / "model.keras")
         return {"model_path": str(out_dir / "model.keras"), "trust_dir": None, "calibrated": False}
     trust_dir.mkdir(parents=True, exist_ok=True)
-    outputs = outputs_model(model, views)
+    outputs = outputs_model(model)
     index = {name: i for i, name in enumerate(class_names)}
     val_labels = np.array([index[c] for c in val.records["class"]])
     train_labels_all = np.array([index[c] for c in train.records["class"]])
@@ -541,7 +482,6 @@ def calibrate_model(
         unfamiliar_rate=unfamiliar_rate,
         drift_class_mix_concentration=drift_class_mix_concentration,
         seed=seed,
-        views=views,
     )
     fold_temperature(model, policy.temperature)
     model.save(out_dir / "model.keras")
@@ -559,7 +499,6 @@ def calibrate_model(
         "model_path": str(out_dir / "model.keras"),
         "trust_dir": str(trust_dir),
         "calibrated": True,
-        "views": policy.views,
         "temperature": policy.temperature,
         "review_threshold": policy.review_threshold,
         "blast_flag_probability": policy.blast_flag_probability,
