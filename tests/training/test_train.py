@@ -250,6 +250,7 @@ def test_train_task_killed_after_an_epoch_resumes_from_its_checkpoint(stores, tm
         "epochs_finetune": 5,
         "batch_size": 8,
         "learning_rate_finetune": 1e-4,
+        "learning_rate_schedule": "cosine",
         "early_stopping_patience": 0,
         "seed": 1,
     }
@@ -265,7 +266,12 @@ def test_train_task_killed_after_an_epoch_resumes_from_its_checkpoint(stores, tm
     assert summary["resumed_from_epoch"] == done_before, "the retry did not resume from the checkpoint"
     epochs_run = [int(line.split("/")[0].removeprefix("epoch ")) for line in _epoch_lines(caplog)]
     assert epochs_run == list(range(done_before + 1, 6)), "the retry redid finished epochs"
-    assert list(pd.read_csv(run / "train" / "history.csv")["epoch"]) == [1, 2, 3, 4, 5]
+    history = pd.read_csv(run / "train" / "history.csv")
+    assert list(history["epoch"]) == [1, 2, 3, 4, 5]
+    # The cosine schedule continues across the kill: after epoch e of 5 the rate is
+    # 1e-4 * (1 + cos(pi e / 5)) / 2, ending at 0.
+    want = [1e-4 * (1 + np.cos(np.pi * e / 5)) / 2 for e in range(1, 6)]
+    np.testing.assert_allclose(history["learning_rate"], want, atol=1e-9)
     assert summary["epochs"] == {"scratch": 5} and (run / "train" / "model.keras").is_file()
     assert (run / "train" / COMPLETE_MARKER).is_file()
 

@@ -66,6 +66,7 @@ def checkpoint_fingerprint(
         "batch_size": params.batch_size,
         "learning_rate_head": params.learning_rate_head,
         "learning_rate_finetune": params.learning_rate_finetune,
+        "learning_rate_schedule": params.learning_rate_schedule,
         "unfreeze_layers": params.unfreeze_layers,
         "seed": params.seed,
         "class_weights": class_weights,

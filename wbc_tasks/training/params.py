@@ -83,6 +83,13 @@ TRAINING_PARAM_SPECS: dict[str, dict[str, Any]] = {
         "maximum": 1,
         "description": "Adam learning rate once conv layers are unfrozen (from scratch: the only rate).",
     },
+    "learning_rate_schedule": {
+        "default": "constant",
+        "type": "string",
+        "enum": ["constant", "cosine"],
+        "description": "constant: each phase at its learning rate throughout; cosine: each phase starts at its "
+        "rate and falls to 0 along a half cosine by its last epoch.",
+    },
     "unfreeze_layers": {
         "default": 4,
         "type": "integer",
@@ -254,6 +261,7 @@ class TrainingParams:
     batch_size: int
     learning_rate_head: float
     learning_rate_finetune: float
+    learning_rate_schedule: str
     unfreeze_layers: int
     early_stopping_patience: int
     augment_per_class: int

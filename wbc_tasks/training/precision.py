@@ -74,12 +74,20 @@ def choose_precision(precision: str = "auto", xla: str = "auto", *, gpu: bool | 
     return PrecisionChoice(policy, use_xla, f"{why}; {xla_why}", warning)
 
 
-def compile_model(model: Any, learning_rate: float, *, policy: str, xla: bool) -> None:
+def compile_model(
+    model: Any, learning_rate: float, *, policy: str, xla: bool, cosine_decay_steps: int | None = None
+) -> None:
     """Adam at ``learning_rate`` (loss-scaled under float16, whose gradients underflow; bfloat16
-    has float32's range and needs none), cross-entropy, accuracy."""
+    has float32's range and needs none), cross-entropy, accuracy. ``cosine_decay_steps``: the
+    rate falls from ``learning_rate`` to 0 along a half cosine over that many steps (Keras'
+    ``CosineDecay``, counted by the optimizer's own step, which a checkpoint keeps: a resumed
+    phase continues on the curve)."""
     import keras
 
-    optimizer = keras.optimizers.Adam(learning_rate)
+    rate: Any = learning_rate
+    if cosine_decay_steps:
+        rate = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=cosine_decay_steps)
+    optimizer = keras.optimizers.Adam(rate)
     if policy == "mixed_float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     model.compile(optimizer=optimizer, loss="categorical_crossentropy", metrics=["accuracy"], jit_compile=xla)

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -155,13 +156,21 @@ def train_model(
             if index > 0 and early_stopping and checkpoints.restore_best(model):
                 log.info("phase %s starts from the best weights (epoch %d)", phase.name, state["best"]["epoch"])
             trainable = set_trainable(model, phase.name, params.unfreeze_layers)
-            compile_model(model, phase.learning_rate, policy=choice.policy, xla=xla)
+            cosine = params.learning_rate_schedule == "cosine"
+            compile_model(
+                model,
+                phase.learning_rate,
+                policy=choice.policy,
+                xla=xla,
+                cosine_decay_steps=phase.epochs * math.ceil(len(train) / params.batch_size) if cosine else None,
+            )
             state["wait"] = 0
             log.info(
-                "phase %s: %d epochs at lr %g, %d trainable weights",
+                "phase %s: %d epochs at lr %g%s, %d trainable weights",
                 phase.name,
                 phase.epochs,
                 phase.learning_rate,
+                " falling to 0 along a half cosine" if cosine else "",
                 trainable,
             )
         if remaining:
