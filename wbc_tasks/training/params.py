@@ -88,7 +88,8 @@ TRAINING_PARAM_SPECS: dict[str, dict[str, Any]] = {
         "type": "string",
         "enum": ["constant", "cosine"],
         "description": "constant: each phase at its learning rate throughout; cosine: each phase starts at its "
-        "rate and falls to 0 along a half cosine by its last epoch.",
+        "rate and falls to 0 along a half cosine by its last epoch (measured at the cpu profile: sharper, also on "
+        "images from other labs; not the default).",
     },
     "unfreeze_layers": {
         "default": 4,
