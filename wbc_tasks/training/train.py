@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 import pandas as pd
@@ -162,7 +161,7 @@ def train_model(
                 phase.learning_rate,
                 policy=choice.policy,
                 xla=xla,
-                cosine_decay_steps=phase.epochs * math.ceil(len(train) / params.batch_size) if cosine else None,
+                cosine_decay_steps=phase.epochs * int(train_data.cardinality()) if cosine else None,
             )
             state["wait"] = 0
             log.info(
