@@ -145,6 +145,31 @@ def test_a_retry_resumes_after_the_last_finished_epoch_of_the_same_setup(stores,
     assert list(pd.read_csv(tmp_path / "try3" / "train" / "history.csv")["epoch"]) == [1]
 
 
+def test_weight_averaging_validates_and_keeps_the_averaged_weights(stores, tmp_path, settings):
+    from wbc_tasks.training.checkpoints import validated_weights
+    from wbc_tasks.training.input import make_dataset
+
+    # float32: the kept model is evaluated again below and must match its validation exactly.
+    params = _params(weight_averaging="ema", epochs_finetune=3, early_stopping_patience=3, precision="float32")
+    summary = train_model(
+        stores["train"], stores["val"], tmp_path / "train", params, settings, checkpoint_dir=tmp_path / "ckpt", **FAST
+    )
+
+    kept = keras.models.load_model(tmp_path / "train" / "model.keras")
+    val = make_dataset(open_store(stores["val"]), 8, len(CLASS_NAMES), shuffle=False, seed=1)
+    # What was validated is what is kept: the best epoch's recorded val_loss is the kept model's.
+    assert kept.evaluate(val, verbose=0, return_dict=True)["loss"] == pytest.approx(summary["best_value"], rel=1e-4)
+    # ... and it is the average, not the weights the optimizer last stepped to (the checkpoint's).
+    state = json.loads((tmp_path / "ckpt" / CHECKPOINT_STATE_FILE).read_text())
+    last = keras.models.load_model(tmp_path / "ckpt" / state["model_file"])
+    assert any(not np.allclose(a, b) for a, b in zip(kept.get_weights(), last.get_weights()))
+    # The average survives the checkpoint a retry resumes from: loaded back, it is what the last
+    # epoch validated.
+    last.set_weights(validated_weights(last))
+    last_val_loss = pd.read_csv(tmp_path / "train" / "history.csv")["val_loss"].iloc[-1]
+    assert last.evaluate(val, verbose=0, return_dict=True)["loss"] == pytest.approx(last_val_loss, rel=1e-4)
+
+
 def test_pretrained_weights_train_head_then_top_conv_layers(stores, tmp_path, settings):
     keras.utils.set_random_seed(11)
     source = keras.applications.VGG16(include_top=False, weights=None, input_shape=(SIZE, SIZE, 3))

@@ -67,6 +67,7 @@ def checkpoint_fingerprint(
         "learning_rate_head": params.learning_rate_head,
         "learning_rate_finetune": params.learning_rate_finetune,
         "learning_rate_schedule": params.learning_rate_schedule,
+        "weight_averaging": params.weight_averaging,
         "unfreeze_layers": params.unfreeze_layers,
         "seed": params.seed,
         "class_weights": class_weights,
@@ -74,6 +75,21 @@ def checkpoint_fingerprint(
         "train_labels_sha256": hashlib.sha256(train.labels.tobytes()).hexdigest(),
         "val_images": len(val),
     }
+
+
+def validated_weights(model) -> list[np.ndarray]:
+    """The weights the epoch's validation saw, in ``model.get_weights()`` order: the model's own,
+    or, when its optimizer averages the weights (``use_ema``; Keras' ``SwapEMAWeights`` swaps the
+    average in for validation only), the average in place of each trainable weight."""
+    from keras import ops
+
+    optimizer = getattr(model.optimizer, "inner_optimizer", model.optimizer)
+    if not getattr(optimizer, "use_ema", False):
+        return model.get_weights()
+    # Keras keeps the average beside the optimizer's variable list, in the same order (private
+    # names, used by its own SwapEMAWeights: tests/training/test_train.py checks them).
+    average = {id(v): a for v, a in zip(optimizer._trainable_variables, optimizer._model_variables_moving_average)}
+    return [ops.convert_to_numpy(average.get(id(w), w)) for w in model.weights]
 
 
 class Checkpoints:
@@ -135,7 +151,7 @@ class Checkpoints:
             best_file = f"best-{epoch:04d}.npz"
             tmp = self.folder / f".tmp-{best_file}"
             with open(tmp, "wb") as handle:
-                np.savez(handle, *model.get_weights())
+                np.savez(handle, *validated_weights(model))
             tmp.replace(self.folder / best_file)
             self.state["best"]["file"] = best_file
         best_file_kept = (self.state["best"] or {}).get("file")

@@ -91,6 +91,14 @@ TRAINING_PARAM_SPECS: dict[str, dict[str, Any]] = {
         "rate and falls to 0 along a half cosine by its last epoch (measured at the cpu profile: sharper, also on "
         "images from other labs; not the default).",
     },
+    "weight_averaging": {
+        "default": "none",
+        "type": "string",
+        "enum": ["none", "ema"],
+        "description": "none: the model is the weights of its best epoch; ema: validation, the best epoch and the "
+        "saved model use an exponential moving average of the weights over the last steps (Polyak averaging, "
+        "momentum 0.99, about one epoch at the cpu profile).",
+    },
     "unfreeze_layers": {
         "default": 4,
         "type": "integer",
@@ -263,6 +271,7 @@ class TrainingParams:
     learning_rate_head: float
     learning_rate_finetune: float
     learning_rate_schedule: str
+    weight_averaging: str
     unfreeze_layers: int
     early_stopping_patience: int
     augment_per_class: int

@@ -143,6 +143,7 @@ def train_model(
     )
     val_data = make_dataset(val, params.batch_size, n_classes, shuffle=False, seed=params.seed) if len(val) else None
     early_stopping = params.early_stopping_patience > 0
+    averaging = params.weight_averaging == "ema"
 
     for index, phase in enumerate(phases):
         later_started = any(state["phase_epochs"].get(p.name, 0) for p in phases[index + 1 :])
@@ -162,15 +163,17 @@ def train_model(
                 policy=choice.policy,
                 xla=xla,
                 cosine_decay_steps=phase.epochs * int(train_data.cardinality()) if cosine else None,
+                average_weights=averaging,
             )
             state["wait"] = 0
             log.info(
-                "phase %s: %d epochs at lr %g%s, %d trainable weights",
+                "phase %s: %d epochs at lr %g%s, %d trainable weights%s",
                 phase.name,
                 phase.epochs,
                 phase.learning_rate,
                 " falling to 0 along a half cosine" if cosine else "",
                 trainable,
+                "; validated and kept: their moving average" if averaging else "",
             )
         if remaining:
             start = state["epochs_done"]
@@ -181,6 +184,10 @@ def train_model(
                 initial_epoch=start,
                 class_weight=class_weight,
                 callbacks=[
+                    # Validation sees the averaged weights (swapped in and out around it); the
+                    # monitor then checkpoints the raw ones with the optimizer, and keeps the
+                    # averaged ones as the best. Keras' fit ends by putting the average in place.
+                    *([keras.callbacks.SwapEMAWeights()] if averaging else []),
                     epoch_monitor_class()(
                         phase=phase.name,
                         checkpoints=checkpoints,
@@ -189,7 +196,7 @@ def train_model(
                         n_train=len(train),
                         total_epochs=total_epochs,
                         clock=clock,
-                    )
+                    ),
                 ],
                 shuffle=False,  # the dataset shuffles itself, per epoch, from the seed
                 verbose=0,
