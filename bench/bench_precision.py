@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_precision.py [--image-size 64] [--images 160] [--batch-size 32]
         [--repeats 2] [--policies float32,mixed_bfloat16]
+    .venv/bin/python bench/bench_precision.py --policies mixed_bfloat16,mixed_bfloat16+ema   # weight averaging's cost
 
 Builds the project's model (``wbc_tasks.training.model.build_model``, from scratch) once per
 policy and times, in turns so that a busy moment hits every policy alike: one training epoch over
@@ -9,6 +10,8 @@ policy and times, in turns so that a busy moment hits every policy alike: one tr
 ``predict`` over the same images. Reports images/s (best of ``--repeats``) and the ratio to
 float32, with the CPU's bfloat16 support (AVX512_BF16 / AMX), which decides whether
 ``mixed_bfloat16`` is native or emulated. Answers: may ``precision=auto`` pick bfloat16 here?
+A policy written ``POLICY+ema`` trains with the optimizer's weight average on
+(``weight_averaging=ema``), for its cost beside the same policy without.
 """
 
 from __future__ import annotations
@@ -33,13 +36,14 @@ def _cpu() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def _build(policy: str, image_size: int):
+def _build(variant: str, image_size: int):
     import keras
 
     from wbc_tasks.core.settings import CLASS_NAMES, get_settings
     from wbc_tasks.training.model import build_model
     from wbc_tasks.training.precision import compile_model
 
+    policy, _, extra = variant.partition("+")
     previous = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy(policy)
     try:
@@ -47,7 +51,7 @@ def _build(policy: str, image_size: int):
         model = build_model(image_size, len(CLASS_NAMES), weights="none", settings=get_settings())
     finally:
         keras.mixed_precision.set_global_policy(previous)
-    compile_model(model, 1e-4, policy=policy, xla=False)
+    compile_model(model, 1e-4, policy=policy, xla=False, average_weights=extra == "ema")
     return model
 
 
