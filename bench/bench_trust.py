@@ -225,6 +225,12 @@ SUMMARY_ROWS = (
     ("test ECE after calibration", "test", "ece"),
     ("test coverage (unflagged share)", "test", "coverage"),
     ("test unflagged accuracy", "test", "unflagged_accuracy"),
+    ("test coverage, threshold by expected accuracy (the rule since 2026-12-04)", "test", "coverage_by_expected"),
+    ("test unflagged accuracy, threshold by expected accuracy", "test", "unflagged_accuracy_by_expected"),
+    ("test coverage, threshold by counted accuracy (the rule before)", "test", "coverage_by_count"),
+    ("test unflagged accuracy, threshold by counted accuracy", "test", "unflagged_accuracy_by_count"),
+    ("test best coverage at >= 0.94 unflagged accuracy (the test split's own curve)", "test", "best_coverage_at_094"),
+    ("test area under the risk-coverage curve", "test", "aurc"),
     ("test share unfamiliar or image check", "test", "unfamiliar_or_image_check_share"),
     ("other lab balanced accuracy (classes >= 20 images)", "other_lab", "balanced_accuracy_classes_ge_20"),
     ("other lab accuracy", "other_lab", "accuracy"),
@@ -233,6 +239,40 @@ SUMMARY_ROWS = (
     ("other lab called blasts", "other_lab", "called_blasts_share"),
     ("other lab unfamiliar AUROC vs test", "other_lab", "unfamiliar_auroc_vs_test"),
 )
+
+
+def review_rules(home: Path, target: float) -> dict[str, float]:
+    """Each review-threshold rule, fitted on the run's validation curve (``trust_report.json``),
+    applied to its test split with the other review reasons as they came; and what the model's
+    ranking allows: the test split's own best coverage at >= 0.94 unflagged accuracy (not usable by
+    a version; a property of the ranking) and the area under its risk-coverage curve."""
+    import numpy as np
+    import pandas as pd
+
+    from wbc_tasks.training.trust import review_threshold_by_count, review_threshold_for_accuracy
+
+    (run_dir,) = (home / "work" / "runs").iterdir()
+    curve = json.loads((run_dir / "calibrate" / "trust_report.json").read_text())["risk_coverage"]
+    val_conf = np.asarray(curve["threshold"])
+    n = np.arange(1, len(val_conf) + 1)
+    val_correct = np.diff(np.r_[0, np.round(np.asarray(curve["accuracy"]) * n).astype(int)]).astype(bool)
+    test = pd.read_csv(run_dir / "evaluate" / "test_review_reasons.csv", keep_default_na=False)
+    other = test["review_reasons"].map(lambda r: any(x not in ("", "low_confidence") for x in r.split(";")))
+    right, conf = (test["true"] == test["predicted"]).to_numpy(), test["confidence"].to_numpy()
+    out: dict[str, float] = {}
+    for name, rule in (("expected", review_threshold_for_accuracy), ("count", review_threshold_by_count)):
+        kept = (conf >= rule(val_conf, val_correct, target)) & ~other.to_numpy()
+        out[f"coverage_by_{name}"] = float(kept.mean())
+        out[f"unflagged_accuracy_by_{name}"] = float(right[kept].mean()) if kept.any() else float("nan")
+    best = 0.0
+    for t in np.unique(conf):
+        kept = (conf >= t) & ~other.to_numpy()
+        if kept.any() and right[kept].mean() >= 0.94:
+            best = max(best, float(kept.mean()))
+    order = np.argsort(-conf, kind="stable")
+    out["best_coverage_at_094"] = best
+    out["aurc"] = float(np.mean(1 - np.cumsum(right[order]) / np.arange(1, len(conf) + 1)))
+    return out
 
 
 def _varying_params(results: list[dict]) -> list[str]:
@@ -292,11 +332,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.summarise:
         results = [json.loads((home / "bench_trust.json").read_text()) for home in args.summarise]
-        for result in results:
+        for home, result in zip(args.summarise, results):
+            result["test"].update(review_rules(home, result["params"].get("review_target_accuracy", 0.95)))
             _print(result)
         _summarise(results)
         return 0
-    _print(run(args))
+    result = run(args)
+    result["test"].update(review_rules(Path(result["home"]), result["params"].get("review_target_accuracy", 0.95)))
+    _print(result)
     return 0
 
 

@@ -97,7 +97,9 @@ TRAINING_PARAM_SPECS: dict[str, dict[str, Any]] = {
         "enum": ["none", "ema"],
         "description": "none: the model is the weights of its best epoch; ema: validation, the best epoch and the "
         "saved model use an exponential moving average of the weights over the last steps (Polyak averaging, "
-        "momentum 0.99, about one epoch at the cpu profile).",
+        "momentum 0.99, about one epoch at the cpu profile). The cpu profile uses ema (measured over three seeds: "
+        "balanced accuracy 0.820 against 0.804, more images unflagged at the same accuracy); not yet measured "
+        "when fine-tuning ImageNet weights.",
     },
     "unfreeze_layers": {
         "default": 4,
@@ -238,6 +240,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "learning_rate_finetune": 1e-4,
         "augment_per_class": 150,
         "early_stopping_patience": 4,
+        "weight_averaging": "ema",
     },
     "demo": {
         "image_size": 32,
