@@ -249,7 +249,7 @@ def review_rules(home: Path, target: float) -> dict[str, float]:
     import numpy as np
     import pandas as pd
 
-    from wbc_tasks.training.trust import review_threshold_by_count, review_threshold_for_accuracy
+    from wbc_tasks.training.trust import review_threshold_by_count, review_threshold_for_accuracy, risk_coverage
 
     (run_dir,) = (home / "work" / "runs").iterdir()
     curve = json.loads((run_dir / "calibrate" / "trust_report.json").read_text())["risk_coverage"]
@@ -257,22 +257,26 @@ def review_rules(home: Path, target: float) -> dict[str, float]:
     n = np.arange(1, len(val_conf) + 1)
     val_correct = np.diff(np.r_[0, np.round(np.asarray(curve["accuracy"]) * n).astype(int)]).astype(bool)
     test = pd.read_csv(run_dir / "evaluate" / "test_review_reasons.csv", keep_default_na=False)
-    other = test["review_reasons"].map(lambda r: any(x not in ("", "low_confidence") for x in r.split(";")))
+    other = test["review_reasons"].map(lambda r: any(x not in ("", "low_confidence") for x in r.split(";"))).to_numpy()
     right, conf = (test["true"] == test["predicted"]).to_numpy(), test["confidence"].to_numpy()
     out: dict[str, float] = {}
     for name, rule in (("expected", review_threshold_for_accuracy), ("count", review_threshold_by_count)):
-        kept = (conf >= rule(val_conf, val_correct, target)) & ~other.to_numpy()
+        kept = (conf >= rule(val_conf, val_correct, target)) & ~other
         out[f"coverage_by_{name}"] = float(kept.mean())
         out[f"unflagged_accuracy_by_{name}"] = float(right[kept].mean()) if kept.any() else float("nan")
     best = 0.0
     for t in np.unique(conf):
-        kept = (conf >= t) & ~other.to_numpy()
+        kept = (conf >= t) & ~other
         if kept.any() and right[kept].mean() >= 0.94:
             best = max(best, float(kept.mean()))
-    order = np.argsort(-conf, kind="stable")
     out["best_coverage_at_094"] = best
-    out["aurc"] = float(np.mean(1 - np.cumsum(right[order]) / np.arange(1, len(conf) + 1)))
+    out["aurc"] = float(np.mean(1 - np.asarray(risk_coverage(conf, right)["accuracy"])))
     return out
+
+
+def _with_review_rules(home: Path, result: dict) -> dict:
+    result["test"].update(review_rules(home, result["params"].get("review_target_accuracy", 0.95)))
+    return result
 
 
 def _varying_params(results: list[dict]) -> list[str]:
@@ -333,13 +337,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.summarise:
         results = [json.loads((home / "bench_trust.json").read_text()) for home in args.summarise]
         for home, result in zip(args.summarise, results):
-            result["test"].update(review_rules(home, result["params"].get("review_target_accuracy", 0.95)))
-            _print(result)
+            _print(_with_review_rules(home, result))
         _summarise(results)
         return 0
     result = run(args)
-    result["test"].update(review_rules(Path(result["home"]), result["params"].get("review_target_accuracy", 0.95)))
-    _print(result)
+    _print(_with_review_rules(Path(result["home"]), result))
     return 0
 
 
