@@ -16,7 +16,14 @@ from wbc_tasks.data.augment import augment_training_set, copy_rng
 from wbc_tasks.data.dataset import split_dataset
 from wbc_tasks.data.preprocess import preprocess_splits
 from wbc_tasks.data.store import create_store, finish_store, open_store
-from wbc_tasks.data.transforms import AugmentParams, augment_image, jitter_stain, random_affine, warp_reflect
+from wbc_tasks.data.transforms import (
+    AugmentParams,
+    augment_image,
+    jitter_stain,
+    random_affine,
+    stain_outliers,
+    warp_reflect,
+)
 
 SIZE = 32
 
@@ -205,3 +212,20 @@ def test_geometry_keeps_dtype_and_shape_and_moves_pixels():
     out = augment_image(image, copy_rng(1, 0, 0, 0))
     assert out.dtype == np.uint8 and out.shape == image.shape
     assert np.abs(out.astype(int) - image).mean() > 5
+
+
+def test_stain_outliers_lie_beyond_the_augmentations_stain_range():
+    """Outlier exposure must not teach doubt about a stain the augmentation calls familiar: in H, E
+    and D stain units every outlier moves further than a typical augmented copy, most much further."""
+    no_geometry = AugmentParams(
+        rotation_degrees=0, flip_probability=0, shift_fraction=0, shear_degrees=0, zoom_fraction=0
+    )
+    for i, image in enumerate(real_images(5)):
+        hed = rgb2hed(image)
+        copies = [augment_image(image, copy_rng(0, 0, i, k), no_geometry) for k in range(40)]
+        augmented = [np.abs(rgb2hed(copy) - hed).mean() for copy in copies]
+        outliers = stain_outliers(np.stack([image] * 40), np.random.default_rng(i))
+        moved = [np.abs(rgb2hed(o) - hed).mean() for o in outliers]
+        assert outliers.dtype == np.uint8 and outliers.shape == (40, *image.shape)
+        assert min(moved) > np.median(augmented)
+        assert np.median(moved) > 3 * np.median(augmented)

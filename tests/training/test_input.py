@@ -32,3 +32,32 @@ def test_dataset_batches_one_hot_and_reshuffles_per_epoch(tmp_path):
     assert list(labels.argmax(1)) == [int(store.labels[i]) for i in order]
     assert not all(np.array_equal(a[0], b[0]) for a, b in zip(epoch0, epoch1))  # a new order
     assert all(np.array_equal(a[0], b[0]) for a, b in zip(epoch0, again))  # same epoch, same order
+
+
+def _is_recolouring(source: np.ndarray, image: np.ndarray) -> bool:
+    """Whether ``image`` is a function of ``source``'s colour, pixel by pixel."""
+    pairs = np.unique(np.concatenate([source.reshape(-1, 3), image.reshape(-1, 3)], axis=1), axis=0)
+    return len(pairs) == len(np.unique(source.reshape(-1, 3), axis=0))
+
+
+def test_outlier_exposure_adds_stain_outliers_with_uniform_targets_per_batch(tmp_path):
+    stores = build_demo_stores(tmp_path, splits={"train": 2}, size=32, render_size=48)
+    store = open_store(stores["train"])
+    n = len(CLASS_NAMES)
+    plain = [(x.numpy(), y.numpy()) for x, y in make_dataset(store, 8, n, shuffle=True, seed=3)]
+    exposed = [(x.numpy(), y.numpy()) for x, y in make_dataset(store, 8, n, shuffle=True, seed=3, outlier_share=0.25)]
+
+    # ceil(0.25 * batch) extra rows after each batch's own images, which are unchanged.
+    assert [len(x) for x, _ in exposed] == [10, 10, 3]
+    for (x, y), (px, py) in zip(exposed, plain):
+        own = len(px)
+        assert np.array_equal(x[:own], px) and np.array_equal(y[:own], py)
+        # The extra rows: uniform targets, copies of rows of the same batch in another stain.
+        assert np.allclose(y[own:], 1 / n)
+        for outlier in x[own:]:
+            # A recoloured copy of one of the batch's images: pixels of one colour there share one here ...
+            assert sum(_is_recolouring(src, outlier) for src in px) == 1
+            # ... in colours none of them has.
+            assert all(np.abs(outlier.astype(int) - src).mean() > 5 for src in px)
+    again = [(x.numpy(), y.numpy()) for x, y in make_dataset(store, 8, n, shuffle=True, seed=3, outlier_share=0.25)]
+    assert all(np.array_equal(a[0], b[0]) for a, b in zip(exposed, again))  # drawn from the seed

@@ -91,6 +91,31 @@ def jitter_stain(
     return od.astype(np.uint8)
 
 
+#: Outlier exposure's stains (``stain_outliers``): per H, E and D channel a scale 1 +- [0.2, 0.4]
+#: and a shift +- [0.025, 0.05], one sign drawn per channel. Every channel moves at least twice as far as the
+#: augmentation's jitter (``AugmentParams``: 0.1 and 0.015), so no outlier is a stain the model is
+#: taught to call familiar; the far end is Tellez et al.'s "HED-light" shift (0.05), which turned
+#: these smears green, yellow or black.
+OUTLIER_HED_SCALE = (0.2, 0.4)
+OUTLIER_HED_SHIFT = (0.025, 0.05)
+
+
+def stain_outliers(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A stain well beyond the augmentation's range per (N, S, S, 3) uint8 image; uint8 out.
+
+    The cell and its shape are kept; only its colours say "a lab unlike the training labs'".
+    """
+    out = np.empty_like(images)
+    for i, image in enumerate(images):
+        # Scale and shift of a channel share a sign (more or less of that stain), so they never
+        # cancel into a stain the augmentation also makes.
+        signs = rng.choice([-1.0, 1.0], size=3)
+        alpha = 1.0 + signs * rng.uniform(*OUTLIER_HED_SCALE, size=3)
+        beta = signs * rng.uniform(*OUTLIER_HED_SHIFT, size=3)
+        out[i] = jitter_stain(image, alpha, beta)
+    return out
+
+
 def random_affine(
     shape: tuple[int, int], rng: np.random.Generator, params: AugmentParams = DEFAULT_PARAMS
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -68,6 +68,7 @@ def checkpoint_fingerprint(
         "learning_rate_finetune": params.learning_rate_finetune,
         "learning_rate_schedule": params.learning_rate_schedule,
         "weight_averaging": params.weight_averaging,
+        "outlier_exposure": params.outlier_exposure,
         "unfreeze_layers": params.unfreeze_layers,
         "seed": params.seed,
         "class_weights": class_weights,

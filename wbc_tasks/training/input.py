@@ -1,5 +1,6 @@
 """The training input: ``tf.data`` pipelines that read batches from the memory-mapped stores,
-shuffled and flipped from (seed, epoch, batch) so that a resumed run sees the same batches."""
+shuffled, flipped and given their outliers from (seed, epoch, batch) so that a resumed run sees
+the same batches."""
 
 from __future__ import annotations
 
@@ -8,6 +9,10 @@ import math
 import numpy as np
 
 from wbc_tasks.data.store import ImageStore, release_pages
+from wbc_tasks.data.transforms import stain_outliers
+
+#: The label of an outlier row inside ``read``: its target is uniform over the classes.
+_OUTLIER = -1
 
 
 class EpochClock:
@@ -29,12 +34,19 @@ def make_dataset(
     seed: int,
     clock: EpochClock | None = None,
     flip_augment: bool = False,
+    outlier_share: float = 0.0,
 ):
     """A ``tf.data`` pipeline of (uint8 images, one-hot labels) batches read from the memory map.
 
     Batches of indices come from a generator; the rows are read by ``tf.numpy_function`` (in
     parallel, order kept), so only a few batches are ever in memory. ``flip_augment`` applies a
     random one of the eight flips/right-angle rotations per image: a cell has no up or left.
+
+    ``outlier_share`` > 0 is outlier exposure (Hendrycks et al., 2019): each batch gets
+    ``ceil(share * batch)`` extra rows, copies of random rows of it in a stain far beyond the
+    augmentation's (``stain_outliers``), whose target is uniform over the classes. The model
+    learns to be unsure of a lab unlike the training labs' rather than to pick the class whose
+    lab it resembles most.
     """
     import tensorflow as tf
 
@@ -58,13 +70,21 @@ def make_dataset(
             for i, (turns, mirror) in enumerate(zip(rng.integers(0, 4, len(index)), rng.random(len(index)) < 0.5)):
                 view = np.rot90(batch[i], int(turns))
                 batch[i] = view[:, ::-1] if mirror else view
-        return batch, labels[index]
+        batch_labels = labels[index]
+        if outlier_share > 0:
+            rng = np.random.default_rng([seed, int(epoch), int(number), 2])
+            picks = rng.choice(len(index), math.ceil(outlier_share * len(index)), replace=False)
+            batch = np.concatenate([batch, stain_outliers(batch[picks], rng)])
+            batch_labels = np.concatenate([batch_labels, np.full(len(picks), _OUTLIER, np.int32)])
+        return batch, batch_labels
 
     def load(epoch, number, index):
         batch, batch_labels = tf.numpy_function(read, [epoch, number, index], [tf.uint8, tf.int32])
         batch.set_shape((None, store.image_size, store.image_size, 3))
         batch_labels.set_shape((None,))
-        return batch, tf.one_hot(batch_labels, n_classes)
+        # one_hot of -1 is all zeros: an outlier row's target becomes 1/n everywhere.
+        outliers = tf.cast(batch_labels == _OUTLIER, tf.float32)[:, None]
+        return batch, tf.one_hot(batch_labels, n_classes) + outliers / n_classes
 
     signature = (
         tf.TensorSpec((), tf.int64),

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -92,6 +93,12 @@ def train_model(
         xla,
         choice.reason,
     )
+    if params.outlier_exposure:
+        log.info(
+            "outlier exposure: %d copies in a foreign stain, with uniform targets, added to each batch of %d",
+            math.ceil(params.outlier_exposure * params.batch_size),
+            params.batch_size,
+        )
     if not len(val):
         log.warning("validation store %s is empty: early stopping watches the training loss", val_store)
     if params.weights == "none" and params.learning_rate_finetune < SCRATCH_LR_HINT:
@@ -139,7 +146,14 @@ def train_model(
 
     clock = EpochClock()
     train_data = make_dataset(
-        train, params.batch_size, n_classes, shuffle=True, seed=params.seed, clock=clock, flip_augment=flip_augment
+        train,
+        params.batch_size,
+        n_classes,
+        shuffle=True,
+        seed=params.seed,
+        clock=clock,
+        flip_augment=flip_augment,
+        outlier_share=params.outlier_exposure,
     )
     val_data = make_dataset(val, params.batch_size, n_classes, shuffle=False, seed=params.seed) if len(val) else None
     early_stopping = params.early_stopping_patience > 0
