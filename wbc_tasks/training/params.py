@@ -109,7 +109,9 @@ TRAINING_PARAM_SPECS: dict[str, dict[str, Any]] = {
         "description": "Outlier exposure: this share of each training batch is added as copies of its images in a "
         "stain far beyond the augmentation's, taught to give every class the same probability, so that a lab "
         "unlike the training labs' is met with doubt rather than with the class whose lab it resembles. 0: off. "
-        "The extra rows cost the same share of training time.",
+        "The extra rows cost the same share of training time. The cpu profile uses 0.25 (measured over three seeds: "
+        "a third lab's cells called blasts 2.9 % against 17.3 %, at a mean confidence of 0.31 against 0.84-0.97, "
+        "with the same balanced accuracy on the training labs); not yet measured when fine-tuning ImageNet weights.",
     },
     "unfreeze_layers": {
         "default": 4,
@@ -251,6 +253,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "augment_per_class": 150,
         "early_stopping_patience": 4,
         "weight_averaging": "ema",
+        "outlier_exposure": 0.25,
     },
     "demo": {
         "image_size": 32,
