@@ -89,10 +89,33 @@ def _timed(times: dict[str, float], key: str, started: float) -> None:
     print(f"[containers] {key}: {times[key]:.0f} s", flush=True)
 
 
+DEBOOTSTRAP_ATTEMPTS = 2
+
+
+def debootstrap(rootfs: Path) -> None:
+    """A minimal bookworm in ``rootfs``, tried twice: a mirror's hiccup should not fail the suite.
+
+    debootstrap's own reasons go to ``debootstrap/debootstrap.log`` inside the target, not to its
+    output, so a failure's error carries that log's tail (a CI run once failed with only the
+    "Extracting ..." lines to go on).
+    """
+    failures = []
+    for attempt in range(1, DEBOOTSTRAP_ATTEMPTS + 1):
+        shutil.rmtree(rootfs, ignore_errors=True)
+        try:
+            run(["debootstrap", "--variant=minbase", "bookworm", str(rootfs), apt_mirror()], timeout=900)
+            return
+        except EngineError as exc:
+            log = rootfs / "debootstrap" / "debootstrap.log"
+            tail = log.read_text(errors="replace")[-3000:] if log.is_file() else "(no debootstrap.log)"
+            failures.append(f"attempt {attempt}: {exc}\n--- debootstrap.log (tail) ---\n{tail}")
+            print(f"[containers] debootstrap attempt {attempt} failed; log tail:\n{tail}", flush=True)
+    raise EngineError("\n\n".join(failures))
+
+
 def build_debian_base(engine: Engine, work: Path) -> None:
     rootfs = work / "rootfs"
-    shutil.rmtree(rootfs, ignore_errors=True)
-    run(["debootstrap", "--variant=minbase", "bookworm", str(rootfs), apt_mirror()], timeout=900)
+    debootstrap(rootfs)
     try:
         tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
         imported = subprocess.run(["podman", "import", "-q", "-", DEBIAN_BASE], stdin=tar.stdout,
