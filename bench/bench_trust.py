@@ -190,6 +190,9 @@ def _print(result: dict) -> None:
         "nll",
         "brier",
         "temperature",
+        "fitted_temperature",
+        "ece_at_fitted_temperature",
+        "nll_at_fitted_temperature",
         "review_threshold",
         "coverage",
         "unflagged_accuracy",
@@ -223,6 +226,10 @@ def _print(result: dict) -> None:
 SUMMARY_ROWS = (
     ("test balanced accuracy", "test", "balanced_accuracy"),
     ("test ECE after calibration", "test", "ece"),
+    ("test ECE at the fitted temperature, guard or not", "test", "ece_at_fitted_temperature"),
+    ("test NLL after calibration", "test", "nll"),
+    ("test NLL at the fitted temperature, guard or not", "test", "nll_at_fitted_temperature"),
+    ("fitted temperature", "test", "fitted_temperature"),
     ("test coverage (unflagged share)", "test", "coverage"),
     ("test unflagged accuracy", "test", "unflagged_accuracy"),
     ("test coverage, threshold by expected accuracy (the rule since 2026-12-04)", "test", "coverage_by_expected"),
@@ -274,8 +281,34 @@ def review_rules(home: Path, target: float) -> dict[str, float]:
     return out
 
 
+def fitted_temperature_on_test(home: Path) -> dict[str, float]:
+    """The test split's NLL and ECE at the temperature fitted on validation, whether or not the
+    guard kept it: what the guard's choice cost or saved. The served probabilities are at the
+    kept T, so softmax(z / T_fitted) is their renormalised power T_kept / T_fitted."""
+    import numpy as np
+    import pandas as pd
+
+    from wbc_tasks.training.calibration import expected_calibration_error, negative_log_likelihood
+
+    (run_dir,) = (home / "work" / "runs").iterdir()
+    report = json.loads((run_dir / "calibrate" / "trust" / "trust.json").read_text())
+    fitted, kept = report["fitted_on"]["fitted_temperature"], report["temperature"]
+    test = pd.read_csv(run_dir / "evaluate" / "predictions.csv")
+    names = [c.removeprefix("prob_") for c in test.columns if c.startswith("prob_")]
+    y = test["true"].map({n: i for i, n in enumerate(names)}).to_numpy()
+    log_p = np.log(np.clip(test[[f"prob_{n}" for n in names]].to_numpy(float), 1e-12, 1.0)) * (kept / fitted)
+    p_fitted = np.exp(log_p - log_p.max(axis=1, keepdims=True))
+    p_fitted /= p_fitted.sum(axis=1, keepdims=True)
+    return {
+        "fitted_temperature": float(fitted),
+        "nll_at_fitted_temperature": negative_log_likelihood(p_fitted, y),
+        "ece_at_fitted_temperature": expected_calibration_error(p_fitted, y),
+    }
+
+
 def _with_review_rules(home: Path, result: dict) -> dict:
     result["test"].update(review_rules(home, result["params"].get("review_target_accuracy", 0.95)))
+    result["test"].update(fitted_temperature_on_test(home))
     return result
 
 
