@@ -38,6 +38,8 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -110,6 +112,20 @@ def device_peak(mode: str, name: str | None, override: float | None) -> float | 
     return None
 
 
+@contextmanager
+def _policy(precision: str) -> Iterator[None]:
+    """Keras' global dtype policy for ``precision`` inside, then the previous one and a fresh session."""
+    import keras
+
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(POLICIES[precision])
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+        keras.backend.clear_session()
+
+
 def _build(size: int, seed: int):
     import keras
 
@@ -127,9 +143,7 @@ def run_mode(mode: str, size: int, batch: int, steps: int, seed: int) -> tuple[f
     from wbc_tasks.core.settings import CLASS_NAMES
 
     precision, xla = mode.split("+")[0], mode.endswith("+xla")
-    previous = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy(POLICIES[precision])
-    try:
+    with _policy(precision):
         model = _build(size, seed)
         optimizer = keras.optimizers.Adam(1e-4)
         if precision == "mixed":
@@ -147,18 +161,12 @@ def run_mode(mode: str, size: int, batch: int, steps: int, seed: int) -> tuple[f
         float(np.asarray(loss).ravel()[0])  # wait for the device
         elapsed = time.perf_counter() - start
         return steps * batch / elapsed, forward_flops(model) / 1e9
-    finally:
-        keras.mixed_precision.set_global_policy(previous)
-        keras.backend.clear_session()
 
 
 def run_inference(precision: str, size: int, batch: int, n_images: int, seed: int) -> tuple[float, float]:
     """(batched images/s, one-at-a-time images/s) of ``predict_on_batch`` on host arrays."""
-    import keras
 
-    previous = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy(POLICIES[precision])
-    try:
+    with _policy(precision):
         model = _build(size, seed)
         x = np.random.default_rng(seed).integers(0, 256, (n_images, size, size, 3), dtype=np.uint8)
         batches = [x[i : i + batch] for i in range(0, n_images - batch + 1, batch)]  # one shape: one trace
@@ -173,9 +181,6 @@ def run_inference(precision: str, size: int, batch: int, n_images: int, seed: in
             return sum(len(c) for c in chunks) / (time.perf_counter() - start)
 
         return timed(batches), timed(singles)
-    finally:
-        keras.mixed_precision.set_global_policy(previous)
-        keras.backend.clear_session()
 
 
 def main() -> None:

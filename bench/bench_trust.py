@@ -248,6 +248,12 @@ SUMMARY_ROWS = (
 )
 
 
+def _run_dir(home: Path) -> Path:
+    """The one training run a bench home holds."""
+    (run_dir,) = (home / "work" / "runs").iterdir()
+    return run_dir
+
+
 def review_rules(home: Path, target: float) -> dict[str, float]:
     """Each review-threshold rule, fitted on the run's validation curve (``trust_report.json``),
     applied to its test split with the other review reasons as they came; and what the model's
@@ -258,7 +264,7 @@ def review_rules(home: Path, target: float) -> dict[str, float]:
 
     from wbc_tasks.training.trust import review_threshold_by_count, review_threshold_for_accuracy, risk_coverage
 
-    (run_dir,) = (home / "work" / "runs").iterdir()
+    run_dir = _run_dir(home)
     curve = json.loads((run_dir / "calibrate" / "trust_report.json").read_text())["risk_coverage"]
     val_conf = np.asarray(curve["threshold"])
     n = np.arange(1, len(val_conf) + 1)
@@ -284,21 +290,21 @@ def review_rules(home: Path, target: float) -> dict[str, float]:
 def fitted_temperature_on_test(home: Path) -> dict[str, float]:
     """The test split's NLL and ECE at the temperature fitted on validation, whether or not the
     guard kept it: what the guard's choice cost or saved. The served probabilities are at the
-    kept T, so softmax(z / T_fitted) is their renormalised power T_kept / T_fitted."""
+    kept T, so softmax(z / T_fitted) is softmax(log p / (T_fitted / T_kept))."""
     import numpy as np
     import pandas as pd
 
-    from wbc_tasks.training.calibration import expected_calibration_error, negative_log_likelihood
+    from wbc_tasks.training.calibration import expected_calibration_error, negative_log_likelihood, softmax
 
-    (run_dir,) = (home / "work" / "runs").iterdir()
+    run_dir = _run_dir(home)
     report = json.loads((run_dir / "calibrate" / "trust" / "trust.json").read_text())
     fitted, kept = report["fitted_on"]["fitted_temperature"], report["temperature"]
     test = pd.read_csv(run_dir / "evaluate" / "predictions.csv")
     names = [c.removeprefix("prob_") for c in test.columns if c.startswith("prob_")]
     y = test["true"].map({n: i for i, n in enumerate(names)}).to_numpy()
-    log_p = np.log(np.clip(test[[f"prob_{n}" for n in names]].to_numpy(float), 1e-12, 1.0)) * (kept / fitted)
-    p_fitted = np.exp(log_p - log_p.max(axis=1, keepdims=True))
-    p_fitted /= p_fitted.sum(axis=1, keepdims=True)
+    # Log-probabilities are the served logits up to a per-row constant, which softmax ignores.
+    log_p = np.log(np.clip(test[[f"prob_{n}" for n in names]].to_numpy(float), 1e-12, 1.0))
+    p_fitted = softmax(log_p, temperature=fitted / kept)
     return {
         "fitted_temperature": float(fitted),
         "nll_at_fitted_temperature": negative_log_likelihood(p_fitted, y),
@@ -306,7 +312,7 @@ def fitted_temperature_on_test(home: Path) -> dict[str, float]:
     }
 
 
-def _with_review_rules(home: Path, result: dict) -> dict:
+def _with_test_measures(home: Path, result: dict) -> dict:
     result["test"].update(review_rules(home, result["params"].get("review_target_accuracy", 0.95)))
     result["test"].update(fitted_temperature_on_test(home))
     return result
@@ -370,11 +376,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.summarise:
         results = [json.loads((home / "bench_trust.json").read_text()) for home in args.summarise]
         for home, result in zip(args.summarise, results):
-            _print(_with_review_rules(home, result))
+            _print(_with_test_measures(home, result))
         _summarise(results)
         return 0
     result = run(args)
-    _print(_with_review_rules(Path(result["home"]), result))
+    _print(_with_test_measures(Path(result["home"]), result))
     return 0
 
 

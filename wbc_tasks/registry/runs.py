@@ -97,28 +97,24 @@ def open_tracking_run(settings: Settings, dag_run_id: str, params: Mapping[str, 
 
     client = configure_mlflow(settings)
     experiment_id = ensure_experiment(settings)
-    run_id = find_tracking_run(settings, dag_run_id)
-    # Creation and the first params are serialised among tasks sharing the work folder: two first
-    # tasks of one DAG run must not create two MLflow runs, nor both insert the same param (the
-    # tracking store's unique key on (run, param) fails the second insert).
+    # Finding or creating the run and logging its first params are one step among tasks sharing
+    # the work folder: two first tasks of one DAG run must not create two MLflow runs, nor both
+    # insert the same param (the tracking store's unique key on (run, param) fails the second).
     lock_path = settings.work_dir / "locks" / f"tracking-{safe_name(dag_run_id)}.lock"
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    lock = filelock.FileLock(lock_path, timeout=settings.lock_timeout)
-    if run_id is None:
-        with lock:
-            run_id = find_tracking_run(settings, dag_run_id)
-            if run_id is None:
-                run = call_with_retries(
-                    settings,
-                    client.create_run,
-                    experiment_id,
-                    run_name=dag_run_id,
-                    tags={TAG_AIRFLOW_RUN_ID: dag_run_id},
-                )
-                run_id = find_tracking_run(settings, dag_run_id) or run.info.run_id
-                log.info("created MLflow run %s for DAG run %s", run_id, dag_run_id)
-    if params:
-        with lock:
+    with filelock.FileLock(lock_path, timeout=settings.lock_timeout):
+        run_id = find_tracking_run(settings, dag_run_id)
+        if run_id is None:
+            run = call_with_retries(
+                settings,
+                client.create_run,
+                experiment_id,
+                run_name=dag_run_id,
+                tags={TAG_AIRFLOW_RUN_ID: dag_run_id},
+            )
+            run_id = find_tracking_run(settings, dag_run_id) or run.info.run_id
+            log.info("created MLflow run %s for DAG run %s", run_id, dag_run_id)
+        if params:
             _log_params_once(settings, client, run_id, params)
     return run_id
 
