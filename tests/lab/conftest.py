@@ -18,6 +18,9 @@ from tests.conftest import free_port, skip_unless_required
 from tests.serving.conftest import THRESHOLD, base_settings, copy_drop, register_tiny_model
 
 DROP = "2026-11-24"
+#: The stored XSS of issue 28 as found: a drop folder whose name closes an attribute and adds an
+#: element with an event handler (a canary rather than ``alert``, so a test can read it).
+HOSTILE_DROP = 'evil"><svg onload=window.__pwned=1>'
 USERS = {"admin": "admin", "tech": "user", "viewer": "viewer"}
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -49,6 +52,10 @@ def lab(tmp_path_factory) -> Lab:
     settings.classify_dir.mkdir(parents=True)
     register_tiny_model(settings, seed=1, alias="champion")
     copy_drop(DROP, settings)
+    hostile = settings.classify_dir / HOSTILE_DROP
+    hostile.mkdir()
+    for image in sorted((settings.classify_dir / DROP).iterdir())[:3]:
+        shutil.copy(image, hostile / image.name)
     classify_new_images(settings)
 
     env = plain_shell_env(home)

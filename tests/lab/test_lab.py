@@ -7,6 +7,7 @@ reviewed differential change. Airflow's own pages (the trigger form, the navigat
 
 from __future__ import annotations
 
+import html.parser
 import io
 import json
 import time
@@ -18,7 +19,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from tests.lab.conftest import DROP, lab_url
+from tests.lab.conftest import DROP, HOSTILE_DROP, lab_url
 from wbc_tasks.serving.queries import PredictionFilter, export_predictions
 from wbc_tasks.serving.reviews import latest_reviews, review_queue
 
@@ -174,7 +175,9 @@ def log_in(driver, lab, user: str, next_path: str, shots, name: str) -> None:
     driver.find_element(By.CSS_SELECTOR, "input[name=username]").send_keys(user)
     driver.find_element(By.CSS_SELECTOR, "input[name=password]").send_keys(lab.passwords[user])
     driver.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
-    wait_for(lambda: f"/lab{next_path}" in driver.current_url, f"redirect back to {next_path}", 120)
+    # Compared decoded: the login's round trip may spell a quoted path's characters differently.
+    back = urllib.parse.unquote(f"/lab{next_path}")
+    wait_for(lambda: back in urllib.parse.unquote(driver.current_url), f"redirect back to {next_path}", 120)
 
 
 def test_a_technologist_reviews_by_click_and_by_keyboard_and_sees_the_reviewed_differential(lab, browser, tmp_path):
@@ -219,3 +222,53 @@ def test_a_technologist_reviews_by_click_and_by_keyboard_and_sees_the_reviewed_d
     assert DROP in driver.find_element(By.TAG_NAME, "body").text
     driver.save_screenshot(str(shots / "drops-page.png"))
     print(f"screenshots: {shots}")
+
+
+class _Elements(html.parser.HTMLParser):
+    """Every start tag of a page and every ``href``, as a browser's parser would see them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[str] = []
+        self.hrefs: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        self.hrefs += [value for name, value in attrs if name == "href" and value]
+
+
+def test_a_drop_named_to_inject_script_shows_its_name_and_runs_nothing_in_the_report(lab, browser, tmp_path):
+    """Issue 28's stored XSS, reproduced: a drop folder named ``evil"><svg onload=...>``, classified
+    by the nightly run, opened in the differential report (whose navigation bar put the drop's
+    URL into ``href`` unescaped)."""
+    from selenium.webdriver.common.by import By
+
+    quoted = urllib.parse.quote(HOSTILE_DROP, safe="")
+    token = lab.token("tech")
+    status, _, body = fetch(lab_url(lab, f"/drops/{quoted}/report"), token=token)
+    assert status == 200
+    page = _Elements()
+    page.feed(body.decode())
+    assert "svg" not in page.tags
+    # The bar's links lead back to the drops page and to this very drop's queue.
+    review_links = [h for h in page.hrefs if h.endswith("/review")]
+    assert review_links
+    for link in review_links:
+        assert urllib.parse.unquote(urllib.parse.urlsplit(link).path) == f"/lab/drops/{HOSTILE_DROP}/review"
+        target = urllib.parse.urljoin(lab.url, f"/lab/drops/{quoted}/review")
+        status, _, queue_page = fetch(target, token=token)
+        assert status == 200, target
+        assert HOSTILE_DROP.encode() not in queue_page  # shown escaped, never raw
+
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    log_in(browser, lab, "tech", f"/drops/{quoted}/report", shots, "hostile-report")
+    text = wait_for(lambda: browser.find_element(By.TAG_NAME, "body").text, "the report")
+    assert HOSTILE_DROP in text
+    assert browser.execute_script("return window.__pwned === undefined")
+    assert browser.find_elements(By.TAG_NAME, "svg") == []
+    browser.find_element(By.LINK_TEXT, "Review queue of this drop").click()
+    wait_for(lambda: "/review" in browser.current_url, "the queue page")
+    wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "section.cell"), "the hostile drop's cells")
+    assert len(browser.find_elements(By.CSS_SELECTOR, "section.cell")) == 3
+    assert browser.execute_script("return window.__pwned === undefined")

@@ -191,7 +191,8 @@ def create_app(access: auth.LabAccess) -> FastAPI:
         links = _links(request, drop)
         bar = (
             '<p style="font-family: system-ui, sans-serif; font-size: 18px">'
-            f'<a href="{links["drops"]}">All drops</a> · <a href="{links["review"]}">Review queue of this drop</a>'
+            f'<a href="{_escape(links["drops"])}">All drops</a> · '
+            f'<a href="{_escape(links["review"])}">Review queue of this drop</a>'
             f" · signed in as {_escape(who.name)}</p>"
         )
         return HTMLResponse(re.sub(r"(<body[^>]*>)", lambda m: m.group(1) + bar, html, count=1))
