@@ -1,5 +1,7 @@
 # Two commands matter: `make demo` (set up, then train end to end) and `make test`.
-UV ?= uv
+# uv: the one on PATH, else a project-local copy that .ci/bootstrap_uv.py fetches from the package
+# index without pip (a stock Debian/Ubuntu python3 refuses `pip install`: PEP 668).
+UV ?= $(or $(shell command -v uv 2>/dev/null),.tools/bin/uv)
 # Some machines set PYTHONDONTWRITEBYTECODE=1: then every process (each Airflow task, server and
 # test subprocess) compiles TensorFlow, MLflow and Airflow again, about 10 s of CPU each here.
 unexport PYTHONDONTWRITEBYTECODE
@@ -11,7 +13,10 @@ EXTRA ?= cpu
 setup: .venv/.synced
 
 .venv/.synced: pyproject.toml uv.lock
-	@command -v $(UV) >/dev/null || python3 -m pip install --quiet uv
+	@command -v python3 >/dev/null || command -v $(UV) >/dev/null || { echo "error: neither python3 nor uv is \
+	installed: install python3 (Debian/Ubuntu: sudo apt install python3) and run make again" >&2; exit 1; }
+	@if [ "$(UV)" = .tools/bin/uv ]; then python3 .ci/bootstrap_uv.py --tools .tools --python-of pyproject.toml; \
+	elif command -v python3 >/dev/null; then python3 .ci/bootstrap_uv.py --uv "$(UV)" --python-of pyproject.toml; fi
 	$(UV) sync --frozen --extra $(EXTRA)
 	@touch $@
 
@@ -86,4 +91,4 @@ bench-gpu: setup
 	$(PY) bench/bench_inference.py --images 256
 
 clean:
-	rm -rf .wbc .pytest_cache
+	rm -rf .wbc .pytest_cache .tools

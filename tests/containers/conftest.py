@@ -293,7 +293,8 @@ def teardown(engine: Engine, env_file: Path, firewall: FirewallBaseline, log_dir
     return problems
 
 
-@pytest.fixture(scope="session")
+# Module scope: the stack is down before test_stock_machine.py runs (memory, and two cores).
+@pytest.fixture(scope="module")
 def container_stack() -> Iterator[ContainerStack]:
     missing = missing_tools()
     if missing:

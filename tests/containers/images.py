@@ -160,7 +160,7 @@ def build_standin(engine: Engine, kind: str, name: str, work: Path) -> None:
     shutil.rmtree(context, ignore_errors=True)
     context.mkdir(parents=True)
     shutil.copy(STANDINS / f"{kind}.Containerfile", context / "Containerfile")
-    if kind == "python":
+    if kind in ("python", "stock-debian"):
         (context / "host-ca").mkdir()
         for cert in HOST_CA_DIR.glob("**/*.crt"):
             shutil.copy(cert, context / "host-ca" / cert.name)
@@ -206,6 +206,22 @@ def build_standins(engine: Engine, work: Path, times: dict[str, float]) -> dict[
             build_standin(engine, kind, name, work)
         _timed(times, f"stand-in {name}", started)
     return names
+
+
+STOCK_DEBIAN = "localhost/wbc-stock-debian:bookworm"
+
+
+def build_stock_debian(engine: Engine, work: Path, times: dict[str, float]) -> str:
+    """The stock Debian 12 machine of the README test (standins/stock-debian.Containerfile)."""
+    if not engine.image_exists(DEBIAN_BASE):
+        started = time.monotonic()
+        build_debian_base(engine, work)
+        _timed(times, "debootstrap base", started)
+    if not standin_is_current(engine, STOCK_DEBIAN, "stock-debian"):
+        started = time.monotonic()
+        build_standin(engine, "stock-debian", STOCK_DEBIAN, work)
+        _timed(times, f"stand-in {STOCK_DEBIAN}", started)
+    return STOCK_DEBIAN
 
 
 def project_context(work: Path) -> Path:
