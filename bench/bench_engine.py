@@ -36,7 +36,8 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from wbc_tasks.core.settings import CLASS_NAMES, get_settings  # noqa: E402
+from wbc_tasks.core.settings import get_settings  # noqa: E402
+from wbc_tasks.core.vocabulary import CLASS_NAMES  # noqa: E402
 from wbc_tasks.data.image_checks import check_image  # noqa: E402
 from wbc_tasks.data.images import load_image  # noqa: E402
 from wbc_tasks.data.store import create_store, finish_store  # noqa: E402

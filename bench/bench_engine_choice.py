@@ -27,7 +27,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from wbc_tasks.core.settings import CLASS_NAMES, get_settings  # noqa: E402
+from wbc_tasks.core.settings import get_settings  # noqa: E402
+from wbc_tasks.core.vocabulary import CLASS_NAMES  # noqa: E402
 
 
 def main() -> None:

@@ -129,7 +129,8 @@ def _policy(precision: str) -> Iterator[None]:
 def _build(size: int, seed: int):
     import keras
 
-    from wbc_tasks.core.settings import CLASS_NAMES, get_settings
+    from wbc_tasks.core.settings import get_settings
+    from wbc_tasks.core.vocabulary import CLASS_NAMES
     from wbc_tasks.training.model import build_model
 
     keras.utils.set_random_seed(seed)
@@ -140,7 +141,7 @@ def run_mode(mode: str, size: int, batch: int, steps: int, seed: int) -> tuple[f
     """(images/s over ``steps`` timed steps after warm-up, forward GFLOP per image)."""
     import keras
 
-    from wbc_tasks.core.settings import CLASS_NAMES
+    from wbc_tasks.core.vocabulary import CLASS_NAMES
 
     precision, xla = mode.split("+")[0], mode.endswith("+xla")
     with _policy(precision):

@@ -32,7 +32,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from wbc_tasks.core.settings import CLASS_NAMES, get_settings  # noqa: E402
+from wbc_tasks.core.settings import get_settings  # noqa: E402
+from wbc_tasks.core.vocabulary import CLASS_NAMES  # noqa: E402
 from wbc_tasks.data.images import load_image  # noqa: E402
 from wbc_tasks.registry.versions import ModelRef  # noqa: E402
 from wbc_tasks.serving.infer import ServingModel, predict_images  # noqa: E402

@@ -39,7 +39,8 @@ def _cpu() -> str:
 def _build(variant: str, image_size: int):
     import keras
 
-    from wbc_tasks.core.settings import CLASS_NAMES, get_settings
+    from wbc_tasks.core.settings import get_settings
+    from wbc_tasks.core.vocabulary import CLASS_NAMES
     from wbc_tasks.training.model import build_model
     from wbc_tasks.training.precision import compile_model
 
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     import keras
     import numpy as np
 
-    from wbc_tasks.core.settings import CLASS_NAMES
+    from wbc_tasks.core.vocabulary import CLASS_NAMES
     from wbc_tasks.training.precision import cpu_has_bfloat16
 
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import keras
 
-    from wbc_tasks.core.settings import CLASS_NAMES
+    from wbc_tasks.core.vocabulary import CLASS_NAMES
     from wbc_tasks.core.workdir import require_complete
     from wbc_tasks.data.image_checks import corner_mosaics
     from wbc_tasks.data.images import load_image

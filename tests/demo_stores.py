@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from wbc_tasks.core.settings import CLASS_NAMES
+from wbc_tasks.core.vocabulary import CLASS_NAMES
 from wbc_tasks.data.demo import generate_demo_dataset
 from wbc_tasks.data.images import load_image
 from wbc_tasks.data.store import create_store, finish_store

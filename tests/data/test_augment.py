@@ -10,7 +10,8 @@ from scipy import ndimage
 from skimage.color import rgb2hed
 
 from tests.conftest import shared_set
-from wbc_tasks.core.settings import CLASS_NAMES, get_settings
+from wbc_tasks.core.settings import get_settings
+from wbc_tasks.core.vocabulary import CLASS_NAMES
 from wbc_tasks.core.workdir import run_step
 from wbc_tasks.data.augment import augment_training_set, copy_rng
 from wbc_tasks.data.dataset import split_dataset

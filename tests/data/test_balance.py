@@ -9,7 +9,8 @@ import pytest
 from imblearn.over_sampling import SMOTE
 
 from tests.conftest import shared_set
-from wbc_tasks.core.settings import CLASS_NAMES, get_settings
+from wbc_tasks.core.settings import get_settings
+from wbc_tasks.core.vocabulary import CLASS_NAMES
 from wbc_tasks.core.workdir import run_step
 from wbc_tasks.data.augment import augment_training_set
 from wbc_tasks.data.balance import balance_with_smote, smote_pairs

@@ -7,7 +7,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from wbc_tasks.core.settings import CLASS_NAMES
+from wbc_tasks.core.vocabulary import CLASS_NAMES
 from wbc_tasks.data.demo import generate_demo_dataset, generate_demo_drop
 from wbc_tasks.data.images import load_image
 

@@ -3,7 +3,7 @@ import shutil
 import numpy as np
 import pandas as pd
 
-from wbc_tasks.core.settings import CLASS_NAMES
+from wbc_tasks.core.vocabulary import CLASS_NAMES
 from wbc_tasks.core.workdir import run_step
 from wbc_tasks.data.dataset import read_manifest, split_dataset
 from wbc_tasks.data.preprocess import preprocess_splits

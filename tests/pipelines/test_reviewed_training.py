@@ -14,7 +14,8 @@ from tests.conftest import shared_set
 from tests.demo_stores import tiny_training_params
 from tests.serving.conftest import DB_KINDS, drop_source, make_prediction, make_seen, sha, throwaway_database
 from tests.training_steps import run_training_steps
-from wbc_tasks.core.settings import CLASS_NAMES, get_settings
+from wbc_tasks.core.settings import get_settings
+from wbc_tasks.core.vocabulary import CLASS_NAMES
 from wbc_tasks.data.dataset import SOURCE_LABELLED, SOURCE_REVIEW, load_ledger, read_manifest, split_of
 from wbc_tasks.data.store import open_store
 from wbc_tasks.pipelines import training as steps

@@ -27,7 +27,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO_ROOT, free_port
-from wbc_tasks.core.settings import CLASS_NAMES, get_settings
+from wbc_tasks.core.settings import get_settings
+from wbc_tasks.core.vocabulary import CLASS_NAMES
 
 pytestmark = pytest.mark.slow  # starts an MLflow server (~30 s on two cores)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 
 from tests.conftest import SHARED_DATA, skip_unless_required
-from wbc_tasks.core.settings import CLASS_NAMES
+from wbc_tasks.core.vocabulary import CLASS_NAMES
 
 
 def test_source_counts_from_real_sources_file():

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from wbc_tasks.core.settings import CLASS_NAMES
+from wbc_tasks.core.vocabulary import CLASS_NAMES
 from wbc_tasks.registry.decision import KEPT_CHAMPION, PROMOTED, REJECTED, PromotionConflict, decide_promotion
 from wbc_tasks.registry.promotion import apply_decision, promote_if_better, promote_version, rollback
 from wbc_tasks.registry.tags import metric_tags

@@ -15,7 +15,8 @@ import pandas as pd
 import pytest
 
 from tests.registry.conftest import sample_metrics
-from wbc_tasks.core.settings import CLASS_NAMES, get_settings
+from wbc_tasks.core.settings import get_settings
+from wbc_tasks.core.vocabulary import CLASS_NAMES
 from wbc_tasks.registry.client import configure_mlflow
 
 

@@ -17,7 +17,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 
 from tests.conftest import REPO_ROOT, skip_unless_required
-from wbc_tasks.core.settings import CLASS_NAMES, get_settings
+from wbc_tasks.core.settings import get_settings
+from wbc_tasks.core.vocabulary import CLASS_NAMES
 from wbc_tasks.registry.versions import ModelRef
 from wbc_tasks.serving import predictions as db
 

@@ -9,7 +9,7 @@ import pytest
 
 from tests.local_servers import Webhook
 from tests.serving.conftest import make_prediction, make_seen
-from wbc_tasks.core.settings import CLASS_NAMES
+from wbc_tasks.core.vocabulary import CLASS_NAMES
 from wbc_tasks.registry.versions import ModelRef
 from wbc_tasks.serving import predictions as db
 from wbc_tasks.serving.drift import drift_alert_details, drift_by_drop

@@ -11,7 +11,7 @@ import pytest
 
 from tests.demo_stores import train_and_calibrate
 from tests.serving.conftest import base_settings, drop_source
-from wbc_tasks.core.settings import CLASS_NAMES
+from wbc_tasks.core.vocabulary import CLASS_NAMES
 
 pytestmark = pytest.mark.slow  # trains, calibrates and exports a 32 px VGG16
 

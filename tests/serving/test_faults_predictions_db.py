@@ -27,7 +27,7 @@ from sqlalchemy import create_engine, event, func, select, text
 from sqlalchemy.engine import Engine
 
 from tests.conftest import free_port, skip_unless_required, write_image
-from wbc_tasks.core.settings import CLASS_NAMES
+from wbc_tasks.core.vocabulary import CLASS_NAMES
 from wbc_tasks.registry.versions import ModelRef
 from wbc_tasks.serving import predictions as db
 from wbc_tasks.serving.commit import classify_chunk

@@ -23,7 +23,7 @@ from tests.serving.conftest import (
     sha,
     table_rows,
 )
-from wbc_tasks.core.settings import CLASS_NAMES
+from wbc_tasks.core.vocabulary import CLASS_NAMES
 from wbc_tasks.data.images import DISAPPEARED
 from wbc_tasks.registry.versions import NoModelError
 from wbc_tasks.serving import infer, plan

@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import select
 
 from tests.serving.conftest import add_bad_files, copy_drop, make_prediction, make_seen
-from wbc_tasks.core.settings import CLASS_NAMES
+from wbc_tasks.core.vocabulary import CLASS_NAMES
 from wbc_tasks.serving import predictions as db
 from wbc_tasks.serving import queries
 from wbc_tasks.serving.nightly import classify_new_images

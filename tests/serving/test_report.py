@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from tests.serving.conftest import KNOWN_DROP, add_known_drop, copy_drop, make_prediction
-from wbc_tasks.core.settings import CLASS_NAMES
+from wbc_tasks.core.vocabulary import CLASS_NAMES
 from wbc_tasks.serving import predictions as db
 from wbc_tasks.serving.nightly import classify_new_images
 from wbc_tasks.serving.report import (

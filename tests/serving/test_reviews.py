@@ -21,7 +21,7 @@ from tests.serving.conftest import (
     sha,
     table_rows,
 )
-from wbc_tasks.core.settings import CLASS_NAMES
+from wbc_tasks.core.vocabulary import CLASS_NAMES
 from wbc_tasks.data.images import ImageError
 from wbc_tasks.serving import predictions as db
 from wbc_tasks.serving.nightly import classify_new_images

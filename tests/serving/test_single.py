@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from tests.serving.conftest import V2_CLASSES, copy_drop, drop_source, sha, table_rows
-from wbc_tasks.core.settings import CLASS_NAMES
+from wbc_tasks.core.vocabulary import CLASS_NAMES
 from wbc_tasks.serving import predictions as db
 from wbc_tasks.serving.nightly import classify_new_images
 from wbc_tasks.serving.single import classify_paths

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from wbc_tasks.core.settings import CLASS_NAMES
+from wbc_tasks.core.vocabulary import CLASS_NAMES
 from wbc_tasks.training.evaluate import NO_GROUP, compute_metrics, evaluate_model, read_groups
 
 NAMES = ("a", "b", "c")

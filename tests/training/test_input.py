@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from tests.demo_stores import build_demo_stores
-from wbc_tasks.core.settings import CLASS_NAMES
+from wbc_tasks.core.vocabulary import CLASS_NAMES
 from wbc_tasks.data.store import open_store
 from wbc_tasks.training.input import EpochClock, make_dataset
 

@@ -7,7 +7,7 @@ import keras
 import numpy as np
 import pytest
 
-from wbc_tasks.core.settings import CLASS_NAMES
+from wbc_tasks.core.vocabulary import CLASS_NAMES
 from wbc_tasks.training.model import (
     BASE_LAYER,
     PREPROCESS_LAYER,

@@ -12,7 +12,7 @@ import pytest
 
 from tests.demo_stores import build_demo_stores, tiny_training_params
 from tests.killed_worker import kill_train_step_after_an_epoch
-from wbc_tasks.core.settings import CLASS_NAMES
+from wbc_tasks.core.vocabulary import CLASS_NAMES
 from wbc_tasks.data.store import create_store, finish_store, open_store
 from wbc_tasks.training.checkpoints import CHECKPOINT_STATE_FILE
 from wbc_tasks.training.train import train_model

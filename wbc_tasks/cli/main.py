@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from wbc_tasks.cli.embedded import airflow_environment, run_airflow_command, run_airflow_ui, run_mlflow_ui
-from wbc_tasks.core.settings import REVIEW_REASONS, Settings, get_settings
+from wbc_tasks.core.settings import Settings, get_settings
+from wbc_tasks.core.vocabulary import REVIEW_REASONS
 from wbc_tasks.training.params import PROFILES
 
 

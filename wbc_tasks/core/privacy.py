@@ -34,7 +34,8 @@ from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from wbc_tasks.core.settings import CLASS_NAMES, IMAGE_EXTENSIONS, Settings
+from wbc_tasks.core.settings import IMAGE_EXTENSIONS, Settings
+from wbc_tasks.core.vocabulary import CLASS_NAMES
 
 log = logging.getLogger(__name__)
 

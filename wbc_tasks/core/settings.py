@@ -18,24 +18,6 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from wbc_tasks.core.errors import PermanentError
 from wbc_tasks.core.paths import safe_name
 
-#: The nine classes, in the order the model's outputs use.
-CLASS_NAMES: tuple[str, ...] = (
-    "bands",
-    "basophils",
-    "blasts",
-    "eosinophils",
-    "lymphocytes",
-    "metamyelocytes",
-    "monocytes",
-    "myelocytes",
-    "neutrophils",
-)
-
-#: Why a prediction needs review (the ``review_reasons`` list of a prediction row; several can
-#: apply): calibrated confidence under the review threshold, an image unlike the training images,
-#: a failed pre-model image check, a blast probability at or over the blast flag probability.
-REVIEW_REASONS: tuple[str, ...] = ("low_confidence", "unfamiliar", "image_check", "blast_suspected")
-
 #: Extensions the image finder accepts (compared lower-case).
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"})
 

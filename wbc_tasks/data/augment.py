@@ -22,7 +22,8 @@ import numpy as np
 import pandas as pd
 
 from wbc_tasks.core.parallel import parallel_map
-from wbc_tasks.core.settings import CLASS_NAMES, Settings
+from wbc_tasks.core.settings import Settings
+from wbc_tasks.core.vocabulary import CLASS_NAMES
 from wbc_tasks.core.workdir import write_json_atomic
 from wbc_tasks.data.figures import save_class_counts_plot, save_sample_grid
 from wbc_tasks.data.store import IMAGES_FILE, create_store, finish_store, open_store, release_pages

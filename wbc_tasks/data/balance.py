@@ -52,7 +52,8 @@ from PIL import Image
 from scipy import sparse
 from sklearn.neighbors import NearestNeighbors
 
-from wbc_tasks.core.settings import CLASS_NAMES, Settings
+from wbc_tasks.core.settings import Settings
+from wbc_tasks.core.vocabulary import CLASS_NAMES
 from wbc_tasks.core.workdir import write_json_atomic
 from wbc_tasks.data.augment import (
     CLASS_COUNTS_FILE,

@@ -29,7 +29,8 @@ import pandas as pd
 from wbc_tasks.core.errors import PermanentError
 from wbc_tasks.core.parallel import parallel_map
 from wbc_tasks.core.privacy import pseudonymiser
-from wbc_tasks.core.settings import CLASS_NAMES, IMAGE_EXTENSIONS, Settings
+from wbc_tasks.core.settings import IMAGE_EXTENSIONS, Settings
+from wbc_tasks.core.vocabulary import CLASS_NAMES
 from wbc_tasks.core.workdir import write_json_atomic
 from wbc_tasks.data.images import ImageError, inspect_image, resolve_within
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from wbc_tasks.core.settings import CLASS_NAMES
+from wbc_tasks.core.vocabulary import CLASS_NAMES
 
 
 def new_figure(width: float, height: float, dpi: int = 100):  # -> matplotlib.figure.Figure

@@ -13,7 +13,8 @@ import pandas as pd
 
 from wbc_tasks.core.parallel import parallel_map
 from wbc_tasks.core.privacy import pseudonymiser
-from wbc_tasks.core.settings import CLASS_NAMES, Settings
+from wbc_tasks.core.settings import Settings
+from wbc_tasks.core.vocabulary import CLASS_NAMES
 from wbc_tasks.core.workdir import require_complete
 from wbc_tasks.data.dataset import REJECTED_COLUMNS, SPLITS, read_manifest, reviewed_test, split_table
 from wbc_tasks.data.images import ImageError, load_image

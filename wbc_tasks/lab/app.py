@@ -16,7 +16,8 @@ from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import BaseModel, Field
 from sqlalchemy import select
 
-from wbc_tasks.core.settings import CLASS_NAMES, REVIEW_REASONS, get_settings
+from wbc_tasks.core.settings import get_settings
+from wbc_tasks.core.vocabulary import CLASS_NAMES, REVIEW_REASONS
 from wbc_tasks.lab import auth
 from wbc_tasks.lab.auth import LabUser, bearer_scheme
 from wbc_tasks.lab.templates import render

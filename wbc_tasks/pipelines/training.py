@@ -190,7 +190,7 @@ def train_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
 def calibrate_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
     """Calibrate the trained model on the validation split and fit its trust policy (review
     threshold, blast flag, unfamiliar score, drift limits); log them to the run."""
-    from wbc_tasks.core.settings import CLASS_NAMES
+    from wbc_tasks.core.vocabulary import CLASS_NAMES
     from wbc_tasks.registry.artifacts import log_metrics, log_stage_artifacts
     from wbc_tasks.training.trust import TRUST_ARTIFACT_PATH, calibrate_model
 
@@ -244,7 +244,7 @@ def _groups_csv(data_dir: Path) -> Path | None:
 def evaluate_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
     """Evaluate the calibrated model on the untouched test split (argmax) and measure its trust
     policy there (calibration, coverage, flags); log metrics and figures."""
-    from wbc_tasks.core.settings import CLASS_NAMES
+    from wbc_tasks.core.vocabulary import CLASS_NAMES
     from wbc_tasks.registry.artifacts import log_metrics
     from wbc_tasks.training.evaluate import evaluate_model
     from wbc_tasks.training.evaluate_trust import evaluate_trust
@@ -290,7 +290,7 @@ def _evaluate_reviewed(
 ) -> dict | None:
     """Metrics on the reviewed images in the test split, apart from the headline ones (which
     stay on labelled images, comparable across models); None when there are none."""
-    from wbc_tasks.core.settings import CLASS_NAMES
+    from wbc_tasks.core.vocabulary import CLASS_NAMES
     from wbc_tasks.data.preprocess import REVIEWED_TEST_STORE
     from wbc_tasks.data.store import open_store
     from wbc_tasks.registry.artifacts import log_metrics
@@ -352,7 +352,7 @@ def register_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
     """Log the model with its signature and model card; register a new version."""
     import keras
 
-    from wbc_tasks.core.settings import CLASS_NAMES
+    from wbc_tasks.core.vocabulary import CLASS_NAMES
     from wbc_tasks.data.dataset import read_manifest
     from wbc_tasks.registry.model_card import source_counts
     from wbc_tasks.registry.registration import register_model

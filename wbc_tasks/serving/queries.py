@@ -20,7 +20,8 @@ from typing import IO, TYPE_CHECKING, Any
 from sqlalchemy import Select, Text, and_, cast, func, or_, select
 from sqlalchemy.engine import Connection
 
-from wbc_tasks.core.settings import CLASS_NAMES, REVIEW_REASONS, Settings
+from wbc_tasks.core.settings import Settings
+from wbc_tasks.core.vocabulary import CLASS_NAMES, REVIEW_REASONS
 from wbc_tasks.serving.predictions import (
     UNREADABLE_SHA,
     files_seen,

@@ -25,7 +25,8 @@ from sqlalchemy import select
 from sqlalchemy.engine import Connection
 
 from wbc_tasks.core.errors import PermanentError
-from wbc_tasks.core.settings import CLASS_NAMES, REVIEW_REASONS, Settings
+from wbc_tasks.core.settings import Settings
+from wbc_tasks.core.vocabulary import CLASS_NAMES, REVIEW_REASONS
 from wbc_tasks.serving.predictions import files_seen, open_engine, predictions, read_with_retries, utcnow
 from wbc_tasks.serving.reviews import (
     BLAST_CLASS,

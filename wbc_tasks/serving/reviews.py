@@ -27,7 +27,8 @@ from sqlalchemy.engine import Connection, make_url
 
 from wbc_tasks.core.errors import PermanentError
 from wbc_tasks.core.paths import is_inside
-from wbc_tasks.core.settings import CLASS_NAMES, Settings
+from wbc_tasks.core.settings import Settings
+from wbc_tasks.core.vocabulary import CLASS_NAMES
 from wbc_tasks.data.images import ImageError, resolve_within, sha256_of_file
 from wbc_tasks.serving.predictions import (
     UNREADABLE_SHA,

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from wbc_tasks.core.settings import CLASS_NAMES, Settings
+from wbc_tasks.core.settings import Settings
+from wbc_tasks.core.vocabulary import CLASS_NAMES
 from wbc_tasks.data.store import open_store
 from wbc_tasks.training.checkpoints import HISTORY_COLUMNS, Checkpoints, checkpoint_fingerprint, epoch_monitor_class
 from wbc_tasks.training.input import EpochClock, make_dataset
