@@ -24,11 +24,13 @@ setup: .venv/.synced
 demo: setup
 	$(PY) -m wbc_tasks.cli train --profile cpu $(ARGS)
 
-## Lint and types (what CI runs before the tests): ruff (lint + format) and mypy on wbc_tasks/ and wbc_airflow/
+## Lint and types (what CI runs before the tests): ruff (lint + format), mypy on wbc_tasks/ and wbc_airflow/,
+## and the import layering (lint-imports: the contracts in pyproject.toml)
 lint: setup
 	.venv/bin/ruff check wbc_tasks wbc_airflow dags tests stack bench
 	.venv/bin/ruff format --check wbc_tasks wbc_airflow dags tests stack bench
 	.venv/bin/mypy wbc_tasks wbc_airflow
+	.venv/bin/lint-imports
 
 ## Apply ruff's fixes and formatting
 format: setup

@@ -93,7 +93,7 @@ def splits(per_class: int) -> dict[str, list[tuple[str, Path]]]:
 def agreement_on(store: Path, outputs, engines: dict, policy, stats, settings, batch: int) -> dict:
     from wbc_tasks.data.store import open_store
     from wbc_tasks.training.export import compare_outputs
-    from wbc_tasks.training.trust import predict_all
+    from wbc_tasks.training.outputs import predict_all
 
     images = np.asarray(open_store(store).images)
     checks = [check_image(i, settings) for i in images]
@@ -119,9 +119,11 @@ def main() -> None:
     import keras
 
     from wbc_tasks.training.export import OpenVinoEngine, export_engine
+    from wbc_tasks.training.outputs import outputs_model
     from wbc_tasks.training.params import training_params
     from wbc_tasks.training.train import train_model
-    from wbc_tasks.training.trust import calibrate_model, load_trust, outputs_model
+    from wbc_tasks.training.trust_fitting import calibrate_model
+    from wbc_tasks.training.trust_policy import load_trust
 
     settings = get_settings().with_overrides(
         classify_batch_size=args.batch_size, allowed_roots=(DROP.resolve(),), engine_check_images=10**6

@@ -43,7 +43,7 @@ def main() -> None:
 
     from wbc_tasks.training.export import OpenVinoEngine, convert_to_openvino
     from wbc_tasks.training.model import build_model
-    from wbc_tasks.training.trust import outputs_model
+    from wbc_tasks.training.outputs import outputs_model
 
     keras.utils.set_random_seed(0)
     model = build_model(args.size, len(CLASS_NAMES), weights="none", settings=get_settings())

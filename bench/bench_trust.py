@@ -42,7 +42,7 @@ BENCH = SHARED / "wbc-bench" / "WBC"
 DROPS = SHARED / "wbc-bench" / "classify-images"
 OTHER_LAB = SHARED / "wbc-other-lab" / "WBC"
 OTHER_DROP = "other-lab"
-STEPS = ("split", "preprocess", "augment", "balance", "train", "calibrate", "evaluate", "register", "promote")
+STEPS = ("split", "preprocess", "augment", "balance", "train", "calibrate", "evaluate", "export", "register", "promote")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -85,6 +85,7 @@ def _fill_classify_folder(classify: Path) -> dict[str, str]:
 def _other_lab_report(table, truth: dict[str, str], test_scores) -> dict:
     import numpy as np
 
+    from wbc_tasks.core.vocabulary import BLAST_CLASS, ReviewReason
     from wbc_tasks.training.unfamiliar import auroc
 
     rows = table[table["drop"] == OTHER_DROP].copy()
@@ -103,10 +104,10 @@ def _other_lab_report(table, truth: dict[str, str], test_scores) -> dict:
         "per_class_recall": recall,
         "class_counts": {c: int(n) for c, n in counts.items()},
         "flagged_share": float(flagged.mean()),
-        "unfamiliar_share": float(rows["review_reasons"].map(lambda r: "unfamiliar" in r).mean()),
+        "unfamiliar_share": float(rows["review_reasons"].map(lambda r: ReviewReason.UNFAMILIAR in r).mean()),
         "unflagged_share": float((~flagged).mean()),
         "unflagged_accuracy": float(right[~flagged].mean()) if (~flagged).any() else None,
-        "called_blasts_share": float((rows["predicted_class"] == "blasts").mean()),
+        "called_blasts_share": float((rows["predicted_class"] == BLAST_CLASS).mean()),
         "mean_confidence": float(rows["confidence"].mean()),
         "unfamiliar_auroc_vs_test": auroc(np.asarray(test_scores, float), scores)
         if np.isfinite(scores).all()
@@ -134,8 +135,8 @@ def run(args: argparse.Namespace) -> dict:
     from wbc_tasks.core.settings import get_settings
     from wbc_tasks.core.workdir import require_complete
     from wbc_tasks.pipelines import training as steps
+    from wbc_tasks.serving.export import PredictionFilter, query_predictions
     from wbc_tasks.serving.nightly import classify_new_images
-    from wbc_tasks.serving.queries import PredictionFilter, query_predictions
 
     settings = get_settings()
     params = _params(args)
@@ -262,7 +263,12 @@ def review_rules(home: Path, target: float) -> dict[str, float]:
     import numpy as np
     import pandas as pd
 
-    from wbc_tasks.training.trust import review_threshold_by_count, review_threshold_for_accuracy, risk_coverage
+    from wbc_tasks.core.vocabulary import ReviewReason
+    from wbc_tasks.training.review_thresholds import (
+        review_threshold_by_count,
+        review_threshold_for_accuracy,
+        risk_coverage,
+    )
 
     run_dir = _run_dir(home)
     curve = json.loads((run_dir / "calibrate" / "trust_report.json").read_text())["risk_coverage"]
@@ -270,7 +276,11 @@ def review_rules(home: Path, target: float) -> dict[str, float]:
     n = np.arange(1, len(val_conf) + 1)
     val_correct = np.diff(np.r_[0, np.round(np.asarray(curve["accuracy"]) * n).astype(int)]).astype(bool)
     test = pd.read_csv(run_dir / "evaluate" / "test_review_reasons.csv", keep_default_na=False)
-    other = test["review_reasons"].map(lambda r: any(x not in ("", "low_confidence") for x in r.split(";"))).to_numpy()
+    other = (
+        test["review_reasons"]
+        .map(lambda r: any(x not in ("", ReviewReason.LOW_CONFIDENCE) for x in r.split(";")))
+        .to_numpy()
+    )
     right, conf = (test["true"] == test["predicted"]).to_numpy(), test["confidence"].to_numpy()
     out: dict[str, float] = {}
     for name, rule in (("expected", review_threshold_for_accuracy), ("count", review_threshold_by_count)):

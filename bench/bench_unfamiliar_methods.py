@@ -44,7 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     from wbc_tasks.data.images import load_image
     from wbc_tasks.data.store import open_store
     from wbc_tasks.training import unfamiliar as uf
-    from wbc_tasks.training.trust import calibrate_model, load_trust, outputs_model, predict_all
+    from wbc_tasks.training.outputs import outputs_model, predict_all
+    from wbc_tasks.training.trust_fitting import calibrate_model
+    from wbc_tasks.training.trust_policy import load_trust
 
     run, out = args.run_dir, args.out or Path(tempfile.mkdtemp(prefix="wbc-unfamiliar-"))
     summary = calibrate_model(

@@ -28,7 +28,8 @@ VOLATILE = {"decided_at", "dir", "run_id", "mlflow_run_id", "work_dir"}
 
 
 def wbc(home: Path, *args: str) -> str:
-    env = {**os.environ, "WBC_HOME": str(home)}
+    # Settle time 0: the generated drop is classified at once (it is complete when written).
+    env = {**os.environ, "WBC_HOME": str(home), "WBC_SETTLE_MINUTES": "0"}
     env.pop("WBC_DATA_DIR", None)
     done = subprocess.run([str(WBC), *args], env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -60,6 +61,8 @@ def golden(home: Path) -> dict:
     wbc(home, "demo-data", "--drop", DROP, "--count", "24")
     wbc(home, "classify-night")
     rows = json.loads(wbc(home, "predictions", "--drop", DROP, "--format", "json"))
+    if len(rows) != 24:
+        sys.exit(f"expected 24 predictions of {DROP}, got {len(rows)}")
     keep = ("path", "predicted_class", "confidence", "probabilities", "review_reasons", "model_version")
     result["predictions"] = sorted(({k: r.get(k) for k in keep} for r in rows), key=lambda r: r["path"])
     return result

@@ -16,40 +16,25 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-import pendulum
-from airflow.sdk import ExceptionRetryPolicy, Param, RetryAction, RetryRule, dag, get_current_context, task
+from airflow.sdk import dag, task
 
-from wbc_tasks.core.errors import PermanentError
+from wbc_airflow.dag_helpers import default_args, form, run_id_and_params, schedule, start_date
 from wbc_tasks.core.settings import get_settings
-from wbc_tasks.ops.alerts import alert_dag_failure, alert_task_failure  # stdlib only: cheap to parse
+from wbc_tasks.core.vocabulary import DagId
+from wbc_tasks.ops.alerts import alert_dag_failure  # stdlib only: cheap to parse
 from wbc_tasks.pipelines.params import maintenance_param_specs
-
-# Errors retrying cannot fix (bad input, param or configuration) fail a task at once; transient
-# ones (MLflow or the database unreachable, a lost worker) keep their retries.
-FAIL_AT_ONCE_ON_PERMANENT_ERRORS = ExceptionRetryPolicy(
-    rules=[RetryRule(exception=PermanentError, action=RetryAction.FAIL, reason="retrying cannot fix this")]
-)
-
-SETTINGS = get_settings()
-
-PARAMS = {name: Param(**spec) for name, spec in maintenance_param_specs(SETTINGS).items()}
 
 
 @dag(
-    dag_id="wbc_maintenance",
-    schedule=SETTINGS.maintenance_schedule,
-    start_date=pendulum.datetime(2026, 1, 1, tz=SETTINGS.timezone),
+    dag_id=DagId.MAINTENANCE.value,
+    schedule=schedule("maintenance_schedule"),
+    start_date=start_date(),
     catchup=False,
     max_active_runs=1,
-    params=PARAMS,
+    params=form(maintenance_param_specs()),
     tags=["wbc", "maintenance"],
     doc_md=__doc__,
-    default_args={
-        "retries": 1,
-        "retry_delay": timedelta(minutes=5),
-        "retry_policy": FAIL_AT_ONCE_ON_PERMANENT_ERRORS,
-        "on_failure_callback": alert_task_failure,
-    },
+    default_args=default_args(retries=1, retry_delay=timedelta(minutes=5)),
     on_failure_callback=alert_dag_failure,
 )
 def wbc_maintenance() -> None:
@@ -57,7 +42,7 @@ def wbc_maintenance() -> None:
     def cleanup_runs() -> dict:
         from wbc_tasks.ops.cleanup import cleanup_step
 
-        params = get_current_context()["params"]
+        _, params = run_id_and_params()
         return cleanup_step(get_settings(), dry_run=params["dry_run"], mlflow_artifacts=params["mlflow_artifacts"])
 
     cleanup_runs()

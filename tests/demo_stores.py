@@ -94,7 +94,7 @@ def train_and_calibrate(root: Path, *, splits: dict[str, int], epochs: int = 2) 
     (stores, training summary, calibration summary)."""
     from wbc_tasks.core.settings import get_settings
     from wbc_tasks.training.train import train_model
-    from wbc_tasks.training.trust import calibrate_model
+    from wbc_tasks.training.trust_fitting import calibrate_model
 
     stores = build_demo_stores(root, splits=splits, size=32, render_size=48)
     # float32 and a gentler rate than the tiny default, and another seed when a model comes out

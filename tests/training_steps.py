@@ -12,6 +12,7 @@ STEP_NAMES = (
     "train_step",
     "calibrate_step",
     "evaluate_step",
+    "export_step",
     "register_step",
     "promote_step",
 )

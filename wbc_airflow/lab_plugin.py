@@ -19,7 +19,8 @@ from airflow.plugins_manager import AirflowPlugin
 from fastapi import Request
 from fastapi.security import HTTPAuthorizationCredentials
 
-from wbc_tasks.lab.auth import NIGHTLY_DAG_ID, LabUser, Method
+from wbc_tasks.core.vocabulary import DagId
+from wbc_tasks.lab.auth import LabUser, Method
 
 #: Where the app is mounted in the API server (not one of Airflow's reserved prefixes).
 URL_PREFIX = "/lab"
@@ -45,7 +46,7 @@ class AirflowAccess:
             get_auth_manager().is_authorized_dag(
                 method=method,
                 access_entity=DagAccessEntity.RUN,
-                details=DagDetails(id=NIGHTLY_DAG_ID),
+                details=DagDetails(id=DagId.NIGHTLY),
                 user=who.user,
             )
         )

@@ -22,7 +22,7 @@ from wbc_tasks.cli.main import main
 from wbc_tasks.core.settings import get_settings
 from wbc_tasks.serving import predictions as db
 from wbc_tasks.serving.report import DISCLAIMER
-from wbc_tasks.serving.reviews import record_review
+from wbc_tasks.serving.review_decisions import record_review
 
 
 @pytest.fixture(params=DB_KINDS)

@@ -101,3 +101,53 @@ def test_dag_test_classifies_a_real_drop_in_mapped_chunks(airflow_db, settings, 
     assert states["summarise"] == TaskInstanceState.SUCCESS
     with db.open_engine(settings.predictions_db_url) as engine, engine.connect() as connection:
         assert len(connection.execute(db.predictions.select()).all()) == 100
+
+
+def test_nightly_runs_the_dags_task_functions_in_the_dags_order(settings, monkeypatch):
+    """``wbc_tasks.serving.nightly.classify_new_images`` (what the tests and benches run) and the
+    DAG call the same functions, in the same order, with the same arguments: the two cannot drift."""
+    from wbc_airflow import dag_helpers
+    from wbc_tasks.serving import nightly
+
+    dag = parse_dag(DAG_ID)
+    assert [t.task_id for t in dag.topological_sort()] == list(nightly.TASKS)
+
+    calls: list[tuple[str, tuple]] = []
+    returns = {
+        "resolve_model": {"name": "m", "version": "3"},
+        "find_new_images": {"chunks": ["chunk-0", "chunk-1"]},
+        "chunk_files": ["chunk-0", "chunk-1"],
+        "summarise": {"images_classified": 2},
+    }
+    for name in nightly.TASKS:
+
+        def record(*args, name=name):
+            calls.append((name, args))
+            return returns[name] if name in returns else {"chunk": args[3]}
+
+        monkeypatch.setattr(nightly, name, record)
+    asked = {"model": "3", "drop": "2026-11-24", "threshold": 0.4, "chunk_size": 10, "reclassify": True}
+    params = nightly.night_params(settings, **asked)
+    assert params == {**dag.params.dump(), **asked}, "the form's params, as a triggered run has them"
+
+    nightly.classify_new_images(settings, run_id="manual__night", **asked)
+    composed = list(calls)
+    calls.clear()
+
+    # The DAG's tasks, each called as Airflow calls it (upstream results passed in), in its order.
+    monkeypatch.setattr(dag_helpers, "get_current_context", lambda: {"run_id": "manual__night", "params": params})
+    task = {t.task_id: t.python_callable for t in dag.tasks}
+    model = task["resolve_model"]()
+    found = task["find_new_images"](model)
+    chunks = [task["classify_chunk"](chunk, model) for chunk in task["chunk_files"](found)]
+    task["summarise"](model, found, chunks)
+
+    assert [name for name, _ in calls] == [
+        "resolve_model",
+        "find_new_images",
+        "chunk_files",
+        "classify_chunk",
+        "classify_chunk",
+        "summarise",
+    ]
+    assert calls == composed

@@ -15,7 +15,18 @@ from airflow.sdk.definitions.param import ParamValidationError
 from tests.conftest import REPO_ROOT, free_port, parse_dag, write_image
 from wbc_tasks.training.params import TRAINING_PARAM_SPECS
 
-ORDER = ["split", "preprocess", "augment", "balance", "train_model", "calibrate", "evaluate", "register", "promote"]
+ORDER = [
+    "split",
+    "preprocess",
+    "augment",
+    "balance",
+    "train_model",
+    "calibrate",
+    "evaluate",
+    "export_engine",
+    "register",
+    "promote",
+]
 HEAVY = {
     "tensorflow",
     "keras",
@@ -48,6 +59,25 @@ def test_tasks_chained_in_order_with_training_on_gpu_queue():
     assert {t.task_id for t in dag.tasks if t.queue == "gpu"} == on_gpu
     assert {t.queue for t in dag.tasks if t.task_id not in on_gpu} == {"default"}
     assert dag.schedule is None and dag.catchup is False
+
+
+def test_every_task_fails_at_once_on_permanent_errors_and_alerts_and_training_closes_its_mlflow_run():
+    """The three DAGs share one retry policy and one alert callback (wbc_airflow.dag_helpers); the
+    training DAG's one MLflow-closing callback runs after the alert, for a task and for the run."""
+    from wbc_airflow.dag_helpers import FAIL_AT_ONCE_ON_PERMANENT_ERRORS, close_mlflow_run
+    from wbc_tasks.ops.alerts import alert_dag_failure, alert_task_failure
+
+    for dag_id in ("wbc_training", "wbc_batch_classification", "wbc_maintenance"):
+        dag = parse_dag(dag_id)
+        for task in dag.tasks:
+            kwargs = getattr(task, "partial_kwargs", None) or vars(task)
+            assert kwargs["retry_policy"] is FAIL_AT_ONCE_ON_PERMANENT_ERRORS, (dag_id, task.task_id)
+            callbacks = kwargs["on_failure_callback"]
+            expected = [alert_task_failure, close_mlflow_run] if dag_id == "wbc_training" else [alert_task_failure]
+            assert (callbacks if isinstance(callbacks, list) else [callbacks]) == expected, (dag_id, task.task_id)
+        expected_dag = [alert_dag_failure, close_mlflow_run] if dag_id == "wbc_training" else [alert_dag_failure]
+        callbacks = dag.on_failure_callback
+        assert (callbacks if isinstance(callbacks, list) else [callbacks]) == expected_dag, dag_id
 
 
 def test_trigger_form_has_every_param_described_and_validated():

@@ -102,6 +102,8 @@ def test_dag_run_registers_and_crowns_the_first_model(env, base, airflow_db):
     dag = DagBag(dag_folder=str(REPO_ROOT / "dags" / "wbc_training.py")).dags["wbc_training"]
     run = dag.test(run_conf=base)
     assert run.state == DagRunState.SUCCESS
+    tasks = {ti.task_id: ti.state for ti in run.get_task_instances()}
+    assert tasks["export_engine"] == "success", tasks  # the engine's export is a task of its own
 
     client = client_for(env)
     champion = client.get_model_version_by_alias(env.model_name, env.champion_alias)
@@ -143,10 +145,12 @@ def test_a_trained_model_wins_and_the_old_champion_moves_to_rollback(env, base, 
     assert client.get_model_version_by_alias(env.model_name, env.champion_alias).version == int(new)
     assert client.get_model_version_by_alias(env.model_name, env.rollback_alias).version == 1
     assert results["promote_step"]["outcome"] == "promoted"
-    # Registration exported the CPU engine, checked it against Keras and logged it with the run.
+    # The export step exported the CPU engine, checked it against Keras and logged it with the run;
+    # registration tagged the version with it.
     version = client.get_model_version(env.model_name, new)
     engine = json.loads((env.run_dir("win-run") / "export" / "engine.json").read_text())
     assert engine["accepted"] and engine["check_images"] > 0, engine
+    assert results["export_step"]["accepted"] and results["export_step"]["precision"] == engine["precision"]
     assert version.tags["engine"] == f"openvino {engine['precision']}" == results["register_step"]["engine"]
     logged = {a.path for a in client.list_artifacts(version.run_id, "engine")}
     assert {"engine/engine.json", "engine/model.xml", "engine/model.bin"} <= logged

@@ -13,9 +13,10 @@ from wbc_tasks.core.settings import get_settings
 from wbc_tasks.core.vocabulary import CLASS_NAMES
 from wbc_tasks.core.workdir import run_step
 from wbc_tasks.data.augment import augment_training_set
-from wbc_tasks.data.balance import balance_with_smote, smote_pairs
+from wbc_tasks.data.balance import balance_with_smote
 from wbc_tasks.data.dataset import split_dataset
 from wbc_tasks.data.preprocess import preprocess_splits
+from wbc_tasks.data.smote import smote_pairs
 from wbc_tasks.data.store import create_store, finish_store, open_store
 
 BANDS, BASOPHILS, BLASTS, EOSINOPHILS = (CLASS_NAMES.index(c) for c in ("bands", "basophils", "blasts", "eosinophils"))

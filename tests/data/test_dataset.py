@@ -13,13 +13,13 @@ from wbc_tasks.core.workdir import run_step
 from wbc_tasks.data import dataset
 from wbc_tasks.data.dataset import (
     SPLITS,
-    DatasetError,
     find_labelled_images,
     read_manifest,
     split_dataset,
     split_of,
 )
 from wbc_tasks.data.images import DISAPPEARED
+from wbc_tasks.data.labelled_folder import DatasetError, check_data_folder
 from wbc_tasks.data.preprocess import PREPROCESS_REJECTED_FILE, preprocess_splits
 from wbc_tasks.data.store import open_store
 
@@ -270,8 +270,6 @@ def test_files_vanishing_mid_run_are_rejected_with_a_reason(tmp_path, settings, 
 
 
 def test_data_folder_one_level_too_high_says_what_it_found_and_where_to_look(tmp_path):
-    from wbc_tasks.data.dataset import check_data_folder
-
     top = tmp_path / "wbc-bench"
     write_image(top / "WBC" / "blasts" / "a.png", seed=1)
     write_image(top / "WBC" / "bands" / "b.png", seed=2)
@@ -285,8 +283,6 @@ def test_data_folder_one_level_too_high_says_what_it_found_and_where_to_look(tmp
 
 
 def test_a_class_folder_given_as_the_data_folder_points_at_its_parent(tmp_path):
-    from wbc_tasks.data.dataset import check_data_folder
-
     write_image(tmp_path / "WBC" / "blasts" / "a.png", seed=1)
     with pytest.raises(DatasetError, match=f"point at the folder that holds the class folders, {tmp_path / 'WBC'}"):
         check_data_folder(tmp_path / "WBC" / "blasts")

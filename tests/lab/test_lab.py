@@ -10,6 +10,7 @@ from __future__ import annotations
 import html.parser
 import io
 import json
+import re
 import time
 import urllib.error
 import urllib.parse
@@ -20,8 +21,8 @@ import pytest
 from PIL import Image
 
 from tests.lab.conftest import DROP, HOSTILE_DROP, lab_url
-from wbc_tasks.serving.queries import PredictionFilter, export_predictions
-from wbc_tasks.serving.reviews import latest_reviews, review_queue
+from wbc_tasks.serving.export import PredictionFilter, export_predictions
+from wbc_tasks.serving.review_queue import latest_reviews, review_queue
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -255,7 +256,7 @@ def test_a_drop_named_to_inject_script_shows_its_name_and_runs_nothing_in_the_re
     assert review_links
     for link in review_links:
         assert urllib.parse.unquote(urllib.parse.urlsplit(link).path) == f"/lab/drops/{HOSTILE_DROP}/review"
-        target = urllib.parse.urljoin(lab.url, f"/lab/drops/{quoted}/review")
+        target = urllib.parse.urljoin(lab.url, link)  # percent-encoded when built: followed as it is
         status, _, queue_page = fetch(target, token=token)
         assert status == 200, target
         assert HOSTILE_DROP.encode() not in queue_page  # shown escaped, never raw
@@ -272,3 +273,68 @@ def test_a_drop_named_to_inject_script_shows_its_name_and_runs_nothing_in_the_re
     wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "section.cell"), "the hostile drop's cells")
     assert len(browser.find_elements(By.CSS_SELECTOR, "section.cell")) == 3
     assert browser.execute_script("return window.__pwned === undefined")
+
+
+def _policy(headers: dict) -> dict[str, str]:
+    csp = {k.lower(): v for k, v in headers.items()}["content-security-policy"]
+    return {part.split()[0]: part for part in (p.strip() for p in csp.split(";")) if part}
+
+
+def test_every_lab_response_carries_a_strict_policy_with_a_fresh_nonce_on_its_own_script(lab):
+    token = lab.token("tech")
+    path = review_queue(lab.settings, DROP)[0]["path"]
+    routes = [
+        "/drops",
+        f"/drops/{DROP}/review",
+        f"/drops/{DROP}/report",
+        "/api/drops",
+        f"/api/drops/{DROP}/queue",
+        f"/image?path={urllib.parse.quote(path)}",
+        "/api/predictions?format=csv",
+    ]
+    nonces = []
+    for route in routes:
+        status, headers, body = fetch(lab_url(lab, route), token=token)
+        assert status == 200, route
+        lowered = {k.lower(): v for k, v in headers.items()}
+        assert lowered["x-content-type-options"] == "nosniff", route
+        assert lowered["referrer-policy"] == "same-origin", route
+        policy = _policy(headers)
+        assert policy["script-src"].startswith("script-src 'nonce-") and "unsafe-inline" not in policy["script-src"]
+        for directive in ("object-src 'none'", "base-uri 'none'", "frame-ancestors 'self'", "default-src 'none'"):
+            assert directive in policy.values(), (route, directive)
+        nonce = policy["script-src"].split("'nonce-")[1].rstrip("'")
+        nonces.append(nonce)
+        if route.endswith("/review"):
+            scripts = re.findall(rb"<script([^>]*)>", body)
+            assert scripts == [f' nonce="{nonce}"'.encode()], scripts
+    assert len(set(nonces)) == len(nonces)  # a fresh nonce per response
+
+
+def test_the_review_page_runs_its_own_script_under_the_policy_and_the_browser_reports_no_violation(
+    lab, browser, tmp_path
+):
+    from selenium.webdriver.common.by import By
+
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    log_in(browser, lab, "viewer", f"/drops/{DROP}/review", shots, "csp")
+    cells = wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "section.cell"), "the queue's cells")
+    # The page's script ran (it marks a cell current): the nonce let it through.
+    wait_for(lambda: any("current" in c.get_attribute("class") for c in cells), "the script's current cell")
+    browser.get(lab_url(lab, f"/drops/{DROP}/report"))
+    wait_for(lambda: browser.find_element(By.TAG_NAME, "body").text, "the report")
+    violations = [e for e in browser.get_log("browser") if "Content Security Policy" in e.get("message", "")]
+    assert violations == []
+    # A planted inline script (no nonce) is refused, and the refusal is what the check above reads.
+    browser.execute_script(
+        "const s = document.createElement('script'); s.textContent = 'window.__planted = 1';"
+        "document.body.appendChild(s);"
+    )
+    assert browser.execute_script("return window.__planted === undefined")
+    planted = wait_for(
+        lambda: [e for e in browser.get_log("browser") if "Content Security Policy" in e.get("message", "")],
+        "the planted script's violation in the console",
+        timeout=10,
+    )
+    assert len(planted) >= 1

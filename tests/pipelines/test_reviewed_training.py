@@ -20,7 +20,7 @@ from wbc_tasks.data.dataset import SOURCE_LABELLED, SOURCE_REVIEW, load_ledger, 
 from wbc_tasks.data.store import open_store
 from wbc_tasks.pipelines import training as steps
 from wbc_tasks.serving import predictions as db
-from wbc_tasks.serving.reviews import record_review
+from wbc_tasks.serving.review_decisions import record_review
 
 DROP = "2026-11-24"
 
@@ -189,7 +189,7 @@ def test_a_nightly_drop_is_reviewed_exported_and_the_next_training_run_learns_fr
     from wbc_tasks.registry.client import configure_mlflow
     from wbc_tasks.registry.runs import open_tracking_run
     from wbc_tasks.serving.nightly import classify_new_images
-    from wbc_tasks.serving.reviews import review_queue
+    from wbc_tasks.serving.review_queue import review_queue
 
     source = shared_set("wbc-bench") / "WBC"
     data_dir = tmp_path / "labelled"

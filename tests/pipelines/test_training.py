@@ -1,4 +1,6 @@
-"""Paths from the trigger form: a data_dir param must lie inside the configured folders."""
+"""Which labelled folder a training run uses (wbc_tasks.pipelines.data_folder, shared with
+``wbc train``): a data_dir param must lie inside the configured folders; else WBC_DATA_DIR; else
+generated demo data."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import os
 import pytest
 
 from wbc_tasks.core.paths import OutsideAllowedFoldersError
-from wbc_tasks.pipelines.training import resolve_data_dir
+from wbc_tasks.pipelines.data_folder import configured_data_dir, resolve_data_dir
 from wbc_tasks.training.params import training_params
 
 
@@ -40,3 +42,15 @@ def test_a_link_inside_home_leading_out_is_refused(settings, tmp_path):
     os.symlink(outside, link)
     with pytest.raises(OutsideAllowedFoldersError, match="resolves to"):
         resolve_data_dir(settings, training_params({"data_dir": str(link)}))
+
+
+def test_without_a_param_the_configured_folder_is_used_else_demo_data(settings, tmp_path):
+    data = tmp_path / "lab" / "WBC"
+    data.mkdir(parents=True)
+    configured = settings.with_overrides(data_dir=data)
+    assert configured_data_dir(configured, training_params({})) == data.resolve()
+    assert resolve_data_dir(configured, training_params({})) == data.resolve()
+    assert configured_data_dir(settings, training_params({})) is None  # no folder: the run makes demo data
+    inside = settings.home / "other" / "WBC"
+    inside.mkdir(parents=True)
+    assert configured_data_dir(configured, training_params({"data_dir": str(inside)})) == inside.resolve()

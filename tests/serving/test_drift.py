@@ -13,7 +13,7 @@ from wbc_tasks.core.vocabulary import CLASS_NAMES
 from wbc_tasks.registry.versions import ModelRef
 from wbc_tasks.serving import predictions as db
 from wbc_tasks.serving.drift import drift_alert_details, drift_by_drop
-from wbc_tasks.training.trust import TrustPolicy
+from wbc_tasks.training.trust_policy import TrustPolicy
 
 REF = ModelRef("wbc-classifier", "1", "run1", "models:/wbc-classifier/1", 32, CLASS_NAMES)
 MIX = {c: 1 / len(CLASS_NAMES) for c in CLASS_NAMES}

@@ -78,3 +78,19 @@ def test_a_third_labs_drop_raises_a_drift_alert_and_the_training_labs_drops_none
     assert night["drops_drifted"] == 1
     [post] = hook.posts
     assert post["json"]["event"] == "drift" and [d["drop"] for d in post["json"]["drops"]] == ["other-lab"]
+
+    # The report does not pretend (issue 30): on the third lab's drop it says first that the
+    # automatic differential is not meaningful; on the training labs' drops it does not.
+    from wbc_tasks.serving.report import differential_report
+    from wbc_tasks.serving.report_rendering import render_report
+
+    other_report = differential_report(get_settings(), "other-lab")
+    coverage = other_report["coverage"]
+    assert coverage["unfamiliar_percent"] > 50 and not coverage["meaningful"], coverage
+    page = render_report(other_report, "html")
+    assert page.index("not meaningful") < page.index("<h2>Flags</h2>") < page.index("<h2>Differential</h2>")
+    assert "not meaningful" in render_report(other_report, "csv").split("\n", 3)[2]
+    left_shift = next(f for f in other_report["flags"] if f["name"] == "left_shift")
+    assert left_shift["rests_on"].startswith(f"{coverage['speaks_for']} cells")
+    for drop in ("2026-11-24", "2026-11-25"):
+        assert differential_report(get_settings(), drop)["coverage"]["meaningful"], drop

@@ -28,7 +28,7 @@ def registered(tmp_path_factory):
     from wbc_tasks.registry.client import ensure_experiment
     from wbc_tasks.registry.registration import log_model_version
     from wbc_tasks.training.export import ENGINE_ARTIFACT_PATH, export_engine
-    from wbc_tasks.training.trust import TRUST_ARTIFACT_PATH
+    from wbc_tasks.training.trust_policy import TRUST_ARTIFACT_PATH
 
     root = tmp_path_factory.mktemp("engine")
     settings = base_settings(root / "home").with_overrides(review_threshold=None, allowed_roots=(drop_source(DROP),))

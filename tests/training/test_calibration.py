@@ -51,7 +51,7 @@ def test_folding_the_temperature_calibrates_the_saved_model_with_stock_layers(tm
 
     from wbc_tasks.core.settings import get_settings
     from wbc_tasks.training.model import build_model
-    from wbc_tasks.training.trust import outputs_model
+    from wbc_tasks.training.outputs import outputs_model
 
     model = build_model(32, 9, weights="none", settings=get_settings())
     images = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3)).astype(np.float32)

@@ -21,7 +21,8 @@ from wbc_tasks.training.export import (
     export_engine,
     load_engine,
 )
-from wbc_tasks.training.trust import assess, load_trust, outputs_model, predict_all
+from wbc_tasks.training.outputs import outputs_model, predict_all
+from wbc_tasks.training.trust_policy import assess, load_trust
 
 pytestmark = pytest.mark.slow  # trains and calibrates a 32 px VGG16
 

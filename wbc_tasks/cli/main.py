@@ -11,6 +11,7 @@ wbc airflow-ui / wbc mlflow-ui                                  open the UIs on 
 wbc demo-data [--per-class N] | --drop NAME [--count N]         write generated demo images
 wbc cleanup [--dry-run] [--mlflow-artifacts]                    delete old run work folders
 wbc pseudonym [--root DIR] PATH...                              the pseudonyms of your files
+wbc backup --out DIR / wbc restore DIR [--replace]               back up / restore the embedded state
 """
 
 from __future__ import annotations
@@ -18,46 +19,37 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
-import os
 import sys
 from datetime import UTC
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
+from wbc_tasks.cli.backup_commands import add_backup_commands
 from wbc_tasks.cli.embedded import airflow_environment, run_airflow_command, run_airflow_ui, run_mlflow_ui
+from wbc_tasks.cli.params import ParamInputError, parse_params
 from wbc_tasks.core.settings import Settings, get_settings
-from wbc_tasks.core.vocabulary import REVIEW_REASONS
+from wbc_tasks.core.vocabulary import REVIEW_REASONS, DagId
+from wbc_tasks.pipelines.params import classification_param_specs, training_param_specs
 from wbc_tasks.training.params import PROFILES
 
-
-def _parse_params(pairs: list[str]) -> dict[str, Any]:
-    params: dict[str, Any] = {}
-    for pair in pairs:
-        name, sep, value = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"--param {pair!r}: expected name=value")
-        try:
-            params[name] = json.loads(value)
-        except json.JSONDecodeError:
-            params[name] = value
-    return params
+#: What ``add_subparsers`` returns (argparse does not name the type publicly).
+_Subcommands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 
 def _check_before_airflow(settings: Settings, conf: dict[str, Any]) -> None:
     """The checks that would fail the run's first task, made here in a second instead of after
     Airflow has started: params, weights, the data folder."""
-    from wbc_tasks.core.paths import resolve_inside
-    from wbc_tasks.data.dataset import check_data_folder
+    from wbc_tasks.data.labelled_folder import check_data_folder
+    from wbc_tasks.pipelines.data_folder import configured_data_dir
     from wbc_tasks.training.model import vgg16_weights_file
-    from wbc_tasks.training.params import training_params
+    from wbc_tasks.training.params import Weights, training_params
 
     params = training_params(conf)
-    if params.weights == "imagenet":
+    if params.weights == Weights.IMAGENET:
         vgg16_weights_file(settings)
-    if params.data_dir:
-        check_data_folder(resolve_inside(params.data_dir, settings.input_roots(), "data_dir"))
-    elif settings.data_dir is not None:
-        check_data_folder(settings.data_dir)
+    data_dir = configured_data_dir(settings, params)
+    if data_dir is not None:  # None: the run trains on generated demo data
+        check_data_folder(data_dir)
 
 
 def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
@@ -66,19 +58,20 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
     from wbc_tasks.cli.run_summary import summarise_training
     from wbc_tasks.core.errors import PermanentError
 
-    conf = {**PROFILES.get(args.profile, {}), **_parse_params(args.param)}
+    given = parse_params(args.param, training_param_specs())
+    conf = {**PROFILES.get(args.profile, {}), **given}
     if settings.data_dir is None and "data_dir" not in conf and args.profile == "cpu":
         # No data configured: the demo profile is the one that learns generated images quickly.
-        conf = {**PROFILES["demo"], **_parse_params(args.param)}
+        conf = {**PROFILES["demo"], **given}
         print("WBC_DATA_DIR is not set: training on generated demo data (profile 'demo').")
     try:
         _check_before_airflow(settings, conf)
     except PermanentError as exc:
         print(f"wbc train: {exc}", file=sys.stderr)
         return 2
-    print(f"wbc_training with {json.dumps(conf, sort_keys=True)}", flush=True)
+    print(f"{DagId.TRAINING} with {json.dumps(conf, sort_keys=True)}", flush=True)
     started = datetime.now(UTC)
-    code = run_airflow_command(settings, "dags", "test", "wbc_training", "--conf", json.dumps(conf))
+    code = run_airflow_command(settings, "dags", "test", DagId.TRAINING, "--conf", json.dumps(conf))
     if code >= 128:  # stopped by a signal: the run did not finish, say so and nothing more
         return code
     summary, succeeded = summarise_training(
@@ -89,12 +82,12 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_classify_night(args: argparse.Namespace, settings: Settings) -> int:
-    conf = _parse_params(args.param)
-    return run_airflow_command(settings, "dags", "test", "wbc_batch_classification", "--conf", json.dumps(conf))
+    conf = parse_params(args.param, classification_param_specs(settings))
+    return run_airflow_command(settings, "dags", "test", DagId.NIGHTLY, "--conf", json.dumps(conf))
 
 
 def cmd_predictions(args: argparse.Namespace, settings: Settings) -> int:
-    from wbc_tasks.serving.queries import PredictionFilter, export_predictions
+    from wbc_tasks.serving.export import PredictionFilter, export_predictions
 
     where = PredictionFilter(
         drop=args.drop,
@@ -112,7 +105,8 @@ def cmd_predictions(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
-    from wbc_tasks.serving.report import ReportError, write_report
+    from wbc_tasks.serving.report import ReportError
+    from wbc_tasks.serving.report_rendering import write_report
 
     try:
         text = write_report(settings, args.drop, args.format, args.out, model_version=args.model_version)
@@ -127,7 +121,8 @@ def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_reviews_export(args: argparse.Namespace, settings: Settings) -> int:
-    from wbc_tasks.serving.reviews import ReviewError, export_reviewed
+    from wbc_tasks.serving.review_decisions import ReviewError
+    from wbc_tasks.serving.review_export import export_reviewed
 
     try:
         summary = export_reviewed(settings, Path(args.out))
@@ -146,14 +141,15 @@ def cmd_classify(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if all("rejected" not in r for r in results) else 3
 
 
-def _who(args: argparse.Namespace) -> str:
-    return args.who or os.environ.get("WBC_USER") or getpass.getuser()
+def _who(args: argparse.Namespace, settings: Settings) -> str:
+    """Who moved the champion: ``--who``, else ``WBC_USER``, else the login name."""
+    return args.who or settings.user or getpass.getuser()
 
 
 def cmd_promote(args: argparse.Namespace, settings: Settings) -> int:
     from wbc_tasks.registry.promotion import promote_version
 
-    result = promote_version(settings, str(args.version), who=_who(args), why=args.why)
+    result = promote_version(settings, str(args.version), who=_who(args, settings), why=args.why)
     print(json.dumps(result, indent=2, default=str))
     return 0
 
@@ -161,7 +157,7 @@ def cmd_promote(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_rollback(args: argparse.Namespace, settings: Settings) -> int:
     from wbc_tasks.registry.promotion import rollback
 
-    result = rollback(settings, who=_who(args), why=args.why)
+    result = rollback(settings, who=_who(args, settings), why=args.why)
     print(json.dumps(result, indent=2, default=str))
     return 0
 
@@ -226,11 +222,22 @@ def cmd_pseudonym(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``wbc`` argument parser: one sub-command per entry of the module docstring."""
     parser = argparse.ArgumentParser(
         prog="wbc", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_dag_commands(sub)
+    _add_prediction_commands(sub)
+    _add_champion_commands(sub)
+    _add_ui_commands(sub)
+    _add_housekeeping_commands(sub)
+    add_backup_commands(sub)
+    return parser
 
+
+def _add_dag_commands(sub: _Subcommands) -> None:
+    """``train`` and ``classify-night``: a DAG run on the embedded Airflow."""
     train = sub.add_parser("train", help="run the wbc_training DAG end to end (embedded Airflow)")
     train.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
     train.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
@@ -240,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     night.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
     night.set_defaults(func=cmd_classify_night)
 
+
+def _add_prediction_commands(sub: _Subcommands) -> None:
+    """``predictions``, ``report``, ``reviews export`` and ``classify``: the predictions table."""
     preds = sub.add_parser("predictions", help="fetch the predictions table (csv, parquet or json)")
     preds.add_argument("--format", choices=["csv", "parquet", "json"], default="csv")
     preds.add_argument("--out", help="file to write (default: standard output; parquet needs --out)")
@@ -277,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("--record", action="store_true", help="also store the rows in the predictions database")
     classify.set_defaults(func=cmd_classify)
 
+
+def _add_champion_commands(sub: _Subcommands) -> None:
+    """``promote`` and ``rollback``: move the champion by hand."""
     promote = sub.add_parser("promote", help="make VERSION the champion by hand (recorded on the version)")
     promote.add_argument("version", type=int)
     promote.add_argument("--why", required=True, help="reason, recorded with who and when")
@@ -287,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     back.add_argument("--who")
     back.set_defaults(func=cmd_rollback)
 
+
+def _add_ui_commands(sub: _Subcommands) -> None:
+    """``airflow-ui`` and ``mlflow-ui`` on the embedded state."""
     ui = sub.add_parser(
         "airflow-ui",
         help="Airflow's UI (and scheduler, DAG processor, triggerer) on the embedded state, until Ctrl-C",
@@ -299,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     mlui.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     mlui.set_defaults(func=cmd_mlflow_ui)
 
+
+def _add_housekeeping_commands(sub: _Subcommands) -> None:
+    """``demo-data``, ``cleanup`` and ``pseudonym``."""
     demo = sub.add_parser("demo-data", help="write the generated demo image set")
     demo.add_argument("--out")
     demo.add_argument("--per-class", type=int, default=40)
@@ -333,12 +352,15 @@ def build_parser() -> argparse.ArgumentParser:
         "else the paths as given",
     )
     pseudonym.set_defaults(func=cmd_pseudonym)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args, get_settings()) or 0)
+    try:
+        return int(args.func(args, get_settings()) or 0)
+    except ParamInputError as exc:  # a --param the table refuses: one line, no traceback
+        print(f"wbc {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

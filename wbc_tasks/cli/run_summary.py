@@ -16,8 +16,9 @@ from typing import Any
 from urllib.parse import quote
 
 from wbc_tasks.core.settings import COMPLETE_MARKER, Settings
+from wbc_tasks.core.vocabulary import DagId, Step
 
-DAG_ID = "wbc_training"
+DAG_ID = DagId.TRAINING.value
 #: Test metrics shown, in this order.
 SHOWN_METRICS = ("balanced_accuracy", "accuracy", "macro_f1")
 
@@ -63,10 +64,10 @@ def _utc(text: str) -> datetime:
 def read_markers(settings: Settings, run: TrainingRun) -> TrainingRun:
     """``run`` with the completion markers of its finished steps."""
     folder = settings.run_dir(run.run_id)
-    for step in ("split", "evaluate", "register", "promote"):
+    for step in (Step.SPLIT, Step.EVALUATE, Step.REGISTER, Step.PROMOTE):
         marker = folder / step / COMPLETE_MARKER
         if marker.is_file():
-            run.markers[step] = json.loads(marker.read_text())
+            run.markers[step.value] = json.loads(marker.read_text())
     return run
 
 
@@ -93,12 +94,12 @@ def format_summary(
     """The summary block, as printed."""
     lines = ["", "=" * 72]
     if run is None:
-        lines.append(f"wbc_training did not start (exit status {exit_code}); the reason is above.")
+        lines.append(f"{DAG_ID} did not start (exit status {exit_code}); the reason is above.")
         lines.append("=" * 72)
         return "\n".join(lines)
     failed = sorted(t for t, s in run.task_states.items() if s in ("failed", "upstream_failed"))
     outcome = "succeeded" if run.state == "success" and exit_code == 0 else f"ended {run.state}"
-    lines.append(f"wbc_training run {run.run_id}: {outcome}")
+    lines.append(f"{DAG_ID} run {run.run_id}: {outcome}")
     if failed:
         first = [t for t in failed if run.task_states[t] == "failed"]
         lines.append(f"  failed task: {', '.join(first or failed)} (its error is above, and in the Airflow UI)")
@@ -106,7 +107,7 @@ def format_summary(
     if split:
         lines.append(
             f"  data: {split['images']} images from {split['data_dir']} ({split['rejected']} files rejected: "
-            f"{settings.run_dir(run.run_id) / 'split' / 'rejected.csv'})"
+            f"{settings.run_dir(run.run_id) / Step.SPLIT / 'rejected.csv'})"
         )
     evaluated = run.markers.get("evaluate")
     registered = run.markers.get("register")

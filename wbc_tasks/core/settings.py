@@ -1,9 +1,11 @@
 """The one settings module: every path, URI and default the pipeline uses.
 
-Settings come from environment variables named ``WBC_*`` (documented in README.md, "Settings").
-Nothing else in the package reads the environment or hard-codes a path. Per-run choices a user
-makes in the Airflow trigger form (epochs, learning rates, ...) are *params*, not settings: they
-live in :mod:`wbc_tasks.training.params`.
+Owns :class:`Settings` (read from the environment variables named ``WBC_*``, documented in
+README.md, "Settings"; :meth:`Settings.with_overrides` for a validated copy), the file-level
+constants every layer shares (image extensions, the completion marker) and where the checkout,
+the embedded state and the DAG files are. Nothing else in the package reads the environment or
+hard-codes a path. Per-run choices a user makes in a trigger form (epochs, learning rates, ...)
+are *params*, not settings: see :mod:`wbc_tasks.pipelines.params`.
 """
 
 from __future__ import annotations
@@ -238,6 +240,9 @@ class Settings(BaseSettings):
     #: ``<work_dir>/.pseudonym_key`` (mode 0600).
     pseudonymise_names: bool = False
     pseudonym_key: str | None = Field(default=None, repr=False)
+    #: Who ``wbc promote`` / ``wbc rollback`` record as having moved the champion when ``--who``
+    #: is not given; unset: the login name.
+    user: str | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -262,17 +267,25 @@ class Settings(BaseSettings):
         try:
             return cls()
         except ValidationError as exc:
-            problems = "; ".join(
-                f"setting {env_variable(str(e['loc'][0]))}={e.get('input')!r}: {e['msg']}" for e in exc.errors()
-            )
-            raise SettingsError(problems) from None
+            raise _settings_error(exc) from None
 
     def with_overrides(self, **changes: object) -> Settings:
-        """A copy with some fields replaced (tests and the CLI use this)."""
+        """A copy with some fields replaced (tests and the CLI use this), validated like the
+        environment: a path is resolved, a bad value raises :class:`SettingsError` naming it.
+
+        The copy is built from this object's values and ``changes`` alone: the environment is
+        not read again (it may have changed since), so what is not overridden stays as it is.
+        A field set to None takes its default; the folders and URIs derived from ``home`` are
+        derived again only when they are overridden with None."""
         unknown = set(changes) - set(type(self).model_fields)
         if unknown:
             raise TypeError(f"unknown settings: {sorted(unknown)}")
-        return self.model_copy(update=changes)
+        try:
+            # model_validate runs every validator without BaseSettings.__init__, which would
+            # read the environment again.
+            return type(self).model_validate({**self.model_dump(), **changes})
+        except ValidationError as exc:
+            raise _settings_error(exc) from None
 
     def worker_count(self) -> int:
         """Processes to use for CPU-bound image work."""
@@ -288,6 +301,15 @@ class Settings(BaseSettings):
         if self.data_dir is not None:
             roots.insert(0, self.data_dir)
         return tuple(dict.fromkeys(Path(r).expanduser().resolve() for r in roots))
+
+
+def _settings_error(exc: ValidationError) -> SettingsError:
+    """One :class:`SettingsError` naming each refused setting by its variable, with the value."""
+    problems = "; ".join(
+        f"setting {env_variable(str(e['loc'][0])) if e['loc'] else 'WBC_*'}={e.get('input')!r}: {e['msg']}"
+        for e in exc.errors()
+    )
+    return SettingsError(problems)
 
 
 def env_variable(field_name: str) -> str:

@@ -5,7 +5,9 @@ images take the class of the top-level folder (``blasts/2024/a.png`` is a blast)
 files or folders, at any depth) are followed only when their target lies under the data folder
 or ``settings.allowed_roots``; links out of them, broken links and symlink loops are rejected.
 Every file found ends up in the manifest or in the rejections, each rejection with its reason;
-the input folder is only read.
+the input folder is only read. What a data folder must look like, and walking one class
+folder, are :mod:`wbc_tasks.data.labelled_folder`'s; the split ledger (splits earlier runs
+assigned, kept so an image never changes split) is here.
 
 Images people reviewed in the predictions database may join the labelled ones (``extra``, built
 by the pipeline layer): the same checks and the same hash-stable split, their absolute path in
@@ -26,13 +28,13 @@ from typing import Any
 
 import pandas as pd
 
-from wbc_tasks.core.errors import PermanentError
 from wbc_tasks.core.parallel import parallel_map
 from wbc_tasks.core.privacy import pseudonymiser
 from wbc_tasks.core.settings import IMAGE_EXTENSIONS, Settings
 from wbc_tasks.core.vocabulary import CLASS_NAMES
 from wbc_tasks.core.workdir import write_json_atomic
 from wbc_tasks.data.images import ImageError, inspect_image, resolve_within
+from wbc_tasks.data.labelled_folder import DatasetError, check_data_folder, walk_class_folder
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +47,6 @@ MANIFEST_COLUMNS = ["path", "class", "sha256", "split", "width", "height", "sour
 SOURCE_LABELLED = "labelled"
 SOURCE_REVIEW = "review"
 REJECTED_COLUMNS = ["path", "class", "sha256", "reason"]
-
-
-class DatasetError(PermanentError, ValueError):
-    """The labelled folder cannot be trained on at all."""
 
 
 @dataclass(frozen=True)
@@ -74,94 +72,6 @@ class ExtraImage:
     source: str = SOURCE_REVIEW
 
 
-def _walk_class_folder(folder: Path, roots: tuple[Path, ...]) -> tuple[list[Path], list[tuple[Path, str]]]:
-    """Files under ``folder`` at any depth (as found: a link's own path) and the entries that
-    cannot be files, with reasons. Folder links are followed into ``roots``, each folder once:
-    ``rglob`` skipped linked folders silently and crashed on a symlink loop (RuntimeError)."""
-    files: list[Path] = []
-    problems: list[tuple[Path, str]] = []
-    visited = {folder.resolve()}
-    stack = [folder]
-    while stack:
-        current = stack.pop()
-        try:
-            # Real entries before links, so a real folder is scanned under its own path.
-            entries = sorted(os.scandir(current), key=lambda e: (e.is_symlink(), e.name))
-        except OSError as exc:  # vanished or unreadable since listed
-            problems.append((current, f"cannot list folder: {exc.strerror or exc}"))
-            continue
-        for entry in entries:
-            path = Path(entry.path)
-            try:
-                target = resolve_within(path, roots) if entry.is_symlink() else path
-            except ImageError as exc:
-                problems.append((path, exc.reason))
-                continue
-            if entry.is_dir():  # follows a link, like target.is_dir()
-                real = target.resolve()
-                if real in visited:
-                    problems.append((path, f"symlink loop or second path to folder {real} (already scanned)"))
-                    continue
-                visited.add(real)
-                stack.append(path)
-            elif entry.is_file():
-                files.append(path)
-            else:
-                problems.append((path, "not a regular file"))
-    return sorted(files), problems
-
-
-def _class_folders(folder: Path) -> list[str]:
-    """Names of the known class folders directly in ``folder`` that hold at least one file."""
-    known = {name.lower() for name in CLASS_NAMES}
-    try:
-        entries = sorted(folder.iterdir())
-    except OSError:
-        return []
-    found = []
-    for entry in entries:
-        try:
-            if entry.name.lower() in known and entry.is_dir() and any(p.is_file() for p in entry.rglob("*")):
-                found.append(entry.name)
-        except (OSError, RuntimeError):  # unreadable folder, symlink loop: the split reports it
-            continue
-    return found
-
-
-def check_data_folder(data_dir: Path) -> None:
-    """Fail in seconds, saying what was found, when ``data_dir`` cannot be trained on: missing,
-    not a folder, or fewer than two class folders with files in it. Suggests the folder one
-    level down that holds class folders (a common slip: pointing at the folder above ``WBC/``)."""
-    if not data_dir.is_dir():
-        raise DatasetError(
-            f"data folder {data_dir} does not exist or is not a folder (WBC_DATA_DIR or the data_dir param)"
-        )
-    classes = _class_folders(data_dir)
-    if len(classes) >= 2:
-        return
-    try:
-        others = sorted(e.name for e in data_dir.iterdir() if e.is_dir() and e.name not in classes)
-    except OSError as exc:
-        raise DatasetError(f"data folder {data_dir} cannot be listed: {exc}") from exc
-    found = (
-        f"class folders with images: {', '.join(classes) or 'none'}; "
-        f"other folders: {', '.join(others[:10]) or 'none'}{' ...' if len(others) > 10 else ''}"
-    )
-    hints = []
-    for name in others:
-        below = _class_folders(data_dir / name)
-        if len(below) >= 2:
-            hints.append(f"{data_dir / name} holds class folders ({', '.join(below)}): did you mean that folder?")
-    if data_dir.name.lower() in {c.lower() for c in CLASS_NAMES}:
-        hints.append(
-            f"{data_dir.name} is a class name: point at the folder that holds the class folders, {data_dir.parent}"
-        )
-    raise DatasetError(
-        f"{data_dir}: training needs images in at least two class folders "
-        f"({', '.join(CLASS_NAMES)}); found {found}." + (" " + " ".join(hints) if hints else "")
-    )
-
-
 def find_labelled_images(data_dir: Path, settings: Settings) -> tuple[list[tuple[Path, str]], list[Rejection]]:
     """Candidate (file, class) pairs under ``data_dir`` and everything that cannot be one."""
     data_dir = data_dir.resolve()
@@ -185,7 +95,7 @@ def find_labelled_images(data_dir: Path, settings: Settings) -> tuple[list[tuple
             rejected.append(Rejection(str(rel), "not a file or folder"))
             continue
         label = known.get(entry.name.lower())
-        files, problems = _walk_class_folder(entry, roots)
+        files, problems = walk_class_folder(entry, roots)
         rejected.extend(Rejection(str(p.relative_to(data_dir)), reason, label or "") for p, reason in problems)
         if label is None:
             reason = f"unknown class folder '{entry.name}'; known classes: {', '.join(CLASS_NAMES)}"
@@ -287,51 +197,8 @@ def split_dataset(data_dir: Path, out_dir: Path, settings: Settings, extra: Sequ
             continue
         candidates.append((Path(image.path), image.label))
         sources.append(image.source)
-    check = partial(_inspect, max_pixels=settings.max_image_pixels, min_side=settings.min_image_side)
-    results = parallel_map(check, [p for p, _ in candidates], workers=settings.worker_count())
-    rows = []
-    for (path, label), source, (status, value) in zip(candidates, sources, results, strict=True):
-        # Extra images keep their absolute path: the preprocess step's data_dir / path is then that path.
-        rel = str(path.relative_to(data_dir)) if source == SOURCE_LABELLED else str(path)
-        if status == "rejected":
-            rejected.append(Rejection(rel, str(value), label, source=source))
-            continue
-        rows.append(
-            {
-                "path": rel,
-                "class": label,
-                "sha256": value.sha256,
-                "width": value.width,
-                "height": value.height,
-                "source": source,
-            }
-        )
-    table = pd.DataFrame(rows, columns=["path", "class", "sha256", "width", "height", "source"])
-
-    # A reviewed image also in the labelled folder: the curated label stands, the review is noted.
-    labelled = table[table["source"] == SOURCE_LABELLED].drop_duplicates("sha256").set_index("sha256")
-    repeated = (table["source"] != SOURCE_LABELLED) & table["sha256"].isin(labelled.index)
-    for row in table[repeated].to_dict("records"):
-        first = labelled.loc[row["sha256"]]
-        reason = f"already in the labelled folder as {first['path']} ({first['class']}); the labelled folder wins"
-        rejected.append(Rejection(row["path"], reason, row["class"], row["sha256"], row["source"]))
-    table = table[~repeated]
-
-    # One image under two classes: nobody knows which label is right, so neither copy is used.
-    labels_per_hash = table.groupby("sha256")["class"].nunique()
-    conflicted = set(labels_per_hash[labels_per_hash > 1].index)
-    for row in table[table["sha256"].isin(conflicted)].to_dict("records"):
-        classes = sorted(table.loc[table["sha256"] == row["sha256"], "class"].unique())
-        reason = f"label conflict: the same image is filed under {', '.join(classes)}"
-        rejected.append(Rejection(row["path"], reason, row["class"], row["sha256"]))
-    table = table[~table["sha256"].isin(conflicted)]
-    # Exact duplicates within a class: keep the first path, record the others.
-    dupes = table.duplicated("sha256", keep="first")
-    first_path = table.drop_duplicates("sha256").set_index("sha256")["path"]
-    for row in table[dupes].to_dict("records"):
-        reason = f"duplicate of {first_path[row['sha256']]}"
-        rejected.append(Rejection(row["path"], reason, row["class"], row["sha256"]))
-    manifest = table[~dupes].reset_index(drop=True)
+    table = _inspected_images(candidates, sources, data_dir, settings, rejected)
+    manifest = _drop_unusable_copies(table, rejected)
 
     ledger = load_ledger(settings.work_dir)
     manifest["split"] = [
@@ -377,15 +244,71 @@ def split_dataset(data_dir: Path, out_dir: Path, settings: Settings, extra: Sequ
         "split_fallbacks": notes,
     }
     if extra:
-        added = manifest[manifest["source"] != SOURCE_LABELLED]
-        summary["extra"] = {
-            "offered": len(extra),
-            "added": int(len(added)),
-            "per_split": {split: int((added["split"] == split).sum()) for split in SPLITS},
-            "left_out": [r.as_row() for r in rejected if r.source != SOURCE_LABELLED],
-        }
+        summary["extra"] = _extra_summary(manifest, extra, rejected)
     write_json_atomic(out_dir / "class_counts.json", counts)
     return summary
+
+
+def _inspected_images(
+    candidates: list[tuple[Path, str]],
+    sources: list[str],
+    data_dir: Path,
+    settings: Settings,
+    rejected: list[Rejection],
+) -> pd.DataFrame:
+    """Each candidate's header read (in worker processes): the usable ones as a table (path,
+    class, sha256, size, source); the others appended to ``rejected`` with the reason."""
+    check = partial(_inspect, max_pixels=settings.max_image_pixels, min_side=settings.min_image_side)
+    results = parallel_map(check, [p for p, _ in candidates], workers=settings.worker_count())
+    rows = []
+    for (path, label), source, (status, value) in zip(candidates, sources, results, strict=True):
+        # Extra images keep their absolute path: the preprocess step's data_dir / path is then that path.
+        rel = str(path.relative_to(data_dir)) if source == SOURCE_LABELLED else str(path)
+        if status == "rejected":
+            rejected.append(Rejection(rel, str(value), label, source=source))
+            continue
+        size = {"width": value.width, "height": value.height}
+        rows.append({"path": rel, "class": label, "sha256": value.sha256, **size, "source": source})
+    return pd.DataFrame(rows, columns=["path", "class", "sha256", "width", "height", "source"])
+
+
+def _drop_unusable_copies(table: pd.DataFrame, rejected: list[Rejection]) -> pd.DataFrame:
+    """The table without second copies of an image, each appended to ``rejected`` with why."""
+    # A reviewed image also in the labelled folder: the curated label stands, the review is noted.
+    labelled = table[table["source"] == SOURCE_LABELLED].drop_duplicates("sha256").set_index("sha256")
+    repeated = (table["source"] != SOURCE_LABELLED) & table["sha256"].isin(labelled.index)
+    for row in table[repeated].to_dict("records"):
+        first = labelled.loc[row["sha256"]]
+        reason = f"already in the labelled folder as {first['path']} ({first['class']}); the labelled folder wins"
+        rejected.append(Rejection(row["path"], reason, row["class"], row["sha256"], row["source"]))
+    table = table[~repeated]
+
+    # One image under two classes: nobody knows which label is right, so neither copy is used.
+    labels_per_hash = table.groupby("sha256")["class"].nunique()
+    conflicted = set(labels_per_hash[labels_per_hash > 1].index)
+    for row in table[table["sha256"].isin(conflicted)].to_dict("records"):
+        classes = sorted(table.loc[table["sha256"] == row["sha256"], "class"].unique())
+        reason = f"label conflict: the same image is filed under {', '.join(classes)}"
+        rejected.append(Rejection(row["path"], reason, row["class"], row["sha256"]))
+    table = table[~table["sha256"].isin(conflicted)]
+    # Exact duplicates within a class: keep the first path, record the others.
+    dupes = table.duplicated("sha256", keep="first")
+    first_path = table.drop_duplicates("sha256").set_index("sha256")["path"]
+    for row in table[dupes].to_dict("records"):
+        reason = f"duplicate of {first_path[row['sha256']]}"
+        rejected.append(Rejection(row["path"], reason, row["class"], row["sha256"]))
+    return table[~dupes].reset_index(drop=True)
+
+
+def _extra_summary(manifest: pd.DataFrame, extra: Sequence[ExtraImage], rejected: list[Rejection]) -> dict:
+    """How many of the ``extra`` images were offered, added (per split) and left out (why)."""
+    added = manifest[manifest["source"] != SOURCE_LABELLED]
+    return {
+        "offered": len(extra),
+        "added": int(len(added)),
+        "per_split": {split: int((added["split"] == split).sum()) for split in SPLITS},
+        "left_out": [r.as_row() for r in rejected if r.source != SOURCE_LABELLED],
+    }
 
 
 def read_manifest(split_dir: Path) -> pd.DataFrame:

@@ -7,7 +7,7 @@ says about it (an untrained eye sees it at once; a classifier happily calls a bl
 
 The negatives are made from familiar images: crops that leave the centred white cell out (two
 recipes, one to fit with and another to measure with, so the measure is not of the recipe) and
-strong colour shifts (a stain or scanner unlike the training labs'). Imports ``core`` only.
+strong colour shifts (a stain or scanner unlike the training labs').
 """
 
 from __future__ import annotations

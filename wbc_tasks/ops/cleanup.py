@@ -4,7 +4,7 @@
 that :mod:`wbc_tasks.ops.retention` plans to delete and, when asked, the MLflow artifacts of old
 unregistered runs (:mod:`wbc_tasks.ops.mlflow_retention`), one cleanup at a time under a file
 lock, and returns a JSON-able summary; :func:`cleanup_step` fails on any error, so the DAG's
-alerts fire. Imports ``core`` and the two retention modules of ``ops``.
+alerts fire.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from wbc_tasks.core.locks import file_lock
 from wbc_tasks.core.settings import Settings
 from wbc_tasks.ops.mlflow_retention import purge_unregistered_artifacts
 from wbc_tasks.ops.retention import (
@@ -34,11 +35,7 @@ LOCK_FILE = "retention.lock"
 @contextmanager
 def _retention_lock(settings: Settings) -> Iterator[None]:
     """One cleanup at a time (the DAG and ``wbc cleanup`` may overlap)."""
-    import filelock
-
-    path = settings.work_dir / "locks" / LOCK_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with filelock.FileLock(path, timeout=settings.lock_timeout):
+    with file_lock(settings.work_dir / "locks" / LOCK_FILE, timeout=settings.lock_timeout, holder="another cleanup"):
         yield
 
 

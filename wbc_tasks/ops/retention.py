@@ -21,7 +21,7 @@ A folder is deleted only if ALL of these hold:
 
 The registry is asked before anything is deleted; if MLflow cannot be reached, nothing is deleted.
 Completion markers go first, so a folder whose deletion is interrupted reads as unfinished
-steps, never as a finished run with missing files. Imports ``core`` and ``registry``.
+steps, never as a finished run with missing files.
 """
 
 from __future__ import annotations

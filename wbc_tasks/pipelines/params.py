@@ -1,16 +1,25 @@
 """The params of each DAG's trigger form, declared one way: a table of JSON-schema fragments
 (``default``, ``type``, bounds, ``title``, ``description``), exactly the keyword arguments of
 Airflow's ``Param``. The DAG files turn each table into ``Param`` objects; the CLI and tests
-validate against the same tables. Light to import: the scheduler parses the DAG files often."""
+validate against the same tables. Light to import: the scheduler parses the DAG files often, and
+a form's defaults are read one setting at a time (:func:`~wbc_tasks.pipelines.parse_time.read_setting`)
+unless a :class:`Settings` is given."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from wbc_tasks.core.settings import Settings
+from wbc_tasks.pipelines.parse_time import read_setting
 from wbc_tasks.training.params import TRAINING_PARAM_SPECS
 
 ParamSpecs = dict[str, dict[str, Any]]
+
+
+def _reader(settings: Settings | None) -> Callable[[str], Any]:
+    """How a form reads its defaults: from ``settings``, else each one alone from the environment."""
+    return read_setting if settings is None else lambda name: getattr(settings, name)
 
 
 def training_param_specs() -> ParamSpecs:
@@ -18,8 +27,9 @@ def training_param_specs() -> ParamSpecs:
     return TRAINING_PARAM_SPECS
 
 
-def classification_param_specs(settings: Settings) -> ParamSpecs:
+def classification_param_specs(settings: Settings | None = None) -> ParamSpecs:
     """The ``wbc_batch_classification`` form; defaults come from the settings."""
+    setting = _reader(settings)
     return {
         "drop": {
             "default": "",
@@ -28,13 +38,13 @@ def classification_param_specs(settings: Settings) -> ParamSpecs:
             "description": "Only this sub-folder of the classify folder (e.g. 2026-11-24); empty: all.",
         },
         "model": {
-            "default": settings.champion_alias,
+            "default": setting("champion_alias"),
             "type": "string",
             "title": "Model alias or version",
             "description": "Registry alias (e.g. champion) or version number; resolved once per run.",
         },
         "threshold": {
-            "default": settings.review_threshold,
+            "default": setting("review_threshold"),
             "type": ["number", "null"],
             "minimum": 0,
             "maximum": 1,
@@ -45,11 +55,11 @@ def classification_param_specs(settings: Settings) -> ParamSpecs:
             ),
         },
         "chunk_size": {
-            "default": settings.classify_chunk_size,
+            "default": setting("classify_chunk_size"),
             "type": "integer",
             "minimum": 1,
             "title": "Chunk size",
-            "description": f"Images per classify task (grown so a run has at most {settings.max_chunks} chunks).",
+            "description": f"Images per classify task (grown so a run has at most {setting('max_chunks')} chunks).",
         },
         "reclassify": {
             "default": False,
@@ -61,8 +71,9 @@ def classification_param_specs(settings: Settings) -> ParamSpecs:
     }
 
 
-def maintenance_param_specs(settings: Settings) -> ParamSpecs:
+def maintenance_param_specs(settings: Settings | None = None) -> ParamSpecs:
     """The ``wbc_maintenance`` form; defaults come from the settings."""
+    setting = _reader(settings)
     return {
         "dry_run": {
             "default": False,
@@ -71,7 +82,7 @@ def maintenance_param_specs(settings: Settings) -> ParamSpecs:
             "description": "Only report what would be deleted (the task log and its return value).",
         },
         "mlflow_artifacts": {
-            "default": settings.retention_mlflow_artifacts,
+            "default": setting("retention_mlflow_artifacts"),
             "type": "boolean",
             "title": "Delete MLflow artifacts",
             "description": "Also delete the MLflow artifacts of old training runs that never registered "

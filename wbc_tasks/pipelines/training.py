@@ -1,8 +1,12 @@
-"""One function per DAG task: read settings and params, run one step in the run's work folder.
+"""The training DAG's steps, one function per task in the DAG's order: split, preprocess,
+augment, balance, train, calibrate, evaluate, export (the CPU engine), register, promote; and
+:func:`mark_run_failed` for its failure callback.
 
-Each returns the small dict the step's completion marker holds (counts, locations, metrics):
-that, and nothing bigger, is what Airflow's XCom carries. A step that already completed in this
-run returns its recorded summary instead of running again (retries are safe).
+Each step reads the settings and params, runs in its folder of the run's work folder
+(:class:`~wbc_tasks.core.vocabulary.Step`) and returns the small dict its completion marker holds
+(counts, locations, metrics): that, and nothing bigger, is what Airflow's XCom carries. A step
+that already completed in this run returns its recorded summary instead of running again
+(retries are safe).
 """
 
 from __future__ import annotations
@@ -11,59 +15,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from wbc_tasks.core.paths import resolve_inside
 from wbc_tasks.core.settings import Settings, get_settings
+from wbc_tasks.core.vocabulary import Step
 from wbc_tasks.core.workdir import require_complete, run_step
-from wbc_tasks.training.params import TrainingParams, training_params
+from wbc_tasks.pipelines.data_folder import resolve_data_dir
+from wbc_tasks.pipelines.step_helpers import groups_csv, log_step_artifacts, split_summary_for_logs, step_context
+from wbc_tasks.training.params import TrainingParams
 
 log = logging.getLogger(__name__)
-
-
-def _context(run_id: str, params: dict[str, Any] | None) -> tuple[Settings, TrainingParams, Path]:
-    settings = get_settings()
-    return settings, training_params(params), settings.run_dir(run_id)
-
-
-def resolve_data_dir(settings: Settings, params: TrainingParams) -> Path:
-    """The labelled folder: the param (inside :meth:`Settings.input_roots`), else ``WBC_DATA_DIR``,
-    else generated demo data."""
-    if params.data_dir:
-        return resolve_inside(params.data_dir, settings.input_roots(), "data_dir")
-    if settings.data_dir is not None:
-        return settings.data_dir
-    from wbc_tasks.data.demo import generate_demo_dataset
-
-    demo = settings.home / "demo-data" / "WBC"
-    if not demo.is_dir():
-        log.info("no data folder configured: generating demo images in %s", demo)
-        generate_demo_dataset(demo, seed=params.seed)
-    return demo
-
-
-def _log_artifacts(
-    settings: Settings, run_id: str, folder: Path, artifact_path: str, data_dir: Path | None = None
-) -> None:
-    """Log a step folder's result files (pseudonymised copies when ``WBC_PSEUDONYMISE_NAMES``;
-    reviewed images' paths lie in the classify folder, so that is a root too)."""
-    from wbc_tasks.registry.artifacts import log_stage_artifacts
-
-    roots = (data_dir, settings.classify_dir) if data_dir else ()
-    log_stage_artifacts(settings, run_id, folder, artifact_path, roots=roots)
-
-
-def _for_logs(settings: Settings, summary: dict, data_dir: Path, manifest) -> dict:
-    """The split summary as returned to Airflow (which logs return values): the fallback notes,
-    which name files, pseudonymised when the option is on. The marker keeps the real text."""
-    from wbc_tasks.core.privacy import pseudonymiser
-
-    names = pseudonymiser(settings, data_dir, settings.classify_dir)
-    if not names.enabled:
-        return summary
-    known = names.known(manifest["path"])
-    shown = {**summary, "split_fallbacks": [names.text(n, known) for n in summary.get("split_fallbacks", [])]}
-    if "reviewed" in summary:
-        shown["reviewed"] = names.json(summary["reviewed"], known)
-    return shown
 
 
 def _split_with_reviews(data_dir: Path, out: Path, settings: Settings, params: TrainingParams) -> dict:
@@ -75,7 +34,7 @@ def _split_with_reviews(data_dir: Path, out: Path, settings: Settings, params: T
         summary = split_dataset(data_dir, out, settings)
         summary["reviewed"] = {"included": False}
         return summary
-    from wbc_tasks.serving.reviews import reviewed_images
+    from wbc_tasks.serving.review_export import reviewed_images
 
     found = reviewed_images(settings)
     summary = split_dataset(data_dir, out, settings, [ExtraImage(i.path, i.label) for i in found.images])
@@ -105,48 +64,48 @@ def split_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
     from wbc_tasks.registry.artifacts import log_metrics, log_split_manifest
     from wbc_tasks.registry.runs import open_tracking_run
 
-    settings, p, run = _context(run_id, params)
+    settings, p, run = step_context(run_id, params)
     if p.weights == "imagenet":
         # Fail in seconds, before any data step, not after an hour of preprocessing.
         from wbc_tasks.training.model import vgg16_weights_file
 
         vgg16_weights_file(settings)
     data_dir = resolve_data_dir(settings, p)
-    summary = run_step(run / "split", lambda out: _split_with_reviews(data_dir, out, settings, p))
+    summary = run_step(run / Step.SPLIT, lambda out: _split_with_reviews(data_dir, out, settings, p))
     open_tracking_run(settings, run_id, {**p.as_dict(), "data_dir": str(data_dir)})
-    manifest = read_manifest(run / "split")
+    manifest = read_manifest(run / Step.SPLIT)
     log_split_manifest(settings, run_id, manifest, data_dir)
     reviewed = summary.get("reviewed", {})
     if reviewed.get("included"):
         counts = {"added": reviewed["added"], **{split: n for split, n in reviewed["per_split"].items()}}
         counts.update(unusable=len(reviewed["unusable"]), missing=len(reviewed["missing"]))
         log_metrics(settings, run_id, counts, prefix="reviewed_images")
-    _log_artifacts(settings, run_id, run / "split", "data/split", data_dir)
-    return _for_logs(settings, summary, data_dir, manifest)
+    log_step_artifacts(settings, run_id, run / Step.SPLIT, "data/split", data_dir)
+    return split_summary_for_logs(settings, summary, data_dir, manifest)
 
 
 def preprocess_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
     """Decode and resize every split into memory-mapped uint8 stores."""
     from wbc_tasks.data.preprocess import preprocess_splits
 
-    settings, p, run = _context(run_id, params)
-    require_complete(run / "split")
-    return run_step(run / "preprocess", lambda out: preprocess_splits(run / "split", out, settings, p.image_size))
+    settings, p, run = step_context(run_id, params)
+    require_complete(run / Step.SPLIT)
+    return run_step(run / Step.PREPROCESS, lambda out: preprocess_splits(run / Step.SPLIT, out, settings, p.image_size))
 
 
 def augment_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
     """Top up every training class with augmented copies (train split only)."""
     from wbc_tasks.data.augment import augment_training_set
 
-    settings, p, run = _context(run_id, params)
-    require_complete(run / "preprocess")
+    settings, p, run = step_context(run_id, params)
+    require_complete(run / Step.PREPROCESS)
     summary = run_step(
-        run / "augment",
+        run / Step.AUGMENT,
         lambda out: augment_training_set(
-            run / "preprocess" / "train", out, per_class=p.augment_per_class, seed=p.seed, settings=settings
+            run / Step.PREPROCESS / "train", out, per_class=p.augment_per_class, seed=p.seed, settings=settings
         ),
     )
-    _log_artifacts(settings, run_id, run / "augment", "data/augment")
+    log_step_artifacts(settings, run_id, run / Step.AUGMENT, "data/augment")
     return summary
 
 
@@ -154,15 +113,15 @@ def balance_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
     """Balance the augmented training classes with SMOTE (or pass them through when off)."""
     from wbc_tasks.data.balance import balance_with_smote
 
-    settings, p, run = _context(run_id, params)
-    require_complete(run / "augment")
+    settings, p, run = step_context(run_id, params)
+    require_complete(run / Step.AUGMENT)
     summary = run_step(
-        run / "balance",
+        run / Step.BALANCE,
         lambda out: balance_with_smote(
-            run / "augment", out, enabled=p.smote, k=p.smote_k, seed=p.seed, settings=settings
+            run / Step.AUGMENT, out, enabled=p.smote, k=p.smote_k, seed=p.seed, settings=settings
         ),
     )
-    _log_artifacts(settings, run_id, run / "balance", "data/balance")
+    log_step_artifacts(settings, run_id, run / Step.BALANCE, "data/balance")
     return summary
 
 
@@ -171,18 +130,18 @@ def train_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
     from wbc_tasks.registry.runs import tracking_run
     from wbc_tasks.training.train import train_model
 
-    settings, p, run = _context(run_id, params)
-    require_complete(run / "balance")
+    settings, p, run = step_context(run_id, params)
+    require_complete(run / Step.BALANCE)
     with tracking_run(settings, run_id):
         return run_step(
-            run / "train",
+            run / Step.TRAIN,
             lambda out: train_model(
-                run / "balance",
-                run / "preprocess" / "val",
+                run / Step.BALANCE,
+                run / Step.PREPROCESS / "val",
                 out,
                 p,
                 settings,
-                checkpoint_dir=run / "train_checkpoints",
+                checkpoint_dir=run / Step.TRAIN_CHECKPOINTS,
             ),
         )
 
@@ -192,17 +151,18 @@ def calibrate_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
     threshold, blast flag, unfamiliar score, drift limits); log them to the run."""
     from wbc_tasks.core.vocabulary import CLASS_NAMES
     from wbc_tasks.registry.artifacts import log_metrics, log_stage_artifacts
-    from wbc_tasks.training.trust import TRUST_ARTIFACT_PATH, calibrate_model
+    from wbc_tasks.training.trust_fitting import calibrate_model
+    from wbc_tasks.training.trust_policy import TRUST_ARTIFACT_PATH
 
-    settings, p, run = _context(run_id, params)
-    trained = require_complete(run / "train")
-    split = require_complete(run / "split")
+    settings, p, run = step_context(run_id, params)
+    trained = require_complete(run / Step.TRAIN)
+    split = require_complete(run / Step.SPLIT)
     summary = run_step(
-        run / "calibrate",
+        run / Step.CALIBRATE,
         lambda out: calibrate_model(
             Path(trained["model_path"]),
-            run / "preprocess" / "val",
-            run / "preprocess" / "train",
+            run / Step.PREPROCESS / "val",
+            run / Step.PREPROCESS / "train",
             out,
             class_names=CLASS_NAMES,
             # The class mix of the labelled training split, before augmentation and SMOTE: what a
@@ -226,19 +186,11 @@ def calibrate_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
         log_stage_artifacts(
             settings,
             run_id,
-            run / "calibrate" / TRUST_ARTIFACT_PATH,
+            run / Step.CALIBRATE / TRUST_ARTIFACT_PATH,
             TRUST_ARTIFACT_PATH,
             suffixes=(".json", ".npz", ".png"),
         )
     return summary
-
-
-def _groups_csv(data_dir: Path) -> Path | None:
-    """An optional ``groups.csv`` beside the data (lab, scanner...) for broken-down metrics."""
-    for candidate in (data_dir / "groups.csv", data_dir.parent / "groups.csv"):
-        if candidate.is_file():
-            return candidate
-    return None
 
 
 def evaluate_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
@@ -249,17 +201,17 @@ def evaluate_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
     from wbc_tasks.training.evaluate import evaluate_model
     from wbc_tasks.training.evaluate_trust import evaluate_trust
 
-    settings, p, run = _context(run_id, params)
-    calibrated = require_complete(run / "calibrate")
-    data_dir = Path(require_complete(run / "split")["data_dir"])
+    settings, p, run = step_context(run_id, params)
+    calibrated = require_complete(run / Step.CALIBRATE)
+    data_dir = Path(require_complete(run / Step.SPLIT)["data_dir"])
 
     def build(out: Path) -> dict:
         summary = evaluate_model(
             Path(calibrated["model_path"]),
-            run / "preprocess" / "test",
+            run / Step.PREPROCESS / "test",
             out,
             class_names=CLASS_NAMES,
-            groups_csv=_groups_csv(data_dir),
+            groups_csv=groups_csv(data_dir),
             batch_size=p.batch_size,
         )
         if not calibrated.get("trust_dir"):  # no validation images: nothing was fitted to measure
@@ -267,7 +219,7 @@ def evaluate_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
         trust = evaluate_trust(
             Path(calibrated["model_path"]),
             Path(calibrated["trust_dir"]),
-            run / "preprocess" / "test",
+            run / Step.PREPROCESS / "test",
             out,
             settings,
             class_names=CLASS_NAMES,
@@ -278,9 +230,9 @@ def evaluate_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
         summary["trust"] = trust["metrics"]
         return summary
 
-    summary = run_step(run / "evaluate", build)
+    summary = run_step(run / Step.EVALUATE, build)
     log_metrics(settings, run_id, summary["metrics"], prefix="test")
-    _log_artifacts(settings, run_id, run / "evaluate", "evaluation", data_dir)
+    log_step_artifacts(settings, run_id, run / Step.EVALUATE, "evaluation", data_dir)
     reviewed = _evaluate_reviewed(settings, run_id, run, Path(calibrated["model_path"]), p.batch_size, data_dir)
     return {**summary, "reviewed_test": reviewed} if reviewed is not None else summary
 
@@ -296,7 +248,7 @@ def _evaluate_reviewed(
     from wbc_tasks.registry.artifacts import log_metrics
     from wbc_tasks.training.evaluate import evaluate_model
 
-    store = run / "preprocess" / REVIEWED_TEST_STORE
+    store = run / Step.PREPROCESS / REVIEWED_TEST_STORE
     if not store.is_dir() or len(open_store(store)) == 0:
         return None
     summary = run_step(
@@ -304,22 +256,26 @@ def _evaluate_reviewed(
         lambda out: evaluate_model(model_path, store, out, class_names=CLASS_NAMES, batch_size=batch_size),
     )
     log_metrics(settings, run_id, summary["metrics"], prefix="test_reviewed")
-    _log_artifacts(settings, run_id, run / "evaluate_reviewed", "evaluation/reviewed", data_dir)
+    log_step_artifacts(settings, run_id, run / "evaluate_reviewed", "evaluation/reviewed", data_dir)
     return {"images": len(open_store(store)), "metrics": summary["metrics"]}
 
 
-def _export_engine(settings: Settings, run_id: str, run: Path, calibrated: dict, p: TrainingParams) -> dict:
+def export_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
     """Export the calibrated model to the CPU inference engine, checked against Keras on the test
-    split, and log it to the run (``engine/``). A failed export is logged and registration goes
-    on: the engine only makes classification faster; Keras remains the reference."""
+    split, and log it to the run (``engine/``). A failed export is recorded as refused and the run
+    goes on: the engine only makes classification faster; Keras remains the reference."""
     from wbc_tasks.registry.artifacts import log_metrics, log_stage_artifacts
     from wbc_tasks.training.export import ENGINE_ARTIFACT_PATH, export_engine
+
+    settings, p, run = step_context(run_id, params)
+    calibrated = require_complete(run / Step.CALIBRATE)
+    require_complete(run / Step.EVALUATE)
 
     def build(out: Path) -> dict:
         try:
             return export_engine(
                 Path(calibrated["model_path"]),
-                run / "preprocess" / "test",
+                run / Step.PREPROCESS / "test",
                 out,
                 trust_dir=Path(calibrated["trust_dir"]) if calibrated.get("trust_dir") else None,
                 settings=settings,
@@ -329,7 +285,7 @@ def _export_engine(settings: Settings, run_id: str, run: Path, calibrated: dict,
             log.exception("exporting the engine failed; the version will classify with Keras")
             return {"engine": "openvino", "accepted": False, "reason": f"export failed: {type(exc).__name__}: {exc}"}
 
-    engine = run_step(run / "export", build)
+    engine = run_step(run / Step.EXPORT, build)
     for check in engine.get("checks", []):
         log_metrics(
             settings,
@@ -337,7 +293,7 @@ def _export_engine(settings: Settings, run_id: str, run: Path, calibrated: dict,
             {k: v for k, v in check.items() if k not in ("precision", "accepted", "reason")},
             prefix=f"engine_{check['precision']}",
         )
-    log_stage_artifacts(settings, run_id, run / "export", ENGINE_ARTIFACT_PATH, suffixes=(".json", ".xml", ".bin"))
+    log_stage_artifacts(settings, run_id, run / Step.EXPORT, ENGINE_ARTIFACT_PATH, suffixes=(".json", ".xml", ".bin"))
     return engine
 
 
@@ -349,7 +305,8 @@ def engine_tags(engine: dict) -> dict[str, str]:
 
 
 def register_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
-    """Log the model with its signature and model card; register a new version."""
+    """Log the model with its signature and model card; register a new version, tagged with the
+    engine the export step accepted (or why it refused it)."""
     import keras
 
     from wbc_tasks.core.vocabulary import CLASS_NAMES
@@ -357,18 +314,18 @@ def register_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
     from wbc_tasks.registry.model_card import source_counts
     from wbc_tasks.registry.registration import register_model
 
-    settings, p, run = _context(run_id, params)
-    trained = require_complete(run / "calibrate")
-    evaluated = require_complete(run / "evaluate")
-    split = require_complete(run / "split")
-    engine = _export_engine(settings, run_id, run, trained, p)
+    settings, p, run = step_context(run_id, params)
+    trained = require_complete(run / Step.CALIBRATE)
+    evaluated = require_complete(run / Step.EVALUATE)
+    split = require_complete(run / Step.SPLIT)
+    engine = require_complete(run / Step.EXPORT)
 
     def build(out: Path) -> dict:
         model = keras.models.load_model(trained["model_path"])
         data_summary = {"counts": split["counts"], "data_dir": split["data_dir"], "rejected": split["rejected"]}
         # The card credits each source lab (and the citations their licences require) when the
         # data folder has a SOURCES.csv.
-        sources = source_counts(read_manifest(run / "split"), split["data_dir"])
+        sources = source_counts(read_manifest(run / Step.SPLIT), split["data_dir"])
         if sources:
             data_summary["sources"] = sources
         ref = register_model(
@@ -390,18 +347,19 @@ def register_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
             "engine": engine_tags(engine)["engine"],
         }
 
-    return run_step(run / "register", build)
+    return run_step(run / Step.REGISTER, build)
 
 
 def promote_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
     """Promote the new version to champion only if it beats the champion on the same test images."""
-    from wbc_tasks.registry.promotion import champion_metrics_on_this_test_split, promote_if_better
+    from wbc_tasks.pipelines.champion import champion_metrics_on_this_test_split
+    from wbc_tasks.registry.promotion import promote_if_better
     from wbc_tasks.registry.runs import finish_tracking_run
     from wbc_tasks.registry.versions import resolve_model
 
-    settings, p, run = _context(run_id, params)
-    registered = require_complete(run / "register")
-    evaluated = require_complete(run / "evaluate")
+    settings, p, run = step_context(run_id, params)
+    registered = require_complete(run / Step.REGISTER)
+    evaluated = require_complete(run / Step.EVALUATE)
 
     def build(out: Path) -> dict:
         candidate = resolve_model(settings, registered["version"])
@@ -418,7 +376,7 @@ def promote_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
             max_ece=p.max_ece,
         )
 
-    summary = run_step(run / "promote", build)
+    summary = run_step(run / Step.PROMOTE, build)
     finish_tracking_run(settings, run_id, "FINISHED")
     return summary
 

@@ -4,7 +4,7 @@ step folder's small result files, metrics and figures.
 Each function finds the DAG run's MLflow run through :mod:`wbc_tasks.registry.runs` and logs
 through the retried client; with ``WBC_PSEUDONYMISE_NAMES`` the CSV and JSON files go up as
 pseudonymised copies. Metrics are flattened from nested dicts (``recall_blasts``); the image
-stores themselves are never logged. Imports ``core`` and the ``registry`` client and runs.
+stores themselves are never logged.
 """
 
 from __future__ import annotations

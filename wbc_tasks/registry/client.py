@@ -5,7 +5,16 @@ configured tracking and registry URI and hands MLflow's own HTTP retry settings 
 :func:`call_with_retries` retries a call that failed for a passing reason (server unreachable
 or busy) and ends with :class:`MlflowUnavailableError` naming the server; :func:`ensure_experiment`
 finds or creates the training experiment. Every other ``registry`` module reaches MLflow through
-here. Imports ``core`` only.
+here.
+
+The tracking and registry URI are passed to MLflow explicitly (``MlflowClient(tracking_uri=...,
+registry_uri=...)``, and ``mlflow.set_tracking_uri`` for the fluent API). MLflow's HTTP retries,
+backoff and timeout cannot be: MLflow 3.17 reads them only from ``MLFLOW_HTTP_REQUEST_*`` at every
+request (``mlflow.utils.rest_utils.http_request`` takes them when its caller passes none, and its
+REST stores and HTTP artifact repository never pass them), so :func:`export_http_settings` writes
+those three variables, only when they differ: the one place this package writes ``os.environ``.
+Credentials stay MLflow's own (``MLFLOW_TRACKING_USERNAME``/``PASSWORD``/``TOKEN`` or
+``~/.mlflow/credentials``), never written here.
 """
 
 from __future__ import annotations

@@ -5,8 +5,7 @@ it falls short.
 split and source with the sets' required citations, test metrics, params, limitations);
 registration stores it as the version's description and the run artifact ``model_card.md``, and
 :func:`describe_registered_model` puts a version's card under a headline into the registered
-model's description, cut to the registry's 5,000-character column. Imports ``core`` and the
-``registry`` client and tags.
+model's description, cut to the registry's 5,000-character column.
 """
 
 from __future__ import annotations
@@ -100,7 +99,33 @@ def model_card(
     :func:`source_counts`), ``train_after_balancing`` (``{class: n}``) and ``attribution`` (text).
     """
     registered_at = registered_at or datetime.now(UTC).isoformat(timespec="seconds")
-    lines = [
+    counts: Mapping[str, Mapping[str, int]] = data_summary.get("counts") or {}
+    sources: Mapping[str, Mapping[str, int]] = data_summary.get("sources") or {}
+    lines = _intended_use(model_name, version, dag_run_id, mlflow_run_id, image_size, class_names, registered_at)
+    lines += ["", "## Training data"]
+    lines += _split_table(data_summary, counts, class_names)
+    lines += _sources(data_summary, sources)
+    lines += ["", "## Test metrics", ""]
+    lines += _test_metrics(metrics, counts, class_names)
+    lines += _trust(metrics)
+    lines += ["", "## Training params", ""]
+    lines.append("; ".join(f"{k}={param_text(v)}" for k, v in params.items()) or "(none recorded)")
+    lines += ["", "## Limitations"]
+    lines += _limitations(metrics, counts, sources, params)
+    return "\n".join(lines) + "\n"
+
+
+def _intended_use(
+    model_name: str,
+    version: str,
+    dag_run_id: str,
+    mlflow_run_id: str,
+    image_size: int,
+    class_names: tuple[str, ...],
+    registered_at: str,
+) -> list[str]:
+    """The card's title, what the model takes and gives, and what it is (not) for."""
+    return [
         f"# {model_name} version {version}: model card",
         "",
         (
@@ -120,10 +145,14 @@ def model_card(
             "- Not for other cell types, whole slides, or classes outside the list above (it "
             "always answers one of them)."
         ),
-        "",
-        "## Training data",
     ]
-    counts: Mapping[str, Mapping[str, int]] = data_summary.get("counts") or {}
+
+
+def _split_table(
+    data_summary: Mapping[str, Any], counts: Mapping[str, Mapping[str, int]], class_names: tuple[str, ...]
+) -> list[str]:
+    """Where the images came from and the images per class and split (and after balancing)."""
+    lines: list[str] = []
     splits = [s for s in ("train", "val", "test") if s in counts] + [
         s for s in counts if s not in ("train", "val", "test")
     ]
@@ -145,7 +174,12 @@ def model_card(
             f"\n{data_summary['rejected']} files were rejected (unreadable, duplicate or conflicting labels; "
             "see the run's split artifacts)."
         )
-    sources: Mapping[str, Mapping[str, int]] = data_summary.get("sources") or {}
+    return lines
+
+
+def _sources(data_summary: Mapping[str, Any], sources: Mapping[str, Mapping[str, int]]) -> list[str]:
+    """The images per source lab, the citations their licences require, or where to look."""
+    lines: list[str] = []
     if sources:
         per_source: dict[str, int] = {}
         for by_source in sources.values():
@@ -163,8 +197,14 @@ def model_card(
         lines += ["", str(data_summary["attribution"])]
     if not sources and not data_summary.get("attribution"):
         lines.append("\nSources and licences: see the data folder's own README / SOURCES file.")
+    return lines
 
-    lines += ["", "## Test metrics", ""]
+
+def _test_metrics(
+    metrics: Mapping[str, Any], counts: Mapping[str, Mapping[str, int]], class_names: tuple[str, ...]
+) -> list[str]:
+    """The headline test metrics and the per-class recall and precision table."""
+    lines: list[str] = []
     headline = {
         k: v for k, v in metrics.items() if not isinstance(v, Mapping) and is_number(v) and k not in TRUST_METRICS
     }
@@ -183,26 +223,37 @@ def model_card(
             test_images: Any = support.get(cls, counts.get("test", {}).get(cls, ""))
             shown = _fmt(int(test_images)) if test_images != "" else ""
             lines.append(f"| {cls} | {_fmt(recall[cls])} | {_fmt(precision.get(cls, ''))} | {shown} |")
+    return lines
 
+
+def _trust(metrics: Mapping[str, Any]) -> list[str]:
+    """The calibration and review-flag figures, in words; nothing when there are none."""
     trust = {k: float(metrics[k]) for k in TRUST_METRICS if is_number(metrics.get(k))}
-    if trust:
-        lines += ["", "## Confidence and review flags (test split)", ""]
-        lines += [f"- {TRUST_METRICS[k]}: **{_fmt(v)}**" for k, v in trust.items()]
-        lines.append(
-            "- Probabilities are calibrated (temperature scaling on the validation split, folded into the "
-            "model; T stays 1 when the fitted T does not lower the validation NLL beyond its noise). "
-            "A perfectly calibrated model scores an ECE of about 0.04 on ~500 test images by chance."
-        )
+    if not trust:
+        return []
+    return [
+        "",
+        "## Confidence and review flags (test split)",
+        "",
+        *(f"- {TRUST_METRICS[k]}: **{_fmt(v)}**" for k, v in trust.items()),
+        "- Probabilities are calibrated (temperature scaling on the validation split, folded into the "
+        "model; T stays 1 when the fitted T does not lower the validation NLL beyond its noise). "
+        "A perfectly calibrated model scores an ECE of about 0.04 on ~500 test images by chance.",
+    ]
 
-    lines += ["", "## Training params", ""]
-    lines.append("; ".join(f"{k}={param_text(v)}" for k, v in params.items()) or "(none recorded)")
 
-    lines += ["", "## Limitations"]
-    lines.append(
+def _limitations(
+    metrics: Mapping[str, Any],
+    counts: Mapping[str, Mapping[str, int]],
+    sources: Mapping[str, Mapping[str, int]],
+    params: Mapping[str, Any],
+) -> list[str]:
+    """Where the model falls short: lab shift, single-source classes, thin test classes, SMOTE."""
+    lines = [
         "- Lab, stain and scanner shift: it has only seen the labs and scanners above. Cells from "
         "another lab, stain or magnification may be misclassified with high confidence; validate "
         "on local images before relying on it."
-    )
+    ]
     single_source = sorted(
         (cls, next(iter(by_source))) for cls, by_source in sources.items() if len(by_source) == 1 and len(sources) > 1
     )
@@ -213,6 +264,7 @@ def model_card(
             + ". The model may have learnt that source's look instead of the cell: an unfamiliar "
             "stain can be called one of these classes."
         )
+    support = per_class_values(metrics, "support")
     few = sorted(cls for cls, n in (support or counts.get("test", {})).items() if 0 < float(n) < FEW_TEST_IMAGES)
     if few:
         lines.append(
@@ -224,7 +276,7 @@ def model_card(
     )
     if params.get("smote"):
         lines.append("- Minority classes were oversampled with SMOTE (synthetic training images).")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 #: Trust figures (from wbc_tasks.training.evaluate_trust) shown in their own section, in words.

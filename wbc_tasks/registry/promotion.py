@@ -9,9 +9,12 @@ replaced.
 
 Serialised: "read the champion -> evaluate it -> decide -> move the aliases" runs under a file
 lock in the shared work folder (:func:`promotion_lock`), and the champion is read inside it, so
-two runs finishing together cannot both win on a stale comparison. Aliases move only once the
-version is READY, rollback alias first and champion last; if a move fails, both aliases are put
-back as they were, so there is never a half-promoted state.
+two runs finishing together cannot both win on a stale comparison. The champion's metrics come
+from the caller, a function evaluating a version on the candidate's own test images (the training
+pipeline's :mod:`wbc_tasks.pipelines.champion`): the registry stores and decides, it does not
+rebuild test data. Aliases move only once the version is READY, rollback alias first and champion
+last; if a move fails, both aliases are put back as they were, so there is never a half-promoted
+state.
 """
 
 from __future__ import annotations
@@ -20,9 +23,9 @@ import logging
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
+from wbc_tasks.core.locks import file_lock
 from wbc_tasks.core.settings import Settings
 from wbc_tasks.registry.client import call_with_retries, configure_mlflow
 from wbc_tasks.registry.decision import (
@@ -48,34 +51,16 @@ from wbc_tasks.registry.versions import (
 
 log = logging.getLogger(__name__)
 
-#: The class whose misses cost most; it has its own recall floor.
+#: The promotion lock's file, in ``<work_dir>/locks/``.
 LOCK_FILE = "promotion.lock"
 
 
 @contextmanager
 def promotion_lock(settings: Settings) -> Iterator[None]:
-    """Hold ``<work_dir>/locks/promotion.lock`` (filelock) while reading, deciding and moving
-    the champion. Works across processes and hosts sharing the work folder."""
-    import filelock
-
-    path = settings.work_dir / "locks" / LOCK_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock = filelock.FileLock(path, timeout=settings.lock_timeout)
-    try:
-        lock.acquire(blocking=False)
-    except filelock.Timeout:
-        log.info("another promotion holds %s; waiting up to %.0f s", path, settings.lock_timeout)
-        try:
-            lock.acquire()
-        except filelock.Timeout as exc:
-            raise TimeoutError(
-                f"another promotion held {path} for over {settings.lock_timeout:.0f} s "
-                f"(WBC_LOCK_TIMEOUT); if no promotion is running, check that process"
-            ) from exc
-    try:
+    """Hold ``<work_dir>/locks/promotion.lock`` while reading, deciding and moving the champion
+    (up to ``WBC_LOCK_TIMEOUT``). Works across processes and hosts sharing the work folder."""
+    with file_lock(settings.work_dir / "locks" / LOCK_FILE, timeout=settings.lock_timeout, holder="another promotion"):
         yield
-    finally:
-        lock.release()
 
 
 def _set_tags(settings: Settings, version: str, tags: Mapping[str, str]) -> None:
@@ -255,47 +240,6 @@ def promote_if_better(
                 candidate_metrics, champion_metrics, champion_version=champion_version, margin=margin, **floors
             )
         return apply_decision(settings, candidate, decision)
-
-
-def champion_metrics_on_this_test_split(
-    settings: Settings, run: Path, batch_size: int
-) -> Callable[[ModelRef], dict[str, Any]]:
-    """A function giving a registered model's metrics on a training run's test images.
-
-    The champion is evaluated on the SAME images as the candidate (the current hash-stable test
-    split in ``run``, the run's work folder), at its own image size and with its own class list.
-    """
-
-    def evaluate(ref: ModelRef) -> dict[str, Any]:
-        import numpy as np
-
-        from wbc_tasks.core.workdir import require_complete
-        from wbc_tasks.data.dataset import headline_test, read_manifest
-        from wbc_tasks.data.preprocess import build_split_store
-        from wbc_tasks.data.store import open_store
-        from wbc_tasks.registry.versions import load_keras_model
-        from wbc_tasks.training.evaluate import compute_metrics
-        from wbc_tasks.training.predict import predict_store
-
-        test_dir = run / "preprocess" / "test"
-        if open_store(test_dir).image_size != ref.image_size:
-            test_dir = run / "promote_inputs" / f"test-{ref.image_size}px"
-            if not (test_dir / "labels.npy").exists():
-                manifest = read_manifest(run / "split")
-                data_dir = Path(require_complete(run / "split")["data_dir"])
-                table = headline_test(manifest)  # labelled only: the candidate's test images
-                build_split_store(table, data_dir, test_dir, ref.image_size, settings)
-        store = open_store(test_dir)
-        known = {name: i for i, name in enumerate(ref.class_names)}
-        missing = sorted(set(store.records["class"]) - set(known))
-        if missing:
-            raise ValueError(f"champion {ref.uri} cannot classify test classes {missing}")
-        model = load_keras_model(settings, ref)
-        probabilities = predict_store(model, store, batch_size)
-        y_true = np.array([known[c] for c in store.records["class"]], dtype=np.int64)
-        return compute_metrics(y_true, probabilities, tuple(ref.class_names))
-
-    return evaluate
 
 
 def _require(who: str, why: str) -> None:

@@ -6,7 +6,7 @@ version of this project carries: the ``image_size`` and ``class_names`` tags, th
 as tags (``metric.<name>``, ``recall.<class>``; promotion reads them), the ``airflow_run_id``
 tag and the model card as its description. Each call is retried while MLflow is unreachable and
 safe to repeat: a retried task completes the version its DAG run registered instead of making a
-second one. Imports ``core`` and the ``registry`` client, runs, tags, model card and versions.
+second one.
 """
 
 from __future__ import annotations

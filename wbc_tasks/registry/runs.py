@@ -4,7 +4,7 @@ A DAG run's tasks run in different processes (or hosts), so each finds the run a
 the tracking server by its ``airflow_run_id`` tag (:func:`open_tracking_run`, which creates it
 under a file lock on the first call and logs the training params once), resumes it for its own
 logging (:func:`tracking_run`) and leaves it RUNNING; the DAG's last task, or its failure path,
-closes it (:func:`finish_tracking_run`). Imports ``core`` and the ``registry`` client and tags.
+closes it (:func:`finish_tracking_run`).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
+from wbc_tasks.core.locks import file_lock
 from wbc_tasks.core.paths import safe_name
 from wbc_tasks.core.settings import Settings
 from wbc_tasks.registry.client import (
@@ -93,16 +94,13 @@ def open_tracking_run(settings: Settings, dag_run_id: str, params: Mapping[str, 
     process or host, find it by that tag on the tracking server. ``params`` (every training
     param) are logged once; a param already logged is not changed.
     """
-    import filelock
-
     client = configure_mlflow(settings)
     experiment_id = ensure_experiment(settings)
     # Finding or creating the run and logging its first params are one step among tasks sharing
     # the work folder: two first tasks of one DAG run must not create two MLflow runs, nor both
     # insert the same param (the tracking store's unique key on (run, param) fails the second).
     lock_path = settings.work_dir / "locks" / f"tracking-{safe_name(dag_run_id)}.lock"
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with filelock.FileLock(lock_path, timeout=settings.lock_timeout):
+    with file_lock(lock_path, timeout=settings.lock_timeout, holder=f"another task of DAG run {dag_run_id}"):
         run_id = find_tracking_run(settings, dag_run_id)
         if run_id is None:
             run = call_with_retries(

@@ -6,7 +6,7 @@ logged model's metadata), never in a second place. :func:`resolve_model` turns a
 the champion) or a version number into a ``ModelRef``; :func:`load_keras_model` loads one, only
 from the configured registry; :func:`current_aliases`, :func:`version_metrics` and
 :func:`wait_until_ready` read a version's aliases, test metrics and registration status.
-Nothing here writes to the registry. Imports ``core`` and the ``registry`` client and tags.
+Nothing here writes to the registry.
 """
 
 from __future__ import annotations

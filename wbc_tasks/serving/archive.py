@@ -1,7 +1,7 @@
 """Moving committed files out of the classify folder into ``settings.archive_dir`` (same
 relative path), once their rows are in the database; nothing is moved unless that folder is set.
 A file that cannot be moved stays where it is, with a warning: its rows are committed, so the
-next scan finds it done. Imports ``core``.
+next scan finds it done.
 """
 
 from __future__ import annotations

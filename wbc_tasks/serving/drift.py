@@ -6,8 +6,7 @@ divergence; drops under ``WBC_DRIFT_MIN_IMAGES`` classified images raise no clas
 the mean calibrated confidence, the share flagged unfamiliar and the share of files rejected.
 The limits come from the version's trust policy (fitted on 100-image draws from its validation
 split, never on another lab's images) and, for rejections, ``WBC_DRIFT_MAX_REJECTED_SHARE``: a
-drop from a new scanner raises a flag the first night. Imports ``core`` and the serving modules
-below it (predictions, queries).
+drop from a new scanner raises a flag the first night.
 """
 
 from __future__ import annotations
@@ -19,6 +18,7 @@ from typing import Any
 from sqlalchemy import and_, select
 
 from wbc_tasks.core.settings import Settings
+from wbc_tasks.core.vocabulary import DagId
 from wbc_tasks.registry.versions import ModelRef
 from wbc_tasks.serving import predictions as db
 
@@ -63,7 +63,7 @@ def _unfamiliar_limit(limits: dict[str, float], n: int) -> float:
     false alert on a training lab's drop with three times the training split's blasts)."""
     from scipy.stats import binom
 
-    from wbc_tasks.training.trust import DRIFT_QUANTILE
+    from wbc_tasks.training.drift_limits import DRIFT_QUANTILE
 
     specimens = float(limits["max_unfamiliar_share"])
     rate = limits.get("validation_unfamiliar_share")
@@ -77,7 +77,7 @@ def drift_by_drop(settings: Settings, run_id: str, ref: ModelRef, policy: Any | 
     the rejected share, which needs none)."""
     import numpy as np
 
-    from wbc_tasks.training.trust import jensen_shannon
+    from wbc_tasks.training.drift_limits import jensen_shannon
 
     out = []
     for drop, d in sorted(_drop_rows(settings, run_id, ref).items()):
@@ -143,7 +143,7 @@ def drift_alert_details(run_id: str, drifted: list[dict[str, Any]]) -> dict[str,
     reason = "; ".join(f"{d['drop']!r}: " + ", ".join(d["alerts"]) for d in drifted)
     return {
         "event": "drift",
-        "dag_id": "wbc_batch_classification",
+        "dag_id": DagId.NIGHTLY.value,
         "run_id": run_id,
         "task_id": "summarise",
         "reason": reason,

@@ -1,10 +1,9 @@
 """Classifying image files with a loaded model: files are hashed, checked and decoded in a
 thread pool one batch ahead of the model, each decoded image gets the cheap image check, batches
 go through the model's outputs (probabilities, logits, features) and the version's trust policy
-(:func:`wbc_tasks.training.trust.assess`), and an output becomes the fields of a prediction
+(:func:`wbc_tasks.training.trust_policy.assess`), and an output becomes the fields of a prediction
 (class, calibrated confidence, probabilities by class, unfamiliar score, review reasons). Writes
-nothing. Imports ``core``, ``data``, ``training``, ``registry`` (the model reference) and
-:mod:`.scan` (the folders links may lead into).
+nothing.
 """
 
 from __future__ import annotations
@@ -28,8 +27,9 @@ from wbc_tasks.data.images import (
 )
 from wbc_tasks.registry.versions import ModelRef
 from wbc_tasks.serving.scan import allowed_roots
+from wbc_tasks.training.outputs import predict_all
 from wbc_tasks.training.predict import predict_batches
-from wbc_tasks.training.trust import assess, predict_all
+from wbc_tasks.training.trust_policy import assess
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,65 @@ def _model_outputs(model: ServingModel, images: Any, batch_size: int) -> dict[st
     return {"probabilities": np.asarray(predict_batches(model.keras_model, images, batch_size), dtype=np.float64)}
 
 
+def _decoded_batches(
+    settings: Settings, ref: ModelRef, jobs: Sequence[tuple[Any, Path, str | None]], batch_size: int
+) -> Iterator[list[tuple[Any, tuple[str, Any]]]]:
+    """``jobs`` in batches of ``batch_size``, each job as (key, what :func:`_decode` gave), decoded
+    in a thread pool (Pillow releases the GIL) one batch ahead of the caller: the next batch is
+    being decoded while the caller works on this one."""
+    batches = [jobs[i : i + batch_size] for i in range(0, len(jobs), batch_size)]
+    with ThreadPoolExecutor(max_workers=settings.worker_count()) as pool:
+        pending: deque[list[tuple[Any, Future]]] = deque()
+
+        def submit(batch):
+            return [(key, pool.submit(_decode, Path(path), ref.image_size, settings, sha)) for key, path, sha in batch]
+
+        queue = iter(batches)
+        for batch in (next(queue, None), next(queue, None)):
+            if batch is not None:
+                pending.append(submit(batch))
+        while pending:
+            decoded = [(key, future.result()) for key, future in pending.popleft()]
+            upcoming = next(queue, None)
+            if upcoming is not None:
+                pending.append(submit(upcoming))
+            yield decoded
+
+
+def _predicted(
+    settings: Settings,
+    model: ServingModel,
+    ref: ModelRef,
+    images: Any,
+    owners: list[tuple[Any, str]],
+    checks: list[str | None],
+    *,
+    batch_size: int,
+    review_threshold: float | None,
+) -> Iterator[Outcome]:
+    """The outcomes of one batch of decoded ``images`` (``owners``: key and content hash of each):
+    the model's outputs, checked against the version's class list, through its trust policy."""
+    n_classes = len(ref.class_names)
+    outputs = _model_outputs(model, images, batch_size)
+    output = outputs["probabilities"]
+    if output.ndim != 2 or output.shape[1] != n_classes:
+        raise ValueError(
+            f"model {ref.name} version {ref.version} returned shape {output.shape}, "
+            f"expected (batch, {n_classes}) for classes {ref.class_names}"
+        )
+    verdict = assess(outputs, checks, model.policy, model.stats, settings, review_threshold=review_threshold)
+    for i, (key, digest) in enumerate(owners):
+        score = float(verdict.unfamiliar_score[i])
+        yield Outcome(
+            key,
+            digest,
+            probabilities=[float(p) for p in verdict.probabilities[i]],
+            unfamiliar_score=None if score != score else score,  # NaN: no score for this version
+            review_reasons=verdict.reasons[i],
+            image_check=checks[i],
+        )
+
+
 def predict_images(
     settings: Settings,
     model: ServingModel,
@@ -116,54 +175,29 @@ def predict_images(
     import numpy as np
 
     batch_size = max(1, settings.classify_batch_size)
-    batches = [jobs[i : i + batch_size] for i in range(0, len(jobs), batch_size)]
-    n_classes = len(ref.class_names)
-    with ThreadPoolExecutor(max_workers=settings.worker_count()) as pool:
-        pending: deque[list[tuple[Any, Future]]] = deque()
-
-        def submit(batch):
-            return [(key, pool.submit(_decode, Path(path), ref.image_size, settings, sha)) for key, path, sha in batch]
-
-        queue = iter(batches)
-        for batch in (next(queue, None), next(queue, None)):
-            if batch is not None:
-                pending.append(submit(batch))
-        while pending:
-            decoded = [(key, future.result()) for key, future in pending.popleft()]
-            upcoming = next(queue, None)
-            if upcoming is not None:
-                pending.append(submit(upcoming))
-            arrays, owners, checks = [], [], []
-            for key, (status, value) in decoded:
-                if status == "ok":
-                    owners.append((key, value[0]))
-                    arrays.append(value[1])
-                    checks.append(value[2])
-                elif status == "rejected":
-                    yield Outcome(key, value[0], reason=value[1])
-                else:
-                    log.warning("%s changed since it was found; left for the next run", key)
-                    yield Outcome(key, value)
-            if not arrays:
-                continue
-            outputs = _model_outputs(model, np.stack(arrays), batch_size)
-            output = outputs["probabilities"]
-            if output.ndim != 2 or output.shape[1] != n_classes:
-                raise ValueError(
-                    f"model {ref.name} version {ref.version} returned shape {output.shape}, "
-                    f"expected (batch, {n_classes}) for classes {ref.class_names}"
-                )
-            verdict = assess(outputs, checks, model.policy, model.stats, settings, review_threshold=review_threshold)
-            for i, (key, digest) in enumerate(owners):
-                score = float(verdict.unfamiliar_score[i])
-                yield Outcome(
-                    key,
-                    digest,
-                    probabilities=[float(p) for p in verdict.probabilities[i]],
-                    unfamiliar_score=None if score != score else score,  # NaN: no score for this version
-                    review_reasons=verdict.reasons[i],
-                    image_check=checks[i],
-                )
+    for decoded in _decoded_batches(settings, ref, jobs, batch_size):
+        arrays, owners, checks = [], [], []
+        for key, (status, value) in decoded:
+            if status == "ok":
+                owners.append((key, value[0]))
+                arrays.append(value[1])
+                checks.append(value[2])
+            elif status == "rejected":
+                yield Outcome(key, value[0], reason=value[1])
+            else:
+                log.warning("%s changed since it was found; left for the next run", key)
+                yield Outcome(key, value)
+        if arrays:
+            yield from _predicted(
+                settings,
+                model,
+                ref,
+                np.stack(arrays),
+                owners,
+                checks,
+                batch_size=batch_size,
+                review_threshold=review_threshold,
+            )
 
 
 def prediction_fields(outcome: Outcome, ref: ModelRef) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """Which model a classification run uses: an alias (default: the champion) resolved once to one
 fixed version, carried between tasks as a small JSON-able dict (XCom), and loaded from the
 configured registry. Resolving once means every chunk of a run uses the same version even if a
-promotion happens mid-run. Imports ``core`` and ``registry``.
+promotion happens mid-run.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def resolve_run_model(settings: Settings, ref: str | None = None) -> dict[str, A
 
 def load_policy(settings: Settings, ref: ModelRef) -> tuple[Any, Any]:
     """The trust policy and feature statistics of ``ref`` ((None, None) for a version without)."""
-    from wbc_tasks.training.trust import TRUST_ARTIFACT_PATH, load_trust
+    from wbc_tasks.training.trust_policy import TRUST_ARTIFACT_PATH, load_trust
 
     return load_trust(_artifacts(settings, ref, TRUST_ARTIFACT_PATH))
 
@@ -77,7 +77,7 @@ def _artifacts(settings: Settings, ref: ModelRef, artifact_path: str) -> Path | 
 
 def load_engine_for(settings: Settings, ref: ModelRef) -> Any | None:
     """The version's accepted CPU inference engine, or None (``WBC_INFERENCE_ENGINE=keras``, no
-    engine exported, refused at registration, or failing to load: Keras classifies)."""
+    engine exported, refused by the training run's export_engine step, or failing to load: Keras classifies)."""
     from wbc_tasks.training.export import ENGINE_ARTIFACT_PATH, load_engine
 
     if settings.inference_engine == "keras":
@@ -91,7 +91,7 @@ def load_model(settings: Settings, ref: ModelRef) -> Any:
     into ``<work_dir>/model-trust/``."""
     from wbc_tasks.registry.versions import load_keras_model
     from wbc_tasks.serving.infer import ServingModel
-    from wbc_tasks.training.trust import outputs_model
+    from wbc_tasks.training.outputs import outputs_model
 
     started = time.perf_counter()
     model = load_keras_model(settings, ref)
@@ -118,7 +118,7 @@ def load_model(settings: Settings, ref: ModelRef) -> Any:
         ref.name,
         ref.version,
         time.perf_counter() - started,
-        f"OpenVINO ({engine.precision}, checked against Keras at registration)" if engine else "Keras",
+        f"OpenVINO ({engine.precision}, checked against Keras when the version was trained)" if engine else "Keras",
         f" (T {policy.temperature:.2f}, review threshold {policy.review_threshold:.2f}, unfamiliar "
         f"{policy.unfamiliar_method} > {policy.unfamiliar_threshold:.2f})"
         if policy

@@ -2,8 +2,7 @@
 done, linked to an earlier prediction by content hash, rejected, and new; the first three
 recorded at once, the new ones grouped by content and written to chunk files in the run's work
 folder (at most ``settings.max_chunks``, each classified by one mapped task). Also a run's id
-and work folder. Imports ``core``, ``registry`` (the model reference) and the serving modules
-below it: predictions, queries, scan, archive, model and commit (the rows).
+and work folder.
 
 An image (by content hash) is classified at most once per model version. Without
 ``reclassify`` an image that any version of the model already classified is not classified

@@ -1,6 +1,6 @@
 """The predictions database: its tables, migrations, connections that retry, and idempotent
-writes. Reading it (the nightly look-ups, the export) is :mod:`wbc_tasks.serving.queries`.
-Imports ``core``.
+writes. Reading it: the nightly look-ups are :mod:`wbc_tasks.serving.queries`, the export
+:mod:`wbc_tasks.serving.export`, the reviews :mod:`wbc_tasks.serving.review_queue`.
 
 Four tables (SQLite by default, PostgreSQL through ``WBC_PREDICTIONS_DB_URL``):
 
@@ -17,7 +17,7 @@ Four tables (SQLite by default, PostgreSQL through ``WBC_PREDICTIONS_DB_URL``):
   so retries would duplicate them).
 - ``reviews``: a person's decision on one image (migration 0003): who, when, the model version
   and its prediction at that time, the label (a class or ``unusable``) and a note. Never updated:
-  a second review is a new row and the latest one counts (:mod:`wbc_tasks.serving.reviews`).
+  a second review is a new row and the latest one counts (:mod:`wbc_tasks.serving.review_decisions`).
 
 Writes use INSERT ... ON CONFLICT DO NOTHING, so a retried task never duplicates a row. A
 transaction that fails because the connection was lost or refused (a database restarting) is

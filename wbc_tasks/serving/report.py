@@ -2,8 +2,8 @@
 unreadable files, how many cells need review and why, the model version(s), and the flags a lab
 acts on, each with its rule in words; beside it, once people reviewed cells, the reviewed
 differential. As a dict (:func:`differential_report`) and rendered as JSON, CSV or a
-self-contained HTML page (:func:`render_report`). Reads only. Imports ``core`` and
-:mod:`.predictions`, :mod:`.reviews`.
+self-contained HTML page (:func:`render_report`, the page's template is
+``templates/report.html`` beside this module). Reads only.
 
 Percentages of classes are of the drop's classified cells (a differential counts white cells,
 not files); the unreadable share is of all the drop's files. In the reviewed differential a
@@ -13,29 +13,23 @@ cells reviewed ``unusable`` leave it.
 
 from __future__ import annotations
 
-import io
-import json
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from datetime import datetime
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 from sqlalchemy.engine import Connection
 
 from wbc_tasks.core.errors import PermanentError
 from wbc_tasks.core.settings import Settings
-from wbc_tasks.core.vocabulary import CLASS_NAMES, REVIEW_REASONS
+from wbc_tasks.core.vocabulary import BLAST_CLASS, CLASS_NAMES, REVIEW_REASONS, ReviewReason
 from wbc_tasks.serving.predictions import files_seen, open_engine, predictions, read_with_retries, utcnow
-from wbc_tasks.serving.reviews import (
-    BLAST_CLASS,
-    BLAST_REASON,
-    UNUSABLE,
-    drop_cells,
-    is_blast_suspected,
-    reasons_of,
-)
+from wbc_tasks.serving.review_decisions import UNUSABLE
+from wbc_tasks.serving.review_queue import drop_cells, is_blast_suspected, reasons_of
+
+if TYPE_CHECKING:
+    pass
 
 #: Said in every rendering of a report.
 DISCLAIMER = (
@@ -44,9 +38,10 @@ DISCLAIMER = (
 #: The row of files that could not be classified.
 UNREADABLE = "unreadable/rejected"
 REPORT_FORMATS = ("html", "csv", "json")
+#: Above this share of unfamiliar cells the automatic differential is said not to be meaningful.
+MOSTLY_UNFAMILIAR_PERCENT = 50.0
 #: The immature granulocytes whose share makes a left shift.
 LEFT_SHIFT_CLASSES = ("bands", "metamyelocytes", "myelocytes")
-CSV_COLUMNS = ["section", "item", "count", "percent", "reviewed_count", "reviewed_percent", "note"]
 
 
 class ReportError(PermanentError, LookupError):
@@ -75,19 +70,28 @@ def _blast_rule(settings: Settings) -> str:
         f" = {probability:g}" if probability is not None else " (unset: the model version's fitted value)"
     )
     return (
-        f"Raised when any cell's predicted class is blasts, or the classifier marked it {BLAST_REASON} "
+        f"Raised when any cell's predicted class is {BLAST_CLASS}, or the classifier marked it "
+        f"{ReviewReason.BLAST_SUSPECTED.value} "
         f"because its blast probability reached {setting}. Any blast in peripheral blood needs urgent review."
     )
 
 
 def _flags(
-    settings: Settings, differential: list[dict[str, Any]], blast_cells: int, files: int, rejected: int
+    settings: Settings,
+    differential: list[dict[str, Any]],
+    blast_cells: int,
+    files: int,
+    rejected: int,
+    rests_on: dict[str, str] | None = None,
 ) -> list[dict[str, Any]]:
+    """The three flags; the left shift is computed on ``differential``'s cells, and ``rests_on``
+    says in words which cells each flag was computed on (None: all classified cells)."""
     by_class = {row["class"]: row for row in differential}
     cells = sum(row["count"] for row in differential if row["class"] != UNREADABLE)
     immature = sum(by_class[name]["count"] for name in LEFT_SHIFT_CLASSES if name in by_class)
     left_shift = _percent(immature, cells)
     unreadable = _percent(rejected, files)
+    said = rests_on or {}
     return [
         {
             "name": "blasts_suspected",
@@ -95,6 +99,7 @@ def _flags(
             "raised": blast_cells > 0,
             "value": blast_cells,
             "rule": _blast_rule(settings),
+            "rests_on": said.get("blasts_suspected", "every classified cell"),
         },
         {
             "name": "left_shift",
@@ -102,7 +107,8 @@ def _flags(
             "raised": left_shift is not None and left_shift > settings.left_shift_percent,
             "value": left_shift,
             "rule": f"Raised when bands + metamyelocytes + myelocytes are more than WBC_LEFT_SHIFT_PERCENT = "
-            f"{settings.left_shift_percent:g} % of the classified cells.",
+            f"{settings.left_shift_percent:g} % of the cells it rests on.",
+            "rests_on": said.get("left_shift", f"{cells} classified cells"),
         },
         {
             "name": "many_unreadable_files",
@@ -111,8 +117,46 @@ def _flags(
             "value": unreadable,
             "rule": f"Raised when more than WBC_UNREADABLE_FLAG_PERCENT = {settings.unreadable_flag_percent:g} % "
             "of the drop's files could not be classified (unreadable or rejected).",
+            "rests_on": f"all {files} files of the drop",
         },
     ]
+
+
+def _needs_review(cell: dict[str, Any]) -> bool:
+    return bool(cell["prediction"]["needs_review"]) or is_blast_suspected(cell["prediction"])
+
+
+def _coverage(classified: list[dict[str, Any]]) -> tuple[dict[str, Any], list[str]]:
+    """How much of the drop the model can speak for, and the labels of those cells: each
+    unflagged, unreviewed cell under the model's class and each reviewed cell under its latest
+    review's label (``unusable`` left out). Flagged cells nobody reviewed are not among them."""
+    cells = len(classified)
+    unflagged = [c for c in classified if not _needs_review(c) and c["review"] is None]
+    reviewed = [c for c in classified if c["review"] is not None]
+    unfamiliar = sum(ReviewReason.UNFAMILIAR.value in reasons_of(c["prediction"]) for c in classified)
+    labels = [c["prediction"]["predicted_class"] for c in unflagged]
+    labels += [c["review"]["label"] for c in reviewed if c["review"]["label"] != UNUSABLE]
+    unfamiliar_percent = _percent(unfamiliar, cells)
+    meaningful = unfamiliar_percent is None or unfamiliar_percent <= MOSTLY_UNFAMILIAR_PERCENT
+    coverage = {
+        "cells": cells,
+        "unflagged": sum(not _needs_review(c) for c in classified),
+        "unflagged_percent": _percent(sum(not _needs_review(c) for c in classified), cells),
+        "unfamiliar": unfamiliar,
+        "unfamiliar_percent": unfamiliar_percent,
+        "reviewed": len(reviewed),
+        "speaks_for": len(labels),
+        "speaks_for_percent": _percent(len(labels), cells),
+        "meaningful": meaningful,
+        "warning": None
+        if meaningful
+        else (
+            f"{unfamiliar} of {cells} cells ({unfamiliar_percent} %) look unlike the images this model learned "
+            "from (another scanner, stain or lab): the automatic differential below is not meaningful for this "
+            "drop. Review the cells; the flags rest only on unflagged and reviewed cells."
+        ),
+    }
+    return coverage, labels
 
 
 def differential_report(settings: Settings, drop: str, *, model_version: str | int | None = None) -> dict[str, Any]:
@@ -134,6 +178,19 @@ def differential_report(settings: Settings, drop: str, *, model_version: str | i
         reasons.update(reasons_of(c["prediction"]))
     models = Counter((c["prediction"]["model_name"], c["prediction"]["model_version"]) for c in classified)
     blast_cells = sum(is_blast_suspected(c["prediction"]) for c in classified)
+    coverage, trusted_labels = _coverage(classified)
+    left_out = (
+        len(classified)
+        - coverage["speaks_for"]
+        - sum(c["review"] is not None and c["review"]["label"] == UNUSABLE for c in classified)
+    )
+    rests_on = {
+        "blasts_suspected": f"all {len(classified)} classified cells (a suspected blast counts even when flagged)",
+        "left_shift": f"{coverage['speaks_for']} cells the model or a reviewer speaks for "
+        f"({coverage['speaks_for'] - coverage['reviewed']} unflagged, {coverage['reviewed']} reviewed); "
+        f"{left_out} flagged cells nobody reviewed left out",
+    }
+    trusted = _differential(trusted_labels, files, rejected)
     report: dict[str, Any] = {
         "drop": drop,
         "generated_at": utcnow().isoformat(timespec="seconds"),
@@ -142,6 +199,7 @@ def differential_report(settings: Settings, drop: str, *, model_version: str | i
         "cells": len(classified),
         "rejected": rejected,
         "pending": sum(c["status"] == "pending" for c in cells),
+        "coverage": coverage,
         "model_version_requested": None if model_version is None else str(model_version),
         "models": [
             {"model_name": name, "model_version": version, "cells": n}
@@ -152,11 +210,11 @@ def differential_report(settings: Settings, drop: str, *, model_version: str | i
             "needs_review": len(flagged),
             "reasons": dict(reasons),
             "reviewed": sum(c["review"] is not None for c in classified),
-            "rule": "A cell needs review when the classifier flagged it (reasons as recorded: low_confidence, "
-            "unfamiliar, image_check, blast_suspected; flagged rows from before reasons were recorded count as "
-            "low_confidence) or when it is a suspected blast.",
+            "rule": f"A cell needs review when the classifier flagged it (reasons as recorded: "
+            f"{', '.join(REVIEW_REASONS)}; flagged rows from before reasons were recorded count as "
+            f"{ReviewReason.LOW_CONFIDENCE.value}) or when it is a suspected blast.",
         },
-        "flags": _flags(settings, automatic, blast_cells, files, rejected),
+        "flags": _flags(settings, trusted, blast_cells, files, rejected, rests_on),
         "reviewed": _reviewed_part(settings, classified, files, rejected),
     }
     return report
@@ -219,188 +277,3 @@ def drops_of_run(settings: Settings, dag_run_id: str) -> list[str]:
 
     with open_engine(settings.predictions_db_url) as engine:
         return read_with_retries(settings, engine, read, what=f"finding the drops of run {dag_run_id}")
-
-
-# --------------------------------------------------------------------------------------------
-# Rendering
-# --------------------------------------------------------------------------------------------
-
-
-def render_report(report: dict[str, Any], fmt: str) -> str:
-    """``report`` as ``json``, ``csv`` (one row per class, reason, flag and model) or ``html``
-    (one self-contained page: no scripts, fonts or images from elsewhere)."""
-    if fmt == "json":
-        return json.dumps(report, indent=1, ensure_ascii=False, default=str) + "\n"
-    if fmt == "csv":
-        return _csv(report)
-    if fmt == "html":
-        return _html(report)
-    raise ValueError(f"unknown report format {fmt!r}; choose one of {', '.join(REPORT_FORMATS)}")
-
-
-def write_report(
-    settings: Settings, drop: str, fmt: str, out: Path | str | None = None, *, model_version: str | int | None = None
-) -> str:
-    """Render ``drop``'s report as ``fmt``; write it to ``out`` when given; return the text."""
-    text = render_report(differential_report(settings, drop, model_version=model_version), fmt)
-    if out is not None:
-        path = Path(out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)
-    return text
-
-
-def _csv(report: dict[str, Any]) -> str:
-    import pandas as pd
-
-    reviewed = report["reviewed"] or {}
-    after = {row["class"]: row for row in reviewed.get("differential", [])}
-    rows: list[dict[str, Any]] = [{"section": "notice", "item": "research_use", "note": report["disclaimer"]}]
-    for key in ("files", "cells", "rejected", "pending"):
-        rows.append({"section": "drop", "item": key, "count": report[key], "note": report["drop"]})
-    for row in report["differential"]:
-        other = after.get(row["class"], {})
-        rows.append(
-            {
-                "section": "differential",
-                "item": row["class"],
-                "count": row["count"],
-                "percent": row["percent"],
-                "reviewed_count": other.get("count"),
-                "reviewed_percent": other.get("percent"),
-            }
-        )
-    rows.append({"section": "review", "item": "needs_review", "count": report["review"]["needs_review"]})
-    rows.append({"section": "review", "item": "reviewed", "count": report["review"]["reviewed"]})
-    for reason, n in report["review"]["reasons"].items():
-        rows.append({"section": "review_reason", "item": reason, "count": n})
-    reviewed_flags = {f["name"]: f for f in reviewed.get("flags", [])}
-    for flag in report["flags"]:
-        other = reviewed_flags.get(flag["name"], {})
-        rows.append(
-            {
-                "section": "flag",
-                "item": flag["name"],
-                "count": int(flag["raised"]),
-                "percent": flag["value"],
-                "reviewed_count": None if not other else int(other["raised"]),
-                "reviewed_percent": other.get("value"),
-                "note": flag["rule"],
-            }
-        )
-    for model in report["models"]:
-        item = f"{model['model_name']} v{model['model_version']}"
-        rows.append({"section": "model", "item": item, "count": model["cells"]})
-    buffer = io.StringIO()
-    # Nullable integers: a count column with gaps would otherwise print 14 as 14.0.
-    table = pd.DataFrame(rows, columns=CSV_COLUMNS).astype({"count": "Int64", "reviewed_count": "Int64"})
-    table.to_csv(buffer, index=False)
-    return buffer.getvalue()
-
-
-_TEMPLATE = """<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>Differential report: {{ title }}</title>
-<style>
-body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 2rem auto; max-width: 60rem;
-       padding: 0 1rem; color: #1b1b1b; line-height: 1.45; }
-h1 { font-size: 1.6rem; margin-bottom: .2rem; } h2 { font-size: 1.2rem; margin-top: 2rem; }
-.notice { background: #fff4ce; border: 1px solid #e0b400; padding: .7rem 1rem; border-radius: 4px; font-weight: 600; }
-.meta { color: #555; }
-table { border-collapse: collapse; width: 100%; margin-top: .5rem; }
-th, td { border-bottom: 1px solid #ddd; padding: .35rem .6rem; text-align: left; vertical-align: top; }
-th { background: #f3f3f3; } td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
-.bar { background: #4a78b5; height: .7rem; display: inline-block; border-radius: 2px; }
-.flag { border: 1px solid #ccc; border-radius: 4px; padding: .6rem 1rem; margin: .5rem 0; }
-.flag.raised { border-color: #b3261e; background: #fdecea; }
-.flag .state { font-weight: 700; } .flag.raised .state { color: #b3261e; }
-.rule { color: #444; font-size: .92rem; }
-</style>
-</head>
-<body>
-<p class="notice">{{ r.disclaimer }}</p>
-<h1>Differential report: {{ title }}</h1>
-<p class="meta">Generated {{ r.generated_at }} (UTC) from the predictions database.
-{{ r.files }} files: {{ r.cells }} cells classified, {{ r.rejected }} unreadable or rejected{% if r.pending %},
-{{ r.pending }} not classified yet{% endif %}.
-Model: {% for m in r.models %}{{ m.model_name }} version {{ m.model_version }} ({{ m.cells }} cells)
-{%- if not loop.last %}; {% endif %}{% else %}none{% endfor %}.</p>
-
-<h2>Flags</h2>
-{% macro state(f) %}{{ "RAISED" if f.raised else "not raised" }}{% if f.value is not none %}
- ({{ f.value }}{{ " %" if f.name != "blasts_suspected" else (" cell" if f.value == 1 else " cells") }}){% endif %}
-{%- endmacro %}
-{% for f in r.flags %}
-<div class="flag{% if f.raised %} raised{% endif %}">
-<span class="state">{{ f.title }}: {{ state(f) }}</span>
-{% if reviewed %} · after review: <strong>{{ state(reviewed_flags[f.name]) }}</strong>{% endif %}
-<div class="rule">{{ f.rule }}</div>
-</div>
-{% endfor %}
-
-<h2>Differential</h2>
-<p class="rule">Percentages of classes are of the classified cells; the unreadable share is of all files.
-{% if reviewed %}Reviewed: each cell under its latest review's label ({{ reviewed.reviewed_cells }} cells reviewed by
-{{ reviewed.reviewers | join(", ") }}, last {{ reviewed.last_reviewed_at }}; {{ reviewed.changed }} changed,
-{{ reviewed.unusable }} marked unusable and left out); unreviewed cells keep the model's class.{% else %}
-No cell of this drop has been reviewed yet.{% endif %}</p>
-<table>
-<thead><tr><th>Class</th><th>Count</th><th>%</th><th></th>
-{% if reviewed %}<th>Reviewed count</th><th>Reviewed %</th>{% endif %}</tr></thead>
-<tbody>
-{% for row in r.differential %}{% set other = reviewed_rows.get(row["class"]) %}
-<tr><td>{{ row["class"] }}</td><td class="num">{{ row["count"] }}</td>
-<td class="num">{{ "%.1f" % row.percent if row.percent is not none else "–" }}</td>
-<td style="width: 25%"><span class="bar" style="width: {{ row.percent or 0 }}%"></span></td>
-{% if reviewed %}<td class="num">{{ other["count"] if other else "–" }}</td>
-<td class="num">{{ "%.1f" % other.percent if other and other.percent is not none else "–" }}</td>{% endif %}</tr>
-{% endfor %}
-</tbody>
-</table>
-
-<h2>Review</h2>
-<p>{{ r.review.needs_review }} of {{ r.cells }} cells need review; {{ r.review.reviewed }} reviewed so far.</p>
-<table>
-<thead><tr><th>Reason</th><th>Cells</th></tr></thead>
-<tbody>
-{% for reason, n in r.review.reasons.items() %}<tr><td>{{ reason }}</td><td class="num">{{ n }}</td></tr>
-{% endfor %}
-</tbody>
-</table>
-<p class="rule">{{ r.review.rule }} A cell may have several reasons.</p>
-
-<p class="notice">{{ r.disclaimer }}</p>
-</body>
-</html>
-"""
-
-
-def _html(report: dict[str, Any]) -> str:
-    from jinja2 import Environment, StrictUndefined
-
-    environment = Environment(autoescape=True, undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    reviewed = report["reviewed"]
-    return environment.from_string(_TEMPLATE).render(
-        r=report,
-        title=report["drop"] or "(files outside any drop folder)",
-        reviewed=reviewed,
-        reviewed_rows={row["class"]: row for row in reviewed["differential"]} if reviewed else {},
-        reviewed_flags={f["name"]: f for f in reviewed["flags"]} if reviewed else {},
-    )
-
-
-def report_files(settings: Settings, drop: str, folder: Path, formats: Iterable[str] = REPORT_FORMATS) -> list[Path]:
-    """Write ``drop``'s report into ``folder`` once per format (``differential.<fmt>``)."""
-    report = differential_report(settings, drop)
-    folder.mkdir(parents=True, exist_ok=True)
-    written = []
-    for fmt in formats:
-        path = folder / f"differential.{fmt}"
-        path.write_text(render_report(report, fmt), encoding="utf-8")
-        written.append(path)
-    return written

@@ -1,6 +1,6 @@
 """What lies in the classify folder: every file under it (or under one drop), with the link
 policy and the settle time applied, and each file's sha256. It only reads the folder; the
-``files_seen`` rows it reuses hashes from are passed in. Imports ``core`` and ``data``.
+``files_seen`` rows it reuses hashes from are passed in.
 
 Rules:
 - A file's *drop* is its first-level folder (``""`` for a file lying directly in the classify

@@ -1,8 +1,7 @@
 """A few image files classified now, without Airflow (``wbc classify``): each file is checked
 against every configured folder like a drop's files, classified with the champion or a given
 version, and, when asked, recorded (predictions, rejections and ``files_seen`` rows) so it
-appears in ``wbc predictions`` at once. Imports ``core``, ``registry`` and the serving modules
-below it: predictions, scan, infer, model, plan and commit.
+appears in ``wbc predictions`` at once.
 """
 
 from __future__ import annotations

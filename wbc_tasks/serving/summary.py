@@ -2,12 +2,12 @@
 review, rejected, images per second), logged, written to the run's work folder and recorded as
 one MLflow run in ``settings.classify_experiment``, tagged with the model name, version and run.
 The differential report of each drop the run classified goes with it (``reports/<drop>/``, HTML,
-CSV and JSON). Imports ``core``, ``registry`` and the serving modules below it: model, plan,
-commit and report.
+CSV and JSON).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections import Counter
@@ -17,6 +17,7 @@ from typing import Any
 
 from wbc_tasks.core.paths import safe_name
 from wbc_tasks.core.settings import Settings
+from wbc_tasks.core.vocabulary import ReviewReason
 from wbc_tasks.core.workdir import write_json_atomic
 from wbc_tasks.registry.versions import ModelRef
 from wbc_tasks.serving.commit import empty_stats
@@ -87,7 +88,7 @@ def summarise_run(
         "mean_confidence": totals["confidence_sum"] / classified if classified else None,
         "needs_review": totals["needs_review"],
         "review_reasons": dict(sorted(reasons.items())),
-        "unfamiliar_share": reasons.get("unfamiliar", 0) / classified if classified else None,
+        "unfamiliar_share": reasons.get(ReviewReason.UNFAMILIAR, 0) / classified if classified else None,
         "files_rejected": found.get("files_rejected", 0) + totals["files_rejected"],
         "files_changed_during_run": totals["files_changed"],
         "classify_seconds": totals["classify_seconds"],
@@ -150,7 +151,7 @@ def _log_summary_to_mlflow(settings: Settings, ref: ModelRef, summary: dict, par
     metrics.update({f"count_{name}": float(n) for name, n in summary["per_class"].items()})
     metrics.update({f"review_{name}": float(n) for name, n in summary["review_reasons"].items()})
     for d in summary["drift"]:
-        key = "drift." + (safe_name(d["drop"]) if d["drop"] else "loose")
+        key = "drift." + drop_label(d["drop"])
         for name in ("class_mix_divergence", "mean_confidence", "unfamiliar_share", "rejected_share"):
             if d[name] is not None:
                 metrics[f"{key}.{name}"] = float(d[name])
@@ -169,6 +170,22 @@ def _log_summary_to_mlflow(settings: Settings, ref: ModelRef, summary: dict, par
     return run_id
 
 
+#: Longest drop label in an MLflow metric key or artifact folder (MLflow caps keys at 250).
+MAX_DROP_LABEL = 100
+
+
+def drop_label(drop: str) -> str:
+    """The drop's name as MLflow keys and folders may spell it: file-system-safe, and for a name
+    that had to change (other characters, or longer than :data:`MAX_DROP_LABEL`) shortened and
+    followed by 8 hex digits of its hash, so two drops never share a label."""
+    if not drop:
+        return "loose"
+    safe = safe_name(drop)
+    if safe == drop and len(safe) <= MAX_DROP_LABEL:
+        return safe
+    return f"{safe[:MAX_DROP_LABEL]}-{hashlib.sha256(drop.encode()).hexdigest()[:8]}"
+
+
 def _log_drop_reports(settings: Settings, client: Any, mlflow_run_id: str, dag_run_id: str) -> list[str]:
     """Log the report of every drop ``dag_run_id`` classified; return the drops logged.
 
@@ -176,8 +193,8 @@ def _log_drop_reports(settings: Settings, client: Any, mlflow_run_id: str, dag_r
     (the predictions are committed by then, and ``wbc report`` makes it again)."""
     import tempfile
 
-    from wbc_tasks.core.paths import safe_name
-    from wbc_tasks.serving.report import drops_of_run, report_files
+    from wbc_tasks.serving.report import drops_of_run
+    from wbc_tasks.serving.report_rendering import report_files
 
     try:
         drops = drops_of_run(settings, dag_run_id)
@@ -186,7 +203,7 @@ def _log_drop_reports(settings: Settings, client: Any, mlflow_run_id: str, dag_r
         return []
     logged = []
     for drop in drops:
-        folder = f"reports/{safe_name(drop) if drop else '_loose'}"
+        folder = f"reports/{drop_label(drop) if drop else '_loose'}"
         try:
             with tempfile.TemporaryDirectory(prefix="wbc-report-") as scratch:
                 report_files(settings, drop, Path(scratch))

@@ -1,5 +1,6 @@
-"""Calibrated confidence: temperature scaling fitted on the validation split, folded into the
-model's last Dense layer, and the measures that say how honest the probabilities are.
+"""Calibrated confidence: where the temperature is fitted (:func:`fit_temperature` on the
+validation split, kept only when it beats its noise) and folded into the model's last Dense layer,
+and the measures that say how honest the probabilities are.
 
 Temperature scaling divides the logits by one number T fitted to minimise the validation
 negative log-likelihood. It keeps every image's top class, so accuracy is unchanged; it only
@@ -9,7 +10,7 @@ layers only: every loader (the nightly DAG, ``wbc classify``, ``mlflow.tensorflo
 an exported engine) gets the same probabilities without importing this package.
 
 Expected calibration error (ECE) uses 15 equal-width confidence bins (the usual choice) and
-weights each bin by its share of images. Imports nothing else of the package but ``figures``.
+weights each bin by its share of images.
 """
 
 from __future__ import annotations

@@ -13,8 +13,7 @@ precision this CPU offers, fastest first, on a sample of the run's test images: 
 accepted when the top class and the review reasons agree with Keras on at least
 ``engine_min_agreement`` of the images and no calibrated probability differs by more than
 ``engine_max_probability_difference``. None accepted: the engine files are removed, the reason is
-written to ``engine.json`` and serving uses Keras. Imports ``core``, ``data`` and the training
-modules it names; never MLflow.
+written to ``engine.json`` and serving uses Keras.
 """
 
 from __future__ import annotations
@@ -41,7 +40,7 @@ ENGINE_ARTIFACT_PATH = "engine"
 ENGINE_INFO_FILE = "engine.json"
 ENGINE_MODEL_FILE = "model.xml"  # OpenVINO IR; its weights are in model.bin beside it
 ENGINE_NAME = "openvino"
-#: The engine's outputs, in the order of :func:`~wbc_tasks.training.trust.outputs_model`.
+#: The engine's outputs, in the order of :func:`~wbc_tasks.training.outputs.outputs_model`.
 OUTPUT_NAMES = ("probabilities", "logits", "top", "low")
 
 
@@ -130,7 +129,7 @@ def compare_outputs(
 ) -> dict[str, float]:
     """Top-class and review-reason agreement (share of images) and the largest calibrated
     probability difference between two sets of model outputs for the same images."""
-    from wbc_tasks.training.trust import assess
+    from wbc_tasks.training.trust_policy import assess
 
     n = len(reference["probabilities"])
     if n == 0:
@@ -146,7 +145,7 @@ def compare_outputs(
 
 
 def _timed_outputs(model: Any, images: np.ndarray, batch_size: int) -> tuple[dict[str, np.ndarray], float]:
-    from wbc_tasks.training.trust import predict_all
+    from wbc_tasks.training.outputs import predict_all
 
     predict_all(model, images[:batch_size], batch_size)  # warm-up: graph tracing, kernel choice
     started = time.perf_counter()
@@ -170,7 +169,8 @@ def export_engine(
     checked and whether the engine was accepted; a refused engine leaves no model files."""
     import keras
 
-    from wbc_tasks.training.trust import load_trust, outputs_model
+    from wbc_tasks.training.outputs import outputs_model
+    from wbc_tasks.training.trust_policy import load_trust
 
     precisions = precisions or engine_precisions()
     model = keras.models.load_model(model_path)

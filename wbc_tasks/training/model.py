@@ -14,6 +14,7 @@ import numpy as np
 
 from wbc_tasks.core.errors import PermanentError
 from wbc_tasks.core.settings import Settings
+from wbc_tasks.training.params import Weights, choices
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ BASE_LAYER = "vgg16"
 PREPROCESS_LAYER = "vgg16_preprocess_input"
 HEAD_LAYERS = ("head_pool", "head_dense", "head_dropout", "head_logits", "probabilities")
 
-WEIGHT_CHOICES = ("imagenet", "none")
+WEIGHT_CHOICES = choices(Weights)
 PHASES = ("head", "finetune", "scratch")
 
 
@@ -120,12 +121,12 @@ def build_model(
     """
     import keras
 
-    weights = "none" if weights is None else str(weights).lower()
+    weights = Weights.NONE.value if weights is None else str(weights).lower()
     if weights not in WEIGHT_CHOICES:
         raise ValueError(f"weights must be one of {WEIGHT_CHOICES}, got {weights!r}")
     if n_classes < 2:
         raise ValueError(f"need at least 2 classes, got {n_classes}")
-    source = vgg16_weights_file(settings) if weights == "imagenet" else None
+    source = vgg16_weights_file(settings) if weights == Weights.IMAGENET else None
     try:
         base = keras.applications.VGG16(
             include_top=False,
@@ -210,7 +211,7 @@ def float32_copy(model, *, settings: Settings):
         copy = build_model(
             image_size,
             int(model.output_shape[-1]),
-            weights="none",
+            weights=Weights.NONE,
             settings=settings,
             dropout=float(model.get_layer("head_dropout").rate),
             dense_units=int(head.units),

@@ -2,12 +2,15 @@
 
 Each entry is a JSON-schema fragment (what Airflow's ``Param`` takes) plus a description the
 trigger form shows. :func:`training_params` validates a mapping against the same table, so a run
-started from the CLI or a test is checked exactly like one started from the UI.
+started from the CLI or a test is checked exactly like one started from the UI. The params with
+a fixed set of values have theirs declared once, as the StrEnums beside the table: the table's
+``enum`` lists and the code that acts on a value (``model``, ``precision``, ``train``) use them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from enum import StrEnum
 from typing import Any
 
 from jsonschema import Draft202012Validator
@@ -17,6 +20,47 @@ from wbc_tasks.core.errors import PermanentError
 
 class ParamError(PermanentError, ValueError):
     """A training param is unknown, missing or out of its range."""
+
+
+# The params with a fixed set of values (weights, learning_rate_schedule, weight_averaging,
+# promotion_metric, precision, xla): the table's ``enum`` lists are made from these.
+class Weights(StrEnum):
+    IMAGENET = "imagenet"
+    NONE = "none"
+
+
+class LearningRateSchedule(StrEnum):
+    CONSTANT = "constant"
+    COSINE = "cosine"
+
+
+class WeightAveraging(StrEnum):
+    NONE = "none"
+    EMA = "ema"
+
+
+class PromotionMetric(StrEnum):
+    BALANCED_ACCURACY = "balanced_accuracy"
+    ACCURACY = "accuracy"
+    MACRO_F1 = "macro_f1"
+
+
+class Precision(StrEnum):
+    AUTO = "auto"
+    FLOAT32 = "float32"
+    MIXED_FLOAT16 = "mixed_float16"
+    MIXED_BFLOAT16 = "mixed_bfloat16"
+
+
+class Xla(StrEnum):
+    AUTO = "auto"
+    ON = "on"
+    OFF = "off"
+
+
+def choices(values: type[StrEnum]) -> tuple[str, ...]:
+    """The values of ``values`` as plain strings, in declaration order (a table's ``enum``)."""
+    return tuple(member.value for member in values)
 
 
 #: name -> JSON-schema fragment with "default" and "description".
@@ -43,9 +87,9 @@ TRAINING_PARAM_SPECS: dict[str, dict[str, Any]] = {
         "description": "Side in pixels the images are resized to (VGG16 needs at least 32).",
     },
     "weights": {
-        "default": "imagenet",
+        "default": Weights.IMAGENET.value,
         "type": "string",
-        "enum": ["imagenet", "none"],
+        "enum": list(choices(Weights)),
         "description": "imagenet: fine-tune ImageNet weights (need the weights file); none: train from scratch.",
     },
     "epochs_head": {
@@ -84,17 +128,17 @@ TRAINING_PARAM_SPECS: dict[str, dict[str, Any]] = {
         "description": "Adam learning rate once conv layers are unfrozen (from scratch: the only rate).",
     },
     "learning_rate_schedule": {
-        "default": "constant",
+        "default": LearningRateSchedule.CONSTANT.value,
         "type": "string",
-        "enum": ["constant", "cosine"],
+        "enum": list(choices(LearningRateSchedule)),
         "description": "constant: each phase at its learning rate throughout; cosine: each phase starts at its "
         "rate and falls to 0 along a half cosine by its last epoch (measured at the cpu profile: sharper, also on "
         "images from other labs; not the default).",
     },
     "weight_averaging": {
-        "default": "none",
+        "default": WeightAveraging.NONE.value,
         "type": "string",
-        "enum": ["none", "ema"],
+        "enum": list(choices(WeightAveraging)),
         "description": "none: the model is the weights of its best epoch; ema: validation, the best epoch and the "
         "saved model use an exponential moving average of the weights over the last steps (Polyak averaging, "
         "momentum 0.99, about one epoch at the cpu profile). The cpu profile uses ema (measured over three seeds: "
@@ -153,9 +197,9 @@ TRAINING_PARAM_SPECS: dict[str, dict[str, Any]] = {
         "description": "Weight the loss by inverse class frequency (an alternative to SMOTE).",
     },
     "promotion_metric": {
-        "default": "balanced_accuracy",
+        "default": PromotionMetric.BALANCED_ACCURACY.value,
         "type": "string",
-        "enum": ["balanced_accuracy", "accuracy", "macro_f1"],
+        "enum": list(choices(PromotionMetric)),
         "description": "Test metric a new model must beat the champion on.",
     },
     "promotion_margin": {
@@ -219,17 +263,17 @@ TRAINING_PARAM_SPECS: dict[str, dict[str, Any]] = {
         "familiar images).",
     },
     "precision": {
-        "default": "auto",
+        "default": Precision.AUTO.value,
         "type": "string",
-        "enum": ["auto", "float32", "mixed_float16", "mixed_bfloat16"],
+        "enum": list(choices(Precision)),
         "description": "Training arithmetic. auto: mixed_float16 on a CUDA GPU, mixed_bfloat16 on a CPU with "
         "AVX512_BF16/AMX (1.7-2x float32's speed, same quality), float32 on other CPUs (where bfloat16 is "
         "emulated and slower). The registered model is float32 either way.",
     },
     "xla": {
-        "default": "auto",
+        "default": Xla.AUTO.value,
         "type": "string",
-        "enum": ["auto", "on", "off"],
+        "enum": list(choices(Xla)),
         "description": "XLA compilation. auto: on with a GPU, off on CPUs; off if a driver misbehaves.",
     },
     "seed": {
@@ -245,7 +289,7 @@ TRAINING_PARAM_SPECS: dict[str, dict[str, Any]] = {
 PROFILES: dict[str, dict[str, Any]] = {
     "cpu": {
         "image_size": 64,
-        "weights": "none",
+        "weights": Weights.NONE.value,
         "epochs_head": 0,
         # 16, not 12: still improving at 12; over three seeds +2.0 points of balanced accuracy and
         # 0.06 more of the test split unflagged at the same accuracy (docs/trust.md).
@@ -254,12 +298,12 @@ PROFILES: dict[str, dict[str, Any]] = {
         "learning_rate_finetune": 1e-4,
         "augment_per_class": 150,
         "early_stopping_patience": 4,
-        "weight_averaging": "ema",
+        "weight_averaging": WeightAveraging.EMA.value,
         "outlier_exposure": 0.25,
     },
     "demo": {
         "image_size": 32,
-        "weights": "none",
+        "weights": Weights.NONE.value,
         "epochs_head": 0,
         "epochs_finetune": 5,
         "batch_size": 16,
@@ -271,13 +315,15 @@ PROFILES: dict[str, dict[str, Any]] = {
         "min_class_recall": 0.0,
         "min_blast_recall": 0.0,
     },
-    "gpu": {"image_size": 256, "weights": "imagenet"},
+    "gpu": {"image_size": 256, "weights": Weights.IMAGENET.value},
 }
 
 
 @dataclass(frozen=True)
 class TrainingParams:
-    """Validated params of one training run."""
+    """Validated params of one training run. A param with choices holds the plain string (what
+    MLflow, the checkpoints and the model card record); it compares equal to its StrEnum member
+    (``params.weights == Weights.NONE``)."""
 
     data_dir: str | None
     include_reviewed: bool

@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
-XLA_CHOICES = ("auto", "on", "off")
+from wbc_tasks.training.params import Precision, Xla, choices
+
+PRECISIONS = choices(Precision)
+XLA_CHOICES = choices(Xla)
 
 
 @dataclass(frozen=True)
@@ -30,7 +32,7 @@ class PrecisionChoice:
 
     @property
     def mixed(self) -> bool:
-        return self.policy != "float32"
+        return self.policy != Precision.FLOAT32
 
 
 def cpu_has_bfloat16() -> bool:
@@ -42,7 +44,9 @@ def cpu_has_bfloat16() -> bool:
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
-def choose_precision(precision: str = "auto", xla: str = "auto", *, gpu: bool | None = None) -> PrecisionChoice:
+def choose_precision(
+    precision: str = Precision.AUTO, xla: str = Xla.AUTO, *, gpu: bool | None = None
+) -> PrecisionChoice:
     """The policy and XLA setting for ``precision`` / ``xla`` on this machine (``gpu``: whether a
     CUDA GPU is visible; looked up when None)."""
     if precision not in PRECISIONS or xla not in XLA_CHOICES:
@@ -52,24 +56,27 @@ def choose_precision(precision: str = "auto", xla: str = "auto", *, gpu: bool | 
 
         gpu = bool(tf.config.list_physical_devices("GPU"))
     warning = ""
-    if precision != "auto":
+    if precision != Precision.AUTO:
         policy, why = precision, f"precision={precision} asked for"
-        if not gpu and policy == "mixed_float16":
+        if not gpu and policy == Precision.MIXED_FLOAT16:
             warning = "float16 on a CPU is emulated: several times slower than float32 (use float32 or auto)"
-        elif not gpu and policy == "mixed_bfloat16" and not cpu_has_bfloat16():
+        elif not gpu and policy == Precision.MIXED_BFLOAT16 and not cpu_has_bfloat16():
             warning = (
                 "this CPU has no AVX512_BF16 or AMX: bfloat16 is emulated, several times slower than float32 "
                 "(docs/benchmarks.md; use float32 or auto)"
             )
     elif gpu:
-        policy, why = "mixed_float16", "auto: a CUDA GPU (float16 tensor cores)"
+        policy, why = Precision.MIXED_FLOAT16.value, "auto: a CUDA GPU (float16 tensor cores)"
     elif cpu_has_bfloat16():
-        policy, why = "mixed_bfloat16", "auto: a CPU with native bfloat16 (AVX512_BF16/AMX), 1.7-2x float32"
+        policy, why = (
+            Precision.MIXED_BFLOAT16.value,
+            "auto: a CPU with native bfloat16 (AVX512_BF16/AMX), 1.7-2x float32",
+        )
     else:
-        policy, why = "float32", "auto: no GPU, and this CPU has no native bfloat16"
-    use_xla = gpu if xla == "auto" else xla == "on"
+        policy, why = Precision.FLOAT32.value, "auto: no GPU, and this CPU has no native bfloat16"
+    use_xla = gpu if xla == Xla.AUTO else xla == Xla.ON
     xla_why = (
-        f"XLA {'on' if use_xla else 'off'} ({'auto: ' + ('GPU' if gpu else 'CPU') if xla == 'auto' else 'asked for'})"
+        f"XLA {'on' if use_xla else 'off'} ({'auto: ' + ('GPU' if gpu else 'CPU') if xla == Xla.AUTO else 'asked for'})"
     )
     return PrecisionChoice(policy, use_xla, f"{why}; {xla_why}", warning)
 
@@ -101,6 +108,6 @@ def compile_model(
     if cosine_decay_steps:
         rate = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=cosine_decay_steps)
     optimizer = keras.optimizers.Adam(rate, use_ema=average_weights, ema_momentum=EMA_MOMENTUM)
-    if policy == "mixed_float16":
+    if policy == Precision.MIXED_FLOAT16:
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     model.compile(optimizer=optimizer, loss="categorical_crossentropy", metrics=["accuracy"], jit_compile=xla)

@@ -3,12 +3,12 @@
 Evaluation, the champion's check at promotion and nightly classification all predict through
 :func:`predict_batches` (arrays already in memory) or :func:`predict_store` (a memory-mapped
 store, read a chunk at a time). Every batch has the same shape, the last one padded with zeros,
-because a new input shape makes TensorFlow retrace the model (seconds for VGG16). Imports
-``data`` only.
+because a new input shape makes TensorFlow retrace the model (seconds for VGG16).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -19,6 +19,19 @@ from wbc_tasks.data.store import ImageStore, release_pages
 PREDICTION_CHUNK = 512
 
 
+def _padded_batches(images: Any, batch_size: int) -> Iterator[tuple[np.ndarray, int]]:
+    """``images`` (an array or memory map) ``batch_size`` at a time, each batch with its count of
+    real images; the last batch is padded with zeros to ``batch_size``."""
+    batch_size = max(1, int(batch_size))
+    for start in range(0, len(images), batch_size):
+        batch = np.asarray(images[start : start + batch_size])
+        count = len(batch)
+        if count < batch_size:
+            padding = np.zeros((batch_size - count, *batch.shape[1:]), batch.dtype)
+            batch = np.concatenate([batch, padding])
+        yield batch, count
+
+
 def predict_batches(model: Any, images: Any, batch_size: int) -> np.ndarray:
     """Class probabilities of ``images`` (an array or memory map), ``batch_size`` at a time.
 
@@ -26,30 +39,17 @@ def predict_batches(model: Any, images: Any, batch_size: int) -> np.ndarray:
     """
     if len(images) == 0:
         return np.zeros((0, int(model.output_shape[-1])), dtype=np.float32)
-    batch_size = max(1, int(batch_size))
-    parts = []
-    for start in range(0, len(images), batch_size):
-        batch = np.asarray(images[start : start + batch_size])
-        count = len(batch)
-        if count < batch_size:
-            padding = np.zeros((batch_size - count, *batch.shape[1:]), batch.dtype)
-            batch = np.concatenate([batch, padding])
-        parts.append(np.asarray(model.predict_on_batch(batch))[:count])
+    parts = [np.asarray(model.predict_on_batch(batch))[:count] for batch, count in _padded_batches(images, batch_size)]
     return np.concatenate(parts)
 
 
 def predict_outputs(model: Any, images: Any, batch_size: int) -> list[np.ndarray]:
     """Every output of a multi-output ``model`` for ``images``, ``batch_size`` at a time (the
     last batch padded like :func:`predict_batches`), one array per output."""
-    batch_size = max(1, int(batch_size))
-    parts: list[list[np.ndarray]] = []
-    for start in range(0, len(images), batch_size):
-        batch = np.asarray(images[start : start + batch_size])
-        count = len(batch)
-        if count < batch_size:
-            padding = np.zeros((batch_size - count, *batch.shape[1:]), batch.dtype)
-            batch = np.concatenate([batch, padding])
-        parts.append([np.asarray(o)[:count] for o in model.predict_on_batch(batch)])
+    parts = [
+        [np.asarray(o)[:count] for o in model.predict_on_batch(batch)]
+        for batch, count in _padded_batches(images, batch_size)
+    ]
     if not parts:
         return [np.zeros((0, *o.shape[1:]), np.float32) for o in model.outputs]
     return [np.concatenate(column) for column in zip(*parts)]

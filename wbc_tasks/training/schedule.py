@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from wbc_tasks.training.params import TrainingParams
+from wbc_tasks.training.params import TrainingParams, Weights
 
 #: Below this, from-scratch training is very slow to start; the log says so.
 SCRATCH_LR_HINT = 5e-5
@@ -32,7 +32,7 @@ class Phase:
 
 def plan_phases(params: TrainingParams) -> list[Phase]:
     """The training phases ``params`` ask for (see the module docstring)."""
-    if params.weights == "none":
+    if params.weights == Weights.NONE:
         return [Phase("scratch", params.epochs_head + params.epochs_finetune, params.learning_rate_finetune)]
     return [
         Phase("head", params.epochs_head, params.learning_rate_head),

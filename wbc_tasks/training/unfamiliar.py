@@ -28,7 +28,7 @@ the one separating validation images best (AUROC) from synthetic negatives made 
 data only (corner crops without the white cell, strong colour shifts: see
 :mod:`wbc_tasks.data.image_checks`); the threshold is the validation quantile that flags the
 training param ``unfamiliar_rate`` of familiar images. Another lab's images are measured, never
-used here. Imports ``data``.
+used here.
 """
 
 from __future__ import annotations

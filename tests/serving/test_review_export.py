@@ -1,152 +1,21 @@
-"""Reviews of classified cells: the queue's order and contents, recording decisions (kept, never
-overwritten; the latest counts), the drops list, and the reviewed images as files (export), on
-known rows (SQLite and PostgreSQL) and on real images after a real night."""
+"""The reviewed images as files: the export (linked under each class, what it left out), the
+allowed-folder checks before a reviewed file is read, archived files, on real images (SQLite and
+PostgreSQL) and after a real night."""
 
 from __future__ import annotations
 
 import os
 import shutil
-from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from tests.serving.conftest import (
-    KNOWN_DROP,
-    add_known_drop,
-    copy_drop,
-    files_under,
-    known_sha,
-    make_prediction,
-    make_seen,
-    sha,
-    table_rows,
-)
-from wbc_tasks.core.vocabulary import CLASS_NAMES
+from tests.serving.conftest import copy_drop, files_under, make_prediction, make_seen, sha
 from wbc_tasks.data.images import ImageError
 from wbc_tasks.serving import predictions as db
 from wbc_tasks.serving.nightly import classify_new_images
-from wbc_tasks.serving.reviews import (
-    REVIEW_LABELS,
-    ReviewError,
-    export_reviewed,
-    latest_reviews,
-    list_drops,
-    record_review,
-    review_image_path,
-    review_queue,
-    reviewed_images,
-)
-
-T0 = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
-
-
-def _path(name: str) -> str:
-    return f"{KNOWN_DROP}/{name}"
-
-
-def test_queue_lists_flagged_cells_and_every_suspected_blast_blasts_first_then_least_confident(db_settings):
-    add_known_drop(db_settings)
-    queue = review_queue(db_settings, KNOWN_DROP)
-
-    assert [q["path"] for q in queue] == [_path(n) for n in ("o2.jpg", "x1.jpg", "l2.jpg", "o1.jpg", "n4.jpg")]
-    first = queue[0]
-    assert first["blast_suspected"] and first["reasons"] == ["blast_suspected", "low_confidence"]
-    assert first["predicted_class"] == "monocytes" and first["model_version"] == "1"
-    assert [t["class"] for t in first["top_classes"]][0] == "monocytes" and len(first["top_classes"]) == 3
-    assert first["top_classes"][0]["probability"] == pytest.approx(0.6)
-    assert sum(t["probability"] for t in first["top_classes"]) < 1.0
-    # A confident blast needs a person too; an old flagged row with no reasons reads as low confidence.
-    assert queue[1]["reasons"] == [] and queue[1]["blast_suspected"]
-    assert queue[3]["reasons"] == ["low_confidence"]
-    assert all(q["latest_review"] is None for q in queue)
-    assert review_queue(db_settings, "no-such-drop") == []
-
-
-def test_reviews_are_kept_and_the_latest_counts(db_settings):
-    add_known_drop(db_settings)
-    first = record_review(db_settings, _path("x1.jpg"), "lymphocytes", reviewer="alice", reviewed_at=T0)
-    second = record_review(
-        db_settings, _path("x1.jpg"), "blasts", reviewer="bob", note="nucleoli visible", reviewed_at=T0 + timedelta(1)
-    )
-
-    assert second["id"] != first["id"]
-    assert second["sha256"] == known_sha(_path("x1.jpg")) and second["drop"] == KNOWN_DROP
-    assert (second["model_name"], second["model_version"], second["predicted_class"]) == (
-        "wbc-classifier",
-        "1",
-        "blasts",
-    )
-    stored = table_rows(db_settings, db.reviews)
-    assert [(r["reviewer"], r["label"], r["note"]) for r in stored] == [
-        ("alice", "lymphocytes", None),
-        ("bob", "blasts", "nucleoli visible"),
-    ]
-    assert stored[1]["reviewed_at"].replace(tzinfo=UTC) == T0 + timedelta(1)
-    latest = latest_reviews(db_settings, drop=KNOWN_DROP)
-    assert [(r["path"], r["reviewer"], r["label"]) for r in latest] == [(_path("x1.jpg"), "bob", "blasts")]
-    queued = {q["path"]: q for q in review_queue(db_settings, KNOWN_DROP)}
-    assert queued[_path("x1.jpg")]["latest_review"]["reviewer"] == "bob"
-
-    # An earlier time recorded later does not win; the same time is decided by the order recorded.
-    record_review(db_settings, _path("x1.jpg"), "monocytes", reviewer="carol", reviewed_at=T0)
-    record_review(db_settings, _path("x1.jpg"), "eosinophils", reviewer="dave", reviewed_at=T0 + timedelta(1))
-    assert [r["reviewer"] for r in latest_reviews(db_settings, drop=KNOWN_DROP)] == ["dave"]
-    assert len(table_rows(db_settings, db.reviews)) == 4
-    assert latest_reviews(db_settings, drop="2026-12-02") == []
-
-
-@pytest.mark.parametrize(
-    ("path", "label", "reviewer", "message"),
-    [
-        ("x1.jpg", "skip", "alice", "not a review"),
-        ("x1.jpg", "smudge", "alice", "not one of"),
-        ("x1.jpg", "Blasts ", "alice", "not one of"),
-        ("x1.jpg", "blasts", " ", "reviewer"),
-        ("late.jpg", "blasts", "alice", "no prediction"),
-        ("empty.png", "unusable", "alice", "no readable file"),
-        ("missing.jpg", "blasts", "alice", "no readable file"),
-        ("../../etc/passwd", "blasts", "alice", "without '..'"),
-    ],
-)
-def test_a_review_that_cannot_be_recorded_says_why_and_records_nothing(db_settings, path, label, reviewer, message):
-    add_known_drop(db_settings)
-    with pytest.raises(ReviewError, match=message):
-        record_review(db_settings, _path(path), label, reviewer=reviewer)
-    with pytest.raises(ReviewError, match="relative"):
-        record_review(db_settings, "/" + _path("x1.jpg"), "blasts", reviewer="alice")
-    assert table_rows(db_settings, db.reviews) == []
-
-
-def test_every_class_and_unusable_is_a_label(db_settings):
-    add_known_drop(db_settings)
-    assert (*CLASS_NAMES, "unusable") == REVIEW_LABELS
-    for label in REVIEW_LABELS:
-        record_review(db_settings, _path("n1.jpg"), label, reviewer="alice")
-    assert [r["label"] for r in table_rows(db_settings, db.reviews)] == list(REVIEW_LABELS)
-
-
-def test_drops_list_counts_cells_flagged_and_reviewed(db_settings):
-    add_known_drop(db_settings)
-    record_review(db_settings, _path("x1.jpg"), "blasts", reviewer="alice")
-    record_review(db_settings, _path("x1.jpg"), "blasts", reviewer="bob")
-    record_review(db_settings, _path("n1.jpg"), "unusable", reviewer="alice")
-
-    drops = list_drops(db_settings)
-    assert [d["drop"] for d in drops] == ["2026-12-02", KNOWN_DROP]
-    assert drops[1] == {
-        "drop": KNOWN_DROP,
-        "files": 14,
-        "cells": 11,
-        "rejected": 2,
-        "pending": 1,
-        "needs_review": 5,
-        "reviewed": 2,
-        "blast_suspected": 2,
-    }
-    assert drops[0]["cells"] == 1 and drops[0]["blast_suspected"] == 1 and drops[0]["reviewed"] == 0
-
-
-# ------------------------------------------------------------------ reviewed images as files
+from wbc_tasks.serving.review_decisions import ReviewError, record_review
+from wbc_tasks.serving.review_export import export_reviewed, review_image_path, reviewed_images
+from wbc_tasks.serving.review_queue import list_drops, review_queue
 
 
 def _classified_copy(settings, name: str, source_drop: str = "2026-11-24", *, drop: str | None = None) -> str:

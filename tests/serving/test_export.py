@@ -13,8 +13,8 @@ from sqlalchemy import select
 
 from tests.serving.conftest import add_bad_files, copy_drop, make_prediction, make_seen
 from wbc_tasks.core.vocabulary import CLASS_NAMES
+from wbc_tasks.serving import export
 from wbc_tasks.serving import predictions as db
-from wbc_tasks.serving import queries
 from wbc_tasks.serving.nightly import classify_new_images
 
 
@@ -82,7 +82,7 @@ def known_rows(db_settings):
 
 def test_export_lists_every_file_with_each_prediction_of_its_content(known_rows, tmp_path):
     out = tmp_path / "all.csv"
-    assert queries.export_predictions(known_rows, fmt="csv", out=out) == 7
+    assert export.export_predictions(known_rows, fmt="csv", out=out) == 7
     table = pd.read_csv(
         out,
         dtype={"model_version": str, "drop": str},
@@ -110,7 +110,7 @@ def test_export_lists_every_file_with_each_prediction_of_its_content(known_rows,
 def test_export_filters(known_rows, tmp_path):
     def rows(**filters):
         buffer = io.BytesIO()
-        n = queries.export_predictions(known_rows, queries.PredictionFilter(**filters), fmt="json", out=buffer)
+        n = export.export_predictions(known_rows, export.PredictionFilter(**filters), fmt="json", out=buffer)
         records = json.loads(buffer.getvalue())
         assert len(records) == n
         return records
@@ -150,7 +150,7 @@ def test_export_filters(known_rows, tmp_path):
 def test_review_reasons_are_exported_as_lists_and_filter_rows(known_rows, tmp_path):
     def paths(**filters):
         buffer = io.BytesIO()
-        queries.export_predictions(known_rows, queries.PredictionFilter(**filters), fmt="json", out=buffer)
+        export.export_predictions(known_rows, export.PredictionFilter(**filters), fmt="json", out=buffer)
         return {(r["path"], tuple(r["review_reasons"])) for r in json.loads(buffer.getvalue())}
 
     assert paths(review_reason="unfamiliar") == {("2026-11-24/b.jpg", ("low_confidence", "unfamiliar"))}
@@ -158,10 +158,10 @@ def test_review_reasons_are_exported_as_lists_and_filter_rows(known_rows, tmp_pa
     assert paths(review_reason="blast_suspected") == {("c.jpg", ("blast_suspected",))}
     assert paths(review_reason="image_check") == set()
     with pytest.raises(ValueError, match="unknown review reason 'tired'"):
-        queries.PredictionFilter(review_reason="tired")
+        export.PredictionFilter(review_reason="tired")
     # CSV: the list as JSON text; parquet: a list column.
-    queries.export_predictions(known_rows, fmt="csv", out=tmp_path / "x.csv")
-    queries.export_predictions(known_rows, fmt="parquet", out=tmp_path / "x.parquet")
+    export.export_predictions(known_rows, fmt="csv", out=tmp_path / "x.csv")
+    export.export_predictions(known_rows, fmt="parquet", out=tmp_path / "x.parquet")
     csv = pd.read_csv(tmp_path / "x.csv", keep_default_na=False)
     assert json.loads(csv.set_index("path").loc["2026-11-24/b.jpg", "review_reasons"]) == [
         "low_confidence",
@@ -172,8 +172,8 @@ def test_review_reasons_are_exported_as_lists_and_filter_rows(known_rows, tmp_pa
 
 
 def test_export_formats_hold_the_same_rows(known_rows, tmp_path):
-    for fmt in queries.EXPORT_FORMATS:
-        queries.export_predictions(known_rows, fmt=fmt, out=tmp_path / f"x.{fmt}")
+    for fmt in export.EXPORT_FORMATS:
+        export.export_predictions(known_rows, fmt=fmt, out=tmp_path / f"x.{fmt}")
     csv = pd.read_csv(tmp_path / "x.csv", dtype={"model_version": str})
     parquet = pd.read_parquet(tmp_path / "x.parquet")
     records = json.loads((tmp_path / "x.json").read_text())
@@ -196,11 +196,11 @@ def test_export_formats_hold_the_same_rows(known_rows, tmp_path):
 
 
 def test_export_to_stdout_and_bad_format(known_rows, capsysbinary):
-    assert queries.export_predictions(known_rows, queries.PredictionFilter(drop="2026-11-25"), fmt="csv") == 2
+    assert export.export_predictions(known_rows, export.PredictionFilter(drop="2026-11-25"), fmt="csv") == 2
     lines = capsysbinary.readouterr().out.decode().splitlines()
     assert lines[0].startswith("path,drop,status") and len(lines) == 3
     with pytest.raises(ValueError, match="unknown export format 'xlsx'"):
-        queries.export_predictions(known_rows, fmt="xlsx")
+        export.export_predictions(known_rows, fmt="xlsx")
 
 
 def test_export_in_every_format_matches_the_database(night, tmp_path):
@@ -224,9 +224,9 @@ def test_export_in_every_format_matches_the_database(night, tmp_path):
     truth = {r["path"]: r for r in joined}
     assert len(truth) == 100
 
-    for fmt in queries.EXPORT_FORMATS:
+    for fmt in export.EXPORT_FORMATS:
         out = tmp_path / f"predictions.{fmt}"
-        assert queries.export_predictions(settings, fmt=fmt, out=out) == 103
+        assert export.export_predictions(settings, fmt=fmt, out=out) == 103
         if fmt == "json":
             records = json.loads(out.read_text())
             probs = {r["path"]: r["probabilities"] for r in records}
@@ -246,9 +246,9 @@ def test_export_in_every_format_matches_the_database(night, tmp_path):
         assert exported["2026-11-24/empty.png"]["status"] == "rejected"
 
     flagged = sum(r["needs_review"] for r in truth.values())
-    review = queries.PredictionFilter(needs_review=True)
-    assert queries.export_predictions(settings, review, out=tmp_path / "review.csv") == flagged
+    review = export.PredictionFilter(needs_review=True)
+    assert export.export_predictions(settings, review, out=tmp_path / "review.csv") == flagged
     some_class = next(iter(truth.values()))["predicted_class"]
     n_class = sum(r["predicted_class"] == some_class for r in truth.values())
-    of_class = queries.PredictionFilter(predicted_class=some_class)
-    assert queries.export_predictions(settings, of_class, out=tmp_path / "c.csv") == n_class
+    of_class = export.PredictionFilter(predicted_class=some_class)
+    assert export.export_predictions(settings, of_class, out=tmp_path / "c.csv") == n_class

@@ -1,0 +1,53 @@
+"""What people review: the queue's order and contents and the drops list with its counts, on
+known rows (SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.serving.conftest import KNOWN_DROP, add_known_drop
+from wbc_tasks.serving.review_decisions import record_review
+from wbc_tasks.serving.review_queue import list_drops, review_queue
+
+
+def _path(name: str) -> str:
+    return f"{KNOWN_DROP}/{name}"
+
+
+def test_queue_lists_flagged_cells_and_every_suspected_blast_blasts_first_then_least_confident(db_settings):
+    add_known_drop(db_settings)
+    queue = review_queue(db_settings, KNOWN_DROP)
+
+    assert [q["path"] for q in queue] == [_path(n) for n in ("o2.jpg", "x1.jpg", "l2.jpg", "o1.jpg", "n4.jpg")]
+    first = queue[0]
+    assert first["blast_suspected"] and first["reasons"] == ["blast_suspected", "low_confidence"]
+    assert first["predicted_class"] == "monocytes" and first["model_version"] == "1"
+    assert [t["class"] for t in first["top_classes"]][0] == "monocytes" and len(first["top_classes"]) == 3
+    assert first["top_classes"][0]["probability"] == pytest.approx(0.6)
+    assert sum(t["probability"] for t in first["top_classes"]) < 1.0
+    # A confident blast needs a person too; an old flagged row with no reasons reads as low confidence.
+    assert queue[1]["reasons"] == [] and queue[1]["blast_suspected"]
+    assert queue[3]["reasons"] == ["low_confidence"]
+    assert all(q["latest_review"] is None for q in queue)
+    assert review_queue(db_settings, "no-such-drop") == []
+
+
+def test_drops_list_counts_cells_flagged_and_reviewed(db_settings):
+    add_known_drop(db_settings)
+    record_review(db_settings, _path("x1.jpg"), "blasts", reviewer="alice")
+    record_review(db_settings, _path("x1.jpg"), "blasts", reviewer="bob")
+    record_review(db_settings, _path("n1.jpg"), "unusable", reviewer="alice")
+
+    drops = list_drops(db_settings)
+    assert [d["drop"] for d in drops] == ["2026-12-02", KNOWN_DROP]
+    assert drops[1] == {
+        "drop": KNOWN_DROP,
+        "files": 14,
+        "cells": 11,
+        "rejected": 2,
+        "pending": 1,
+        "needs_review": 5,
+        "reviewed": 2,
+        "blast_suspected": 2,
+    }
+    assert drops[0]["cells"] == 1 and drops[0]["blast_suspected"] == 1 and drops[0]["reviewed"] == 0

@@ -1,0 +1,178 @@
+"""The lab's HTML pages: the drops (all, or those of one nightly run), a drop's review queue and
+its differential report, rendered from the Jinja2 templates in ``templates/`` beside this module
+(autoescaped: every value from the database or a URL is escaped, none is marked safe). Anonymous
+readers are sent to the login page. Handlers that touch the database are plain ``def``: FastAPI
+runs them in its thread pool, so a slow query never blocks the API server's event loop."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+from urllib.parse import quote, urlencode
+
+from fastapi import APIRouter, HTTPException, Request, status
+from fastapi.responses import HTMLResponse, RedirectResponse
+from jinja2 import Environment, PackageLoader, StrictUndefined
+from sqlalchemy import select
+
+from wbc_tasks.core.settings import get_settings
+from wbc_tasks.core.vocabulary import CLASS_NAMES
+from wbc_tasks.lab import auth
+from wbc_tasks.lab.auth import LabUser, PageReader
+from wbc_tasks.lab.security import csp_nonce
+from wbc_tasks.serving.review_decisions import UNUSABLE
+
+#: Keyboard shortcuts: 1-9 the nine classes in the project's order, 0 or u unusable.
+SHORTCUTS: dict[str, str] = {str(i + 1): name for i, name in enumerate(CLASS_NAMES)}
+SHORTCUTS |= {"0": UNUSABLE, "u": UNUSABLE}
+#: The longest side of a thumbnail in the review queue.
+QUEUE_THUMBNAIL_SIDE = 256
+
+router = APIRouter()
+
+
+@functools.cache
+def _templates() -> Environment:
+    """The pages' templates (``templates/`` of this package), every value escaped."""
+    return Environment(
+        loader=PackageLoader("wbc_tasks.lab", "templates"),
+        autoescape=True,
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+
+
+def render(name: str, **context: Any) -> str:
+    """The template ``name`` (``drops`` or ``review``) with ``context``."""
+    return _templates().get_template(f"{name}.html").render(**context)
+
+
+def drop_url(request: Request, route: str, drop: str) -> str:
+    """The URL of ``route`` for ``drop``, its name percent-encoded: Starlette's ``url_for`` puts a
+    path parameter in as it is, so a drop named ``a#b`` or ``50%`` would lead elsewhere."""
+    return str(request.url_for(route, drop=quote(drop, safe="")))
+
+
+def _links(request: Request, drop: str | None = None) -> dict[str, str]:
+    base = str(request.url_for("predictions"))
+    links = {
+        "drops": str(request.url_for("drops_page")),
+        "api_docs": str(request.url_for("api_schema")),
+        "csv": f"{base}?format=csv",
+        "json": f"{base}?format=json",
+        "parquet": f"{base}?format=parquet",
+    }
+    if drop:
+        links["review"] = drop_url(request, "review_page", drop)
+        links["report"] = drop_url(request, "report_page", drop)
+    return links
+
+
+def _page(
+    request: Request, who: LabUser, name: str, title: str, drop: str | None = None, **context: Any
+) -> HTMLResponse:
+    html = render(
+        name,
+        title=title,
+        links=_links(request, drop),
+        user=who.name,
+        can_review=auth.is_allowed(request, who, "PUT"),
+        drop=drop,
+        csp_nonce=csp_nonce(request),
+        **context,
+    )
+    return HTMLResponse(html, headers={"Cache-Control": "no-store"})
+
+
+def _drops(request: Request) -> list[dict[str, Any]]:
+    """Every drop with its counts and the links to its review queue and report."""
+    from wbc_tasks.serving.review_queue import list_drops
+
+    drops = list_drops(get_settings())
+    for d in drops:
+        if d["drop"]:
+            d["review_url"] = drop_url(request, "review_page", d["drop"])
+            d["report_url"] = drop_url(request, "report_page", d["drop"])
+    return drops
+
+
+def _drops_of_run(run_id: str) -> set[str]:
+    from wbc_tasks.serving.predictions import files_seen, open_engine
+
+    with open_engine(get_settings().predictions_db_url) as engine, engine.connect() as connection:
+        query = select(files_seen.c.drop).where(files_seen.c.dag_run_id == run_id).distinct()
+        return set(connection.execute(query).scalars())
+
+
+def _review_labels() -> list[dict[str, str]]:
+    """The queue's buttons in shortcut order: the nine classes, then unusable (keys 0 and u)."""
+    unusable = "not a white cell / unusable"
+    labels = [
+        {"key": key, "name": name, "title": unusable if name == UNUSABLE else name}
+        for key, name in SHORTCUTS.items()
+        if key != "u"
+    ]
+    return labels[:9] + [{"key": "0 / u", "name": UNUSABLE, "title": unusable}]
+
+
+@router.get("/", include_in_schema=False)
+def home(request: Request) -> RedirectResponse:
+    return RedirectResponse(str(request.url_for("drops_page")), status_code=status.HTTP_303_SEE_OTHER)
+
+
+@router.get("/schema", include_in_schema=False, name="api_schema")
+def api_schema() -> RedirectResponse:
+    return RedirectResponse("openapi.json")
+
+
+@router.get("/drops", response_class=HTMLResponse, name="drops_page", summary="Drops (HTML)")
+def drops_page(request: Request, who: PageReader) -> HTMLResponse:
+    return _page(request, who, "drops", "Drops", heading="Drops", drops=_drops(request))
+
+
+@router.get("/runs/{run_id}", response_class=HTMLResponse, summary="The drops a nightly run classified (HTML)")
+def run_page(request: Request, run_id: str, who: PageReader) -> HTMLResponse:
+    chosen = _drops_of_run(run_id)
+    drops = [d for d in _drops(request) if d["drop"] in chosen]
+    return _page(request, who, "drops", f"Run {run_id}", heading=f"Drops of run {run_id}", drops=drops)
+
+
+@router.get("/drops/{drop}/review", response_class=HTMLResponse, name="review_page", summary="Review queue (HTML)")
+def review_page(request: Request, drop: str, who: PageReader) -> HTMLResponse:
+    from wbc_tasks.serving.review_queue import review_queue
+
+    queue = review_queue(get_settings(), drop)
+    image = str(request.url_for("thumbnail"))
+    for cell in queue:
+        cell["name"] = cell["path"].rsplit("/", 1)[-1]
+        cell["image_url"] = f"{image}?{urlencode({'path': cell['path'], 'side': QUEUE_THUMBNAIL_SIDE})}"
+    return _page(
+        request,
+        who,
+        "review",
+        f"Review {drop}",
+        drop,
+        queue=queue,
+        reviewed=sum(1 for c in queue if c["latest_review"]),
+        labels=_review_labels(),
+        keymap=SHORTCUTS,
+        review_endpoint=str(request.url_for("record_decision")),
+    )
+
+
+@router.get("/drops/{drop}/report", response_class=HTMLResponse, name="report_page", summary="Differential (HTML)")
+def report_page(request: Request, drop: str, who: PageReader) -> HTMLResponse:
+    # (No docstring: it would become the route's description in the OpenAPI schema.)
+    from wbc_tasks.serving.report import ReportError, differential_report
+    from wbc_tasks.serving.report_rendering import render_report
+
+    try:
+        # The lab's navigation bar is part of the report's template: its links and the user name
+        # are escaped like every value of every page (a drop's name is anyone's folder name).
+        links = _links(request, drop)
+        nav = {"drops": links["drops"], "review": links["review"], "user": who.name}
+        html = render_report(differential_report(get_settings(), drop), "html", nav=nav)
+    except ReportError as exc:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from exc
+    return HTMLResponse(html, headers={"Cache-Control": "no-store"})
