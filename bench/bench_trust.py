@@ -56,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _params(args: argparse.Namespace) -> dict:
-    from wbc_tasks.training.params import PROFILES
+    from wbc_tasks.training.profiles import PROFILES
 
     params = {**PROFILES[args.profile], "seed": args.seed, "data_dir": None}
     for pair in args.param:

@@ -76,7 +76,7 @@ def base(demo_images):
 def demo_params(demo_images):
     """The profile `make demo` uses, on the demo images, floors off (this is about the comparison:
     63 test images make per-class recall of one run too noisy to gate on)."""
-    from wbc_tasks.training.params import PROFILES
+    from wbc_tasks.training.profiles import PROFILES
 
     floors_off = {"min_metric": 0.0, "min_class_recall": 0.0, "min_blast_recall": 0.0}
     return {**PROFILES["demo"], **floors_off, "data_dir": str(demo_images), "seed": 7}

@@ -286,3 +286,18 @@ def test_a_class_folder_given_as_the_data_folder_points_at_its_parent(tmp_path):
     write_image(tmp_path / "WBC" / "blasts" / "a.png", seed=1)
     with pytest.raises(DatasetError, match=f"point at the folder that holds the class folders, {tmp_path / 'WBC'}"):
         check_data_folder(tmp_path / "WBC" / "blasts")
+
+
+def test_reviewed_images_keep_a_larger_share_out_of_training_by_the_same_hash_rule(settings):
+    """Issue 30's split rule: reviewed images 30 % test, 20 % validation (labelled: 20 %, 10 %),
+    from the content hash alone, so an image's split never depends on how many reviews exist."""
+    import hashlib
+
+    from wbc_tasks.data.dataset import SOURCE_LABELLED, SOURCE_REVIEW, split_fractions, split_of
+
+    hashes = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(20_000)]
+    for source, (test, val) in ((SOURCE_REVIEW, (0.3, 0.2)), (SOURCE_LABELLED, (0.2, 0.1))):
+        assert split_fractions(settings, source) == (test, val)
+        splits = [split_of(h, *split_fractions(settings, source)) for h in hashes]
+        assert abs(splits.count("test") / len(hashes) - test) < 0.01
+        assert abs(splits.count("val") / len(hashes) - val) < 0.01

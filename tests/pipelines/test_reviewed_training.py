@@ -250,3 +250,12 @@ def test_a_nightly_drop_is_reviewed_exported_and_the_next_training_run_learns_fr
     # The run went through: a new version, compared with the champion that classified the drop.
     assert results["register_step"]["version"] == "2"
     assert results["promote_step"]["compared_with_version"] == "1"
+    # Compared image by image with the champion on the labelled test split (issue 30); with three
+    # reviewed images, under WBC_PROMOTION_MIN_REVIEWED_TEST, the labelled rule decided, and says so.
+    decided = results["promote_step"]
+    labelled = decided["groups"]["labelled_test"]
+    assert labelled["images"] == results["evaluate_step"]["metrics"]["n_images"]
+    assert labelled["candidate_only"] + labelled["champion_only"] <= labelled["images"]
+    assert decided["rule"] == "labelled_test" and "the labelled test split decided" in decided["reason"]
+    tags = configure_mlflow(lab).get_model_version(lab.model_name, "2").tags
+    assert json.loads(tags["promotion.groups"])["labelled_test"]["images"] == labelled["images"]

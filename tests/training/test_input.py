@@ -61,3 +61,33 @@ def test_outlier_exposure_adds_stain_outliers_with_uniform_targets_per_batch(tmp
             assert all(np.abs(outlier.astype(int) - src).mean() > 5 for src in px)
     again = [(x.numpy(), y.numpy()) for x, y in make_dataset(store, 8, n, shuffle=True, seed=3, outlier_share=0.25)]
     assert all(np.array_equal(a[0], b[0]) for a, b in zip(exposed, again))  # drawn from the seed
+
+
+def test_reviewed_rows_get_their_guaranteed_share_of_every_batch_as_fresh_augmentations(tmp_path):
+    """Issue 30: a few reviewed cells among many labelled ones are each batch's given share, each
+    repeat a new augmentation of one of them, with its own label; without the share, nothing changes."""
+    stores = build_demo_stores(tmp_path, splits={"train": 2}, size=32, render_size=48)
+    store = open_store(stores["train"])
+    n = len(CLASS_NAMES)
+    reviewed = np.flatnonzero(store.labels == 4)  # the "reviewed" cells: one class, so labels are known
+    plain = [(x.numpy(), y.numpy()) for x, y in make_dataset(store, 8, n, shuffle=True, seed=3)]
+    unchanged = [
+        (x.numpy(), y.numpy())
+        for x, y in make_dataset(store, 8, n, shuffle=True, seed=3, guaranteed_rows=reviewed, guaranteed_share=0.0)
+    ]
+    assert all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in zip(plain, unchanged))
+
+    shared = [
+        (x.numpy(), y.numpy())
+        for x, y in make_dataset(store, 8, n, shuffle=True, seed=3, guaranteed_rows=reviewed, guaranteed_share=0.25)
+    ]
+    repeats = []
+    for (own, _), (mixed, mixed_labels) in zip(plain, shared):
+        rows = len(own)
+        assert len(mixed) - rows == int(np.ceil(0.25 * rows / 0.75))  # a quarter of the batch, or just over
+        assert np.array_equal(mixed[:rows], own)  # the batch's own images come first, unchanged
+        assert (mixed_labels[rows:].argmax(1) == 4).all()
+        for image in mixed[rows:]:
+            assert not any(np.array_equal(image, store.images[r]) for r in reviewed)  # augmented, not copied
+            repeats.append(image.tobytes())
+    assert len(set(repeats)) == len(repeats)  # every repeat differs

@@ -30,7 +30,7 @@ from wbc_tasks.cli.params import ParamInputError, parse_params
 from wbc_tasks.core.settings import Settings, get_settings
 from wbc_tasks.core.vocabulary import REVIEW_REASONS, DagId
 from wbc_tasks.pipelines.params import classification_param_specs, training_param_specs
-from wbc_tasks.training.params import PROFILES
+from wbc_tasks.training.profiles import PROFILES
 
 #: What ``add_subparsers`` returns (argparse does not name the type publicly).
 _Subcommands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"

@@ -123,6 +123,12 @@ def format_summary(
         lines.append(
             f"  champion: version {registered['version'] if registered else '?'} {verdict}: {promoted['reason']}"
         )
+        for name, group in (promoted.get("groups") or {}).items():
+            lines.append(
+                f"  vs the champion on the {group['images']} {name.replace('_', ' ')} images: right "
+                f"{group['candidate_accuracy']:.3f} vs {group['champion_accuracy']:.3f}, balanced accuracy "
+                f"{group['candidate_balanced_accuracy']:.3f} vs {group['champion_balanced_accuracy']:.3f}"
+            )
         lines.append(f"  champion now: version {promoted.get('champion') or 'none'}")
     lines.append("  look next:")
     lines.append(f"    .venv/bin/wbc airflow-ui   -> {airflow_ui}/dags/{DAG_ID}/runs/{quote(run.run_id, safe='')}")

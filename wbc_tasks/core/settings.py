@@ -110,6 +110,10 @@ class Settings(BaseSettings):
     seed: int = 42
     test_fraction: float = 0.2
     val_fraction: float = 0.1
+    #: The same for images people reviewed: a larger share kept to measure and calibrate on a new
+    #: lab's cells while they are few (with 50 reviews: about 25 train, 10 validation, 15 test).
+    reviewed_test_fraction: float = Field(default=0.3, ge=0, le=0.6)
+    reviewed_val_fraction: float = Field(default=0.2, ge=0, le=0.4)
     #: Decoding refuses images with more pixels than this (decompression bombs).
     max_image_pixels: int = 40_000_000
     #: Images with a side shorter than this are rejected (nothing to classify at 8x8).
@@ -134,6 +138,12 @@ class Settings(BaseSettings):
     mlflow_retry_wait: float = 1.0
     #: Seconds to wait for a shared lock (promotion: another run may be evaluating the champion).
     lock_timeout: float = 3600.0
+    #: Reviewed test images a candidate trained on reviews needs before they decide its promotion
+    #: (with the labelled ones); fewer: the labelled test split decides alone and they are reported.
+    promotion_min_reviewed_test: int = Field(default=12, ge=1)
+    #: How much lower (balanced accuracy) the candidate may be on the labelled test split, at the
+    #: paired interval's lower end, when the reviewed images decide.
+    promotion_noninferiority_margin: float = Field(default=0.02, ge=0, le=1)
     #: Seconds to wait for a new model version to become READY before promoting it.
     model_ready_timeout: float = 300.0
     #: MLflow's own HTTP client (a tracking server): retries of one request, their backoff factor

@@ -125,6 +125,15 @@ def split_of(sha256: str, test_fraction: float, val_fraction: float) -> str:
     return "train"
 
 
+def split_fractions(settings: Settings, source: str) -> tuple[float, float]:
+    """(test, validation) fractions of an image from ``source``: a lab's reviewed images keep a
+    larger share out of training while they are few (they measure and calibrate the model on that
+    lab's cells); fixed, so that an image never changes split as the reviews grow."""
+    if source == SOURCE_REVIEW:
+        return settings.reviewed_test_fraction, settings.reviewed_val_fraction
+    return settings.test_fraction, settings.val_fraction
+
+
 def _hash_position(sha256: str) -> int:
     return int(sha256[:16], 16)
 
@@ -202,7 +211,8 @@ def split_dataset(data_dir: Path, out_dir: Path, settings: Settings, extra: Sequ
 
     ledger = load_ledger(settings.work_dir)
     manifest["split"] = [
-        ledger.get(sha, split_of(sha, settings.test_fraction, settings.val_fraction)) for sha in manifest["sha256"]
+        ledger.get(sha, split_of(sha, *split_fractions(settings, source)))
+        for sha, source in zip(manifest["sha256"], manifest["source"], strict=True)
     ]
     notes = _ensure_test_and_train(manifest, ledger)
     # Log lines name files by pseudonym when WBC_PSEUDONYMISE_NAMES is on (the files written

@@ -6,15 +6,14 @@ runs them in its thread pool, so a slow query never blocks the API server's even
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 from urllib.parse import quote, urlencode
 
 from fastapi import APIRouter, HTTPException, Request, status
 from fastapi.responses import HTMLResponse, RedirectResponse
-from jinja2 import Environment, PackageLoader, StrictUndefined
 from sqlalchemy import select
 
+from wbc_tasks.core.html import render_template
 from wbc_tasks.core.settings import get_settings
 from wbc_tasks.core.vocabulary import CLASS_NAMES
 from wbc_tasks.lab import auth
@@ -31,21 +30,9 @@ QUEUE_THUMBNAIL_SIDE = 256
 router = APIRouter()
 
 
-@functools.cache
-def _templates() -> Environment:
-    """The pages' templates (``templates/`` of this package), every value escaped."""
-    return Environment(
-        loader=PackageLoader("wbc_tasks.lab", "templates"),
-        autoescape=True,
-        undefined=StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-    )
-
-
 def render(name: str, **context: Any) -> str:
     """The template ``name`` (``drops`` or ``review``) with ``context``."""
-    return _templates().get_template(f"{name}.html").render(**context)
+    return render_template("wbc_tasks.lab", f"{name}.html", **context)
 
 
 def drop_url(request: Request, route: str, drop: str) -> str:

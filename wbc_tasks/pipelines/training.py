@@ -19,43 +19,10 @@ from wbc_tasks.core.settings import Settings, get_settings
 from wbc_tasks.core.vocabulary import Step
 from wbc_tasks.core.workdir import require_complete, run_step
 from wbc_tasks.pipelines.data_folder import resolve_data_dir
+from wbc_tasks.pipelines.split_inputs import split_and_init
 from wbc_tasks.pipelines.step_helpers import groups_csv, log_step_artifacts, split_summary_for_logs, step_context
-from wbc_tasks.training.params import TrainingParams
 
 log = logging.getLogger(__name__)
-
-
-def _split_with_reviews(data_dir: Path, out: Path, settings: Settings, params: TrainingParams) -> dict:
-    """The split of the labelled folder plus, with ``include_reviewed``, every image's latest
-    review (``unusable`` ones and files no longer found are listed, not used)."""
-    from wbc_tasks.data.dataset import ExtraImage, split_dataset
-
-    if not params.include_reviewed:
-        summary = split_dataset(data_dir, out, settings)
-        summary["reviewed"] = {"included": False}
-        return summary
-    from wbc_tasks.serving.review_export import reviewed_images
-
-    found = reviewed_images(settings)
-    summary = split_dataset(data_dir, out, settings, [ExtraImage(i.path, i.label) for i in found.images])
-    added = summary.pop("extra", {"added": 0, "per_split": {}, "left_out": []})
-    summary["reviewed"] = {
-        "included": True,
-        "added": added["added"],
-        "per_split": added["per_split"],
-        "left_out": added["left_out"],
-        "unusable": found.unusable,
-        "missing": found.missing,
-    }
-    log.info(
-        "reviewed images: %d added %s, %d reviewed unusable (left out), %d no longer found, %d left out by the split",
-        added["added"],
-        added["per_split"],
-        len(found.unusable),
-        len(found.missing),
-        len(added["left_out"]),
-    )
-    return summary
 
 
 def split_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
@@ -71,8 +38,9 @@ def split_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
 
         vgg16_weights_file(settings)
     data_dir = resolve_data_dir(settings, p)
-    summary = run_step(run / Step.SPLIT, lambda out: _split_with_reviews(data_dir, out, settings, p))
-    open_tracking_run(settings, run_id, {**p.as_dict(), "data_dir": str(data_dir)})
+    summary = run_step(run / Step.SPLIT, lambda out: split_and_init(data_dir, out, settings, p))
+    tracked = {**p.as_dict(), "data_dir": str(data_dir), "init_from_version": summary.get("init_from_version")}
+    open_tracking_run(settings, run_id, tracked)
     manifest = read_manifest(run / Step.SPLIT)
     log_split_manifest(settings, run_id, manifest, data_dir)
     reviewed = summary.get("reviewed", {})
@@ -127,11 +95,13 @@ def balance_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
 
 def train_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
     """Fine-tune VGG16 on the balanced training store; resumes from its last checkpoint."""
+    from wbc_tasks.pipelines.init_from import initial_weights
     from wbc_tasks.registry.runs import tracking_run
     from wbc_tasks.training.train import train_model
 
     settings, p, run = step_context(run_id, params)
     require_complete(run / Step.BALANCE)
+    init_from_version = require_complete(run / Step.SPLIT).get("init_from_version")
     with tracking_run(settings, run_id):
         return run_step(
             run / Step.TRAIN,
@@ -142,6 +112,10 @@ def train_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
                 p,
                 settings,
                 checkpoint_dir=run / Step.TRAIN_CHECKPOINTS,
+                init_from_version=init_from_version,
+                init_weights=None
+                if init_from_version is None
+                else lambda: initial_weights(settings, init_from_version),
             ),
         )
 
@@ -352,7 +326,7 @@ def register_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
 
 def promote_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
     """Promote the new version to champion only if it beats the champion on the same test images."""
-    from wbc_tasks.pipelines.champion import champion_metrics_on_this_test_split
+    from wbc_tasks.pipelines.champion import champion_metrics_on_this_test_split, compare_on_both_groups
     from wbc_tasks.registry.promotion import promote_if_better
     from wbc_tasks.registry.runs import finish_tracking_run
     from wbc_tasks.registry.versions import resolve_model
@@ -360,6 +334,8 @@ def promote_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
     settings, p, run = step_context(run_id, params)
     registered = require_complete(run / Step.REGISTER)
     evaluated = require_complete(run / Step.EVALUATE)
+    reviewed = require_complete(run / Step.SPLIT).get("reviewed", {})
+    trained_on_reviews = bool(reviewed.get("per_split", {}).get("train"))
 
     def build(out: Path) -> dict:
         candidate = resolve_model(settings, registered["version"])
@@ -374,6 +350,9 @@ def promote_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
             min_class_recall=p.min_class_recall,
             min_blast_recall=p.min_blast_recall,
             max_ece=p.max_ece,
+            compare_groups=compare_on_both_groups(
+                settings, run, p.batch_size, trained_on_reviews=trained_on_reviews, seed=p.seed
+            ),
         )
 
     summary = run_step(run / Step.PROMOTE, build)

@@ -8,18 +8,22 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
+from wbc_tasks.core.vocabulary import BLAST_CLASS
+from wbc_tasks.registry.paired_comparison import PairedGroup
 from wbc_tasks.registry.tags import is_number, per_class_values
 
-BLAST_CLASS = "blasts"
 PROMOTED = "promoted"
 REJECTED = "rejected"  # failed a floor
 KEPT_CHAMPION = "kept_champion"  # lost or tied the comparison
 ALREADY_CHAMPION = "already_champion"
 ERROR = "error"  # an alias move failed; aliases were put back
+#: Which rule decided: the labelled test split alone, or it and the lab's reviewed test images.
+LABELLED_RULE = "labelled_test"
+TWO_GROUP_RULE = "labelled_and_reviewed_test"
 
 
 #: Trust figures of the candidate written into the comparison record.
@@ -53,11 +57,15 @@ class PromotionDecision:
     failed_floors: tuple[str, ...] = ()
     #: The candidate's calibration and unfamiliar-detection figures (recorded, compared by people).
     candidate_trust: Mapping[str, float] = field(default_factory=dict)
+    rule: str = LABELLED_RULE
+    #: Both models image by image on each group (:class:`PairedGroup` as dicts), when compared.
+    groups: Mapping[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["failed_floors"] = list(self.failed_floors)
         out["candidate_trust"] = dict(self.candidate_trust)
+        out["groups"] = dict(self.groups)
         return out
 
     def as_tags(self, decided_at: str) -> dict[str, str]:
@@ -77,6 +85,8 @@ class PromotionDecision:
             "promotion.failed_floors": json.dumps(list(self.failed_floors)),
             "promotion.decided_at": decided_at,
             **{f"promotion.candidate_{k}": num(v) for k, v in self.candidate_trust.items()},
+            "promotion.rule": self.rule,
+            **({"promotion.groups": json.dumps(dict(self.groups), sort_keys=True)} if self.groups else {}),
         }
 
 
@@ -214,3 +224,61 @@ def decide_promotion(
         champion_value=champion_value,
         **common,
     )
+
+
+def _said(group: PairedGroup) -> str:
+    return (
+        f"on the {group.images} {group.name.replace('_', ' ')} images: right {group.candidate_accuracy:.3f} vs "
+        f"{group.champion_accuracy:.3f} ({group.candidate_only} only the candidate, {group.champion_only} only "
+        f"the champion; exact McNemar p={group.mcnemar_p:.3g}), balanced accuracy "
+        f"{group.candidate_balanced_accuracy:.4f} vs {group.champion_balanced_accuracy:.4f}, difference "
+        f"[{group.difference_low:+.4f}, {group.difference_high:+.4f}] (paired bootstrap, 90 %)"
+    )
+
+
+def decide_on_two_groups(
+    decision: PromotionDecision,
+    labelled: PairedGroup,
+    reviewed: PairedGroup | None,
+    *,
+    trained_on_reviews: bool,
+    min_reviewed: int,
+    noninferiority_margin: float,
+    alpha: float = 0.05,
+) -> PromotionDecision:
+    """The decision once the candidate and the champion were compared image by image.
+
+    When the candidate trained on reviewed images and at least ``min_reviewed`` reviewed test
+    images exist, they decide with the labelled test split: promoted when better on the reviewed
+    images (exact McNemar at ``alpha``) and not worse on the labelled ones beyond
+    ``noninferiority_margin`` of balanced accuracy (the paired interval's lower end). Otherwise
+    ``decision`` (the labelled rule) stands, with both groups recorded. Floors still refuse.
+    """
+    groups = {"labelled_test": labelled.as_dict(), **({"reviewed_test": reviewed.as_dict()} if reviewed else {})}
+    if decision.outcome in (REJECTED, ALREADY_CHAMPION, ERROR) or decision.champion_version is None:
+        return replace(decision, groups=groups)
+    if not trained_on_reviews or reviewed is None or reviewed.images < min_reviewed:
+        why = (
+            "the candidate trained on no reviewed images"
+            if not trained_on_reviews
+            else f"{reviewed.images if reviewed else 0} reviewed test images, under the minimum {min_reviewed}"
+        )
+        return replace(decision, groups=groups, reason=f"{decision.reason} (the labelled test split decided: {why})")
+    better = reviewed.candidate_only > reviewed.champion_only and reviewed.mcnemar_p < alpha
+    not_worse = labelled.difference_low >= -noninferiority_margin
+    evidence = f"{_said(reviewed)}; {_said(labelled)}; non-inferiority margin {noninferiority_margin:.3f}"
+    if better and not_worse:
+        outcome, promote, reason = (
+            PROMOTED,
+            True,
+            f"better on the lab's reviewed images and not worse on the labelled ones: {evidence}",
+        )
+    elif not better:
+        outcome, promote, reason = KEPT_CHAMPION, False, f"not better on the lab's reviewed images: {evidence}"
+    else:
+        outcome, promote, reason = (
+            KEPT_CHAMPION,
+            False,
+            f"worse on the labelled test images beyond the margin: {evidence}",
+        )
+    return replace(decision, promote=promote, outcome=outcome, reason=reason, rule=TWO_GROUP_RULE, groups=groups)

@@ -197,8 +197,13 @@ def promote_if_better(
     min_class_recall: float,
     min_blast_recall: float,
     max_ece: float | None = None,
+    compare_groups: Callable[[PromotionDecision, ModelRef], PromotionDecision] | None = None,
 ) -> dict[str, Any]:
     """Decide on ``candidate`` against the champion of this moment and apply the decision.
+
+    ``compare_groups`` (the training pipeline's image-by-image comparison on the labelled and the
+    reviewed test images, :func:`~wbc_tasks.registry.decision.decide_on_two_groups`) then has
+    the last word whenever there is a champion to compare with, under the same lock.
 
     Under :func:`promotion_lock`: read the champion, evaluate it with ``champion_metrics_fn`` on
     the same test split the candidate's metrics come from (skipped when the candidate already
@@ -239,6 +244,8 @@ def promote_if_better(
             decision = decide_promotion(
                 candidate_metrics, champion_metrics, champion_version=champion_version, margin=margin, **floors
             )
+        if compare_groups is not None and champion_version is not None and decision.outcome != ALREADY_CHAMPION:
+            decision = compare_groups(decision, resolve_model(settings, champion_version))
         return apply_decision(settings, candidate, decision)
 
 

@@ -4,19 +4,19 @@ a file or logged per drop; the report itself is :func:`wbc_tasks.serving.report.
 
 from __future__ import annotations
 
-import functools
 import io
 import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from wbc_tasks.core.html import render_template
 from wbc_tasks.core.settings import Settings
 from wbc_tasks.core.spreadsheet import spreadsheet_safe_frame
 from wbc_tasks.serving.report import REPORT_FORMATS, differential_report
 
 if TYPE_CHECKING:
-    from jinja2 import Environment
+    pass
 
 CSV_COLUMNS = ["section", "item", "count", "percent", "reviewed_count", "reviewed_percent", "note"]
 
@@ -112,34 +112,18 @@ def _csv(report: dict[str, Any]) -> str:
     return buffer.getvalue()
 
 
-@functools.cache
-def _templates() -> Environment:
-    """The report's templates (``templates/`` of this package), every value escaped."""
-    from jinja2 import Environment, PackageLoader, StrictUndefined
-
-    return Environment(
-        loader=PackageLoader("wbc_tasks.serving", "templates"),
-        autoescape=True,
-        undefined=StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-    )
-
-
 def _html(report: dict[str, Any], nav: dict[str, str] | None) -> str:
     reviewed = report["reviewed"]
-    return (
-        _templates()
-        .get_template("report.html")
-        .render(
-            r=report,
-            nav=nav,
-            policy=REPORT_META_POLICY,
-            title=report["drop"] or "(files outside any drop folder)",
-            reviewed=reviewed,
-            reviewed_rows={row["class"]: row for row in reviewed["differential"]} if reviewed else {},
-            reviewed_flags={f["name"]: f for f in reviewed["flags"]} if reviewed else {},
-        )
+    return render_template(
+        "wbc_tasks.serving",
+        "report.html",
+        r=report,
+        nav=nav,
+        policy=REPORT_META_POLICY,
+        title=report["drop"] or "(files outside any drop folder)",
+        reviewed=reviewed,
+        reviewed_rows={row["class"]: row for row in reviewed["differential"]} if reviewed else {},
+        reviewed_flags={f["name"]: f for f in reviewed["flags"]} if reviewed else {},
     )
 
 

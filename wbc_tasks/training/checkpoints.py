@@ -54,13 +54,20 @@ def _active_mlflow():
 
 
 def checkpoint_fingerprint(
-    params: TrainingParams, train: ImageStore, val: ImageStore, class_weights: bool, policy: str = "float32"
+    params: TrainingParams,
+    train: ImageStore,
+    val: ImageStore,
+    class_weights: bool,
+    policy: str = "float32",
+    init_from_version: int | None = None,
 ) -> dict:
     """What a checkpoint must agree on to be resumed (epoch counts and patience may change). The
     dtype policy is part of it: a retry on another device or precision starts over, saying so,
-    rather than resuming a float16 model on a CPU."""
+    rather than resuming a float16 model on a CPU; so is the registered version the run started
+    from (``init_from``, resolved to one number)."""
     return {
         "policy": policy,
+        "init_from_version": init_from_version,
         "weights": params.weights,
         "image_size": train.image_size,
         "batch_size": params.batch_size,
@@ -69,6 +76,7 @@ def checkpoint_fingerprint(
         "learning_rate_schedule": params.learning_rate_schedule,
         "weight_averaging": params.weight_averaging,
         "outlier_exposure": params.outlier_exposure,
+        "reviewed_share": params.reviewed_share,
         "unfreeze_layers": params.unfreeze_layers,
         "seed": params.seed,
         "class_weights": class_weights,

@@ -9,10 +9,19 @@ import math
 import numpy as np
 
 from wbc_tasks.data.store import ImageStore, release_pages
-from wbc_tasks.data.transforms import stain_outliers
+from wbc_tasks.data.transforms import augment_image, stain_outliers
 
 #: The label of an outlier row inside ``read``: its target is uniform over the classes.
 _OUTLIER = -1
+
+
+def reviewed_rows(store: ImageStore) -> np.ndarray:
+    """Rows of ``store`` that are reviewed images or copies of them (``source`` review)."""
+    from wbc_tasks.data.dataset import SOURCE_REVIEW
+
+    if "source" not in store.records:
+        return np.empty(0, np.int64)
+    return np.flatnonzero(store.records["source"].to_numpy() == SOURCE_REVIEW).astype(np.int64)
 
 
 class EpochClock:
@@ -35,6 +44,8 @@ def make_dataset(
     clock: EpochClock | None = None,
     flip_augment: bool = False,
     outlier_share: float = 0.0,
+    guaranteed_rows: np.ndarray | None = None,
+    guaranteed_share: float = 0.0,
 ):
     """A ``tf.data`` pipeline of (uint8 images, one-hot labels) batches read from the memory map.
 
@@ -47,6 +58,11 @@ def make_dataset(
     augmentation's (``stain_outliers``), whose target is uniform over the classes. The model
     learns to be unsure of a lab unlike the training labs' rather than to pick the class whose
     lab it resembles most.
+
+    ``guaranteed_share`` > 0 with ``guaranteed_rows`` (a new lab's reviewed images among thousands
+    of labelled ones): each batch gets extra rows drawn from ``guaranteed_rows`` (with repeats, from
+    (seed, epoch, batch)) so that they are about that share of it, each a fresh random
+    augmentation (stain jitter and an affine warp) so that repeats differ.
     """
     import tensorflow as tf
 
@@ -54,15 +70,27 @@ def make_dataset(
     clock = clock or EpochClock()
     images, labels = store.images, store.labels.astype(np.int32)
 
+    guaranteed = np.asarray(guaranteed_rows if guaranteed_rows is not None else [], dtype=np.int64)
+    share = guaranteed_share if len(guaranteed) else 0.0
+
     def index_batches():
         epoch = clock.epoch
         order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
         for number, start in enumerate(range(0, n, batch_size)):
-            yield np.int64(epoch), np.int64(number), order[start : start + batch_size].astype(np.int64)
+            index = order[start : start + batch_size].astype(np.int64)
+            extra = np.empty(0, np.int64)
+            if share > 0:
+                count = math.ceil(share * len(index) / (1 - share))
+                extra = np.random.default_rng([seed, epoch, number, 3]).choice(guaranteed, count)
+            yield np.int64(epoch), np.int64(number), index, extra
 
-    def read(epoch: np.int64, number: np.int64, index: np.ndarray):
+    def read(epoch: np.int64, number: np.int64, index: np.ndarray, extra: np.ndarray):
         index = np.sort(index)  # ascending reads are kinder to the page cache; order is irrelevant
         batch = np.asarray(images[index])
+        if len(extra):
+            rng = np.random.default_rng([seed, int(epoch), int(number), 4])
+            repeats = np.stack([augment_image(np.asarray(images[row]), rng) for row in extra])
+            batch, index = np.concatenate([batch, repeats]), np.concatenate([index, extra])
         release_pages(images)  # resident memory stays at a few batches, whatever the store's size
         if flip_augment:
             rng = np.random.default_rng([seed, int(epoch), int(number), 1])
@@ -78,8 +106,8 @@ def make_dataset(
             batch_labels = np.concatenate([batch_labels, np.full(len(picks), _OUTLIER, np.int32)])
         return batch, batch_labels
 
-    def load(epoch, number, index):
-        batch, batch_labels = tf.numpy_function(read, [epoch, number, index], [tf.uint8, tf.int32])
+    def load(epoch, number, index, extra):
+        batch, batch_labels = tf.numpy_function(read, [epoch, number, index, extra], [tf.uint8, tf.int32])
         batch.set_shape((None, store.image_size, store.image_size, 3))
         batch_labels.set_shape((None,))
         # one_hot of -1 is all zeros: an outlier row's target becomes 1/n everywhere.
@@ -89,6 +117,7 @@ def make_dataset(
     signature = (
         tf.TensorSpec((), tf.int64),
         tf.TensorSpec((), tf.int64),
+        tf.TensorSpec((None,), tf.int64),
         tf.TensorSpec((None,), tf.int64),
     )
     dataset = tf.data.Dataset.from_generator(index_batches, output_signature=signature)

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from wbc_tasks.core.errors import PermanentError
 from wbc_tasks.core.settings import Settings
-from wbc_tasks.training.params import Weights, choices
+from wbc_tasks.training.params import ParamError, Weights, choices
 
 log = logging.getLogger(__name__)
 
@@ -220,3 +221,16 @@ def float32_copy(model, *, settings: Settings):
         keras.mixed_precision.set_global_policy(previous)
     copy.set_weights(model.get_weights())
     return copy
+
+
+def start_from_weights(model: Any, weights: list[Any]) -> None:
+    """Give the new ``model`` a registered version's weights (ParamError when its layers differ)."""
+    expected = [tuple(w.shape) for w in model.get_weights()]
+    given = [tuple(w.shape) for w in weights]
+    if given != expected:
+        raise ParamError(
+            f"init_from: the registered version's layers differ from this run's model ({len(given)} weight "
+            f"arrays, shapes {given[:3]}... where this run builds {len(expected)}, {expected[:3]}...)"
+        )
+    model.set_weights(weights)
+    log.info("starting from the registered version's weights (%d arrays)", len(weights))

@@ -79,6 +79,14 @@ TRAINING_PARAM_SPECS: dict[str, dict[str, Any]] = {
         "like the rest. Headline test metrics stay on labelled test images; reviewed test images are reported "
         "apart. No effect while there are no reviews.",
     },
+    "init_from": {
+        "default": "none",
+        "type": "string",
+        "pattern": "^(none|champion|[1-9][0-9]*)$",
+        "description": "Start from a registered version's weights instead of from scratch: none, champion (the "
+        "version the alias names when the run starts, fixed for the run) or a version number. Its image size and "
+        "class names must be this run's. For a new lab learning from its own reviews: minutes, not an hour.",
+    },
     "image_size": {
         "default": 256,
         "type": "integer",
@@ -144,6 +152,16 @@ TRAINING_PARAM_SPECS: dict[str, dict[str, Any]] = {
         "momentum 0.99, about one epoch at the cpu profile). The cpu profile uses ema (measured over three seeds: "
         "balanced accuracy 0.820 against 0.804, more images unflagged at the same accuracy); not yet measured "
         "when fine-tuning ImageNet weights.",
+    },
+    "reviewed_share": {
+        "default": 0.0,
+        "type": "number",
+        "minimum": 0,
+        "maximum": 0.5,
+        "description": "A guaranteed share of each training batch for the images people reviewed (a new lab's few "
+        "dozen cells among thousands of labelled ones): extra rows drawn from the reviewed training images, each a "
+        "fresh random augmentation so repeats differ. 0: reviewed images count like any other. Needs "
+        "include_reviewed; no effect without reviewed training images.",
     },
     "outlier_exposure": {
         "default": 0.0,
@@ -285,40 +303,6 @@ TRAINING_PARAM_SPECS: dict[str, dict[str, Any]] = {
 }
 
 
-#: Param sets for common machines. "cpu" fits a laptop/CI-class CPU; "gpu" is the production run.
-PROFILES: dict[str, dict[str, Any]] = {
-    "cpu": {
-        "image_size": 64,
-        "weights": Weights.NONE.value,
-        "epochs_head": 0,
-        # 16, not 12: still improving at 12; over three seeds +2.0 points of balanced accuracy and
-        # 0.06 more of the test split unflagged at the same accuracy (docs/trust.md).
-        "epochs_finetune": 16,
-        "batch_size": 32,
-        "learning_rate_finetune": 1e-4,
-        "augment_per_class": 150,
-        "early_stopping_patience": 4,
-        "weight_averaging": WeightAveraging.EMA.value,
-        "outlier_exposure": 0.25,
-    },
-    "demo": {
-        "image_size": 32,
-        "weights": Weights.NONE.value,
-        "epochs_head": 0,
-        "epochs_finetune": 5,
-        "batch_size": 16,
-        "learning_rate_finetune": 1e-4,
-        "augment_per_class": 30,
-        "early_stopping_patience": 3,
-        # A few CPU minutes on generated images: floors low enough that the first run is crowned.
-        "min_metric": 0.3,
-        "min_class_recall": 0.0,
-        "min_blast_recall": 0.0,
-    },
-    "gpu": {"image_size": 256, "weights": Weights.IMAGENET.value},
-}
-
-
 @dataclass(frozen=True)
 class TrainingParams:
     """Validated params of one training run. A param with choices holds the plain string (what
@@ -327,6 +311,7 @@ class TrainingParams:
 
     data_dir: str | None
     include_reviewed: bool
+    init_from: str
     image_size: int
     weights: str
     epochs_head: int
@@ -337,6 +322,7 @@ class TrainingParams:
     learning_rate_schedule: str
     weight_averaging: str
     outlier_exposure: float
+    reviewed_share: float
     unfreeze_layers: int
     early_stopping_patience: int
     augment_per_class: int

@@ -7,18 +7,20 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from wbc_tasks.core.settings import Settings
 from wbc_tasks.core.vocabulary import CLASS_NAMES
 from wbc_tasks.data.store import ImageStore, open_store
 from wbc_tasks.training.checkpoints import HISTORY_COLUMNS, Checkpoints, checkpoint_fingerprint, epoch_monitor_class
-from wbc_tasks.training.input import EpochClock, make_dataset
-from wbc_tasks.training.model import build_model, float32_copy, set_trainable
+from wbc_tasks.training.input import EpochClock, make_dataset, reviewed_rows
+from wbc_tasks.training.model import build_model, float32_copy, set_trainable, start_from_weights
 from wbc_tasks.training.params import LearningRateSchedule, TrainingParams, WeightAveraging, Weights
 from wbc_tasks.training.precision import PrecisionChoice, choose_precision, compile_model
 from wbc_tasks.training.schedule import SCRATCH_LR_HINT, Phase, balanced_class_weights, plan_phases
@@ -104,9 +106,10 @@ def _resume_or_build_model(
     *,
     dropout: float,
     dense_units: int,
+    init_weights: Callable[[], list[np.ndarray]] | None = None,
 ) -> Any:
-    """The last checkpoint's model when ``resumed``, else a new one, under ``choice``'s dtype
-    policy (the global policy is restored afterwards)."""
+    """The last checkpoint's model when ``resumed``, else a new one (holding ``init_weights()``
+    when given), under ``choice``'s dtype policy (the global policy is restored afterwards)."""
     import keras
 
     checkpoint_dir = checkpoints.folder
@@ -134,6 +137,8 @@ def _resume_or_build_model(
                 dropout=dropout,
                 dense_units=dense_units,
             )
+            if init_weights is not None:
+                start_from_weights(model, init_weights())
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
     return model
@@ -281,8 +286,13 @@ def train_model(
     flip_augment: bool = True,
     dropout: float = 0.5,
     dense_units: int = 256,
+    init_from_version: int | None = None,
+    init_weights: Callable[[], list[np.ndarray]] | None = None,
 ) -> dict:
     """Train on ``train_store``, stop early on ``val_store``; write ``out_dir/model.keras``.
+
+    ``init_weights`` (the registered ``init_from_version``'s weights, asked for only when no
+    checkpoint is resumed) replace the new model's initial ones: the run fine-tunes that version.
 
     ``checkpoint_dir`` (default ``out_dir/checkpoints``) should lie outside ``out_dir`` when the
     caller wipes ``out_dir`` on retry (``workdir.run_step`` does): a retry with the same
@@ -312,11 +322,20 @@ def train_model(
     class_weight = _class_weights(train, params)
 
     checkpoints = Checkpoints(
-        checkpoint_dir, checkpoint_fingerprint(params, train, val, params.class_weights, choice.policy)
+        checkpoint_dir,
+        checkpoint_fingerprint(params, train, val, params.class_weights, choice.policy, init_from_version),
     )
     resumed = checkpoints.load()
     model = _resume_or_build_model(
-        checkpoints, resumed, train.image_size, params, choice, settings, dropout=dropout, dense_units=dense_units
+        checkpoints,
+        resumed,
+        train.image_size,
+        params,
+        choice,
+        settings,
+        dropout=dropout,
+        dense_units=dense_units,
+        init_weights=init_weights,
     )
     resumed_from_epoch = checkpoints.state["epochs_done"] if resumed else 0
     state = checkpoints.state
@@ -331,6 +350,8 @@ def train_model(
         clock=clock,
         flip_augment=flip_augment,
         outlier_share=params.outlier_exposure,
+        guaranteed_rows=reviewed_rows(train),
+        guaranteed_share=params.reviewed_share,
     )
     val_data = make_dataset(val, params.batch_size, n_classes, shuffle=False, seed=params.seed) if len(val) else None
     runner = _PhaseRunner(
