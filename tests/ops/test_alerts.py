@@ -343,12 +343,12 @@ def test_every_task_and_dag_alerts_on_failure(settings, dag_file, dag_id):
     for task in dag.tasks:
         expected = ["alert_task_failure"]
         if dag_id == "wbc_training":  # the worker closes the MLflow run (no dag-processor time limit)
-            expected.append("_close_mlflow_run")
+            expected.append("close_mlflow_run")
         assert names_of(task.on_failure_callback) == expected, task.task_id
     names = names_of(dag.on_failure_callback)
     assert names[0] == "alert_dag_failure"
     if dag_id == "wbc_training":  # chained with, not instead of, closing the MLflow run
-        assert names == ["alert_dag_failure", "_on_failure"]
+        assert names == ["alert_dag_failure", "close_mlflow_run"]  # the one callback of dag_helpers
 
 
 @pytest.fixture(scope="module")

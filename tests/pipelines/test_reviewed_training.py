@@ -16,7 +16,7 @@ from tests.serving.conftest import DB_KINDS, drop_source, make_prediction, make_
 from tests.training_steps import run_training_steps
 from wbc_tasks.core.settings import get_settings
 from wbc_tasks.core.vocabulary import CLASS_NAMES
-from wbc_tasks.data.dataset import SOURCE_LABELLED, SOURCE_REVIEW, load_ledger, read_manifest, split_of
+from wbc_tasks.data.dataset import SOURCE_LABELLED, SOURCE_REVIEW, load_ledger, read_manifest, split_fractions, split_of
 from wbc_tasks.data.store import open_store
 from wbc_tasks.pipelines import training as steps
 from wbc_tasks.serving import predictions as db
@@ -59,7 +59,7 @@ def reviewed_lab(request, settings, tmp_path, monkeypatch):
         lab = get_settings()
         by_split: dict[str, list[str]] = {"test": [], "other": []}
         for image in sorted(drop_source(DROP).glob("*.jpg")):
-            split = split_of(sha(image), lab.test_fraction, lab.val_fraction)
+            split = split_of(sha(image), *split_fractions(lab, SOURCE_REVIEW))  # reviewed images' own shares
             group = by_split["test" if split == "test" else "other"]
             if len(group) < (2 if split == "test" else 6):
                 group.append(image.name)
@@ -105,7 +105,7 @@ def test_reviewed_images_join_the_split_by_content_hash_and_stay_out_of_the_head
         assert row["sha256"] == sha(classify / str(path).split(f"{classify}/")[1])
         assert row["split"] == ledger[row["sha256"]]
         if not any(str(path) in note for note in summary["split_fallbacks"]):
-            assert row["split"] == split_of(row["sha256"], lab.test_fraction, lab.val_fraction)
+            assert row["split"] == split_of(row["sha256"], *split_fractions(lab, SOURCE_REVIEW))
     assert set(from_review[from_review["split"] == "test"].index) == {str(classify / p) for p in reviewed_lab["test"]}
 
     reviewed = summary["reviewed"]

@@ -17,7 +17,7 @@ from typing import Any
 
 from wbc_tasks.core.settings import Settings, get_settings
 from wbc_tasks.core.vocabulary import Step
-from wbc_tasks.core.workdir import require_complete, run_step
+from wbc_tasks.core.workdir import read_marker, require_complete, run_step
 from wbc_tasks.pipelines.data_folder import resolve_data_dir
 from wbc_tasks.pipelines.split_inputs import split_and_init
 from wbc_tasks.pipelines.step_helpers import groups_csv, log_step_artifacts, split_summary_for_logs, step_context
@@ -101,7 +101,9 @@ def train_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
 
     settings, p, run = step_context(run_id, params)
     require_complete(run / Step.BALANCE)
-    init_from_version = require_complete(run / Step.SPLIT).get("init_from_version")
+    # The version the split step resolved init_from to (a run whose stores were made another way
+    # has no split step: it starts from scratch).
+    init_from_version = (read_marker(run / Step.SPLIT) or {}).get("init_from_version")
     with tracking_run(settings, run_id):
         return run_step(
             run / Step.TRAIN,

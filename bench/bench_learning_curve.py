@@ -1,0 +1,329 @@
+"""A new lab learned from its own reviews (issue 30): the learning curve over the number of cells a
+lab reviews, measured on `wbc-other-lab` cells that are never reviewed nor trained on.
+
+    .venv/bin/python bench/bench_learning_curve.py --fold 1 --home /work/lc-f1 [--n 0 25 50 100 150]
+        [--order queue random] [--adapt NAME=VALUE ...] [--scratch]
+    .venv/bin/python bench/bench_learning_curve.py --summarise /work/lc-f1 /work/lc-f2 /work/lc-f3
+    .venv/bin/python bench/bench_learning_curve.py --fold 1 --home /tmp/lc-smoke --smoke   # the code path, minutes
+
+Folds: `wbc-other-lab` is split once into three folds by content hash, stratified by class (each
+class's images in hash order, dealt round-robin). Fold k is held out (never reviewed, never trained
+on); the other two are the lab's review pool. Per fold, in ``--home``:
+
+1. the `cpu`-profile champion is trained once on `wbc-bench` (the training labs), then one night
+   classifies the review pool (drop ``review-pool``) and the held-out fold (drop ``held-out``);
+   the review orders are fixed from that night: ``queue`` (the champion's review queue, as the
+   lab's page shows it) and ``random`` (seeded); the state is backed up (``wbc backup``);
+2. for each N and order, the state is restored, the first N cells of the order are reviewed with
+   their true class through the product's own ``record_review`` (as the review page does, with a
+   user name), an adaptation run trains from the champion (``init_from=champion``, the reviews
+   included, ``--adapt`` params over the `cpu` profile), and the held-out fold is classified by the
+   nightly code with the new version (whether it was promoted or not; the promotion is recorded).
+
+Results: one JSON per (N, order) in ``<home>/results/``; ``--summarise`` pools the folds with Wilson
+95 % intervals. Resumable: finished steps and results are kept and skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+SHARED = REPO.parent / "shared" / "data"
+BENCH = SHARED / "wbc-bench" / "WBC"
+OTHER_LAB = SHARED / "wbc-other-lab" / "WBC"
+POOL, HELD_OUT = "review-pool", "held-out"
+FOLDS = 3
+#: The held-out classes with enough images to measure (basophils: 1 image in the whole set).
+MEASURED = ("eosinophils", "lymphocytes", "monocytes", "neutrophils")
+REVIEWER = "bench-lab"
+#: First settings for the adaptation run, tuned on fold 1's review pool only (docs/benchmarks.md).
+ADAPT = {
+    "init_from": "champion",
+    "include_reviewed": True,
+    "epochs_finetune": 4,
+    "learning_rate_finetune": 3e-5,
+    "reviewed_share": 0.25,
+    "early_stopping_patience": 0,
+}
+SMOKE = {
+    "image_size": 32,
+    "epochs_finetune": 1,
+    "augment_per_class": 0,
+    "smote": False,
+    "early_stopping_patience": 0,
+    "min_metric": 0.0,
+    "min_class_recall": 0.0,
+    "min_blast_recall": 0.0,
+}
+STEPS = ("split", "preprocess", "augment", "balance", "train", "calibrate", "evaluate", "export", "register", "promote")
+
+
+def folds() -> dict[str, int]:
+    """Each wbc-other-lab image's fold (0, 1, 2): per class, in content-hash order, round-robin."""
+    assigned = {}
+    for folder in sorted(OTHER_LAB.iterdir()):
+        images = sorted(folder.iterdir(), key=lambda p: hashlib.sha256(p.read_bytes()).hexdigest())
+        for rank, image in enumerate(images):
+            assigned[str(image)] = rank % FOLDS
+    return assigned
+
+
+def _environment(home: Path, data_dir: Path) -> None:
+    os.environ.update(
+        {
+            "WBC_HOME": str(home / "wbc"),
+            "WBC_DATA_DIR": str(data_dir),
+            "WBC_CLASSIFY_DIR": str(home / "wbc" / "classify-images"),
+            "WBC_ALLOWED_ROOTS": f"{SHARED}{os.pathsep}{home}",
+            "WBC_SETTLE_MINUTES": "0",
+            "WBC_WORKERS": "1",
+        }
+    )
+
+
+def _train(run_id: str, params: dict[str, Any]) -> tuple[dict, float]:
+    from wbc_tasks.core.settings import get_settings
+    from wbc_tasks.core.workdir import read_marker
+    from wbc_tasks.pipelines import training as steps
+
+    started = time.perf_counter()
+    for step in STEPS:
+        getattr(steps, f"{step}_step")(run_id, params)
+    run = get_settings().run_dir(run_id)
+    return {
+        step: read_marker(run / step) for step in ("evaluate", "register", "promote")
+    }, time.perf_counter() - started
+
+
+def _smoke_data(home: Path) -> Path:
+    """A small labelled folder (links to 10 images per class) for --smoke."""
+    folder = home / "smoke-WBC"
+    if not folder.is_dir():
+        for class_folder in sorted(BENCH.iterdir()):
+            (folder / class_folder.name).mkdir(parents=True)
+            for image in sorted(class_folder.iterdir())[:10]:
+                (folder / class_folder.name / image.name).symlink_to(image)
+    return folder
+
+
+def prepare(home: Path, fold: int, base: dict[str, Any]) -> dict[str, Any]:
+    """Train the champion, classify the pool and the held-out fold, fix the orders, back up."""
+    from wbc_tasks.core.settings import get_settings
+    from wbc_tasks.ops.backup import backup_embedded
+    from wbc_tasks.serving.nightly import classify_new_images
+    from wbc_tasks.serving.review_queue import review_queue
+
+    state = home / "prepared.json"
+    if state.is_file():
+        return json.loads(state.read_text())
+    settings = get_settings()
+    truth: dict[str, str] = {}
+    for source, k in folds().items():
+        image = Path(source)
+        drop = HELD_OUT if k == fold else POOL
+        name = f"{hashlib.sha256(image.read_bytes()).hexdigest()[:16]}{image.suffix.lower()}"
+        target = settings.classify_dir / drop / name  # no class in the name: the lab does not know it
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(image, target)
+        truth[f"{drop}/{name}"] = image.parent.name
+    steps, seconds = _train("champion", base)
+    classify_new_images(settings)
+    queue = [cell["path"] for cell in review_queue(settings, POOL)]
+    pool = sorted(p for p in truth if p.startswith(f"{POOL}/"))
+    unqueued = [p for p in pool if p not in set(queue)]  # cells the champion did not flag, last
+    import numpy as np
+
+    prepared = {
+        "fold": fold,
+        "params": base,
+        "champion": steps,
+        "champion_seconds": round(seconds, 1),
+        "truth": truth,
+        "orders": {
+            "queue": queue + unqueued,
+            "random": [pool[i] for i in np.random.default_rng(fold).permutation(len(pool))],
+        },
+    }
+    backup_embedded(settings, home / "base-backup")
+    state.write_text(json.dumps(prepared, indent=1, default=str))
+    return prepared
+
+
+def held_out_figures(version: str, truth: dict[str, str]) -> dict[str, Any]:
+    """The held-out fold as classified by ``version``: per-class recall, shares, raw counts."""
+    from wbc_tasks.core.settings import get_settings
+    from wbc_tasks.serving.export import PredictionFilter, query_predictions
+
+    table = query_predictions(get_settings(), PredictionFilter(drop=HELD_OUT, model_version=version, latest=True))
+    rows = [(truth[p], c, r) for p, c, r in zip(table["path"], table["predicted_class"], table["review_reasons"])]
+    per_class = {c: {"n": 0, "right": 0} for c in MEASURED}
+    unflagged = right_unflagged = unfamiliar = blasts = 0
+    for true, predicted, reasons in rows:
+        reasons = list(reasons) if reasons is not None else []
+        if true in per_class:
+            per_class[true]["n"] += 1
+            per_class[true]["right"] += predicted == true
+        unflagged += not reasons
+        right_unflagged += (not reasons) and predicted == true
+        unfamiliar += "unfamiliar" in reasons
+        blasts += predicted == "blasts"
+    recalls = [v["right"] / v["n"] for v in per_class.values() if v["n"]]
+    return {
+        "images": len(rows),
+        "per_class": per_class,
+        "balanced_accuracy": sum(recalls) / len(recalls) if recalls else None,
+        "unflagged": unflagged,
+        "unflagged_right": right_unflagged,
+        "unfamiliar": unfamiliar,
+        "called_blasts": blasts,
+    }
+
+
+def variant(home: Path, prepared: dict[str, Any], n: int, order: str, adapt: dict[str, Any], scratch: bool) -> Path:
+    """One point of the curve; returns its result file (kept: a rerun skips it)."""
+    from wbc_tasks.core.settings import get_settings
+    from wbc_tasks.ops.backup import restore_embedded
+    from wbc_tasks.serving.nightly import classify_new_images
+    from wbc_tasks.serving.review_decisions import record_review
+
+    name = f"{'scratch' if scratch else 'adapt'}-{order}-{n}"
+    out = home / "results" / f"{name}.json"
+    if out.is_file():
+        return out
+    settings = get_settings()
+    restored = restore_embedded(home / "base-backup", settings, replace=True)
+    if restored["moved_aside"]:
+        shutil.rmtree(restored["moved_aside"])
+    _close_pooled_connections()
+    result: dict[str, Any] = {"fold": prepared["fold"], "n": n, "order": order, "scratch": scratch}
+    if n == 0:
+        result["held_out"] = held_out_figures("1", prepared["truth"])
+    else:
+        for path in prepared["orders"][order][:n]:
+            record_review(settings, path, prepared["truth"][path], reviewer=REVIEWER)
+        params = {**prepared["params"], **adapt}
+        if scratch:  # what starting from the champion buys: the champion's own recipe, the same reviews
+            params = {**prepared["params"], "include_reviewed": True, "reviewed_share": adapt["reviewed_share"]}
+        steps, seconds = _train(name, params)
+        version = str(steps["register"]["version"])
+        classify_new_images(settings, model=version, drop=HELD_OUT)
+        result.update(params=params, seconds=round(seconds, 1), version=version, promotion=steps["promote"])
+        result["held_out"] = held_out_figures(version, prepared["truth"])
+        result["candidate_test"] = steps["evaluate"]["metrics"]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, default=str))
+    return out
+
+
+def _close_pooled_connections() -> None:
+    """The restore replaced the databases under MLflow's cached engines in this process."""
+    from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore as RegistryStore
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore as TrackingStore
+
+    for store in (TrackingStore, RegistryStore):
+        for engine in store._engine_map.values():
+            engine.dispose()
+
+
+def wilson(successes: int, trials: int) -> list[float] | None:
+    """Wilson 95 % interval (scipy's binomtest), None without trials."""
+    from scipy.stats import binomtest
+
+    if trials == 0:
+        return None
+    interval = binomtest(successes, trials).proportion_ci(confidence_level=0.95, method="wilson")
+    return [round(interval.low, 3), round(interval.high, 3)]
+
+
+def summarise(homes: list[Path]) -> dict[str, Any]:
+    """Per (kind, order, N), pooled over the folds given."""
+    pooled: dict[str, dict[str, Any]] = {}
+    for home in homes:
+        for path in sorted((home / "results").glob("*.json")):
+            result = json.loads(path.read_text())
+            key = f"{'scratch' if result['scratch'] else 'adapt'} {result['order']} N={result['n']}"
+            entry = pooled.setdefault(key, {"folds": 0, "per_class": {}, "images": 0, "unflagged": 0,
+                                            "unflagged_right": 0, "unfamiliar": 0, "called_blasts": 0,
+                                            "promoted": 0, "seconds": []})  # fmt: skip
+            held = result["held_out"]
+            entry["folds"] += 1
+            for cls, counts in held["per_class"].items():
+                total = entry["per_class"].setdefault(cls, {"n": 0, "right": 0})
+                total["n"] += counts["n"]
+                total["right"] += counts["right"]
+            for k in ("images", "unflagged", "unflagged_right", "unfamiliar", "called_blasts"):
+                entry[k] += held[k]
+            entry["promoted"] += bool(result.get("promotion", {}).get("promote"))
+            if "seconds" in result:
+                entry["seconds"].append(result["seconds"])
+    for entry in pooled.values():
+        recalls = {c: v["right"] / v["n"] for c, v in entry["per_class"].items() if v["n"]}
+        entry["balanced_accuracy"] = round(sum(recalls.values()) / len(recalls), 3) if recalls else None
+        entry["recall"] = {c: [round(r, 3), wilson(entry["per_class"][c]["right"], entry["per_class"][c]["n"])]
+                           for c, r in recalls.items()}  # fmt: skip
+        entry["unflagged_share"] = [
+            round(entry["unflagged"] / entry["images"], 3),
+            wilson(entry["unflagged"], entry["images"]),
+        ]
+        entry["unflagged_accuracy"] = [
+            round(entry["unflagged_right"] / entry["unflagged"], 3) if entry["unflagged"] else None,
+            wilson(entry["unflagged_right"], entry["unflagged"]),
+        ]
+        entry["unfamiliar_share"] = round(entry["unfamiliar"] / entry["images"], 3)
+        entry["called_blasts_share"] = round(entry["called_blasts"] / entry["images"], 3)
+    return pooled
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--fold", type=int, choices=range(1, FOLDS + 1), help="the held-out fold (1-3)")
+    parser.add_argument("--home", type=Path, help="this fold's folder (kept: the run resumes)")
+    parser.add_argument("--n", type=int, nargs="+", default=[0, 25, 50, 100, 150])
+    parser.add_argument("--order", nargs="+", default=["queue", "random"], choices=["queue", "random"])
+    parser.add_argument("--adapt", action="append", default=[], metavar="NAME=VALUE", help="adaptation param")
+    parser.add_argument("--scratch", action="store_true", help="also N=100 in queue order from scratch")
+    parser.add_argument("--smoke", action="store_true", help="tiny settings: checks the code path in minutes")
+    parser.add_argument("--summarise", nargs="+", type=Path, metavar="HOME")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.summarise:
+        print(json.dumps(summarise(args.summarise), indent=1))
+        return 0
+    if args.fold is None or args.home is None:
+        sys.exit("give --fold and --home (or --summarise)")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    args.home.mkdir(parents=True, exist_ok=True)
+    _environment(args.home, _smoke_data(args.home) if args.smoke else BENCH)
+    from wbc_tasks.cli.params import parse_params
+    from wbc_tasks.pipelines.params import training_param_specs
+    from wbc_tasks.training.profiles import PROFILES
+
+    base = {**PROFILES["cpu"], "seed": args.fold, **(SMOKE if args.smoke else {})}
+    adapt = {**ADAPT, **(SMOKE if args.smoke else {}), **parse_params(args.adapt, training_param_specs())}
+    prepared = prepare(args.home, args.fold - 1, base)
+    for order in args.order:
+        for n in args.n:
+            print(variant(args.home, prepared, n, order, adapt, scratch=False), flush=True)
+    if args.scratch:
+        print(variant(args.home, prepared, 100, "queue", adapt, scratch=True), flush=True)
+    print(json.dumps(summarise([args.home]), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
