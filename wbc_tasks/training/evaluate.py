@@ -164,6 +164,112 @@ def read_groups(groups_csv: Path, records: pd.DataFrame) -> pd.Series:
     return groups.fillna(NO_GROUP).astype(str)
 
 
+def _predictions_table(
+    store: ImageStore, y_true: np.ndarray, probabilities: np.ndarray, class_names: tuple[str, ...]
+) -> pd.DataFrame:
+    """One row per test image: its file, true and predicted class, confidence, every probability."""
+    y_pred = probabilities.argmax(axis=1)
+    return pd.DataFrame(
+        {
+            "path": store.records["path"],
+            "sha256": store.records["sha256"],
+            "true": [class_names[i] for i in y_true],
+            "predicted": [class_names[i] for i in y_pred],
+            "confidence": probabilities.max(axis=1),
+            **{f"prob_{name}": probabilities[:, i] for i, name in enumerate(class_names)},
+        }
+    )
+
+
+def _write_confusion(metrics: dict, class_names: tuple[str, ...], artifacts: dict[str, Path]) -> None:
+    """The confusion matrix as JSON and as two pictures (counts, share of each true class)."""
+    write_json_atomic(
+        artifacts["confusion_matrix_json"],
+        {
+            "class_names": list(class_names),
+            "rows": "true class",
+            "columns": "predicted class",
+            "counts": metrics["confusion_matrix"],
+            "normalized": metrics["confusion_matrix_normalized"],
+        },
+    )
+    counts = np.asarray(metrics["confusion_matrix"])
+    normalised = np.array([[np.nan if v is None else v for v in row] for row in metrics["confusion_matrix_normalized"]])
+    _plot_confusion(
+        counts, list(class_names), artifacts["confusion_matrix_png"], title="confusion matrix (counts)", fmt="d"
+    )
+    _plot_confusion(
+        normalised,
+        list(class_names),
+        artifacts["confusion_matrix_normalized_png"],
+        title="confusion matrix (share of each true class)",
+        fmt=".2f",
+    )
+
+
+def _write_groups(
+    groups_csv: Path,
+    store: ImageStore,
+    y_true: np.ndarray,
+    probabilities: np.ndarray,
+    class_names: tuple[str, ...],
+    out_dir: Path,
+    artifacts: dict[str, Path],
+) -> dict[str, dict[str, float]]:
+    """Metrics per group of test images (``groups_csv``: e.g. per source lab); their summary."""
+    groups = read_groups(Path(groups_csv), store.records)
+    rows, detail = [], {}
+    for group in sorted(groups.unique()):
+        mask = (groups == group).to_numpy()
+        group_metrics = compute_metrics(y_true[mask], probabilities[mask], class_names)
+        detail[group] = {
+            k: group_metrics[k]
+            for k in ("n_images", "accuracy", "balanced_accuracy", "macro_f1", "per_class_recall", "absent_classes")
+        }
+        rows.append(
+            {
+                "group": group,
+                **{k: group_metrics[k] for k in ("n_images", "accuracy", "balanced_accuracy", "macro_f1")},
+                **{f"recall_{name}": group_metrics["per_class_recall"].get(name) for name in class_names},
+            }
+        )
+        log.info(
+            "group %s: %d images, balanced accuracy %.3f",
+            group,
+            group_metrics["n_images"],
+            group_metrics["balanced_accuracy"],
+        )
+    artifacts["groups_csv"] = out_dir / "groups.csv"
+    artifacts["groups_json"] = out_dir / "groups.json"
+    pd.DataFrame(rows).to_csv(artifacts["groups_csv"], index=False)
+    write_json_atomic(artifacts["groups_json"], detail)
+    return {g: {"n_images": d["n_images"], "balanced_accuracy": d["balanced_accuracy"]} for g, d in detail.items()}
+
+
+def _evaluation_summary(metrics: dict, misclassified: int, groups: dict | None, artifacts: dict[str, Path]) -> dict:
+    """What the evaluate step returns: headline metrics, per-class figures, artifact paths."""
+    per_class = {
+        name: {k: row[k] for k in ("precision", "recall", "f1", "support")}
+        for name, row in metrics["per_class"].items()
+    }
+    return {
+        # What registration and promotion record (numeric leaves; no matrices).
+        "metrics": {
+            **{k: metrics[k] for k in ("n_images", "accuracy", "balanced_accuracy", "macro_f1")},
+            "per_class": per_class,
+        },
+        "n_images": metrics["n_images"],
+        "accuracy": metrics["accuracy"],
+        "balanced_accuracy": metrics["balanced_accuracy"],
+        "macro_f1": metrics["macro_f1"],
+        "per_class_recall": metrics["per_class_recall"],
+        "absent_classes": metrics["absent_classes"],
+        "misclassified": misclassified,
+        "groups": groups,
+        "artifacts": {k: str(v) for k, v in artifacts.items()},
+    }
+
+
 def evaluate_model(
     model_path: Path,
     test_store: Path,
@@ -200,18 +306,7 @@ def evaluate_model(
     )
     probabilities = predict_store(model, store, batch_size)
     metrics = compute_metrics(y_true, probabilities, class_names)
-
-    y_pred = probabilities.argmax(axis=1)
-    predictions = pd.DataFrame(
-        {
-            "path": store.records["path"],
-            "sha256": store.records["sha256"],
-            "true": [class_names[i] for i in y_true],
-            "predicted": [class_names[i] for i in y_pred],
-            "confidence": probabilities.max(axis=1),
-            **{f"prob_{name}": probabilities[:, i] for i, name in enumerate(class_names)},
-        }
-    )
+    predictions = _predictions_table(store, y_true, probabilities, class_names)
     artifacts = {
         "metrics": out_dir / "metrics.json",
         "predictions": out_dir / "predictions.csv",
@@ -222,64 +317,13 @@ def evaluate_model(
     }
     predictions.to_csv(artifacts["predictions"], index=False)
     write_json_atomic(artifacts["metrics"], metrics)
-    write_json_atomic(
-        artifacts["confusion_matrix_json"],
-        {
-            "class_names": list(class_names),
-            "rows": "true class",
-            "columns": "predicted class",
-            "counts": metrics["confusion_matrix"],
-            "normalized": metrics["confusion_matrix_normalized"],
-        },
-    )
-    counts = np.asarray(metrics["confusion_matrix"])
-    normalised = np.array([[np.nan if v is None else v for v in row] for row in metrics["confusion_matrix_normalized"]])
-    _plot_confusion(
-        counts, list(class_names), artifacts["confusion_matrix_png"], title="confusion matrix (counts)", fmt="d"
-    )
-    _plot_confusion(
-        normalised,
-        list(class_names),
-        artifacts["confusion_matrix_normalized_png"],
-        title="confusion matrix (share of each true class)",
-        fmt=".2f",
-    )
+    _write_confusion(metrics, class_names, artifacts)
     wrong = predictions.assign(index=np.arange(len(predictions)))
     wrong = wrong[wrong["true"] != wrong["predicted"]].sort_values("confidence", ascending=False, kind="stable")
     _plot_gallery(store, wrong, artifacts["misclassified_png"], class_names)
-
-    groups_summary = None
+    groups = None
     if groups_csv is not None:
-        groups = read_groups(Path(groups_csv), store.records)
-        rows, detail = [], {}
-        for group in sorted(groups.unique()):
-            mask = (groups == group).to_numpy()
-            group_metrics = compute_metrics(y_true[mask], probabilities[mask], class_names)
-            detail[group] = {
-                k: group_metrics[k]
-                for k in ("n_images", "accuracy", "balanced_accuracy", "macro_f1", "per_class_recall", "absent_classes")
-            }
-            rows.append(
-                {
-                    "group": group,
-                    **{k: group_metrics[k] for k in ("n_images", "accuracy", "balanced_accuracy", "macro_f1")},
-                    **{f"recall_{name}": group_metrics["per_class_recall"].get(name) for name in class_names},
-                }
-            )
-            log.info(
-                "group %s: %d images, balanced accuracy %.3f",
-                group,
-                group_metrics["n_images"],
-                group_metrics["balanced_accuracy"],
-            )
-        artifacts["groups_csv"] = out_dir / "groups.csv"
-        artifacts["groups_json"] = out_dir / "groups.json"
-        pd.DataFrame(rows).to_csv(artifacts["groups_csv"], index=False)
-        write_json_atomic(artifacts["groups_json"], detail)
-        groups_summary = {
-            g: {"n_images": d["n_images"], "balanced_accuracy": d["balanced_accuracy"]} for g, d in detail.items()
-        }
-
+        groups = _write_groups(groups_csv, store, y_true, probabilities, class_names, out_dir, artifacts)
     log.info(
         "test accuracy %.3f, balanced accuracy %.3f, macro F1 %.3f; recall %s",
         metrics["accuracy"],
@@ -287,23 +331,4 @@ def evaluate_model(
         metrics["macro_f1"],
         json.dumps({k: round(v, 3) for k, v in metrics["per_class_recall"].items()}),
     )
-    per_class = {
-        name: {k: row[k] for k in ("precision", "recall", "f1", "support")}
-        for name, row in metrics["per_class"].items()
-    }
-    return {
-        # What registration and promotion record (numeric leaves; no matrices).
-        "metrics": {
-            **{k: metrics[k] for k in ("n_images", "accuracy", "balanced_accuracy", "macro_f1")},
-            "per_class": per_class,
-        },
-        "n_images": metrics["n_images"],
-        "accuracy": metrics["accuracy"],
-        "balanced_accuracy": metrics["balanced_accuracy"],
-        "macro_f1": metrics["macro_f1"],
-        "per_class_recall": metrics["per_class_recall"],
-        "absent_classes": metrics["absent_classes"],
-        "misclassified": len(wrong),
-        "groups": groups_summary,
-        "artifacts": {k: str(v) for k, v in artifacts.items()},
-    }
+    return _evaluation_summary(metrics, len(wrong), groups, artifacts)
