@@ -116,7 +116,9 @@ def test_a_restored_home_equals_the_backup_point_and_the_next_night_classifies_o
     manifest = backup_embedded(settings, out)
     assert {"predictions.db", "mlflow/mlflow.db", "airflow/airflow.db"} <= {f["path"] for f in manifest["files"]}
     assert manifest["tables"]["predictions.db"]["reviews"]["rows"] == 5
-    assert not any(f["path"].startswith(("classify/", "work/runs/")) for f in manifest["files"])
+    assert not any(f["path"].startswith("work/runs/") for f in manifest["files"])
+    # The classify folder lies inside WBC_HOME here (the embedded default): the lab's images come along.
+    assert sum(f["path"].startswith(f"classify/{DROP}/") for f in manifest["files"]) == 40
 
     shutil.rmtree(settings.home)
     restored = restore_embedded(out, settings)

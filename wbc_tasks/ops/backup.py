@@ -13,8 +13,10 @@ database with its row count and a checksum of its rows.
 The point in time: each database holds the rows committed before its snapshot. A nightly run in
 flight has committed whole chunks (one transaction each, files seen and predictions together):
 those are in the backup, the rest are not seen in the restored state, so the next night
-classifies them once. Not backed up: the classify folder (the lab's own images, never modified
-by us) and training runs' work folders (intermediate data, rebuilt by a new run).
+classifies them once. The classify folder is backed up when it lies inside ``WBC_HOME`` (the
+embedded default: the lab's images live there, and the predictions table points at them); one
+elsewhere (a share) is the lab's to back up, and is only read. Not backed up: training runs' work
+folders (intermediate data, rebuilt by a new run) and generated demo data.
 """
 
 from __future__ import annotations
@@ -94,8 +96,8 @@ def _check_layout(settings: Settings) -> None:
 
 
 def _skipped(settings: Settings) -> tuple[str, ...]:
-    """Relative folders left out: logs, run folders, locks, and the lab's own images."""
-    outside = [settings.classify_dir, settings.home.resolve() / "demo-data"]
+    """Relative folders left out: logs, run folders, locks and generated demo data."""
+    outside = [settings.home.resolve() / "demo-data"]
     under = [
         p.resolve().relative_to(settings.home.resolve()).as_posix()
         for p in outside
