@@ -218,7 +218,8 @@ def variant(home: Path, prepared: dict[str, Any], n: int, order: str, adapt: dic
             params = {**prepared["params"], "include_reviewed": True, "reviewed_share": adapt["reviewed_share"]}
         steps, seconds = _train(name, params)
         version = str(steps["register"]["version"])
-        classify_new_images(settings, model=version, drop=HELD_OUT)
+        # Already seen by the champion's night: classified again, by this version.
+        classify_new_images(settings, model=version, drop=HELD_OUT, reclassify=True)
         result.update(params=params, seconds=round(seconds, 1), version=version, promotion=steps["promote"])
         result["held_out"] = held_out_figures(version, prepared["truth"])
         result["candidate_test"] = steps["evaluate"]["metrics"]
@@ -269,6 +270,8 @@ def summarise(homes: list[Path]) -> dict[str, Any]:
             if "seconds" in result:
                 entry["seconds"].append(result["seconds"])
     for entry in pooled.values():
+        if not entry["images"]:
+            continue
         recalls = {c: v["right"] / v["n"] for c, v in entry["per_class"].items() if v["n"]}
         entry["balanced_accuracy"] = round(sum(recalls.values()) / len(recalls), 3) if recalls else None
         entry["recall"] = {c: [round(r, 3), wilson(entry["per_class"][c]["right"], entry["per_class"][c]["n"])]
