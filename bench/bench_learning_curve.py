@@ -206,7 +206,6 @@ def variant(home: Path, prepared: dict[str, Any], n: int, order: str, adapt: dic
     restored = restore_embedded(home / "base-backup", settings, replace=True)
     if restored["moved_aside"]:
         shutil.rmtree(restored["moved_aside"])
-    _close_pooled_connections()
     result: dict[str, Any] = {"fold": prepared["fold"], "n": n, "order": order, "scratch": scratch}
     if n == 0:
         result["held_out"] = held_out_figures("1", prepared["truth"])
@@ -226,16 +225,6 @@ def variant(home: Path, prepared: dict[str, Any], n: int, order: str, adapt: dic
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1, default=str))
     return out
-
-
-def _close_pooled_connections() -> None:
-    """The restore replaced the databases under MLflow's cached engines in this process."""
-    from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore as RegistryStore
-    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore as TrackingStore
-
-    for store in (TrackingStore, RegistryStore):
-        for engine in store._engine_map.values():
-            engine.dispose()
 
 
 def wilson(successes: int, trials: int) -> list[float] | None:

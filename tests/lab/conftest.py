@@ -82,10 +82,10 @@ def lab_url(lab: Lab, route: str, **params: object) -> str:
     return f"{lab.url}/lab{route}{'?' + query if query else ''}"
 
 
-@pytest.fixture
-def browser(tmp_path):
+def start_chromium(profile: Path):
     """Headless Debian chromium through its own chromedriver (Selenium's driver download cannot
-    reach the internet); fails where CI requires every prerequisite."""
+    reach the internet), its console kept for ``get_log("browser")`` (CSP violations are reported
+    there); fails where CI requires every prerequisite."""
     if not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()):
         skip_unless_required("chromium/chromedriver not installed: tests/lab/install-chromium.sh")
     from selenium import webdriver
@@ -95,11 +95,16 @@ def browser(tmp_path):
     options.binary_location = str(CHROMIUM)
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000"):
         options.add_argument(flag)
-    options.add_argument(f"--user-data-dir={tmp_path / 'chromium-profile'}")
-    # The console (CSP violations are reported there) for driver.get_log("browser").
+    options.add_argument(f"--user-data-dir={profile}")
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
     driver.set_page_load_timeout(120)
+    return driver
+
+
+@pytest.fixture
+def browser(tmp_path):
+    driver = start_chromium(tmp_path / "chromium-profile")
     try:
         yield driver
     finally:

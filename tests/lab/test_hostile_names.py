@@ -21,7 +21,7 @@ import urllib.parse
 
 import pytest
 
-from tests.lab.conftest import CHROMEDRIVER, CHROMIUM
+from tests.lab.conftest import start_chromium
 from tests.lab.test_lab import wait_for
 from tests.serving.conftest import base_settings, drop_source, register_tiny_model
 from wbc_tasks.lab.auth import LabUser
@@ -130,19 +130,7 @@ def servers(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def driver(tmp_path_factory):
-    if not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()):
-        pytest.fail("chromium/chromedriver not installed: tests/lab/install-chromium.sh")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000"):
-        options.add_argument(flag)
-    options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('profile')}")
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    browser = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
-    browser.set_page_load_timeout(120)
+    browser = start_chromium(tmp_path_factory.mktemp("profile"))
     yield browser
     browser.quit()
 

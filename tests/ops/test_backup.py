@@ -29,18 +29,6 @@ def _record_review(settings, path: str, label: str) -> None:
     record_review(settings, path, label, reviewer="drill", note="backup drill")
 
 
-def _close_pooled_connections() -> None:
-    """This test process removed and restored the databases under MLflow's cached engines: their
-    pooled connections still point at the removed files (a restore is made with the services
-    stopped; here the "services" are this process)."""
-    from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore as RegistryStore
-    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore as TrackingStore
-
-    for store in (TrackingStore, RegistryStore):
-        for engine in store._engine_map.values():
-            engine.dispose()
-
-
 def _seen_paths(settings) -> list[str]:
     database = Path(settings.predictions_db_url.removeprefix("sqlite:///"))
     with sqlite3.connect(database) as connection:
@@ -122,7 +110,6 @@ def test_a_restored_home_equals_the_backup_point_and_the_next_night_classifies_o
 
     shutil.rmtree(settings.home)
     restored = restore_embedded(out, settings)
-    _close_pooled_connections()
     assert restored["files"] == len(manifest["files"])
     assert _state(settings) == before
 

@@ -309,7 +309,24 @@ def restore_embedded(folder: Path, settings: Settings, *, replace: bool = False)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    _close_pooled_mlflow_connections()
     seconds = round(time.monotonic() - started, 2)
     log.info("restored %s from %s in %.1f s%s", home, folder, seconds, f"; the old one is {aside}" if aside else "")
     return {"home": str(home), "files": len(manifest["files"]), "taken_at": manifest["taken_at"],
             "seconds": seconds, "moved_aside": str(aside) if aside else None}  # fmt: skip
+
+
+def _close_pooled_mlflow_connections() -> None:
+    """MLflow keeps one SQLAlchemy engine per database URI for the life of the process; after a
+    restore its pooled connections point at the replaced files ("readonly database"). Closing them
+    makes the next call open the restored ones."""
+    import sys
+
+    if "mlflow" not in sys.modules:
+        return
+    from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore as RegistryStore
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore as TrackingStore
+
+    for store in (TrackingStore, RegistryStore):
+        for engine in store._engine_map.values():
+            engine.dispose()
