@@ -4,6 +4,7 @@ lab reviews, measured on `wbc-other-lab` cells that are never reviewed nor train
     .venv/bin/python bench/bench_learning_curve.py --fold 1 --home /work/lc-f1 [--n 0 25 50 100 150]
         [--order queue random] [--adapt NAME=VALUE ...] [--scratch]
     .venv/bin/python bench/bench_learning_curve.py --summarise /work/lc-f1 /work/lc-f2 /work/lc-f3
+    .venv/bin/python bench/bench_learning_curve.py --fold 1 --home /work/lc-f1 --tune LABEL --n 50 [--adapt ...]
     .venv/bin/python bench/bench_learning_curve.py --fold 1 --home /tmp/lc-smoke --smoke   # the code path, minutes
 
 Folds: `wbc-other-lab` is split once into three folds by content hash, stratified by class (each
@@ -48,15 +49,6 @@ FOLDS = 3
 #: The held-out classes with enough images to measure (basophils: 1 image in the whole set).
 MEASURED = ("eosinophils", "lymphocytes", "monocytes", "neutrophils")
 REVIEWER = "bench-lab"
-#: First settings for the adaptation run, tuned on fold 1's review pool only (docs/benchmarks.md).
-ADAPT = {
-    "init_from": "champion",
-    "include_reviewed": True,
-    "epochs_finetune": 4,
-    "learning_rate_finetune": 3e-5,
-    "reviewed_share": 0.25,
-    "early_stopping_patience": 0,
-}
 SMOKE = {
     "image_size": 32,
     "epochs_finetune": 1,
@@ -161,13 +153,20 @@ def prepare(home: Path, fold: int, base: dict[str, Any]) -> dict[str, Any]:
     return prepared
 
 
-def held_out_figures(version: str, truth: dict[str, str]) -> dict[str, Any]:
-    """The held-out fold as classified by ``version``: per-class recall, shares, raw counts."""
+def held_out_figures(
+    version: str, truth: dict[str, str], drop: str = HELD_OUT, only: set[str] | None = None
+) -> dict[str, Any]:
+    """``drop`` (the held-out fold; in tuning, ``only`` the pool's measured half) as classified by
+    ``version``: per-class recall, shares, raw counts."""
     from wbc_tasks.core.settings import get_settings
     from wbc_tasks.serving.export import PredictionFilter, query_predictions
 
-    table = query_predictions(get_settings(), PredictionFilter(drop=HELD_OUT, model_version=version, latest=True))
-    rows = [(truth[p], c, r) for p, c, r in zip(table["path"], table["predicted_class"], table["review_reasons"])]
+    table = query_predictions(get_settings(), PredictionFilter(drop=drop, model_version=version, latest=True))
+    rows = [
+        (truth[p], c, r)
+        for p, c, r in zip(table["path"], table["predicted_class"], table["review_reasons"])
+        if only is None or p in only
+    ]
     per_class = {c: {"n": 0, "right": 0} for c in MEASURED}
     unflagged = right_unflagged = unfamiliar = blasts = 0
     for true, predicted, reasons in rows:
@@ -189,6 +188,54 @@ def held_out_figures(version: str, truth: dict[str, str]) -> dict[str, Any]:
         "unfamiliar": unfamiliar,
         "called_blasts": blasts,
     }
+
+
+def tuning_halves(prepared: dict[str, Any]) -> tuple[list[str], set[str]]:
+    """Fold 1's review pool in two (its two folds): the first is reviewed in queue order, the
+    second measured. Tuning sees neither the held-out fold nor the other seeds' folds."""
+    fold_of = {f"{POOL}/{hashlib.sha256(Path(p).read_bytes()).hexdigest()[:16]}{Path(p).suffix.lower()}": k
+               for p, k in folds().items()}  # fmt: skip
+    reviewed_fold = (prepared["fold"] + 1) % FOLDS
+    queue = [p for p in prepared["orders"]["queue"] if fold_of.get(p) == reviewed_fold]
+    measured = {p for p, k in fold_of.items() if k == (prepared["fold"] + 2) % FOLDS}
+    return queue, measured
+
+
+def tune(home: Path, prepared: dict[str, Any], n: int, adapt: dict[str, Any], label: str) -> Path:
+    """One tuning configuration: the first ``n`` of the pool's first half reviewed, the adaptation
+    run, the pool's second half classified again by the new version and measured."""
+    from wbc_tasks.core.settings import get_settings
+    from wbc_tasks.ops.backup import restore_embedded
+    from wbc_tasks.serving.nightly import classify_new_images
+    from wbc_tasks.serving.review_decisions import record_review
+
+    out = home / "tuning" / f"{label}-{n}.json"
+    if out.is_file():
+        return out
+    settings = get_settings()
+    restored = restore_embedded(home / "base-backup", settings, replace=True)
+    if restored["moved_aside"]:
+        shutil.rmtree(restored["moved_aside"])
+    queue, measured = tuning_halves(prepared)
+    for path in queue[:n]:
+        record_review(settings, path, prepared["truth"][path], reviewer=REVIEWER)
+    params = {**prepared["params"], **adapt}
+    steps, seconds = _train(f"tune-{label}-{n}", params)
+    version = str(steps["register"]["version"])
+    classify_new_images(settings, model=version, drop=POOL, reclassify=True)
+    result = {
+        "label": label,
+        "n": n,
+        "adapt": adapt,
+        "seconds": round(seconds, 1),
+        "measured": held_out_figures(version, prepared["truth"], POOL, measured),
+        "champion_on_measured": held_out_figures("1", prepared["truth"], POOL, measured),
+        "candidate_test": steps["evaluate"]["metrics"],
+        "promotion": steps["promote"],
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, default=str))
+    return out
 
 
 def variant(home: Path, prepared: dict[str, Any], n: int, order: str, adapt: dict[str, Any], scratch: bool) -> Path:
@@ -288,6 +335,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--scratch", action="store_true", help="also N=100 in queue order from scratch")
     parser.add_argument("--smoke", action="store_true", help="tiny settings: checks the code path in minutes")
     parser.add_argument("--summarise", nargs="+", type=Path, metavar="HOME")
+    parser.add_argument("--tune", metavar="LABEL", help="tune on the review pool alone: a name for the --adapt set")
     return parser.parse_args(argv)
 
 
@@ -306,8 +354,13 @@ def main(argv: list[str] | None = None) -> int:
     from wbc_tasks.training.profiles import PROFILES
 
     base = {**PROFILES["cpu"], "seed": args.fold, **(SMOKE if args.smoke else {})}
-    adapt = {**ADAPT, **(SMOKE if args.smoke else {}), **parse_params(args.adapt, training_param_specs())}
+    # The adapt profile (tuned with --tune on fold 1's review pool), then any --adapt overrides.
+    adapt = {**PROFILES["adapt"], **(SMOKE if args.smoke else {}), **parse_params(args.adapt, training_param_specs())}
     prepared = prepare(args.home, args.fold - 1, base)
+    if args.tune:
+        for n in args.n:
+            print(tune(args.home, prepared, n, adapt, args.tune).read_text(), flush=True)
+        return 0
     for order in args.order:
         for n in args.n:
             print(variant(args.home, prepared, n, order, adapt, scratch=False), flush=True)

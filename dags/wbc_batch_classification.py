@@ -1,7 +1,9 @@
 """Nightly classification of the images lab staff drop into the classify folder.
 
 resolve the model (alias → one fixed version) → find new images → classify (one mapped task per
-chunk file) → summarise
+chunk file) → summarise → request adaptation (updates the ``wbc_reviews_to_learn`` asset, which
+starts ``wbc_adaptation``, when ``WBC_ADAPT_AFTER_REVIEWS`` reviews wait to be learned; skipped
+otherwise)
 
 Every task is one call of the ``wbc_tasks.serving.nightly`` function of its name (which
 ``classify_new_images`` composes in the same order, without Airflow). The model is resolved once,
@@ -17,7 +19,15 @@ from datetime import timedelta
 
 from airflow.sdk import dag, task
 
-from wbc_airflow.dag_helpers import default_args, form, run_id_and_params, schedule, start_date
+from wbc_airflow.dag_helpers import (
+    REVIEWS_TO_LEARN,
+    asset_event_if_requested,
+    default_args,
+    form,
+    run_id_and_params,
+    schedule,
+    start_date,
+)
 from wbc_tasks.core.settings import get_settings
 from wbc_tasks.core.vocabulary import DagId
 from wbc_tasks.ops.alerts import alert_dag_failure  # stdlib only: cheap to parse
@@ -69,10 +79,18 @@ def wbc_batch_classification() -> None:
 
         return nightly.summarise(get_settings(), *run_id_and_params(), model, found, chunks)
 
+    # none_failed (the default rule would skip it after a night with nothing new): a failed night
+    # asks nothing and stays failed (the last task decides the run's state); the next one asks.
+    @task(outlets=[REVIEWS_TO_LEARN], trigger_rule="none_failed")
+    def request_adaptation() -> dict:
+        from wbc_tasks.serving import nightly
+
+        return asset_event_if_requested(nightly.request_adaptation(get_settings(), *run_id_and_params()))
+
     model = resolve_model()
     found = find_new_images(model)
     chunks = classify_chunk.partial(model=model).expand(chunk=chunk_files(found))
-    summarise(model, found, chunks)
+    summarise(model, found, chunks) >> request_adaptation()
 
 
 wbc_batch_classification()

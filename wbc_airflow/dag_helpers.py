@@ -1,10 +1,10 @@
-"""What the three DAG files share, so that each holds only its own wiring.
+"""What the DAG files share, so that each holds only its own wiring.
 
 - Parse time: :func:`schedule`, :func:`start_date` and :func:`form` read only the settings
   parsing needs, each on its own (:func:`wbc_tasks.pipelines.parse_time.read_setting`). A
   malformed ``WBC_*`` variable that parsing does not read leaves every DAG loadable (the run that
   needs it fails, naming it); one that parsing reads is an import error naming it. One timezone
-  rule for all three: ``WBC_TIMEZONE``.
+  rule for all of them: ``WBC_TIMEZONE``.
 - Retries: :data:`FAIL_AT_ONCE_ON_PERMANENT_ERRORS` and :func:`default_args`.
 - In a task: :func:`run_id_and_params`; the training DAG's failure callback
   :func:`close_mlflow_run`.
@@ -20,6 +20,7 @@ from typing import Any
 
 import pendulum
 from airflow.sdk import (
+    Asset,
     CronTriggerTimetable,
     ExceptionRetryPolicy,
     Param,
@@ -27,7 +28,7 @@ from airflow.sdk import (
     RetryRule,
     get_current_context,
 )
-from airflow.sdk.exceptions import AirflowTimetableInvalid
+from airflow.sdk.exceptions import AirflowSkipException, AirflowTimetableInvalid
 from pendulum.tz.exceptions import InvalidTimezone
 
 from wbc_tasks.core.errors import PermanentError
@@ -41,6 +42,10 @@ from wbc_tasks.pipelines.parse_time import read_setting
 FAIL_AT_ONCE_ON_PERMANENT_ERRORS = ExceptionRetryPolicy(
     rules=[RetryRule(exception=PermanentError, action=RetryAction.FAIL, reason="retrying cannot fix this")]
 )
+
+#: Updated by the nightly DAG's ``request_adaptation`` task when enough reviews wait to be learned;
+#: ``wbc_adaptation`` runs on it (Airflow's Assets view shows each event, with the count).
+REVIEWS_TO_LEARN = Asset(name="wbc_reviews_to_learn", uri="wbc://reviews/to-learn", group="wbc")
 
 #: The first date of every DAG (none catches up), in ``WBC_TIMEZONE``.
 START = (2026, 1, 1)
@@ -86,6 +91,20 @@ def run_id_and_params() -> tuple[str, dict[str, Any]]:
     """The running task's DAG run id and its params (the trigger form's values)."""
     context = get_current_context()
     return context["run_id"], dict(context["params"])
+
+
+def asset_event_if_requested(answer: dict[str, Any]) -> dict[str, Any]:
+    """The nightly ``request_adaptation`` task's ending: with a request, ``answer`` is returned (the
+    task succeeds and updates :data:`REVIEWS_TO_LEARN`, the event carrying the review count);
+    without one, the task is skipped with the reason (a skipped task emits no asset event)."""
+    if not answer["requested"]:
+        raise AirflowSkipException(answer["reason"])
+    backlog = answer["backlog"]
+    get_current_context()["outlet_events"][REVIEWS_TO_LEARN].extra = {
+        "reviews": backlog["reviews"],
+        "through_review_id": backlog["through_review_id"],
+    }
+    return answer
 
 
 def close_mlflow_run(context: Mapping[str, Any]) -> None:

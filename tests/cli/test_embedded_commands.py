@@ -128,11 +128,12 @@ def test_airflow_ui_as_readme_writes_it_logs_in_lists_the_dags_and_stops_cleanly
         assert status in (200, 201), status
         assert http_json(f"http://127.0.0.1:{port}/api/v2/dags")[0] == 401  # anonymous
         ui.wait_until(
-            lambda: len(http_json(f"http://127.0.0.1:{port}/api/v2/dags", token=token["access_token"])[1]["dags"]) == 3,
-            "three parsed DAGs",
+            lambda: len(http_json(f"http://127.0.0.1:{port}/api/v2/dags", token=token["access_token"])[1]["dags"]) == 4,
+            "four parsed DAGs",
         )
         status, dags = http_json(f"http://127.0.0.1:{port}/api/v2/dags", token=token["access_token"])
         assert sorted(d["dag_id"] for d in dags["dags"]) == [
+            "wbc_adaptation",
             "wbc_batch_classification",
             "wbc_maintenance",
             "wbc_training",

@@ -36,8 +36,13 @@ def test_dag_parses_with_schedule_limits_and_params(settings):
         "find_new_images": ["chunk_files", "summarise"],
         "chunk_files": ["classify_chunk"],
         "classify_chunk": ["summarise"],
-        "summarise": [],
+        "summarise": ["request_adaptation"],
+        "request_adaptation": [],
     }
+    from wbc_airflow.dag_helpers import REVIEWS_TO_LEARN
+
+    request = dag.get_task("request_adaptation")
+    assert request.outlets == [REVIEWS_TO_LEARN] and request.trigger_rule == "none_failed"
     from airflow.sdk.definitions.mappedoperator import MappedOperator
 
     assert isinstance(dag.get_task("classify_chunk"), MappedOperator)
@@ -99,6 +104,7 @@ def test_dag_test_classifies_a_real_drop_in_mapped_chunks(airflow_db, settings, 
     states = {ti.task_id: ti.state for ti in second.get_task_instances()}
     assert states["classify_chunk"] == TaskInstanceState.SKIPPED
     assert states["summarise"] == TaskInstanceState.SUCCESS
+    assert states["request_adaptation"] == TaskInstanceState.SKIPPED  # the trigger is off by default
     with db.open_engine(settings.predictions_db_url) as engine, engine.connect() as connection:
         assert len(connection.execute(db.predictions.select()).all()) == 100
 
@@ -118,6 +124,7 @@ def test_nightly_runs_the_dags_task_functions_in_the_dags_order(settings, monkey
         "find_new_images": {"chunks": ["chunk-0", "chunk-1"]},
         "chunk_files": ["chunk-0", "chunk-1"],
         "summarise": {"images_classified": 2},
+        "request_adaptation": {"requested": False, "reason": "2 reviews since the last adaptation, 50 needed"},
     }
     for name in nightly.TASKS:
 
@@ -141,6 +148,10 @@ def test_nightly_runs_the_dags_task_functions_in_the_dags_order(settings, monkey
     found = task["find_new_images"](model)
     chunks = [task["classify_chunk"](chunk, model) for chunk in task["chunk_files"](found)]
     task["summarise"](model, found, chunks)
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    with pytest.raises(AirflowSkipException, match="50 needed"):  # no request: skipped, no asset event
+        task["request_adaptation"]()
 
     assert [name for name, _ in calls] == [
         "resolve_model",
@@ -149,5 +160,70 @@ def test_nightly_runs_the_dags_task_functions_in_the_dags_order(settings, monkey
         "classify_chunk",
         "classify_chunk",
         "summarise",
+        "request_adaptation",
     ]
-    assert calls == composed
+    # Without Airflow nothing would start the adaptation run: the composed night does not ask.
+    assert calls[:-1] == composed and calls[-1] == ("request_adaptation", (settings, "manual__night", params))
+
+
+@pytest.mark.slow
+def test_enough_reviews_update_the_asset_once_and_queue_one_adaptation_run(airflow_db, monkeypatch, tmp_path):
+    """The night after ``WBC_ADAPT_AFTER_REVIEWS`` reviews, ``request_adaptation`` succeeds and Airflow
+    records one event of ``wbc_reviews_to_learn`` (with the count) and queues ``wbc_adaptation``;
+    the next night, with no new review, it is skipped and records none."""
+    from airflow.models.asset import AssetDagRunQueue, AssetEvent, AssetModel
+    from airflow.models.dag import DagModel
+    from airflow.utils.session import create_session
+    from airflow.utils.state import TaskInstanceState
+    from sqlalchemy import select, update
+
+    from tests.serving.conftest import register_tiny_model
+    from wbc_tasks.core.settings import get_settings
+    from wbc_tasks.serving.review_decisions import record_review
+
+    classify_dir = tmp_path / "classify"
+    shutil.copytree(DROP, classify_dir / DROP.name, ignore=lambda _d, names: sorted(names)[6:])
+    for name, value in {
+        "WBC_CLASSIFY_DIR": classify_dir,
+        "WBC_SETTLE_MINUTES": 0,
+        "WBC_ADAPT_AFTER_REVIEWS": 2,
+        "WBC_WORK_DIR": tmp_path / "work",
+        "WBC_MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "WBC_MLFLOW_ARTIFACT_ROOT": tmp_path / "artifacts",
+        "WBC_PREDICTIONS_DB_URL": f"sqlite:///{tmp_path / 'predictions.db'}",
+    }.items():
+        monkeypatch.setenv(name, str(value))
+    settings = get_settings()
+    register_tiny_model(settings, seed=1, alias="champion")
+    nightly = parse_dag(DAG_ID)  # dag.test() registers the dags folder's DAGs, wbc_adaptation with them
+
+    def events() -> list[dict]:
+        with create_session() as session:
+            asset = session.scalar(select(AssetModel).where(AssetModel.name == "wbc_reviews_to_learn"))
+            return [e.extra for e in session.scalars(select(AssetEvent).where(AssetEvent.asset_id == asset.id))]
+
+    def queued() -> int:
+        with create_session() as session:
+            rows = session.scalars(select(AssetDagRunQueue).where(AssetDagRunQueue.target_dag_id == "wbc_adaptation"))
+            return len(list(rows))
+
+    first = nightly.test()
+    states = {ti.task_id: ti.state for ti in first.get_task_instances()}
+    assert states["request_adaptation"] == TaskInstanceState.SKIPPED
+    before = len(events())
+    with create_session() as session:  # as an operator turns it on (DAGs are created paused)
+        session.execute(update(DagModel).where(DagModel.dag_id == "wbc_adaptation").values(is_paused=False))
+    cells = sorted(p.relative_to(classify_dir).as_posix() for p in classify_dir.rglob("*") if p.is_file())
+    for path in cells[:2]:
+        record_review(settings, path, "neutrophils", reviewer="tech")
+
+    second = nightly.test()
+    states = {ti.task_id: ti.state for ti in second.get_task_instances()}
+    assert states["request_adaptation"] == TaskInstanceState.SUCCESS
+    assert len(events()) == before + 1 and events()[-1]["reviews"] == 2
+    assert queued() == 1
+
+    third = nightly.test()
+    states = {ti.task_id: ti.state for ti in third.get_task_instances()}
+    assert states["request_adaptation"] == TaskInstanceState.SKIPPED
+    assert len(events()) == before + 1 and queued() == 1

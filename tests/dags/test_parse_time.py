@@ -1,7 +1,7 @@
 """What the DAG files read while parsed (wbc_airflow.dag_helpers): only the settings parsing needs,
-each on its own. A malformed ``WBC_*`` variable that parsing does not read leaves all three DAGs
+each on its own. A malformed ``WBC_*`` variable that parsing does not read leaves all four DAGs
 loadable and fails the run that needs it, naming it; one that parsing reads is an import error
-naming it. One timezone rule for the three DAGs."""
+naming it. One timezone rule for the four DAGs."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def test_the_run_that_needs_it_fails_at_once_naming_it(airflow_db, settings, mon
 @pytest.mark.parametrize(
     ("variable", "value", "dags"),
     [
-        ("WBC_TIMEZONE", "Mars/Olympus", {DagId.TRAINING, DagId.NIGHTLY, DagId.MAINTENANCE}),
+        ("WBC_TIMEZONE", "Mars/Olympus", set(DagId)),
         ("WBC_CLASSIFY_SCHEDULE", "every night", {DagId.NIGHTLY}),
         ("WBC_CLASSIFY_CHUNK_SIZE", "many", {DagId.NIGHTLY}),
         ("WBC_REVIEW_THRESHOLD", "high", {DagId.NIGHTLY}),
@@ -61,7 +61,7 @@ def test_a_malformed_setting_parsing_reads_is_an_import_error_naming_it(settings
     assert set(bag.dag_ids) == {d.value for d in DagId} - {d.value for d in dags}
 
 
-def test_one_timezone_rule_for_the_three_dags(settings, monkeypatch):
+def test_one_timezone_rule_for_every_dag(settings, monkeypatch):
     monkeypatch.setenv("WBC_TIMEZONE", "Europe/Berlin")
     bag = _bag()
     assert bag.import_errors == {}

@@ -13,6 +13,7 @@ import pytest
 from airflow.sdk.definitions.param import ParamValidationError
 
 from tests.conftest import REPO_ROOT, free_port, parse_dag, write_image
+from wbc_tasks.core.vocabulary import DagId
 from wbc_tasks.training.params import TRAINING_PARAM_SPECS
 
 ORDER = [
@@ -47,7 +48,7 @@ def test_every_dag_file_imports_without_errors():
 
     bag = DagBag(dag_folder=REPO_ROOT / "dags")
     assert bag.import_errors == {}
-    assert {"wbc_training", "wbc_batch_classification", "wbc_maintenance"} <= set(bag.dag_ids)
+    assert {d.value for d in DagId} <= set(bag.dag_ids)
 
 
 def test_tasks_chained_in_order_with_training_on_gpu_queue():
@@ -62,20 +63,21 @@ def test_tasks_chained_in_order_with_training_on_gpu_queue():
 
 
 def test_every_task_fails_at_once_on_permanent_errors_and_alerts_and_training_closes_its_mlflow_run():
-    """The three DAGs share one retry policy and one alert callback (wbc_airflow.dag_helpers); the
-    training DAG's one MLflow-closing callback runs after the alert, for a task and for the run."""
+    """The DAGs share one retry policy and one alert callback (wbc_airflow.dag_helpers); the two
+    training DAGs' one MLflow-closing callback runs after the alert, for a task and for the run."""
     from wbc_airflow.dag_helpers import FAIL_AT_ONCE_ON_PERMANENT_ERRORS, close_mlflow_run
     from wbc_tasks.ops.alerts import alert_dag_failure, alert_task_failure
 
-    for dag_id in ("wbc_training", "wbc_batch_classification", "wbc_maintenance"):
+    for dag_id in DagId:
         dag = parse_dag(dag_id)
+        trains = dag_id in (DagId.TRAINING, DagId.ADAPTATION)
         for task in dag.tasks:
             kwargs = getattr(task, "partial_kwargs", None) or vars(task)
             assert kwargs["retry_policy"] is FAIL_AT_ONCE_ON_PERMANENT_ERRORS, (dag_id, task.task_id)
             callbacks = kwargs["on_failure_callback"]
-            expected = [alert_task_failure, close_mlflow_run] if dag_id == "wbc_training" else [alert_task_failure]
+            expected = [alert_task_failure, close_mlflow_run] if trains else [alert_task_failure]
             assert (callbacks if isinstance(callbacks, list) else [callbacks]) == expected, (dag_id, task.task_id)
-        expected_dag = [alert_dag_failure, close_mlflow_run] if dag_id == "wbc_training" else [alert_dag_failure]
+        expected_dag = [alert_dag_failure, close_mlflow_run] if trains else [alert_dag_failure]
         callbacks = dag.on_failure_callback
         assert (callbacks if isinstance(callbacks, list) else [callbacks]) == expected_dag, dag_id
 

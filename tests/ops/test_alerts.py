@@ -18,6 +18,7 @@ import pytest
 from tests.conftest import parse_dag
 from tests.local_servers import TOKEN, Webhook
 from wbc_tasks.core.settings import get_settings
+from wbc_tasks.core.vocabulary import DagId
 
 SMTP_PASSWORD = "smtp-pa55word-xyz"
 
@@ -326,28 +327,22 @@ def test_one_alert_per_failing_task_try_and_dag_run(alert_env, webhook):
 # --------------------------------------------------------------------------- the DAGs' wiring
 
 
-@pytest.mark.parametrize(
-    "dag_file, dag_id",
-    [
-        ("wbc_training.py", "wbc_training"),
-        ("wbc_batch_classification.py", "wbc_batch_classification"),
-        ("wbc_maintenance.py", "wbc_maintenance"),
-    ],
-)
-def test_every_task_and_dag_alerts_on_failure(settings, dag_file, dag_id):
+@pytest.mark.parametrize("dag_id", [d.value for d in DagId])
+def test_every_task_and_dag_alerts_on_failure(settings, dag_id):
     dag = parse_dag(dag_id)
+    trains = dag_id in (DagId.TRAINING, DagId.ADAPTATION)
 
     def names_of(callbacks) -> list[str]:  # one callable or a list (mapped tasks keep it as given)
         return [cb.__name__ for cb in (callbacks if isinstance(callbacks, list) else [callbacks])]
 
     for task in dag.tasks:
         expected = ["alert_task_failure"]
-        if dag_id == "wbc_training":  # the worker closes the MLflow run (no dag-processor time limit)
+        if trains:  # the worker closes the MLflow run (no dag-processor time limit)
             expected.append("close_mlflow_run")
         assert names_of(task.on_failure_callback) == expected, task.task_id
     names = names_of(dag.on_failure_callback)
     assert names[0] == "alert_dag_failure"
-    if dag_id == "wbc_training":  # chained with, not instead of, closing the MLflow run
+    if trains:  # chained with, not instead of, closing the MLflow run
         assert names == ["alert_dag_failure", "close_mlflow_run"]  # the one callback of dag_helpers
 
 

@@ -144,6 +144,10 @@ class Settings(BaseSettings):
     #: How much lower (balanced accuracy) the candidate may be on the labelled test split, at the
     #: paired interval's lower end, when the reviewed images decide.
     promotion_noninferiority_margin: float = Field(default=0.02, ge=0, le=1)
+    #: Reviews recorded since the last adaptation run that make the night request the next one
+    #: (the ``wbc_reviews_to_learn`` asset starts ``wbc_adaptation``); 0 turns the trigger off.
+    #: Off in the embedded default (a one-machine trial decides by hand), 50 in the stack.
+    adapt_after_reviews: int = Field(default=0, ge=0)
     #: Seconds to wait for a new model version to become READY before promoting it.
     model_ready_timeout: float = 300.0
     #: MLflow's own HTTP client (a tracking server): retries of one request, their backoff factor

@@ -40,11 +40,12 @@ REVIEW_REASONS: tuple[str, ...] = tuple(reason.value for reason in ReviewReason)
 
 
 class DagId(StrEnum):
-    """The project's three DAGs."""
+    """The project's four DAGs."""
 
     TRAINING = "wbc_training"
     NIGHTLY = "wbc_batch_classification"
     MAINTENANCE = "wbc_maintenance"
+    ADAPTATION = "wbc_adaptation"
 
 
 class Step(StrEnum):

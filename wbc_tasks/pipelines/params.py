@@ -27,6 +27,15 @@ def training_param_specs() -> ParamSpecs:
     return TRAINING_PARAM_SPECS
 
 
+def adaptation_param_specs() -> ParamSpecs:
+    """The ``wbc_adaptation`` form: the training params with the ``adapt`` profile as defaults
+    (from the champion, the reviews included, few epochs at a lower learning rate)."""
+    from wbc_tasks.training.profiles import PROFILES
+
+    adapt = PROFILES["adapt"]
+    return {name: {**spec, "default": adapt.get(name, spec["default"])} for name, spec in TRAINING_PARAM_SPECS.items()}
+
+
 def classification_param_specs(settings: Settings | None = None) -> ParamSpecs:
     """The ``wbc_batch_classification`` form; defaults come from the settings."""
     setting = _reader(settings)

@@ -4,6 +4,7 @@ reviewed; and the registered version the run starts from (``init_from``), resolv
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict
 from pathlib import Path
 
 from wbc_tasks.core.settings import Settings
@@ -21,8 +22,11 @@ def split_with_reviews(data_dir: Path, out: Path, settings: Settings, params: Tr
         summary = split_dataset(data_dir, out, settings)
         summary["reviewed"] = {"included": False}
         return summary
+    from wbc_tasks.serving.adaptation_requests import review_backlog
     from wbc_tasks.serving.review_export import reviewed_images
 
+    # Read first: a review recorded while the split reads them counts for the next adaptation.
+    seen = review_backlog(settings)
     found = reviewed_images(settings)
     summary = split_dataset(data_dir, out, settings, [ExtraImage(i.path, i.label) for i in found.images])
     added = summary.pop("extra", {"added": 0, "per_split": {}, "left_out": []})
@@ -33,6 +37,7 @@ def split_with_reviews(data_dir: Path, out: Path, settings: Settings, params: Tr
         "left_out": added["left_out"],
         "unusable": found.unusable,
         "missing": found.missing,
+        "backlog": asdict(seen),
     }
     log.info(
         "reviewed images: %d added %s, %d reviewed unusable (left out), %d no longer found, %d left out by the split",

@@ -48,6 +48,10 @@ def split_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
         counts = {"added": reviewed["added"], **{split: n for split, n in reviewed["per_split"].items()}}
         counts.update(unusable=len(reviewed["unusable"]), missing=len(reviewed["missing"]))
         log_metrics(settings, run_id, counts, prefix="reviewed_images")
+        if "backlog" in reviewed:  # the reviews it learns count as adapted to (the asset's watermark)
+            from wbc_tasks.serving.adaptation_requests import ReviewBacklog, record_training_on_reviews
+
+            record_training_on_reviews(settings, run_id, ReviewBacklog(**reviewed["backlog"]))
     log_step_artifacts(settings, run_id, run / Step.SPLIT, "data/split", data_dir)
     return split_summary_for_logs(settings, summary, data_dir, manifest)
 

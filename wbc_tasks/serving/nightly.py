@@ -21,6 +21,8 @@ The flow (:data:`TASKS`, the DAG's order; each step the function of its own modu
    ``settings.archive_dir`` is set (:mod:`~wbc_tasks.serving.archive`).
 4. :func:`summarise` (:func:`wbc_tasks.serving.summary.summarise_run`): the night's totals, logged
    and logged to MLflow.
+5. :func:`request_adaptation` (:mod:`wbc_tasks.serving.adaptation_requests`): whether enough
+   reviews wait to be learned; the DAG's task updates the ``wbc_reviews_to_learn`` asset when so.
 
 Each task function takes the settings, the run id and the run's params (the trigger form's
 values, :func:`wbc_tasks.pipelines.params.classification_param_specs`), then what its upstream
@@ -88,6 +90,15 @@ def summarise(
     )
 
 
+def request_adaptation(settings: Settings, run_id: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Whether enough reviews wait to be learned: ask for one adaptation run when the reviews since
+    the last one reach ``WBC_ADAPT_AFTER_REVIEWS`` (:mod:`wbc_tasks.serving.adaptation_requests`).
+    The DAG's task turns a request into an asset event and skips otherwise."""
+    from wbc_tasks.serving.adaptation_requests import request_adaptation as ask
+
+    return ask(settings, run_id).as_dict()
+
+
 #: The DAG's tasks in its order, by task id: the function each calls.
 TASKS: dict[str, Callable[..., Any]] = {
     "resolve_model": resolve_model,
@@ -95,6 +106,7 @@ TASKS: dict[str, Callable[..., Any]] = {
     "chunk_files": chunk_files,
     "classify_chunk": classify_chunk,
     "summarise": summarise,
+    "request_adaptation": request_adaptation,
 }
 
 
@@ -129,7 +141,8 @@ def classify_new_images(
     run_id: str | None = None,
 ) -> dict[str, Any]:
     """One nightly run in this process: the DAG's task functions in its order, chunk after
-    chunk; returns the summary."""
+    chunk; returns the summary. Without Airflow nothing would start an adaptation run, so the
+    last task (:func:`request_adaptation`) is not called: no request is recorded."""
     from wbc_tasks.serving.plan import new_run_id
 
     run_id = run_id or new_run_id()

@@ -2,7 +2,7 @@
 writes. Reading it: the nightly look-ups are :mod:`wbc_tasks.serving.queries`, the export
 :mod:`wbc_tasks.serving.export`, the reviews :mod:`wbc_tasks.serving.review_queue`.
 
-Four tables (SQLite by default, PostgreSQL through ``WBC_PREDICTIONS_DB_URL``):
+Five tables (SQLite by default, PostgreSQL through ``WBC_PREDICTIONS_DB_URL``):
 
 - ``predictions``: one row per image *content* (sha256) and model version, with the predicted
   class, its confidence and every class probability (JSON ``{class: prob}``, so a model with
@@ -18,6 +18,10 @@ Four tables (SQLite by default, PostgreSQL through ``WBC_PREDICTIONS_DB_URL``):
 - ``reviews``: a person's decision on one image (migration 0003): who, when, the model version
   and its prediction at that time, the label (a class or ``unusable``) and a note. Never updated:
   a second review is a new row and the latest one counts (:mod:`wbc_tasks.serving.review_decisions`).
+- ``adaptation_requests`` (migration 0004): the watermark of reviews already learned or asked to
+  be learned: each row is a night's request for an adaptation run (``asset``) or a training run
+  that trained on the reviews (``training``), with the highest review id it accounts for
+  (:mod:`wbc_tasks.serving.adaptation_requests`).
 
 Writes use INSERT ... ON CONFLICT DO NOTHING, so a retried task never duplicates a row. A
 transaction that fails because the connection was lost or refused (a database restarting) is
@@ -162,10 +166,26 @@ reviews = Table(
     Index(None, "drop"),
 )
 
+adaptation_requests = Table(
+    "adaptation_requests",
+    metadata,
+    Column("id", _Id, primary_key=True, autoincrement=True),
+    # Reviews up to this id are accounted for: the next request counts only later ones.
+    Column("through_review_id", BigInteger, nullable=False),
+    Column("reviews", Integer, nullable=False),
+    Column("kind", String(20), nullable=False),
+    Column("requested_at", DateTime(timezone=True), nullable=False),
+    # The nightly DAG run that asked, or the training run that trained on the reviews; unique, so
+    # a retried task finds its own request instead of making a second one.
+    Column("run_id", String(250), nullable=False),
+    UniqueConstraint("run_id"),
+)
+
 _CONFLICT_KEYS = {
     "predictions": ("sha256", "model_name", "model_version"),
     "files_seen": ("path", "sha256"),
     "rejections": ("path", "sha256"),
+    "adaptation_requests": ("run_id",),
 }
 
 

@@ -23,6 +23,7 @@ from wbc_tasks.core.vocabulary import BLAST_CLASS, REVIEW_REASONS, ReviewReason
 from wbc_tasks.core.workdir import write_json_atomic
 from wbc_tasks.data.image_checks import check_image, corner_mosaics, generated_non_cells
 from wbc_tasks.data.store import open_store
+from wbc_tasks.data.transforms import stain_outliers
 from wbc_tasks.training.calibration import bootstrap_intervals, calibration_metrics, plot_reliability, softmax
 from wbc_tasks.training.outputs import outputs_model, predict_all
 from wbc_tasks.training.trust_policy import Assessment, TrustPolicy, assess, load_trust
@@ -33,6 +34,8 @@ log = logging.getLogger(__name__)
 NON_CELLS_PER_KIND = 20
 #: Test images the corner mosaics are made from (all of a small test split).
 MOSAIC_IMAGES = 600
+#: The seed of the stain-shifted copies of the test images (the same copies for every model).
+STAIN_SHIFT_SEED = 7
 
 
 def _bootstrap_accuracy(correct: np.ndarray, seed: int = 0, n_boot: int = 1000) -> tuple[float, float] | None:
@@ -185,6 +188,11 @@ def evaluate_trust(
     blast = class_names.index(BLAST_CLASS) if BLAST_CLASS in class_names else None
     mosaics = corner_mosaics(images[: min(len(images), MOSAIC_IMAGES)])
     mosaic_reasons = _check(outputs, mosaics, policy, stats, settings, batch_size).verdict.reasons
+    # The test images in stains well beyond the training labs' (a fixed seed: a candidate and its
+    # champion are shown the same copies): an adaptation to one new lab must not make the model
+    # trust every foreign stain.
+    stained = stain_outliers(images[: min(len(images), MOSAIC_IMAGES)], np.random.default_rng(STAIN_SHIFT_SEED))
+    stained_reasons = _check(outputs, stained, policy, stats, settings, batch_size).verdict.reasons
     non_cells = _non_cells(outputs, store.image_size, policy, stats, settings, batch_size, blast)
 
     metrics: dict[str, float] = {
@@ -199,6 +207,7 @@ def evaluate_trust(
         "unfamiliar_or_image_check_share": float(id_cost.mean()),
         "mosaics_flagged_share": flagged_share(mosaic_reasons),
         "mosaics_unfamiliar_share": float(np.mean(_has(mosaic_reasons, ReviewReason.UNFAMILIAR))),
+        "stain_shifted_flagged_share": flagged_share(stained_reasons),
         "non_cells_flagged_share": float(np.mean([v["flagged_share"] for v in non_cells.values()])),
     }
     if unflagged.any():
