@@ -59,3 +59,41 @@ def test_feature_statistics_of_a_version_fitted_before_cell_free_still_load_and_
     new.save(tmp_path / "new.npz")
     reloaded = uf.FeatureStatistics.load(tmp_path / "new.npz")
     np.testing.assert_allclose(reloaded.cell_free_top, features[:10].mean(axis=0))
+
+
+def test_a_labs_reviewed_cells_get_their_own_class_means_and_other_labs_stay_far(tmp_path):
+    """Issue 30: a few reviewed cells of a new lab among many labelled ones. Their classes get a
+    mean of their own, so that lab's cells come near one; a lab nobody reviewed stays as far as
+    without reviews; a class with too few reviewed cells gets none; the statistics reload."""
+    rng = np.random.default_rng(0)
+    d, n_classes = 6, 3
+    centres = np.eye(n_classes, d) * 4
+    labelled = np.concatenate([centres[c] + rng.normal(size=(200, d)) for c in range(n_classes)])
+    labels = np.repeat(np.arange(n_classes), 200)
+    new_lab, other_lab = np.full(d, 12.0), np.full(d, -12.0)
+    reviewed = np.concatenate([new_lab + centres[c] + rng.normal(size=(k, d)) for c, k in [(0, 8), (1, 8), (2, 3)]])
+    top = np.concatenate([labelled, reviewed])
+    all_labels = np.concatenate([labels, [0] * 8 + [1] * 8 + [2] * 3])
+    mask = np.arange(len(top)) >= len(labelled)
+
+    plain = uf.fit_feature_statistics(top, top, all_labels, n_classes)
+    learned = uf.fit_feature_statistics(top, top, all_labels, n_classes, reviewed=mask)
+    assert learned.means_top.shape == (n_classes + 2, d)  # classes 0 and 1; class 2 has 3 < 5
+    assert uf.MIN_REVIEWED_PER_MEAN == 5
+
+    new_cells = new_lab + centres[0] + rng.normal(size=(50, d))
+    other_cells = other_lab + centres[0] + rng.normal(size=(50, d))
+
+    def distance(stats, cells):
+        return uf.min_mahalanobis(cells, stats.means_top, stats.precision_top)
+
+    assert np.median(distance(learned, new_cells)) < np.median(distance(plain, new_cells)) / 5
+    # ... as near as the training labs' own cells are to theirs.
+    assert np.median(distance(learned, new_cells)) < 2 * np.median(distance(learned, labelled[:50]))
+    np.testing.assert_allclose(distance(learned, other_cells), distance(plain, other_cells))
+    familiar = labelled[:50]
+    np.testing.assert_allclose(distance(learned, familiar), distance(plain, familiar))
+
+    learned.save(tmp_path / "stats.npz")
+    reloaded = uf.FeatureStatistics.load(tmp_path / "stats.npz")
+    np.testing.assert_allclose(distance(reloaded, new_cells), distance(learned, new_cells))

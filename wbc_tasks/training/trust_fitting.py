@@ -29,6 +29,7 @@ from wbc_tasks.training.calibration import (
     temperature_worth_keeping,
 )
 from wbc_tasks.training.drift_limits import fit_drift_limits
+from wbc_tasks.training.input import reviewed_rows
 from wbc_tasks.training.outputs import outputs_model, predict_all
 from wbc_tasks.training.review_thresholds import (
     blast_probability_for_recall,
@@ -84,6 +85,7 @@ def _fit_unfamiliar(
     n_classes: int,
     temperature: float,
     unfamiliar_rate: float,
+    train_reviewed: np.ndarray | None = None,
 ) -> _UnfamiliarFit:
     """Feature statistics from the training outputs, the standardiser from the validation ones,
     the method separating validation images best from the negatives, and its threshold."""
@@ -97,6 +99,7 @@ def _fit_unfamiliar(
         train_labels,
         n_classes,
         cell_free_top=None if cell_free is None else cell_free["top"],
+        reviewed=train_reviewed,
     )
     standard = uf.fit_standardiser(uf.raw_scores(calibrated_outputs(val), stats))
     val_scores = uf.scores(calibrated_outputs(val), stats, standard)
@@ -138,20 +141,30 @@ def fit_trust(
     unfamiliar_rate: float,
     drift_class_mix_concentration: float = 10.0,
     seed: int = 0,
+    train_reviewed: np.ndarray | None = None,
 ) -> tuple[TrustPolicy, uf.FeatureStatistics, dict[str, Any]]:
     """Fit every part of the policy from model outputs (see :func:`predict_all`, uncalibrated).
 
     ``val``/``train``: outputs on the validation split and the (unaugmented) training split;
     ``negatives``: outputs on synthetic negative sets by name (made from validation images, to
     choose the method); ``cell_free``: outputs on cell-free crops of *training* images (their mean
-    feeds the ``cell_free`` score; None leaves that score out). Returns the policy, the feature
+    feeds the ``cell_free`` score; None leaves that score out); ``train_reviewed``: which ``train``
+    rows are a lab's reviewed images (their classes get means of their own). Returns the policy, the feature
     statistics and a report (validation calibration before/after, AUROC per method and set).
     """
     val_labels = np.asarray(val_labels)
     temperature, fitted_temperature, guard = _kept_temperature(val["logits"], val_labels)
     calibrated = softmax(val["logits"], temperature)
     unfamiliar = _fit_unfamiliar(
-        val, train, np.asarray(train_labels), negatives, cell_free, len(class_names), temperature, unfamiliar_rate
+        val,
+        train,
+        np.asarray(train_labels),
+        negatives,
+        cell_free,
+        len(class_names),
+        temperature,
+        unfamiliar_rate,
+        train_reviewed=train_reviewed,
     )
     confidence = calibrated.max(axis=1)
     predicted = calibrated.argmax(axis=1)
@@ -233,6 +246,8 @@ class _FittingOutputs:
     train_labels: np.ndarray
     negatives: dict[str, dict[str, np.ndarray]]
     cell_free: dict[str, np.ndarray] | None
+    #: Which ``train`` rows are reviewed images.
+    train_reviewed: np.ndarray
 
 
 def _predict_fitting_sets(
@@ -244,6 +259,9 @@ def _predict_fitting_sets(
     val_labels = np.array([index[c] for c in val.records["class"]])
     train_labels_all = np.array([index[c] for c in train.records["class"]])
     picked = _sample_per_class(train_labels_all, FEATURE_IMAGES_PER_CLASS, seed)
+    # Every reviewed training image, whatever the sample drew: their classes get means of their own.
+    reviewed = reviewed_rows(train)
+    picked = np.union1d(picked, reviewed).astype(np.int64)
     log.info(
         "calibrating on %d validation images; class features from %d training images; negatives from %d",
         len(val),
@@ -266,7 +284,9 @@ def _predict_fitting_sets(
         if len(crop_from)
         else None
     )
-    return _FittingOutputs(val_out, val_labels, train_out, train_labels_all[picked], negatives, cell_free)
+    return _FittingOutputs(
+        val_out, val_labels, train_out, train_labels_all[picked], negatives, cell_free, np.isin(picked, reviewed)
+    )
 
 
 def _plot_risk_coverage(curve: dict[str, list[float]], threshold: float, path: Path) -> None:
@@ -364,6 +384,7 @@ def calibrate_model(
         fitted.train_labels,
         fitted.negatives,
         cell_free=fitted.cell_free,
+        train_reviewed=fitted.train_reviewed,
         class_names=list(class_names),
         training_counts=training_counts,
         review_target_accuracy=review_target_accuracy,

@@ -102,14 +102,45 @@ def _class_stats(features: np.ndarray, labels: np.ndarray, n_classes: int) -> tu
     return means, LedoitWolf(assume_centered=True).fit(centred).precision_
 
 
+#: Reviewed training images of a class needed before they get a mean of their own.
+MIN_REVIEWED_PER_MEAN = 5
+
+
+def _reviewed_means(features: np.ndarray, labels: np.ndarray, reviewed: np.ndarray, n_classes: int) -> np.ndarray:
+    """One mean per class with at least :data:`MIN_REVIEWED_PER_MEAN` reviewed rows."""
+    features = np.asarray(features, dtype=np.float64)
+    rows = [
+        features[reviewed & (labels == c)].mean(axis=0)
+        for c in range(n_classes)
+        if (reviewed & (labels == c)).sum() >= MIN_REVIEWED_PER_MEAN
+    ]
+    return np.asarray(rows).reshape(len(rows), features.shape[1])
+
+
 def fit_feature_statistics(
-    top: np.ndarray, low: np.ndarray, labels: np.ndarray, n_classes: int, cell_free_top: np.ndarray | None = None
+    top: np.ndarray,
+    low: np.ndarray,
+    labels: np.ndarray,
+    n_classes: int,
+    cell_free_top: np.ndarray | None = None,
+    reviewed: np.ndarray | None = None,
 ) -> FeatureStatistics:
     """Class means and shared (shrunk) precision of training features by true class, and the
-    mean of ``cell_free_top`` (top features of cell-free crops of training images) when given."""
+    mean of ``cell_free_top`` (top features of cell-free crops of training images) when given.
+
+    With ``reviewed`` (a mask of the rows that are a lab's reviewed images), each class with enough
+    of them gets a second mean of those alone: a few dozen of a new lab's cells barely move a
+    class mean of hundreds, so without it the lab's cells the model has learned would stay far
+    from every mean (``unfamiliar``), while cells of labs nobody reviewed stay as far as before.
+    The scores take the nearest mean of any row, so the extra rows need no other change.
+    """
     labels = np.asarray(labels)
     means_top, precision_top = _class_stats(top, labels, n_classes)
     means_low, precision_low = _class_stats(low, labels, n_classes)
+    if reviewed is not None and np.asarray(reviewed).any():
+        mask = np.asarray(reviewed, dtype=bool)
+        means_top = np.vstack([means_top, _reviewed_means(top, labels, mask, n_classes)])
+        means_low = np.vstack([means_low, _reviewed_means(low, labels, mask, n_classes)])
     free = None
     if cell_free_top is not None and len(cell_free_top):
         free = np.asarray(cell_free_top, dtype=np.float64).mean(axis=0)
