@@ -231,6 +231,7 @@ def tune(home: Path, prepared: dict[str, Any], n: int, adapt: dict[str, Any], la
         "measured": held_out_figures(version, prepared["truth"], POOL, measured),
         "champion_on_measured": held_out_figures("1", prepared["truth"], POOL, measured),
         "candidate_test": steps["evaluate"]["metrics"],
+        "guard": guard(steps["evaluate"]["metrics"], prepared["champion"]["evaluate"]["metrics"]),
         "promotion": steps["promote"],
     }
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -284,10 +285,45 @@ def wilson(successes: int, trials: int) -> list[float] | None:
     return [round(interval.low, 3), round(interval.high, 3)]
 
 
+#: The labelled test split's figures the guard compares, candidate against its champion.
+GUARD = (
+    "balanced_accuracy",
+    "ece",
+    "coverage",
+    "blasts_caught_share",
+    "stain_shifted_flagged_share",
+    "non_cells_flagged_share",
+)
+
+
+def guard(candidate: dict[str, Any], champion: dict[str, Any]) -> dict[str, Any]:
+    """The candidate's and the champion's figures on the labelled test split, and whether the
+    guard holds: balanced accuracy at most 1 point lower, blasts caught >= 95 %, stain-shifted
+    copies and generated non-cells flagged at least as often as by the champion."""
+    figures = {k: [candidate.get(k), champion.get(k)] for k in GUARD}
+
+    def at_least(key: str) -> bool | None:
+        c, k = figures[key]
+        return None if c is None or k is None else c >= k
+
+    ba_c, ba_k = figures["balanced_accuracy"]
+    figures["holds"] = {
+        "balanced_accuracy_within_1_point": None if ba_c is None or ba_k is None else ba_c >= ba_k - 0.01,
+        "blasts_caught_95": None
+        if figures["blasts_caught_share"][0] is None
+        else figures["blasts_caught_share"][0] >= 0.95,
+        "stain_shifted_flagged_as_often": at_least("stain_shifted_flagged_share"),
+        "non_cells_flagged_as_often": at_least("non_cells_flagged_share"),
+    }
+    return figures
+
+
 def summarise(homes: list[Path]) -> dict[str, Any]:
     """Per (kind, order, N), pooled over the folds given."""
     pooled: dict[str, dict[str, Any]] = {}
     for home in homes:
+        prepared = json.loads((home / "prepared.json").read_text()) if (home / "prepared.json").is_file() else {}
+        champion_test = prepared.get("champion", {}).get("evaluate", {}).get("metrics", {})
         for path in sorted((home / "results").glob("*.json")):
             result = json.loads(path.read_text())
             key = f"{'scratch' if result['scratch'] else 'adapt'} {result['order']} N={result['n']}"
@@ -305,6 +341,9 @@ def summarise(homes: list[Path]) -> dict[str, Any]:
             entry["promoted"] += bool(result.get("promotion", {}).get("promote"))
             if "seconds" in result:
                 entry["seconds"].append(result["seconds"])
+            if "candidate_test" in result:
+                entry.setdefault("guard", []).append(guard(result["candidate_test"], champion_test))
+            entry.setdefault("champion_seconds", []).append(prepared.get("champion_seconds"))
     for entry in pooled.values():
         if not entry["images"]:
             continue

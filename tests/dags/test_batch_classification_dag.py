@@ -29,6 +29,7 @@ def test_dag_parses_with_schedule_limits_and_params(settings):
         "threshold": settings.review_threshold,
         "chunk_size": settings.classify_chunk_size,
         "reclassify": False,
+        "full_scan": False,
     }
     order = {t.task_id: sorted(t.downstream_task_ids) for t in dag.tasks}
     assert order == {
@@ -133,7 +134,14 @@ def test_nightly_runs_the_dags_task_functions_in_the_dags_order(settings, monkey
             return returns[name] if name in returns else {"chunk": args[3]}
 
         monkeypatch.setattr(nightly, name, record)
-    asked = {"model": "3", "drop": "2026-11-24", "threshold": 0.4, "chunk_size": 10, "reclassify": True}
+    asked = {
+        "model": "3",
+        "drop": "2026-11-24",
+        "threshold": 0.4,
+        "chunk_size": 10,
+        "reclassify": True,
+        "full_scan": True,
+    }
     params = nightly.night_params(settings, **asked)
     assert params == {**dag.params.dump(), **asked}, "the form's params, as a triggered run has them"
 

@@ -128,3 +128,24 @@ def test_migration_0002_gives_old_flagged_rows_the_low_confidence_reason(db_url)
     assert db.downgrade_database(db_url, "0001") == "0001"
     with db.open_engine(db_url) as engine:
         assert "review_reasons" not in {c["name"] for c in inspect(engine).get_columns("predictions")}
+
+
+def test_migrations_0004_and_0005_keep_every_row_from_the_previous_schema(db_url, settings):
+    """From the schema before the adaptation requests and the drop scans (0003), with data in it:
+    every row kept, the new tables empty (every drop is scanned once more), and back down again."""
+    from tests.serving.conftest import add_known_drop
+
+    assert db.upgrade_database(db_url, "0003") == "0003"
+    lab = settings.with_overrides(predictions_db_url=db_url)
+    add_known_drop(lab)
+    tables = (db.predictions, db.files_seen, db.rejections, db.reviews)
+    before = {t.name: _count(db_url, t) for t in tables}
+    assert before["predictions"] > 0 and before["files_seen"] > 0
+
+    assert db.upgrade_database(db_url) == db.head_revision() == "0005"
+    assert {t.name: _count(db_url, t) for t in tables} == before
+    assert _count(db_url, db.adaptation_requests) == 0 and _count(db_url, db.drop_scans) == 0
+    assert db.downgrade_database(db_url, "0003") == "0003"
+    with db.open_engine(db_url) as engine:
+        assert not ({"adaptation_requests", "drop_scans"} & set(inspect(engine).get_table_names()))
+    assert {t.name: _count(db_url, t) for t in tables} == before

@@ -77,6 +77,13 @@ def classification_param_specs(settings: Settings | None = None) -> ParamSpecs:
             "description": "Classify images again with this model version even if an older version "
             "already classified them (older rows are kept).",
         },
+        "full_scan": {
+            "default": False,
+            "type": "boolean",
+            "title": "Full scan",
+            "description": "List and check every drop, also those an earlier night finished and that have not "
+            "changed since (skipped otherwise: a night costs what is new, not the whole history).",
+        },
     }
 
 

@@ -129,6 +129,8 @@ class _ChunkRows:
     committed_paths: list[str] = field(default_factory=list)
     per_class: Counter[str] = field(default_factory=Counter)
     reasons: Counter[str] = field(default_factory=Counter)
+    #: Drops with a file that changed or vanished while classified: the next night reads them again.
+    unfinished_drops: set[str] = field(default_factory=set)
 
     def add_seen(self, files: Sequence[FoundFile]) -> None:
         """``files_seen`` rows of ``files``, whose content is now classified or rejected."""
@@ -156,9 +158,11 @@ class _ChunkRows:
         files = [FoundFile(**f) for f in item["files"]]
         if outcome.probabilities is None and outcome.reason is None:
             self.stats["files_changed"] += len(files)
+            self.unfinished_drops.update(f.drop for f in files)
             return
         if outcome.reason is not None:
             if not outcome.sha256:
+                self.unfinished_drops.update(f.drop for f in files)
                 # Only the first file was tried and could not be read (e.g. it vanished):
                 # that says nothing about the other copies, which wait for the next run.
                 self.stats["files_changed"] += len(files) - 1
@@ -263,6 +267,7 @@ def classify_chunk(
         per_class=dict(sorted(rows.per_class.items())),
         review_reasons=dict(sorted(rows.reasons.items())),
         seconds=time.perf_counter() - started,
+        unfinished_drops=sorted(rows.unfinished_drops),
     )
     write_json_atomic(done_file, stats)
     _log_chunk(stats)

@@ -56,6 +56,8 @@ def find_new_images(settings: Settings, run_id: str, params: dict[str, Any], mod
         drop=params["drop"] or None,
         reclassify=params["reclassify"],
         chunk_size=params["chunk_size"],
+        # A run triggered with the form of an earlier version has no full_scan param.
+        full_scan=params.get("full_scan", False),
     )
 
 
@@ -118,6 +120,7 @@ def night_params(
     threshold: float | None = None,
     chunk_size: int | None = None,
     reclassify: bool = False,
+    full_scan: bool = False,
 ) -> dict[str, Any]:
     """The params a triggered run would have: these values, the trigger form's defaults
     (:func:`wbc_tasks.pipelines.params.classification_param_specs`) for the others."""
@@ -127,6 +130,7 @@ def night_params(
         "threshold": settings.review_threshold if threshold is None else threshold,
         "chunk_size": settings.classify_chunk_size if chunk_size is None else chunk_size,
         "reclassify": reclassify,
+        "full_scan": full_scan,
     }
 
 
@@ -139,6 +143,7 @@ def classify_new_images(
     chunk_size: int | None = None,
     reclassify: bool = False,
     run_id: str | None = None,
+    full_scan: bool = False,
 ) -> dict[str, Any]:
     """One nightly run in this process: the DAG's task functions in its order, chunk after
     chunk; returns the summary. Without Airflow nothing would start an adaptation run, so the
@@ -147,7 +152,13 @@ def classify_new_images(
 
     run_id = run_id or new_run_id()
     params = night_params(
-        settings, model=model, drop=drop, threshold=threshold, chunk_size=chunk_size, reclassify=reclassify
+        settings,
+        model=model,
+        drop=drop,
+        threshold=threshold,
+        chunk_size=chunk_size,
+        reclassify=reclassify,
+        full_scan=full_scan,
     )
     ref = resolve_model(settings, run_id, params)
     found = find_new_images(settings, run_id, params, ref)

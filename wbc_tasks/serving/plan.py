@@ -25,15 +25,18 @@ from wbc_tasks.core.paths import safe_name
 from wbc_tasks.core.privacy import pseudonymiser
 from wbc_tasks.core.settings import IMAGE_EXTENSIONS, Settings
 from wbc_tasks.core.workdir import write_json_atomic
+from wbc_tasks.data.images import DISAPPEARED
 from wbc_tasks.registry.versions import ModelRef
 from wbc_tasks.serving import predictions as db
 from wbc_tasks.serving import queries
 from wbc_tasks.serving.archive import archive_files
 from wbc_tasks.serving.commit import rejection_row, seen_row, write_rows
+from wbc_tasks.serving.drop_scans import fingerprint_drops, unchanged_finished_drops, write_finished
 from wbc_tasks.serving.model import model_ref_from_dict, model_ref_to_dict
 from wbc_tasks.serving.scan import (
     FoundFile,
     Listing,
+    drop_fingerprint,
     drop_of,
     hash_files,
     list_files,
@@ -153,8 +156,12 @@ def find_new_images(
     drop: str | None = None,
     reclassify: bool = False,
     chunk_size: int | None = None,
+    full_scan: bool = False,
 ) -> dict[str, Any]:
     """Sort the classify folder's files into done / linked / rejected / new; write chunk files.
+
+    Drops an earlier night finished and that have not changed since are skipped
+    (:mod:`wbc_tasks.serving.drop_scans`), unless ``full_scan``, ``reclassify`` or ``drop`` is given.
 
     Rejections and links to existing predictions are committed here (one transaction); new
     images go to chunk files ``<work dir>/classify/<run id>/chunk-NNNN.json``, each a list of
@@ -167,9 +174,13 @@ def find_new_images(
         lambda: db.upgrade_database(settings.predictions_db_url),
         what="migrating the schema",
     )
-    listing = list_files(settings, drop=drop)
+    fingerprints = fingerprint_drops(settings) if drop is None else {drop: drop_fingerprint(settings, drop)}
     now = db.utcnow()
     with db.open_engine(settings.predictions_db_url) as engine:
+        skipped = set()
+        if not (full_scan or reclassify or drop):
+            skipped = unchanged_finished_drops(settings, engine, fingerprints)
+        listing = list_files(settings, drop=drop, skip_drops=frozenset(skipped))
         files = sort_files(settings, engine, listing, ref, reclassify=reclassify)
 
         def commit(connection: Connection) -> None:
@@ -191,6 +202,9 @@ def find_new_images(
     )
 
     work = run_work_dir(settings, run_id)
+    scanned = {d: fp for d, fp in fingerprints.items() if d not in skipped}
+    vanished = {f.drop for f, reason in files.new_rejections if reason == DISAPPEARED}
+    finished_file = write_finished(work, listing, scanned, vanished)
     items = _distinct_images(files.new)
     size = chunk_size or settings.classify_chunk_size
     bounds = plan_chunks(len(items), size, settings.max_chunks)
@@ -210,12 +224,19 @@ def find_new_images(
         "chunk_size": (bounds[0][1] - bounds[0][0]) if bounds else size,
         "chunks": chunks,
         "work_dir": str(work),
+        "full_scan": bool(full_scan),
+        "drops_scanned": len(scanned),
+        "drops_skipped_unchanged": len(skipped),
+        "drops_finished_file": str(finished_file),
     }
     log.info(
-        "found %d files in %s: %d new (%d distinct images, %d chunks), %d linked to existing "
-        "predictions by hash, %d rejected, %d already done, %d still being written (next run)",
+        "found %d files in %s (%d drops scanned, %d finished and unchanged skipped): %d new (%d distinct images, "
+        "%d chunks), %d linked to existing predictions by hash, %d rejected, %d already done, %d still being "
+        "written (next run)",
         summary["files_found"],
         settings.classify_dir / (drop or ""),
+        len(scanned),
+        len(skipped),
         len(files.new),
         len(items),
         len(chunks),

@@ -2,7 +2,7 @@
 writes. Reading it: the nightly look-ups are :mod:`wbc_tasks.serving.queries`, the export
 :mod:`wbc_tasks.serving.export`, the reviews :mod:`wbc_tasks.serving.review_queue`.
 
-Five tables (SQLite by default, PostgreSQL through ``WBC_PREDICTIONS_DB_URL``):
+Six tables (SQLite by default, PostgreSQL through ``WBC_PREDICTIONS_DB_URL``):
 
 - ``predictions``: one row per image *content* (sha256) and model version, with the predicted
   class, its confidence and every class probability (JSON ``{class: prob}``, so a model with
@@ -18,6 +18,9 @@ Five tables (SQLite by default, PostgreSQL through ``WBC_PREDICTIONS_DB_URL``):
 - ``reviews``: a person's decision on one image (migration 0003): who, when, the model version
   and its prediction at that time, the label (a class or ``unusable``) and a note. Never updated:
   a second review is a new row and the latest one counts (:mod:`wbc_tasks.serving.review_decisions`).
+- ``drop_scans`` (migration 0005): per drop, the fingerprint of what it held when a night
+  finished it (every file classified or rejected, none settling); the next night skips a drop
+  whose fingerprint is unchanged (:mod:`wbc_tasks.serving.scan`, :mod:`wbc_tasks.serving.plan`).
 - ``adaptation_requests`` (migration 0004): the watermark of reviews already learned or asked to
   be learned: each row is a night's request for an adaptation run (``asset``) or a training run
   that trained on the reviews (``training``), with the highest review id it accounts for
@@ -179,6 +182,20 @@ adaptation_requests = Table(
     # a retried task finds its own request instead of making a second one.
     Column("run_id", String(250), nullable=False),
     UniqueConstraint("run_id"),
+)
+
+drop_scans = Table(
+    "drop_scans",
+    metadata,
+    Column("id", _Id, primary_key=True, autoincrement=True),
+    Column("drop", String(255), nullable=False),
+    # What the drop held when a night finished it (scan.drop_fingerprint); an equal one later
+    # means nothing under it changed, and the night skips it.
+    Column("fingerprint", String(64), nullable=False),
+    Column("files", Integer, nullable=False),
+    Column("finished_at", DateTime(timezone=True), nullable=False),
+    Column("dag_run_id", String(250), nullable=False),
+    UniqueConstraint("drop"),
 )
 
 _CONFLICT_KEYS = {
@@ -348,17 +365,35 @@ def current_revision(engine: Engine) -> str | None:
         return context.get_current_revision()
 
 
+def upsert(connection: Connection, table: Table, rows: Sequence[dict[str, Any]], key: Sequence[str]) -> None:
+    """Insert ``rows``, replacing the other columns of rows that exist by ``key`` (unique)."""
+    if not rows:
+        return
+    insert = _dialect_insert(connection)
+    stmt = insert(table)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=list(key),
+        set_={c.name: stmt.excluded[c.name] for c in table.columns if c.name not in (*key, "id")},
+    )
+    connection.execute(stmt, list(rows))
+
+
+def _dialect_insert(connection: Connection) -> Any:
+    """The dialect's ``insert`` (with ON CONFLICT): PostgreSQL's or SQLite's."""
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    dialect = connection.dialect.name
+    if dialect == "postgresql":
+        return postgresql.insert
+    if dialect == "sqlite":
+        return sqlite.insert
+    raise NotImplementedError(f"the predictions database supports SQLite and PostgreSQL, not {dialect}")
+
+
 def insert_ignore(connection: Connection, table: Table, rows: Sequence[dict[str, Any]]) -> None:
     """Insert ``rows``, silently keeping rows that already exist (by the table's unique key)."""
     if not rows:
         return
-    dialect = connection.dialect.name
-    insert: Any
-    if dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    elif dialect == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert
-    else:
-        raise NotImplementedError(f"the predictions database supports SQLite and PostgreSQL, not {dialect}")
+    insert = _dialect_insert(connection)
     stmt = insert(table).on_conflict_do_nothing(index_elements=list(_CONFLICT_KEYS[table.name]))
     connection.execute(stmt, list(rows))

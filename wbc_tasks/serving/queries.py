@@ -64,7 +64,7 @@ def predicted_hashes(
 
 
 def seen_files(connection: Connection, paths: Iterable[str]) -> dict[str, list[dict[str, Any]]]:
-    """``files_seen`` rows of ``paths``: path -> [{sha256, size, mtime}, ...]."""
+    """``files_seen`` rows of ``paths``: path -> [{sha256, size, mtime, seen_at}, ...]."""
     rows: dict[str, list[dict[str, Any]]] = {}
     for part in in_batches(sorted(set(paths))):
         query = select(
@@ -72,6 +72,7 @@ def seen_files(connection: Connection, paths: Iterable[str]) -> dict[str, list[d
             files_seen.c.sha256,
             files_seen.c.size,
             files_seen.c.mtime,
+            files_seen.c.seen_at,
         ).where(files_seen.c.path.in_(part))
         for row in connection.execute(query).mappings():
             rows.setdefault(row["path"], []).append(dict(row))

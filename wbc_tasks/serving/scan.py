@@ -17,11 +17,13 @@ Rules:
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC
 from pathlib import Path
 from stat import S_ISREG
 from typing import Any
@@ -44,6 +46,8 @@ class FoundFile:
     size: int | None = None
     mtime: float | None = None
     sha256: str = ""
+    #: The inode's change time: a copy tool can set the mtime back, never this.
+    ctime: float | None = None
 
 
 @dataclass
@@ -89,9 +93,69 @@ def _scan_root(settings: Settings, drop: str | None) -> Path:
     return root
 
 
-def list_files(settings: Settings, *, drop: str | None = None, now: float | None = None) -> Listing:
+def drops_in(settings: Settings) -> list[str]:
+    """The drops of the classify folder: its first-level folders (the archive folder excepted),
+    and ``""`` when files lie loose in it."""
+    archive = settings.archive_dir.resolve() if settings.archive_dir else None
+    drops = []
+    loose = False
+    for entry in sorted(os.scandir(_scan_root(settings, None)), key=lambda e: e.name):
+        if entry.is_dir():
+            if archive is None or Path(entry.path).resolve() != archive:
+                drops.append(entry.name)
+        else:
+            loose = True
+    return ([LOOSE] if loose else []) + drops
+
+
+#: The drop of files lying directly in the classify folder.
+LOOSE = ""
+
+
+def drop_fingerprint(settings: Settings, drop: str) -> str | None:
+    """What a drop holds, as one sha256: every entry under it (sub-folders too) with its type,
+    size, and modification and change times in nanoseconds. ``None`` when it cannot be listed or
+    holds a symlink (what a link points at may change without a trace here): such a drop is
+    always scanned.
+
+    The change time (``ctime``) cannot be set by a copy tool, so the fingerprint changes with a
+    file rewritten in place at the same size, or copied by ``rsync -a`` with its old mtime, as
+    well as with a file added, removed or renamed anywhere in the drop. Only stats, no reads.
+    """
+    base = settings.classify_dir
+    digest = hashlib.sha256()
+    top = base / drop if drop != LOOSE else base
+    stack = [top]
+    try:
+        if drop != LOOSE and top.is_symlink():
+            return None
+        while stack:
+            folder = stack.pop()
+            for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+                if entry.is_symlink():
+                    return None
+                if entry.is_dir(follow_symlinks=False):
+                    if drop != LOOSE:
+                        stack.append(Path(entry.path))
+                    continue
+                st = entry.stat(follow_symlinks=False)
+                rel = Path(entry.path).relative_to(base).as_posix()
+                digest.update(f"{rel}\0{st.st_mode}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\n".encode())
+    except OSError:
+        return None
+    return digest.hexdigest()
+
+
+def list_files(
+    settings: Settings,
+    *,
+    drop: str | None = None,
+    now: float | None = None,
+    skip_drops: frozenset[str] = frozenset(),
+) -> Listing:
     """Every file under the classify folder (or one drop), with symlinks checked and settling
-    files set aside. Paths are recorded as found (a link's own path), relative to the folder."""
+    files set aside. Paths are recorded as found (a link's own path), relative to the folder.
+    Drops named in ``skip_drops`` (``""``: the loose files) are not listed."""
     base = settings.classify_dir
     root = _scan_root(settings, drop)
     roots = allowed_roots(settings)
@@ -112,6 +176,8 @@ def list_files(settings: Settings, *, drop: str | None = None, now: float | None
         for entry in entries:
             path = Path(entry.path)
             rel = path.relative_to(base)
+            if skip_drops and folder == base and (entry.name if entry.is_dir() else LOOSE) in skip_drops:
+                continue
             try:
                 # Outside the roots, broken, a loop (path.resolve() used to raise on one and
                 # crash the run) or gone since scandir: a rejection with the reason.
@@ -134,24 +200,29 @@ def list_files(settings: Settings, *, drop: str | None = None, now: float | None
                 visited.add(target)
                 stack.append(path)
                 continue
-            try:
-                stat = target.stat()
-            except FileNotFoundError:
-                listing.rejected.append((str(rel), DISAPPEARED))
-                continue
-            except OSError as exc:
-                listing.rejected.append((str(rel), f"cannot read file: {exc}"))
-                continue
-            if not S_ISREG(stat.st_mode):
-                listing.rejected.append((str(rel), "not a regular file"))
-                continue
-            # ctime too: `cp -p` / `rsync -t` give a fresh copy an old mtime.
-            if now - max(stat.st_mtime, stat.st_ctime) < settle_seconds:
-                listing.settling.append(str(rel))
-                continue
-            listing.files.append(FoundFile(str(rel), drop_of(rel), stat.st_size, stat.st_mtime))
+            _add_file(listing, rel, target, now - settle_seconds)
     listing.files.sort(key=lambda f: f.path)
     return listing
+
+
+def _add_file(listing: Listing, rel: Path, target: Path, settled_before: float) -> None:
+    """File ``rel`` (resolved to ``target``) into ``listing``: found, settling or rejected."""
+    try:
+        stat = target.stat()
+    except FileNotFoundError:
+        listing.rejected.append((str(rel), DISAPPEARED))
+        return
+    except OSError as exc:
+        listing.rejected.append((str(rel), f"cannot read file: {exc}"))
+        return
+    if not S_ISREG(stat.st_mode):
+        listing.rejected.append((str(rel), "not a regular file"))
+        return
+    # ctime too: `cp -p` / `rsync -t` give a fresh copy an old mtime.
+    if max(stat.st_mtime, stat.st_ctime) > settled_before:
+        listing.settling.append(str(rel))
+        return
+    listing.files.append(FoundFile(str(rel), drop_of(rel), stat.st_size, stat.st_mtime, ctime=stat.st_ctime))
 
 
 def _hash(path: Path) -> tuple[str, str | None]:
@@ -169,14 +240,18 @@ def hash_files(
     known: dict[str, list[dict[str, Any]]],
 ) -> list[tuple[FoundFile, str]]:
     """Set each file's sha256: reused from ``known`` (``files_seen`` rows by path) when size and
-    mtime are unchanged, else read (in threads: this is I/O). Returns the files that could not
-    be read, with the reason."""
+    mtime are unchanged and the file has not changed since the row was recorded (its ctime: a
+    file rewritten at the same size with its mtime set back is read again), else read (in
+    threads: this is I/O). Returns the files that could not be read, with the reason."""
     to_hash = []
     for found in files:
         same = [
             row
             for row in known.get(found.path, [])
-            if row["sha256"] and row["size"] == found.size and row["mtime"] == found.mtime
+            if row["sha256"]
+            and row["size"] == found.size
+            and row["mtime"] == found.mtime
+            and _unchanged_since(found, row)
         ]
         if same:
             found.sha256 = same[0]["sha256"]
@@ -190,6 +265,17 @@ def hash_files(
             if error:
                 unreadable.append((found, error))
     return unreadable
+
+
+def _unchanged_since(found: FoundFile, row: dict[str, Any]) -> bool:
+    """Whether ``found``'s inode has not changed since ``row`` was recorded (no ctime or no
+    record time to compare: as before, size and mtime decide)."""
+    seen_at = row.get("seen_at")
+    if found.ctime is None or seen_at is None:
+        return True
+    if seen_at.tzinfo is None:  # SQLite keeps no offset; every timestamp is stored in UTC
+        seen_at = seen_at.replace(tzinfo=UTC)
+    return found.ctime <= seen_at.timestamp()
 
 
 def unsupported_reason(path: str) -> str:

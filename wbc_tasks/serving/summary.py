@@ -21,6 +21,7 @@ from wbc_tasks.core.vocabulary import ReviewReason
 from wbc_tasks.core.workdir import write_json_atomic
 from wbc_tasks.registry.versions import ModelRef
 from wbc_tasks.serving.commit import empty_stats
+from wbc_tasks.serving.drop_scans import record_finished
 from wbc_tasks.serving.model import model_ref_from_dict
 from wbc_tasks.serving.plan import run_work_dir
 
@@ -93,6 +94,8 @@ def summarise_run(
         "files_changed_during_run": totals["files_changed"],
         "classify_seconds": totals["classify_seconds"],
         "images_per_second": classified / totals["classify_seconds"] if totals["classify_seconds"] else None,
+        "drops_scanned": found.get("drops_scanned"),
+        "drops_skipped_unchanged": found.get("drops_skipped_unchanged", 0),
     }
     log.info(
         "run %s with %s v%s: %d images classified (%s), mean confidence %s, %d for review, "
@@ -109,6 +112,8 @@ def summarise_run(
         summary["files_settling"],
         "n/a" if summary["images_per_second"] is None else f"{summary['images_per_second']:.1f}",
     )
+    # Every chunk was committed (this step runs only then): the drops listed in full are finished.
+    summary["drops_finished"] = record_finished(settings, run_id, found, chunk_summaries)
     summary["drift"] = _drift(settings, run_id, ref)
     summary["drops_drifted"] = sum(bool(d["alerts"]) for d in summary["drift"])
     summary["mlflow_run_id"] = _log_summary_to_mlflow(settings, ref, summary, params or {})
