@@ -4,6 +4,7 @@ lab reviews, measured on `wbc-other-lab` cells that are never reviewed nor train
     .venv/bin/python bench/bench_learning_curve.py --fold 1 --home /work/lc-f1 [--n 0 25 50 100 150]
         [--order queue random] [--adapt NAME=VALUE ...] [--scratch]
     .venv/bin/python bench/bench_learning_curve.py --summarise /work/lc-f1 /work/lc-f2 /work/lc-f3
+    .venv/bin/python bench/bench_learning_curve.py --markdown /work/lc-f1 [...]     # the docs' tables
     .venv/bin/python bench/bench_learning_curve.py --fold 1 --home /work/lc-f1 --tune LABEL --n 50 [--adapt ...]
     .venv/bin/python bench/bench_learning_curve.py --fold 1 --home /tmp/lc-smoke --smoke   # the code path, minutes
 
@@ -364,6 +365,58 @@ def summarise(homes: list[Path]) -> dict[str, Any]:
     return pooled
 
 
+def _pct(count: int, total: int) -> str:
+    return f"{count}/{total}" if total else "-"
+
+
+def markdown(homes: list[Path]) -> str:
+    """The tuning runs and the curve as markdown tables (what docs/benchmarks.md shows)."""
+    lines = [
+        "| tuning run | settings | measured half: balanced accuracy (4 classes) | unflagged (right) | unfamiliar "
+        "| labelled test: balanced accuracy vs champion | guard holds | promoted | minutes |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for home in homes:
+        for path in sorted((home / "tuning").glob("*.json")):
+            r = json.loads(path.read_text())
+            m, c, g = r["measured"], r["champion_on_measured"], r["guard"]
+            changed = {
+                k: v
+                for k, v in r["adapt"].items()
+                if k in ("epochs_finetune", "learning_rate_finetune", "reviewed_share")
+            }
+            lines.append(
+                f"| {r['label']} (N={r['n']}) | {changed} "
+                f"| {m['balanced_accuracy']:.3f} (champion {c['balanced_accuracy']:.3f}) "
+                f"| {_pct(m['unflagged'], m['images'])} ({m['unflagged_right']}) "
+                f"| {_pct(m['unfamiliar'], m['images'])} "
+                f"| {g['balanced_accuracy'][0]:.3f} vs {g['balanced_accuracy'][1]:.3f} | {all(g['holds'].values())} "
+                f"| {bool(r['promotion'].get('promote'))} | {r['seconds'] / 60:.1f} |"
+            )
+    lines += [
+        "",
+        "| order | N | folds | held-out balanced accuracy (4 classes) | recall eos / lym / mono / neu "
+        "| unflagged share | unflagged accuracy | unfamiliar | called blasts | promoted | minutes (champion) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    pooled = summarise(homes)
+    for key in sorted(pooled, key=lambda k: (k.split()[0], k.split()[1], int(k.split("N=")[1]))):
+        e = pooled[key]
+        kind, order, n = key.split()
+        recall = " / ".join(f"{e['recall'][c][0]:.2f}" if c in e["recall"] else "-" for c in MEASURED)
+        ua = e["unflagged_accuracy"]
+        minutes = f"{sum(e['seconds']) / len(e['seconds']) / 60:.1f}" if e["seconds"] else "-"
+        champion = [x for x in e["champion_seconds"] if x]
+        minutes += f" ({sum(champion) / len(champion) / 60:.1f})" if champion else ""
+        lines.append(
+            f"| {order}{' (scratch)' if kind == 'scratch' else ''} | {n.removeprefix('N=')} | {e['folds']} "
+            f"| {e['balanced_accuracy']:.3f} | {recall} | {e['unflagged_share'][0]:.3f} {e['unflagged_share'][1]} "
+            f"| {'-' if ua[0] is None else f'{ua[0]:.3f} {ua[1]}'} | {e['unfamiliar_share']:.3f} "
+            f"| {e['called_blasts_share']:.3f} | {e['promoted']}/{e['folds'] if e['seconds'] else 0} | {minutes} |"
+        )
+    return "\n".join(lines)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--fold", type=int, choices=range(1, FOLDS + 1), help="the held-out fold (1-3)")
@@ -374,6 +427,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--scratch", action="store_true", help="also N=100 in queue order from scratch")
     parser.add_argument("--smoke", action="store_true", help="tiny settings: checks the code path in minutes")
     parser.add_argument("--summarise", nargs="+", type=Path, metavar="HOME")
+    parser.add_argument("--markdown", nargs="+", type=Path, metavar="HOME", help="the tables of docs/benchmarks.md")
     parser.add_argument("--tune", metavar="LABEL", help="tune on the review pool alone: a name for the --adapt set")
     return parser.parse_args(argv)
 
@@ -382,6 +436,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.summarise:
         print(json.dumps(summarise(args.summarise), indent=1))
+        return 0
+    if args.markdown:
+        print(markdown(args.markdown))
         return 0
     if args.fold is None or args.home is None:
         sys.exit("give --fold and --home (or --summarise)")
