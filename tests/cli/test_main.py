@@ -57,7 +57,11 @@ def test_classify_night_takes_a_model_version_as_the_string_the_form_declares(se
 @pytest.mark.parametrize(
     ("command", "param", "says"),
     [
-        ("classify-night", "modle=2", "--param modle=2: unknown param 'modle'; known: chunk_size, drop, full_scan, model,"),
+        (
+            "classify-night",
+            "modle=2",
+            "--param modle=2: unknown param 'modle'; known: chunk_size, drop, full_scan, model,",
+        ),
         ("classify-night", "chunk_size=many", "--param chunk_size=many: chunk_size accepts an integer >= 1"),
         ("classify-night", "chunk_size=0", "--param chunk_size=0: chunk_size accepts an integer >= 1"),
         ("classify-night", "threshold=2", "threshold accepts a number >= 0 and <= 1 (empty: none)"),

@@ -338,3 +338,31 @@ def test_the_review_page_runs_its_own_script_under_the_policy_and_the_browser_re
         timeout=10,
     )
     assert len(planted) >= 1
+
+
+def test_drops_and_queues_come_in_pages_and_unpaged_callers_get_everything_as_before(lab):
+    """Issue 31: limit and offset on /api/drops and a queue (the total in X-Total-Count); without
+    them every drop and every cell, as before; the pages show where they are."""
+    from wbc_tasks.serving.review_queue import list_drops
+
+    def total(headers: dict) -> str:
+        return {k.lower(): v for k, v in headers.items()}["x-total-count"]
+
+    token = lab.token("viewer")
+    every = list_drops(lab.settings)
+    status, headers, body = fetch(lab_url(lab, "/api/drops"), token=token)
+    assert status == 200 and json.loads(body) == json.loads(json.dumps(every))
+    assert total(headers) == str(len(every)) and len(every) >= 2
+    status, headers, body = fetch(lab_url(lab, "/api/drops?limit=1&offset=1"), token=token)
+    assert status == 200 and json.loads(body) == json.loads(json.dumps(every[1:2]))
+    assert total(headers) == str(len(every))
+    assert fetch(lab_url(lab, "/api/drops?limit=0"), token=token)[0] == 422
+
+    queue = review_queue(lab.settings, DROP)
+    assert len(queue) > 4
+    status, headers, body = fetch(lab_url(lab, f"/api/drops/{DROP}/queue?limit=3&offset=2"), token=token)
+    assert [c["path"] for c in json.loads(body)] == [c["path"] for c in queue[2:5]]
+    assert total(headers) == str(len(queue))
+    status, _, body = fetch(lab_url(lab, f"/drops/{DROP}/review?page=1"), token=token)
+    assert status == 200 and f"{len(queue)} cells to review".encode() in body
+    assert fetch(lab_url(lab, "/drops?page=0"), token=token)[0] == 422

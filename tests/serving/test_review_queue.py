@@ -7,7 +7,7 @@ import pytest
 
 from tests.serving.conftest import KNOWN_DROP, add_known_drop
 from wbc_tasks.serving.review_decisions import record_review
-from wbc_tasks.serving.review_queue import list_drops, review_queue
+from wbc_tasks.serving.review_queue import count_drops, drop_names, list_drops, review_queue
 
 
 def _path(name: str) -> str:
@@ -51,3 +51,18 @@ def test_drops_list_counts_cells_flagged_and_reviewed(db_settings):
         "blast_suspected": 2,
     }
     assert drops[0]["cells"] == 1 and drops[0]["blast_suspected"] == 1 and drops[0]["reviewed"] == 0
+
+
+def test_a_page_of_drops_counts_exactly_what_the_whole_list_counts(db_settings):
+    """Issue 31: a page reads only its drops' rows; its counts equal the whole list's, in order."""
+    add_known_drop(db_settings)
+    add_known_drop(db_settings, drop="2026-12-03")
+    add_known_drop(db_settings, drop="2026-11-30")
+    record_review(db_settings, _path("x1.jpg"), "blasts", reviewer="alice")
+    every = list_drops(db_settings)
+    assert len(every) == 4 == count_drops(db_settings)
+    assert drop_names(db_settings) == [d["drop"] for d in every]
+    pages = [list_drops(db_settings, limit=3, offset=0), list_drops(db_settings, limit=3, offset=3)]
+    assert [len(p) for p in pages] == [3, 1]
+    assert pages[0] + pages[1] == every
+    assert list_drops(db_settings, limit=3, offset=4) == []

@@ -65,18 +65,32 @@ def thumbnail(
     return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
 
 
-@router.get("/api/drops", summary="Every drop with its counts")
-def drops_api(who: Reader) -> list[dict[str, Any]]:
-    from wbc_tasks.serving.review_queue import list_drops
+Limit = Annotated[
+    int | None, Query(ge=1, le=10_000, description="At most this many (default: all; the total is in X-Total-Count)")
+]
+Offset = Annotated[int, Query(ge=0, description="Skip this many first")]
 
-    return list_drops(get_settings())
+
+@router.get("/api/drops", summary="The drops with their counts, newest first (paged with limit and offset)")
+def drops_api(response: Response, who: Reader, limit: Limit = None, offset: Offset = 0) -> list[dict[str, Any]]:
+    from wbc_tasks.serving.review_queue import count_drops, list_drops
+
+    settings = get_settings()
+    if limit is None:  # every drop, as before paging existed
+        every = list_drops(settings)
+        response.headers["X-Total-Count"] = str(len(every))
+        return every[offset:]
+    response.headers["X-Total-Count"] = str(count_drops(settings))
+    return list_drops(settings, limit=limit, offset=offset)
 
 
-@router.get("/api/drops/{drop}/queue", summary="A drop's review queue")
-def queue_api(drop: str, who: Reader) -> JSONResponse:
+@router.get("/api/drops/{drop}/queue", summary="A drop's review queue (paged with limit and offset)")
+def queue_api(drop: str, who: Reader, limit: Limit = None, offset: Offset = 0) -> JSONResponse:
     from wbc_tasks.serving.review_queue import review_queue
 
-    return JSONResponse(jsonable_encoder(review_queue(get_settings(), drop)))
+    queue = review_queue(get_settings(), drop)
+    page = queue[offset : None if limit is None else offset + limit]
+    return JSONResponse(jsonable_encoder(page), headers={"X-Total-Count": str(len(queue))})
 
 
 @router.post(

@@ -6,10 +6,10 @@ runs them in its thread pool, so a slow query never blocks the API server's even
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import quote, urlencode
 
-from fastapi import APIRouter, HTTPException, Request, status
+from fastapi import APIRouter, HTTPException, Query, Request, status
 from fastapi.responses import HTMLResponse, RedirectResponse
 from sqlalchemy import select
 
@@ -26,6 +26,10 @@ SHORTCUTS: dict[str, str] = {str(i + 1): name for i, name in enumerate(CLASS_NAM
 SHORTCUTS |= {"0": UNUSABLE, "u": UNUSABLE}
 #: The longest side of a thumbnail in the review queue.
 QUEUE_THUMBNAIL_SIDE = 256
+#: Drops per page of the drops page, cells per page of a review queue: what a browser renders at
+#: once, whatever a year of drops or a 50,000-file drop holds.
+DROPS_PER_PAGE = 50
+QUEUE_PER_PAGE = 100
 
 router = APIRouter()
 
@@ -72,11 +76,23 @@ def _page(
     return HTMLResponse(html, headers={"Cache-Control": "no-store"})
 
 
-def _drops(request: Request) -> list[dict[str, Any]]:
-    """Every drop with its counts and the links to its review queue and report."""
-    from wbc_tasks.serving.review_queue import list_drops
+def _pager(url: str, page: int, total: int, per_page: int) -> dict[str, Any]:
+    """Where page ``page`` of ``total`` items lies, and the links to its neighbours."""
+    pages = max(1, -(-total // per_page))
+    first = (page - 1) * per_page
+    return {
+        "page": page,
+        "pages": pages,
+        "first": first,
+        "last": min(first + per_page, total),
+        "total": total,
+        "previous_url": f"{url}?{urlencode({'page': page - 1})}" if page > 1 else None,
+        "next_url": f"{url}?{urlencode({'page': page + 1})}" if page < pages else None,
+    }
 
-    drops = list_drops(get_settings())
+
+def _with_links(request: Request, drops: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``drops`` with the links to each one's review queue and report."""
     for d in drops:
         if d["drop"]:
             d["review_url"] = drop_url(request, "review_page", d["drop"])
@@ -114,22 +130,31 @@ def api_schema() -> RedirectResponse:
 
 
 @router.get("/drops", response_class=HTMLResponse, name="drops_page", summary="Drops (HTML)")
-def drops_page(request: Request, who: PageReader) -> HTMLResponse:
-    return _page(request, who, "drops", "Drops", heading="Drops", drops=_drops(request))
+def drops_page(request: Request, who: PageReader, page: Annotated[int, Query(ge=1)] = 1) -> HTMLResponse:
+    from wbc_tasks.serving.review_queue import count_drops, list_drops
+
+    settings = get_settings()
+    pager = _pager(str(request.url_for("drops_page")), page, count_drops(settings), DROPS_PER_PAGE)
+    drops = list_drops(settings, limit=DROPS_PER_PAGE, offset=pager["first"])
+    return _page(request, who, "drops", "Drops", heading="Drops", drops=_with_links(request, drops), pager=pager)
 
 
 @router.get("/runs/{run_id}", response_class=HTMLResponse, summary="The drops a nightly run classified (HTML)")
 def run_page(request: Request, run_id: str, who: PageReader) -> HTMLResponse:
-    chosen = _drops_of_run(run_id)
-    drops = [d for d in _drops(request) if d["drop"] in chosen]
-    return _page(request, who, "drops", f"Run {run_id}", heading=f"Drops of run {run_id}", drops=drops)
+    from wbc_tasks.serving.review_queue import drop_counts
+
+    drops = drop_counts(get_settings(), sorted(_drops_of_run(run_id), reverse=True))
+    heading = f"Drops of run {run_id}"
+    return _page(request, who, "drops", f"Run {run_id}", heading=heading, drops=_with_links(request, drops), pager=None)
 
 
 @router.get("/drops/{drop}/review", response_class=HTMLResponse, name="review_page", summary="Review queue (HTML)")
-def review_page(request: Request, drop: str, who: PageReader) -> HTMLResponse:
+def review_page(request: Request, drop: str, who: PageReader, page: Annotated[int, Query(ge=1)] = 1) -> HTMLResponse:
     from wbc_tasks.serving.review_queue import review_queue
 
-    queue = review_queue(get_settings(), drop)
+    whole = review_queue(get_settings(), drop)
+    pager = _pager(drop_url(request, "review_page", drop), page, len(whole), QUEUE_PER_PAGE)
+    queue = whole[pager["first"] : pager["last"]]
     image = str(request.url_for("thumbnail"))
     for cell in queue:
         cell["name"] = cell["path"].rsplit("/", 1)[-1]
@@ -141,7 +166,9 @@ def review_page(request: Request, drop: str, who: PageReader) -> HTMLResponse:
         f"Review {drop}",
         drop,
         queue=queue,
-        reviewed=sum(1 for c in queue if c["latest_review"]),
+        queued=len(whole),
+        pager=pager,
+        reviewed=sum(1 for c in whole if c["latest_review"]),
         labels=_review_labels(),
         keymap=SHORTCUTS,
         review_endpoint=str(request.url_for("record_decision")),

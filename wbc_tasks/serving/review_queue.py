@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import inspect, select
+from sqlalchemy import func, inspect, select
 from sqlalchemy.engine import Connection, make_url
 
 from wbc_tasks.core.settings import Settings
@@ -237,12 +237,12 @@ def _database_exists(settings: Settings) -> bool:
     return Path(url.database).expanduser().is_file()
 
 
-def list_drops(settings: Settings) -> list[dict[str, Any]]:
-    """Every drop with its counts, newest drop name first: ``files``, ``cells`` (classified),
-    ``rejected``, ``pending``, ``needs_review`` (flagged or blast suspected), ``reviewed``
-    (cells with a review) and ``blast_suspected``."""
+def _counts(cells: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per drop of ``cells``: ``files``, ``cells`` (classified), ``rejected``, ``pending``,
+    ``needs_review`` (flagged or blast suspected), ``reviewed`` (cells with a review) and
+    ``blast_suspected``."""
     by_drop: dict[str, dict[str, Any]] = {}
-    for cell in drop_cells(settings, None):
+    for cell in cells:
         counts = by_drop.setdefault(
             cell["drop"],
             {
@@ -266,4 +266,41 @@ def list_drops(settings: Settings) -> list[dict[str, Any]]:
         counts["needs_review"] += int(bool(prediction["needs_review"]) or blast)
         counts["blast_suspected"] += int(blast)
         counts["reviewed"] += int(cell["review"] is not None)
-    return sorted(by_drop.values(), key=lambda d: d["drop"], reverse=True)
+    return by_drop
+
+
+def list_drops(settings: Settings, *, limit: int | None = None, offset: int = 0) -> list[dict[str, Any]]:
+    """Drops with their counts (:func:`_counts`), newest drop name first: every drop (``limit``
+    None, the default), or the page of ``limit`` drops after the first ``offset``, which reads
+    only its own drops' rows (a page costs its drops, not the whole history)."""
+    if limit is None:
+        return sorted(_counts(drop_cells(settings, None)).values(), key=lambda d: d["drop"], reverse=True)
+    return drop_counts(settings, drop_names(settings, limit=limit, offset=offset))
+
+
+def drop_names(settings: Settings, *, limit: int | None = None, offset: int = 0) -> list[str]:
+    """The drops' names, newest first (from the index on ``files_seen.drop``)."""
+    if not _database_exists(settings):
+        return []
+    query = select(files_seen.c.drop).distinct().order_by(files_seen.c.drop.desc()).offset(offset)
+    if limit is not None:
+        query = query.limit(limit)
+    with open_engine(settings.predictions_db_url) as engine:
+        return read_with_retries(settings, engine, lambda c: list(c.execute(query).scalars()), what="listing drops")
+
+
+def count_drops(settings: Settings) -> int:
+    """How many drops there are."""
+    if not _database_exists(settings):
+        return 0
+    query = select(func.count(func.distinct(files_seen.c.drop)))
+    with open_engine(settings.predictions_db_url) as engine:
+        return int(read_with_retries(settings, engine, lambda c: c.execute(query).scalar() or 0, what="counting drops"))
+
+
+def drop_counts(settings: Settings, drops: Sequence[str]) -> list[dict[str, Any]]:
+    """The counts of ``drops``, in that order, each read on its own (its own files only)."""
+    counts: list[dict[str, Any]] = []
+    for drop in drops:
+        counts.extend(_counts(drop_cells(settings, drop)).values())
+    return counts
