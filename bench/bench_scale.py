@@ -1,0 +1,205 @@
+"""A busy lab's history (issue 31): how the drops page, a review queue and a no-op night cost as
+the predictions database and the classify folder grow, before and after paging and the drop skip,
+side by side in one process on the same data.
+
+    .venv/bin/python bench/bench_scale.py --rows 10000 100000 [--postgresql] --files 20000 --out bench-scale.json
+
+Per size N (SQLite, and the local PostgreSQL with ``--postgresql``): N ``files_seen`` and prediction
+rows bulk-inserted across about N / 4,700 drops (7 million rows is 1,500 drops), the first drop
+holding 5,000 cells (a 5,000-cell review queue), one review per 350 cells. Timed, the median of
+five after one warm-up:
+
+- the drops page before (every drop counted from every row: ``list_drops()``) and now (one page of
+  50: ``count_drops`` and ``list_drops(limit=50)``);
+- the 5,000-cell drop's review queue (``review_queue``, which the page then slices).
+
+Then ``--files`` real images hard-linked into a classify folder of drops (100 files each), their
+``files_seen`` rows and predictions recorded as a finished night would: the planning of a no-op
+night (``find_new_images``) with every drop read (the first night after this change, or
+``full_scan``) and then with the finished, unchanged drops skipped. Peak RSS is the process's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.serving.conftest import base_settings, make_prediction, throwaway_database  # noqa: E402
+from wbc_tasks.serving import predictions as db  # noqa: E402
+
+SOURCE = REPO.parent / "shared" / "data" / "wbc-bench" / "WBC"
+ROWS_PER_DROP = 4_700
+BIG_DROP = 5_000
+CELLS_PER_REVIEW = 350
+FILES_PER_DROP = 100
+MODEL = {
+    "name": "wbc-classifier",
+    "version": "1",
+    "run_id": "run1",
+    "uri": "models:/wbc-classifier/1",
+    "image_size": 64,
+    "class_names": [],
+}
+
+
+def timed(fn: Callable[[], Any], repeat: int = 5) -> float:
+    """Median seconds of ``repeat`` calls after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def fill(url: str, n: int) -> dict[str, Any]:
+    """``n`` files seen with their predictions in ``1 + (n - BIG_DROP) / ROWS_PER_DROP`` drops."""
+    db.upgrade_database(url)
+    now = db.utcnow()
+    drops = []
+    with db.open_engine(url) as engine:
+        batch_seen, batch_pred, batch_reviews = [], [], []
+        for i in range(n):
+            drop_index = 0 if i < min(BIG_DROP, n) else 1 + (i - BIG_DROP) // ROWS_PER_DROP
+            drop = f"2025-{drop_index:05d}"
+            if not drops or drops[-1] != drop:
+                drops.append(drop)
+            sha = hashlib.sha256(f"cell-{i}".encode()).hexdigest()
+            path = f"{drop}/cell-{i:08d}.jpg"
+            batch_seen.append(
+                {
+                    "path": path,
+                    "drop": drop,
+                    "sha256": sha,
+                    "size": 1000,
+                    "mtime": 1.0,
+                    "seen_at": now,
+                    "dag_run_id": "n",
+                }
+            )
+            batch_pred.append(make_prediction(sha, best=i % 9, confidence=0.5 + (i % 50) / 100, review=i % 5 == 0))
+            if i % CELLS_PER_REVIEW == 0:
+                batch_reviews.append(
+                    {
+                        "sha256": sha,
+                        "drop": drop,
+                        "path": path,
+                        "reviewer": "tech",
+                        "reviewed_at": now,
+                        "model_name": "wbc-classifier",
+                        "model_version": "1",
+                        "predicted_class": "neutrophils",
+                        "label": "neutrophils",
+                        "note": None,
+                    }
+                )
+            if len(batch_seen) == 20_000 or i == n - 1:
+                with engine.begin() as connection:
+                    db.insert_ignore(connection, db.files_seen, batch_seen)
+                    db.insert_ignore(connection, db.predictions, batch_pred)
+                    if batch_reviews:
+                        connection.execute(db.reviews.insert(), batch_reviews)
+                batch_seen, batch_pred, batch_reviews = [], [], []
+    return {"drops": len(drops), "big_drop": drops[0]}
+
+
+def pages(url: str, n: int, folder: Path) -> dict[str, Any]:
+    from wbc_tasks.serving.review_queue import count_drops, list_drops, review_queue
+
+    settings = base_settings(folder).with_overrides(predictions_db_url=url)
+    started = time.perf_counter()
+    filled = fill(url, n)
+    result: dict[str, Any] = {"rows": n, **filled, "fill_seconds": round(time.perf_counter() - started, 1)}
+    result["drops_page_before_s"] = timed(lambda: list_drops(settings))
+    result["drops_page_now_s"] = timed(lambda: (count_drops(settings), list_drops(settings, limit=50)))
+    result["queue_5000_cells_s"] = timed(lambda: review_queue(settings, filled["big_drop"]))
+    return result
+
+
+def no_op_night(folder: Path, n_files: int) -> dict[str, Any]:
+    """A classify folder of ``n_files`` hard links, recorded as done; the planning step timed
+    with every drop read and with the finished drops skipped."""
+    from wbc_tasks.serving.drop_scans import record_finished
+    from wbc_tasks.serving.plan import find_new_images
+
+    settings = base_settings(folder).with_overrides(settle_minutes=0.0)
+    sources = sorted(p for c in sorted(SOURCE.iterdir()) for p in sorted(c.iterdir()))[:300]
+    digests = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sources}
+    seen, predicted = [], {}
+    now = db.utcnow()
+    for i in range(n_files):
+        source = sources[i % len(sources)]
+        drop = f"2025-{i // FILES_PER_DROP:05d}"
+        target = settings.classify_dir / drop / f"cell-{i:08d}{source.suffix}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.link(source, target)
+        stat = target.stat()
+        rel = target.relative_to(settings.classify_dir).as_posix()
+        seen.append({"path": rel, "drop": drop, "sha256": digests[source], "size": stat.st_size,
+                     "mtime": stat.st_mtime, "seen_at": now, "dag_run_id": "n"})  # fmt: skip
+        predicted[digests[source]] = make_prediction(digests[source])
+    db.upgrade_database(settings.predictions_db_url)
+    with db.open_engine(settings.predictions_db_url) as engine, engine.begin() as connection:
+        db.insert_ignore(connection, db.files_seen, seen)
+        db.insert_ignore(connection, db.predictions, list(predicted.values()))
+
+    def plan(full_scan: bool) -> dict[str, Any]:
+        return find_new_images(settings, run_id=f"night-{time.time_ns()}", model=MODEL, full_scan=full_scan)
+
+    first = plan(True)
+    assert first["files_new"] == 0 and first["files_already_done"] == n_files, first
+    record_finished(settings, "night", first)
+    skipped = plan(False)
+    assert skipped["drops_skipped_unchanged"] == first["drops_scanned"], skipped
+    return {
+        "files": n_files,
+        "drops": first["drops_scanned"],
+        "every_drop_read_s": timed(lambda: plan(True), repeat=3),
+        "finished_drops_skipped_s": timed(lambda: plan(False), repeat=3),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000])
+    parser.add_argument("--postgresql", action="store_true", help="also the local PostgreSQL")
+    parser.add_argument("--files", type=int, default=20_000)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    import resource
+
+    results: dict[str, Any] = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"}
+    for kind in ["sqlite"] + (["postgresql"] if args.postgresql else []):
+        for n in args.rows:
+            with tempfile.TemporaryDirectory() as tmp, throwaway_database(kind, Path(tmp)) as url:
+                results.setdefault(kind, []).append(pages(url, n, Path(tmp)))
+                print(json.dumps({kind: results[kind][-1]}), flush=True)
+    if args.files:
+        with tempfile.TemporaryDirectory() as tmp:
+            results["no_op_night"] = no_op_night(Path(tmp), args.files)
+            shutil.rmtree(Path(tmp) / "classify", ignore_errors=True)
+        print(json.dumps({"no_op_night": results["no_op_night"]}), flush=True)
+    results["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=1))
+    print(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
