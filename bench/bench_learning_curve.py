@@ -181,6 +181,12 @@ def held_out_figures(
         blasts += predicted == "blasts"
     recalls = [v["right"] / v["n"] for v in per_class.values() if v["n"]]
     return {
+        # Each image: its true class, the class given and the review reasons (to compare runs).
+        "cells": {
+            p: [truth[p], c, list(r) if r is not None else []]
+            for p, c, r in zip(table["path"], table["predicted_class"], table["review_reasons"])
+            if only is None or p in only
+        },
         "images": len(rows),
         "per_class": per_class,
         "balanced_accuracy": sum(recalls) / len(recalls) if recalls else None,
