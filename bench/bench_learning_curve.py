@@ -289,7 +289,7 @@ def wilson(successes: int, trials: int) -> list[float] | None:
     if trials == 0:
         return None
     interval = binomtest(successes, trials).proportion_ci(confidence_level=0.95, method="wilson")
-    return [round(interval.low, 3), round(interval.high, 3)]
+    return [round(float(interval.low), 3), round(float(interval.high), 3)]
 
 
 #: The labelled test split's figures the guard compares, candidate against its champion.
