@@ -205,6 +205,18 @@ def held_out_figures(
     }
 
 
+def _restored_base(home: Path) -> Any:
+    """The state as the champion's night left it (``base-backup``), restored; its settings."""
+    from wbc_tasks.core.settings import get_settings
+    from wbc_tasks.ops.backup import restore_embedded
+
+    settings = get_settings()
+    restored = restore_embedded(home / "base-backup", settings, replace=True)
+    if restored["moved_aside"]:
+        shutil.rmtree(restored["moved_aside"])
+    return settings
+
+
 def tuning_halves(prepared: dict[str, Any]) -> tuple[list[str], set[str]]:
     """Fold 1's review pool in two (its two folds): the first is reviewed in queue order, the
     second measured. Tuning sees neither the held-out fold nor the other seeds' folds."""
@@ -218,18 +230,13 @@ def tuning_halves(prepared: dict[str, Any]) -> tuple[list[str], set[str]]:
 def tune(home: Path, prepared: dict[str, Any], n: int, adapt: dict[str, Any], label: str) -> Path:
     """One tuning configuration: the first ``n`` of the pool's first half reviewed, the adaptation
     run, the pool's second half classified again by the new version and measured."""
-    from wbc_tasks.core.settings import get_settings
-    from wbc_tasks.ops.backup import restore_embedded
     from wbc_tasks.serving.nightly import classify_new_images
     from wbc_tasks.serving.review_decisions import record_review
 
     out = home / "tuning" / f"{label}-{n}.json"
     if out.is_file():
         return out
-    settings = get_settings()
-    restored = restore_embedded(home / "base-backup", settings, replace=True)
-    if restored["moved_aside"]:
-        shutil.rmtree(restored["moved_aside"])
+    settings = _restored_base(home)
     queue, measured = tuning_halves(prepared)
     for path in queue[:n]:
         record_review(settings, path, prepared["truth"][path], reviewer=REVIEWER)
@@ -255,8 +262,6 @@ def tune(home: Path, prepared: dict[str, Any], n: int, adapt: dict[str, Any], la
 
 def variant(home: Path, prepared: dict[str, Any], n: int, order: str, adapt: dict[str, Any], scratch: bool) -> Path:
     """One point of the curve; returns its result file (kept: a rerun skips it)."""
-    from wbc_tasks.core.settings import get_settings
-    from wbc_tasks.ops.backup import restore_embedded
     from wbc_tasks.serving.nightly import classify_new_images
     from wbc_tasks.serving.review_decisions import record_review
 
@@ -264,10 +269,7 @@ def variant(home: Path, prepared: dict[str, Any], n: int, order: str, adapt: dic
     out = home / "results" / f"{name}.json"
     if out.is_file():
         return out
-    settings = get_settings()
-    restored = restore_embedded(home / "base-backup", settings, replace=True)
-    if restored["moved_aside"]:
-        shutil.rmtree(restored["moved_aside"])
+    settings = _restored_base(home)
     result: dict[str, Any] = {"fold": prepared["fold"], "n": n, "order": order, "scratch": scratch}
     if n == 0:
         result["held_out"] = held_out_figures("1", prepared["truth"])
@@ -427,6 +429,31 @@ def markdown(homes: list[Path]) -> str:
             f"| {'-' if ua[0] is None else f'{ua[0]:.3f} {ua[1]}'} | {e['unfamiliar_share']:.3f} "
             f"| {e['called_blasts_share']:.3f} | {e['promoted']}/{e['folds'] if e['seconds'] else 0} | {minutes} |"
         )
+    lines += [
+        "",
+        "| run | labelled test: balanced accuracy (champion) | ECE (champion) | unflagged share (champion) "
+        "| blasts caught | stain-shifted copies flagged (champion) | non-cells flagged (champion) | guard holds |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for home in homes:
+        prepared = json.loads((home / "prepared.json").read_text())
+        champion = prepared["champion"]["evaluate"]["metrics"]
+        for path in sorted((home / "results").glob("*.json")):
+            r = json.loads(path.read_text())
+            if "candidate_test" not in r:
+                continue
+            g = guard(r["candidate_test"], champion)
+
+            def pair(key: str, g: dict[str, Any] = g) -> str:
+                c, k = g[key]
+                return "-" if c is None else f"{c:.3f} ({k:.3f})"
+
+            lines.append(
+                f"| fold {r['fold'] + 1} {'scratch' if r['scratch'] else 'adapt'} {r['order']} N={r['n']} "
+                f"| {pair('balanced_accuracy')} | {pair('ece')} | {pair('coverage')} "
+                f"| {g['blasts_caught_share'][0]:.3f} | {pair('stain_shifted_flagged_share')} "
+                f"| {pair('non_cells_flagged_share')} | {all(v is not False for v in g['holds'].values())} |"
+            )
     return "\n".join(lines)
 
 

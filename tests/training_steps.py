@@ -4,6 +4,22 @@ from __future__ import annotations
 
 from typing import Any
 
+#: A whole training run in seconds on generated images (32 px, one epoch, no floors).
+TINY_PARAMS: dict[str, Any] = {
+    "image_size": 32,
+    "weights": "none",
+    "epochs_head": 0,
+    "epochs_finetune": 1,
+    "batch_size": 16,
+    "augment_per_class": 0,
+    "smote": False,
+    "early_stopping_patience": 0,
+    "min_metric": 0.0,
+    "min_class_recall": 0.0,
+    "min_blast_recall": 0.0,
+    "seed": 4,
+}
+
 STEP_NAMES = (
     "split_step",
     "preprocess_step",

@@ -14,26 +14,13 @@ import pytest
 
 from tests.conftest import parse_dag
 from tests.dags.test_training_dag import ORDER
-from tests.training_steps import run_training_steps
+from tests.training_steps import TINY_PARAMS, run_training_steps
 from wbc_tasks.core.vocabulary import CLASS_NAMES, DagId
 from wbc_tasks.registry.decision import TWO_GROUP_RULE
 from wbc_tasks.training.params import TRAINING_PARAM_SPECS
 from wbc_tasks.training.profiles import PROFILES
 
-TINY = {
-    "image_size": 32,
-    "weights": "none",
-    "epochs_head": 0,
-    "epochs_finetune": 1,
-    "batch_size": 16,
-    "augment_per_class": 0,
-    "smote": False,
-    "early_stopping_patience": 0,
-    "min_metric": 0.0,
-    "min_class_recall": 0.0,
-    "min_blast_recall": 0.0,
-    "seed": 4,
-}
+TINY = TINY_PARAMS
 
 
 def test_the_asset_starts_it_one_run_at_a_time_with_the_training_tasks_and_the_adapt_profile():

@@ -57,19 +57,10 @@ def test_schedule_and_timezone_come_from_settings(settings, monkeypatch):
     assert dag.schedule == "30 3 * * 1-5"
 
 
-@pytest.mark.slow
-def test_dag_test_classifies_a_real_drop_in_mapped_chunks(airflow_db, settings, monkeypatch, tmp_path):
-    if not DROP.is_dir():
-        skip_unless_required(f"real images absent: {DROP} not found (../shared/data is not checked out here)")
-    from airflow.utils.state import DagRunState, TaskInstanceState
-
-    from tests.serving.conftest import register_tiny_model
+def _night_settings(monkeypatch, tmp_path, classify_dir, **extra):
+    """The settings of a night in ``tmp_path`` (set in the environment, as the DAG's tasks read them)."""
     from wbc_tasks.core.settings import get_settings
-    from wbc_tasks.serving import predictions as db
-    from wbc_tasks.serving.plan import run_work_dir
 
-    classify_dir = tmp_path / "classify"
-    shutil.copytree(DROP, classify_dir / DROP.name)
     for name, value in {
         "WBC_CLASSIFY_DIR": classify_dir,
         "WBC_SETTLE_MINUTES": 0,
@@ -77,9 +68,25 @@ def test_dag_test_classifies_a_real_drop_in_mapped_chunks(airflow_db, settings, 
         "WBC_MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
         "WBC_MLFLOW_ARTIFACT_ROOT": tmp_path / "artifacts",
         "WBC_PREDICTIONS_DB_URL": f"sqlite:///{tmp_path / 'predictions.db'}",
+        **extra,
     }.items():
         monkeypatch.setenv(name, str(value))
-    settings = get_settings()
+    return get_settings()
+
+
+@pytest.mark.slow
+def test_dag_test_classifies_a_real_drop_in_mapped_chunks(airflow_db, settings, monkeypatch, tmp_path):
+    if not DROP.is_dir():
+        skip_unless_required(f"real images absent: {DROP} not found (../shared/data is not checked out here)")
+    from airflow.utils.state import DagRunState, TaskInstanceState
+
+    from tests.serving.conftest import register_tiny_model
+    from wbc_tasks.serving import predictions as db
+    from wbc_tasks.serving.plan import run_work_dir
+
+    classify_dir = tmp_path / "classify"
+    shutil.copytree(DROP, classify_dir / DROP.name)
+    settings = _night_settings(monkeypatch, tmp_path, classify_dir)
     ref = register_tiny_model(settings, seed=1, alias="champion")
     dag = parse_dag(DAG_ID)
 
@@ -186,22 +193,11 @@ def test_enough_reviews_update_the_asset_once_and_queue_one_adaptation_run(airfl
     from sqlalchemy import select, update
 
     from tests.serving.conftest import register_tiny_model
-    from wbc_tasks.core.settings import get_settings
     from wbc_tasks.serving.review_decisions import record_review
 
     classify_dir = tmp_path / "classify"
     shutil.copytree(DROP, classify_dir / DROP.name, ignore=lambda _d, names: sorted(names)[6:])
-    for name, value in {
-        "WBC_CLASSIFY_DIR": classify_dir,
-        "WBC_SETTLE_MINUTES": 0,
-        "WBC_ADAPT_AFTER_REVIEWS": 2,
-        "WBC_WORK_DIR": tmp_path / "work",
-        "WBC_MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
-        "WBC_MLFLOW_ARTIFACT_ROOT": tmp_path / "artifacts",
-        "WBC_PREDICTIONS_DB_URL": f"sqlite:///{tmp_path / 'predictions.db'}",
-    }.items():
-        monkeypatch.setenv(name, str(value))
-    settings = get_settings()
+    settings = _night_settings(monkeypatch, tmp_path, classify_dir, WBC_ADAPT_AFTER_REVIEWS=2)
     register_tiny_model(settings, seed=1, alias="champion")
     nightly = parse_dag(DAG_ID)  # dag.test() registers the dags folder's DAGs, wbc_adaptation with them
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from tests.serving.conftest import V2_CLASSES, register_tiny_model
-from tests.training_steps import run_training_steps
+from tests.training_steps import TINY_PARAMS, run_training_steps
 from wbc_tasks.pipelines.init_from import resolve_init_from
 from wbc_tasks.training.params import ParamError, training_params
 
@@ -58,20 +58,7 @@ def test_a_version_with_other_layers_is_refused_before_training(registry):
         start_from_weights(model, initial_weights(registry, 1))
 
 
-TINY = {
-    "image_size": 32,
-    "weights": "none",
-    "epochs_head": 0,
-    "epochs_finetune": 1,
-    "batch_size": 16,
-    "augment_per_class": 0,
-    "smote": False,
-    "early_stopping_patience": 0,
-    "min_metric": 0.0,
-    "min_class_recall": 0.0,
-    "min_blast_recall": 0.0,
-    "seed": 4,
-}
+TINY = TINY_PARAMS
 
 
 @pytest.mark.slow
