@@ -66,3 +66,4 @@ def test_a_page_of_drops_counts_exactly_what_the_whole_list_counts(db_settings):
     assert [len(p) for p in pages] == [3, 1]
     assert pages[0] + pages[1] == every
     assert list_drops(db_settings, limit=3, offset=4) == []
+    assert list_drops(db_settings, limit=10) == every  # one page holds them all: read in one pass
