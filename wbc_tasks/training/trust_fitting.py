@@ -16,7 +16,6 @@ import numpy as np
 
 from wbc_tasks.core.vocabulary import BLAST_CLASS
 from wbc_tasks.core.workdir import write_json_atomic
-from wbc_tasks.data.figures import new_figure, save_figure
 from wbc_tasks.data.image_checks import colour_shifts, corner_crops
 from wbc_tasks.data.store import ImageStore, open_store
 from wbc_tasks.training import unfamiliar as uf
@@ -24,7 +23,6 @@ from wbc_tasks.training.calibration import (
     calibration_metrics,
     fit_temperature,
     fold_temperature,
-    plot_reliability,
     softmax,
     temperature_worth_keeping,
 )
@@ -37,6 +35,7 @@ from wbc_tasks.training.review_thresholds import (
     review_threshold_for_accuracy,
     risk_coverage,
 )
+from wbc_tasks.training.trust_plots import write_trust_plots
 from wbc_tasks.training.trust_policy import FEATURES_FILE, TRUST_ARTIFACT_PATH, TrustPolicy
 
 log = logging.getLogger(__name__)
@@ -289,32 +288,6 @@ def _predict_fitting_sets(
     )
 
 
-def _plot_risk_coverage(curve: dict[str, list[float]], threshold: float, path: Path) -> None:
-    fig = new_figure(5.5, 4.0, dpi=110)
-    ax = fig.subplots()
-    ax.plot(curve["coverage"], curve["accuracy"])
-    covered = [c for c, t in zip(curve["coverage"], curve["threshold"]) if t >= threshold]
-    if covered:
-        ax.axvline(max(covered), color="grey", linestyle="--", label=f"review threshold {threshold:.2f}")
-        ax.legend(loc="lower left", fontsize=8)
-    ax.set_xlabel("coverage (share not flagged)")
-    ax.set_ylabel("accuracy of the unflagged")
-    ax.set_ylim(0, 1.01)
-    ax.set_title("risk-coverage")
-    save_figure(fig, path)
-
-
-def _write_trust_plots(fitted: _FittingOutputs, policy: TrustPolicy, report: dict[str, Any], trust_dir: Path) -> None:
-    """The validation reliability diagram (before/after the temperature) and risk-coverage curve."""
-    plot_reliability(
-        fitted.val_labels,
-        {"before": softmax(fitted.val["logits"]), "after": softmax(fitted.val["logits"], policy.temperature)},
-        trust_dir / "reliability_validation.png",
-        title=f"validation reliability (T = {policy.temperature:.2f})",
-    )
-    _plot_risk_coverage(report["risk_coverage"], policy.review_threshold, trust_dir / "risk_coverage_validation.png")
-
-
 def _calibration_summary(
     model_path: Path, trust_dir: Path, policy: TrustPolicy, report: dict[str, Any]
 ) -> dict[str, Any]:
@@ -397,6 +370,6 @@ def calibrate_model(
     model.save(out_dir / "model.keras")
     policy.save(trust_dir)
     stats.save(trust_dir / FEATURES_FILE)
-    _write_trust_plots(fitted, policy, report, trust_dir)
+    write_trust_plots(fitted.val_labels, fitted.val["logits"], policy, report["risk_coverage"], trust_dir)
     write_json_atomic(out_dir / "trust_report.json", report)
     return _calibration_summary(out_dir / "model.keras", trust_dir, policy, report)
