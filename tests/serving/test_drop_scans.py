@@ -140,3 +140,16 @@ def test_a_drop_holding_a_symlink_is_always_scanned(night, tmp_path):
     assert classify_new_images(settings)["images_classified"] == 4
     again = classify_new_images(settings)
     assert (again["drops_skipped_unchanged"], again["files_already_done"]) == (0, 4)
+
+
+def test_loose_files_keep_their_fingerprint_beside_a_linked_drop_folder(night, tmp_path):
+    """A drop folder that is a link makes that drop always read, not the loose files beside it."""
+    from wbc_tasks.serving.scan import LOOSE, drop_fingerprint
+
+    settings = night.with_overrides(allowed_roots=(tmp_path.resolve(),))
+    [image] = _images(1)
+    shutil.copy(image, settings.classify_dir / image.name)
+    before = drop_fingerprint(settings, LOOSE)
+    (settings.classify_dir / "linked-drop").symlink_to(tmp_path, target_is_directory=True)
+    assert before is not None and drop_fingerprint(settings, LOOSE) == before
+    assert drop_fingerprint(settings, "linked-drop") is None

@@ -132,11 +132,12 @@ def drop_fingerprint(settings: Settings, drop: str) -> str | None:
         while stack:
             folder = stack.pop()
             for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+                if drop == LOOSE and entry.is_dir():  # another drop, a linked folder too
+                    continue
                 if entry.is_symlink():
                     return None
                 if entry.is_dir(follow_symlinks=False):
-                    if drop != LOOSE:
-                        stack.append(Path(entry.path))
+                    stack.append(Path(entry.path))
                     continue
                 st = entry.stat(follow_symlinks=False)
                 rel = Path(entry.path).relative_to(base).as_posix()
