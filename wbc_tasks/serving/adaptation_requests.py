@@ -30,6 +30,7 @@ from wbc_tasks.serving.predictions import (
     adaptation_requests,
     insert_ignore,
     open_engine,
+    read_with_retries,
     reviews,
     transaction,
     upgrade_database,
@@ -49,10 +50,9 @@ class RequestKind(StrEnum):
 
 @dataclass(frozen=True)
 class ReviewBacklog:
-    """Reviews recorded after the watermark: how many, and the ids they span."""
+    """Reviews recorded after the watermark: how many, and the newest one's id."""
 
     reviews: int
-    after_review_id: int
     through_review_id: int
 
 
@@ -74,7 +74,7 @@ def _backlog(connection: Connection) -> ReviewBacklog:
     count, newest = connection.execute(
         select(func.count(), func.max(reviews.c.id)).where(reviews.c.id > watermark)
     ).one()
-    return ReviewBacklog(reviews=int(count), after_review_id=int(watermark), through_review_id=int(newest or watermark))
+    return ReviewBacklog(reviews=int(count), through_review_id=int(newest or watermark))
 
 
 def _migrated(settings: Settings) -> None:
@@ -86,12 +86,7 @@ def review_backlog(settings: Settings) -> ReviewBacklog:
     """The reviews recorded since the last adaptation request or review-trained run."""
     _migrated(settings)
     with open_engine(settings.predictions_db_url) as engine:
-        return with_db_retries(settings, lambda: _read(engine), what="counting reviews since the last adaptation")
-
-
-def _read(engine: Any) -> ReviewBacklog:
-    with engine.connect() as connection:
-        return _backlog(connection)
+        return read_with_retries(settings, engine, _backlog, what="counting reviews since the last adaptation")
 
 
 def _record(connection: Connection, backlog: ReviewBacklog, kind: RequestKind, run_id: str) -> None:
@@ -117,7 +112,7 @@ def request_adaptation(settings: Settings, run_id: str) -> AdaptationRequest:
             select(adaptation_requests).where(adaptation_requests.c.run_id == run_id)
         ).mappings().first()  # fmt: skip
         if own is not None:
-            backlog = ReviewBacklog(own["reviews"], own["through_review_id"] - own["reviews"], own["through_review_id"])
+            backlog = ReviewBacklog(own["reviews"], own["through_review_id"])
             return AdaptationRequest(True, f"already requested by {run_id}", backlog, threshold)
         backlog = _backlog(connection)
         if threshold == 0:
