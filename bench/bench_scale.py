@@ -9,9 +9,11 @@ rows bulk-inserted across about N / 4,700 drops (7 million rows is 1,500 drops),
 holding 5,000 cells (a 5,000-cell review queue), one review per 350 cells. Timed, the median of
 five after one warm-up:
 
-- the drops page before (every drop counted from every row: ``list_drops()``) and now (one page of
-  50: ``count_drops`` and ``list_drops(limit=50)``);
-- the 5,000-cell drop's review queue (``review_queue``, which the page then slices).
+- filling the drop summaries from the rows (``recount_all``: what migration 0006 does once);
+- the drops page: a page of 50 drops counted from their rows (as before the summaries), and read
+  from the summaries (``count_drops`` and ``list_drops(limit=50)``), and every drop's summary;
+- the 5,000-cell drop's review queue (``review_queue``, which the page then slices), its report,
+  and recording a review there (which recounts that drop in its transaction).
 
 Then ``--files`` real images hard-linked into a classify folder of drops (100 files each), their
 ``files_seen`` rows and predictions recorded as a finished night would: the planning of a no-op
@@ -119,15 +121,36 @@ def fill(url: str, n: int) -> dict[str, Any]:
 
 
 def pages(url: str, n: int, folder: Path) -> dict[str, Any]:
-    from wbc_tasks.serving.review_queue import count_drops, list_drops, review_queue
+    from wbc_tasks.serving.drop_summaries import count_drop, count_drops, drop_names, list_drops, recount_all
+    from wbc_tasks.serving.report import differential_report
+    from wbc_tasks.serving.review_decisions import record_review
+    from wbc_tasks.serving.review_queue import review_queue
 
     settings = base_settings(folder).with_overrides(predictions_db_url=url)
     started = time.perf_counter()
     filled = fill(url, n)
     result: dict[str, Any] = {"rows": n, **filled, "fill_seconds": round(time.perf_counter() - started, 1)}
-    result["drops_page_before_s"] = timed(lambda: list_drops(settings))
-    result["drops_page_now_s"] = timed(lambda: (count_drops(settings), list_drops(settings, limit=50)))
-    result["queue_5000_cells_s"] = timed(lambda: review_queue(settings, filled["big_drop"]))
+    with db.open_engine(url) as engine:
+        started = time.perf_counter()
+        with engine.begin() as connection:  # what migration 0006 does to a database this size
+            recount_all(connection)
+        result["recount_all_s"] = round(time.perf_counter() - started, 2)
+        page = drop_names(settings, limit=50)
+
+        def counted_from_rows() -> None:  # a page of 50 drops counted from their rows (before 0006)
+            with engine.connect() as connection:
+                [count_drop(connection, d) for d in page]
+
+        result["drops_page_from_rows_s"] = timed(counted_from_rows, repeat=3)
+    result["drops_page_s"] = timed(lambda: (count_drops(settings), list_drops(settings, limit=50)))
+    result["every_drop_s"] = timed(lambda: list_drops(settings))
+    big = filled["big_drop"]
+    result["queue_5000_cells_s"] = timed(lambda: review_queue(settings, big))
+    result["report_5000_cells_s"] = timed(lambda: differential_report(settings, big))
+    # A review recounts its drop (5,000 cells here) in its own transaction.
+    result["review_in_5000_cell_drop_s"] = timed(
+        lambda: record_review(settings, f"{big}/cell-{1:08d}.jpg", "neutrophils", reviewer="tech")
+    )
     return result
 
 

@@ -21,6 +21,7 @@ from tests.serving.conftest import (
 from wbc_tasks.cli.main import main
 from wbc_tasks.core.settings import get_settings
 from wbc_tasks.serving import predictions as db
+from wbc_tasks.serving.commit import write_rows
 from wbc_tasks.serving.report import DISCLAIMER
 from wbc_tasks.serving.review_decisions import record_review
 
@@ -61,8 +62,8 @@ def test_reviews_export_writes_class_folders_and_refuses_the_classify_folder(cli
     target.parent.mkdir(parents=True)
     shutil.copy(source, target)
     with db.open_engine(settings.predictions_db_url) as engine, engine.begin() as connection:
-        db.insert_ignore(connection, db.predictions, [make_prediction(sha(target), "1", best=8)])
-        db.insert_ignore(connection, db.files_seen, [make_seen("2026-11-24/cell_0007.jpg", sha(target), "2026-11-24")])
+        write_rows(connection, predictions=[make_prediction(sha(target), "1", best=8)])
+        write_rows(connection, seen=[make_seen("2026-11-24/cell_0007.jpg", sha(target), "2026-11-24")])
     record_review(settings, "2026-11-24/cell_0007.jpg", "basophils", reviewer="alice")
 
     out = tmp_path / "curated"

@@ -343,7 +343,7 @@ def test_the_review_page_runs_its_own_script_under_the_policy_and_the_browser_re
 def test_drops_and_queues_come_in_pages_and_unpaged_callers_get_everything_as_before(lab):
     """Issue 31: limit and offset on /api/drops and a queue (the total in X-Total-Count); without
     them every drop and every cell, as before; the pages show where they are."""
-    from wbc_tasks.serving.review_queue import list_drops
+    from wbc_tasks.serving.drop_summaries import list_drops
 
     def total(headers: dict) -> str:
         return {k.lower(): v for k, v in headers.items()}["x-total-count"]

@@ -20,6 +20,7 @@ from wbc_tasks.data.dataset import SOURCE_LABELLED, SOURCE_REVIEW, load_ledger, 
 from wbc_tasks.data.store import open_store
 from wbc_tasks.pipelines import training as steps
 from wbc_tasks.serving import predictions as db
+from wbc_tasks.serving.commit import write_rows
 from wbc_tasks.serving.review_decisions import record_review
 
 DROP = "2026-11-24"
@@ -41,8 +42,8 @@ def _classified(settings, name: str, content=None) -> str:
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(content or drop_source(DROP) / name, target)
     with db.open_engine(settings.predictions_db_url) as engine, engine.begin() as connection:
-        db.insert_ignore(connection, db.predictions, [make_prediction(sha(target), "1", best=8, review=True)])
-        db.insert_ignore(connection, db.files_seen, [make_seen(f"{DROP}/{name}", sha(target), DROP)])
+        write_rows(connection, predictions=[make_prediction(sha(target), "1", best=8, review=True)])
+        write_rows(connection, seen=[make_seen(f"{DROP}/{name}", sha(target), DROP)])
     return f"{DROP}/{name}"
 
 

@@ -21,6 +21,7 @@ from wbc_tasks.core.settings import get_settings
 from wbc_tasks.core.vocabulary import CLASS_NAMES
 from wbc_tasks.registry.versions import ModelRef
 from wbc_tasks.serving import predictions as db
+from wbc_tasks.serving.commit import write_rows
 
 #: Maintenance database of the local PostgreSQL (trust auth); throwaway databases are made there.
 POSTGRES_ADMIN_URL = os.environ.get("WBC_TEST_POSTGRES_URL", "postgresql+psycopg2://postgres@localhost:5432/postgres")
@@ -257,9 +258,17 @@ def known_sha(name: str) -> str:
     return hashlib.sha256(name.encode()).hexdigest()
 
 
-def add_known_drop(settings, drop: str = KNOWN_DROP) -> None:
+def write_raw_rows(connection, *, predictions=(), rejections=(), seen=()) -> None:
+    """The rows alone, as code before the drop summaries (migration 0006) wrote them."""
+    db.insert_ignore(connection, db.predictions, predictions)
+    db.insert_ignore(connection, db.rejections, rejections)
+    db.insert_ignore(connection, db.files_seen, seen)
+
+
+def add_known_drop(settings, drop: str = KNOWN_DROP, *, write=write_rows) -> None:
     """:data:`KNOWN_CELLS` classified by version 1, two unreadable files and one pending file in
-    ``drop``, and one classified file in another drop (which must not count)."""
+    ``drop``, and one classified file in another drop (which must not count); written by the
+    product's writer (or ``write``)."""
     rows, seen = [], []
     for name, label, confidence, review, reasons in KNOWN_CELLS:
         sha_ = known_sha(f"{drop}/{name}")
@@ -278,10 +287,29 @@ def add_known_drop(settings, drop: str = KNOWN_DROP) -> None:
         {"path": f"{drop}/notes.txt", "sha256": known_sha("notes"), "reason": "unsupported file type '.txt'"},
     ]
     with db.open_engine(settings.predictions_db_url) as engine, engine.begin() as connection:
-        db.insert_ignore(connection, db.predictions, rows)
-        db.insert_ignore(
-            connection,
-            db.rejections,
-            [{**r, "created_at": db.utcnow(), "dag_run_id": "night"} for r in rejected],
-        )
-        db.insert_ignore(connection, db.files_seen, seen)
+        write(connection, predictions=rows)
+        write(connection, rejections=[{**r, "created_at": db.utcnow(), "dag_run_id": "night"} for r in rejected])
+        write(connection, seen=seen)
+
+
+def counts_from_cells(settings) -> list[dict]:
+    """Each drop's counts tallied here from every cell as the review code reads it (status,
+    prediction, latest review): what the drop summaries must equal. Newest drop first."""
+    from wbc_tasks.serving.review_queue import drop_cells, is_blast_suspected
+
+    tally: dict[str, dict] = {}
+    for cell in drop_cells(settings, None):
+        counts = tally.setdefault(cell["drop"], dict.fromkeys(_COUNT_NAMES, 0))
+        counts["files"] += 1
+        if cell["status"] != "classified":
+            counts[cell["status"]] += 1
+            continue
+        blast = is_blast_suspected(cell["prediction"])
+        counts["cells"] += 1
+        counts["needs_review"] += int(bool(cell["prediction"]["needs_review"]) or blast)
+        counts["blast_suspected"] += int(blast)
+        counts["reviewed"] += int(cell["review"] is not None)
+    return [{"drop": drop, **tally[drop]} for drop in sorted(tally, reverse=True)]
+
+
+_COUNT_NAMES = ("files", "cells", "rejected", "pending", "needs_review", "reviewed", "blast_suspected")

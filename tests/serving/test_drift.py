@@ -12,6 +12,7 @@ from tests.serving.conftest import make_prediction, make_seen
 from wbc_tasks.core.vocabulary import CLASS_NAMES
 from wbc_tasks.registry.versions import ModelRef
 from wbc_tasks.serving import predictions as db
+from wbc_tasks.serving.commit import write_rows
 from wbc_tasks.serving.drift import drift_alert_details, drift_by_drop
 from wbc_tasks.training.trust_policy import TrustPolicy
 
@@ -57,9 +58,9 @@ def _write_drop(url: str, drop: str, classes: list[int], *, confidence=0.9, unfa
             }
         )
     with db.open_engine(url) as engine, engine.begin() as connection:
-        db.insert_ignore(connection, db.predictions, preds)
-        db.insert_ignore(connection, db.files_seen, seen)
-        db.insert_ignore(connection, db.rejections, rejections)
+        write_rows(connection, predictions=preds)
+        write_rows(connection, seen=seen)
+        write_rows(connection, rejections=rejections)
 
 
 def test_each_drop_is_measured_against_the_versions_limits(db_settings):

@@ -15,6 +15,7 @@ from tests.serving.conftest import add_bad_files, copy_drop, make_prediction, ma
 from wbc_tasks.core.vocabulary import CLASS_NAMES
 from wbc_tasks.serving import export
 from wbc_tasks.serving import predictions as db
+from wbc_tasks.serving.commit import write_rows
 from wbc_tasks.serving.nightly import classify_new_images
 
 
@@ -26,10 +27,9 @@ def known_rows(db_settings):
     new = datetime(2026, 11, 25, 2, 0, tzinfo=UTC)
     classes_v2 = (*CLASS_NAMES, "smudge")
     with db.open_engine(url) as engine, engine.begin() as connection:
-        db.insert_ignore(
+        write_rows(
             connection,
-            db.predictions,
-            [
+            predictions=[
                 make_prediction("a" * 64, "1", best=2, confidence=0.95, created_at=old),
                 make_prediction(
                     "b" * 64, "1", best=8, confidence=0.40, created_at=old, reasons=["low_confidence", "unfamiliar"]
@@ -53,10 +53,9 @@ def known_rows(db_settings):
                 ),
             ],
         )
-        db.insert_ignore(
+        write_rows(
             connection,
-            db.files_seen,
-            [
+            seen=[
                 make_seen("2026-11-24/a.jpg", "a" * 64, "2026-11-24", old),
                 make_seen("2026-11-24/b.jpg", "b" * 64, "2026-11-24", old),
                 make_seen("2026-11-24/bad.jpg", "d" * 64, "2026-11-24", old),
@@ -64,10 +63,9 @@ def known_rows(db_settings):
                 make_seen("c.jpg", "c" * 64, db.LOOSE_DROP, new),
             ],
         )
-        db.insert_ignore(
+        write_rows(
             connection,
-            db.rejections,
-            [
+            rejections=[
                 {
                     "path": "2026-11-24/bad.jpg",
                     "sha256": "d" * 64,

@@ -13,6 +13,7 @@ import pytest
 from tests.serving.conftest import make_prediction, make_seen
 from wbc_tasks.serving import export
 from wbc_tasks.serving import predictions as db
+from wbc_tasks.serving.commit import write_rows
 from wbc_tasks.serving.export_stream import stream_csv, stream_predictions, stream_probability_columns
 from wbc_tasks.serving.report import differential_report
 from wbc_tasks.serving.report_rendering import render_report
@@ -25,10 +26,8 @@ NAMES = ['=HYPERLINK("http://evil.example","click").jpg', "+1+1.jpg", "-2.jpg", 
 def hostile_rows(db_settings):
     with db.open_engine(db_settings.predictions_db_url) as engine, engine.begin() as connection:
         shas = [f"{i:064x}" for i in range(len(NAMES))]
-        db.insert_ignore(connection, db.predictions, [make_prediction(s, "1", best=i) for i, s in enumerate(shas)])
-        db.insert_ignore(
-            connection, db.files_seen, [make_seen(f"{DROP}/{n}", s, DROP) for n, s in zip(NAMES, shas, strict=True)]
-        )
+        write_rows(connection, predictions=[make_prediction(s, "1", best=i) for i, s in enumerate(shas)])
+        write_rows(connection, seen=[make_seen(f"{DROP}/{n}", s, DROP) for n, s in zip(NAMES, shas, strict=True)])
     return db_settings
 
 

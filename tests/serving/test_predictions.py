@@ -130,22 +130,29 @@ def test_migration_0002_gives_old_flagged_rows_the_low_confidence_reason(db_url)
         assert "review_reasons" not in {c["name"] for c in inspect(engine).get_columns("predictions")}
 
 
-def test_migrations_0004_and_0005_keep_every_row_from_the_previous_schema(db_url, settings):
-    """From the schema before the adaptation requests and the drop scans (0003), with data in it:
-    every row kept, the new tables empty (every drop is scanned once more), and back down again."""
-    from tests.serving.conftest import add_known_drop
+def test_migrations_0004_to_0006_keep_every_row_and_count_every_drop(db_url, settings):
+    """From the schema before the adaptation requests, the drop scans and the drop summaries
+    (0003), with data in it: every row kept, the adaptation requests and drop scans empty (every
+    drop is scanned once more), every drop counted as its cells say, and back down again."""
+    from tests.serving.conftest import add_known_drop, counts_from_cells, write_raw_rows
+    from wbc_tasks.serving.drop_summaries import list_drops
 
     assert db.upgrade_database(db_url, "0003") == "0003"
     lab = settings.with_overrides(predictions_db_url=db_url)
-    add_known_drop(lab)
+    add_known_drop(lab, write=write_raw_rows)
+    add_known_drop(lab, drop="2026-11-30", write=write_raw_rows)
+    expected = counts_from_cells(lab)
+    assert len(expected) == 3 and list_drops(lab) == expected  # before the table: counted from the rows
     tables = (db.predictions, db.files_seen, db.rejections, db.reviews)
     before = {t.name: _count(db_url, t) for t in tables}
     assert before["predictions"] > 0 and before["files_seen"] > 0
 
-    assert db.upgrade_database(db_url) == db.head_revision() == "0005"
+    assert db.upgrade_database(db_url) == db.head_revision() == "0006"
     assert {t.name: _count(db_url, t) for t in tables} == before
     assert _count(db_url, db.adaptation_requests) == 0 and _count(db_url, db.drop_scans) == 0
+    assert _count(db_url, db.drop_summaries) == 3 and list_drops(lab) == expected
     assert db.downgrade_database(db_url, "0003") == "0003"
     with db.open_engine(db_url) as engine:
-        assert not ({"adaptation_requests", "drop_scans"} & set(inspect(engine).get_table_names()))
+        new_tables = {"adaptation_requests", "drop_scans", "drop_summaries"}
+        assert not (new_tables & set(inspect(engine).get_table_names()))
     assert {t.name: _count(db_url, t) for t in tables} == before

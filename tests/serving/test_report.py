@@ -16,6 +16,7 @@ import pytest
 from tests.serving.conftest import KNOWN_DROP, add_known_drop, copy_drop, make_prediction
 from wbc_tasks.core.vocabulary import CLASS_NAMES
 from wbc_tasks.serving import predictions as db
+from wbc_tasks.serving.commit import write_rows
 from wbc_tasks.serving.nightly import classify_new_images
 from wbc_tasks.serving.report import (
     DISCLAIMER,
@@ -112,7 +113,7 @@ def test_report_of_one_model_version_and_of_an_unknown_drop(db_settings):
         _sha_of(db_settings, f"{KNOWN_DROP}/n1.jpg"), "2", best=CLASS_NAMES.index("eosinophils"), confidence=0.97
     )
     with db.open_engine(db_settings.predictions_db_url) as engine, engine.begin() as connection:
-        db.insert_ignore(connection, db.predictions, [{**newer, "review_reasons": []}])
+        write_rows(connection, predictions=[{**newer, "review_reasons": []}])
 
     newest = differential_report(db_settings, KNOWN_DROP)
     assert _rows(newest["differential"])["eosinophils"] == (1, 9.1)

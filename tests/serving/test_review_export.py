@@ -12,10 +12,12 @@ import pytest
 from tests.serving.conftest import copy_drop, files_under, make_prediction, make_seen, sha
 from wbc_tasks.data.images import ImageError
 from wbc_tasks.serving import predictions as db
+from wbc_tasks.serving.commit import write_rows
+from wbc_tasks.serving.drop_summaries import list_drops
 from wbc_tasks.serving.nightly import classify_new_images
 from wbc_tasks.serving.review_decisions import ReviewError, record_review
 from wbc_tasks.serving.review_export import export_reviewed, review_image_path, reviewed_images
-from wbc_tasks.serving.review_queue import list_drops, review_queue
+from wbc_tasks.serving.review_queue import review_queue
 
 
 def _classified_copy(settings, name: str, source_drop: str = "2026-11-24", *, drop: str | None = None) -> str:
@@ -28,8 +30,8 @@ def _classified_copy(settings, name: str, source_drop: str = "2026-11-24", *, dr
     shutil.copy(drop_source(source_drop) / name, target)
     rel = f"{drop}/{name}"
     with db.open_engine(settings.predictions_db_url) as engine, engine.begin() as connection:
-        db.insert_ignore(connection, db.predictions, [make_prediction(sha(target), "1", best=8, review=True)])
-        db.insert_ignore(connection, db.files_seen, [make_seen(rel, sha(target), drop)])
+        write_rows(connection, predictions=[make_prediction(sha(target), "1", best=8, review=True)])
+        write_rows(connection, seen=[make_seen(rel, sha(target), drop)])
     return rel
 
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 
 from tests.serving.conftest import KNOWN_DROP, add_known_drop
+from wbc_tasks.serving.drop_summaries import count_drops, drop_names, list_drops
 from wbc_tasks.serving.review_decisions import record_review
-from wbc_tasks.serving.review_queue import count_drops, drop_names, list_drops, review_queue
+from wbc_tasks.serving.review_queue import review_queue
 
 
 def _path(name: str) -> str:

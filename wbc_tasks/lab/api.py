@@ -73,7 +73,7 @@ Offset = Annotated[int, Query(ge=0, description="Skip this many first")]
 
 @router.get("/api/drops", summary="The drops with their counts, newest first (paged with limit and offset)")
 def drops_api(response: Response, who: Reader, limit: Limit = None, offset: Offset = 0) -> list[dict[str, Any]]:
-    from wbc_tasks.serving.review_queue import count_drops, list_drops
+    from wbc_tasks.serving.drop_summaries import count_drops, list_drops
 
     settings = get_settings()
     if limit is None:  # every drop, as before paging existed

@@ -131,7 +131,7 @@ def api_schema() -> RedirectResponse:
 
 @router.get("/drops", response_class=HTMLResponse, name="drops_page", summary="Drops (HTML)")
 def drops_page(request: Request, who: PageReader, page: Annotated[int, Query(ge=1)] = 1) -> HTMLResponse:
-    from wbc_tasks.serving.review_queue import count_drops, list_drops
+    from wbc_tasks.serving.drop_summaries import count_drops, list_drops
 
     settings = get_settings()
     pager = _pager(str(request.url_for("drops_page")), page, count_drops(settings), DROPS_PER_PAGE)
@@ -141,7 +141,7 @@ def drops_page(request: Request, who: PageReader, page: Annotated[int, Query(ge=
 
 @router.get("/runs/{run_id}", response_class=HTMLResponse, summary="The drops a nightly run classified (HTML)")
 def run_page(request: Request, run_id: str, who: PageReader) -> HTMLResponse:
-    from wbc_tasks.serving.review_queue import drop_counts
+    from wbc_tasks.serving.drop_summaries import drop_counts
 
     drops = drop_counts(get_settings(), sorted(_drops_of_run(run_id), reverse=True))
     heading = f"Drops of run {run_id}"

@@ -22,8 +22,8 @@ from wbc_tasks.core.privacy import pseudonymiser
 from wbc_tasks.core.settings import Settings
 from wbc_tasks.core.workdir import write_json_atomic
 from wbc_tasks.registry.versions import ModelRef
+from wbc_tasks.serving import drop_summaries, queries
 from wbc_tasks.serving import predictions as db
-from wbc_tasks.serving import queries
 from wbc_tasks.serving.archive import archive_files
 from wbc_tasks.serving.infer import Outcome, predict_images, prediction_fields
 from wbc_tasks.serving.model import load_model, model_ref_from_dict
@@ -93,10 +93,17 @@ def write_rows(
     rejections: Sequence[dict[str, Any]] = (),
     seen: Sequence[dict[str, Any]] = (),
 ) -> None:
-    """Insert the rows (existing ones kept), predictions before the files that point to them."""
+    """Insert the rows (existing ones kept), predictions before the files that point to them,
+    and recount the drops they touch (in the same transaction: all of it or none)."""
     db.insert_ignore(connection, db.predictions, predictions)
     db.insert_ignore(connection, db.rejections, rejections)
     db.insert_ignore(connection, db.files_seen, seen)
+    drop_summaries.refresh_after_write(
+        connection,
+        seen=seen,
+        rejected_paths=[r["path"] for r in rejections],
+        hashes=[p["sha256"] for p in predictions],
+    )
 
 
 def empty_stats() -> dict[str, Any]:

@@ -198,6 +198,24 @@ drop_scans = Table(
     UniqueConstraint("drop"),
 )
 
+drop_summaries = Table(
+    "drop_summaries",
+    metadata,
+    Column("id", _Id, primary_key=True, autoincrement=True),
+    Column("drop", String(255), nullable=False),
+    # What the drops page shows, recounted from the rows by every writer in its own transaction
+    # (wbc_tasks.serving.drop_summaries), so a page reads a row per drop, not the drop's cells.
+    Column("files", Integer, nullable=False),
+    Column("cells", Integer, nullable=False),
+    Column("rejected", Integer, nullable=False),
+    Column("pending", Integer, nullable=False),
+    Column("needs_review", Integer, nullable=False),
+    Column("reviewed", Integer, nullable=False),
+    Column("blast_suspected", Integer, nullable=False),
+    Column("counted_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("drop"),
+)
+
 _CONFLICT_KEYS = {
     "predictions": ("sha256", "model_name", "model_version"),
     "files_seen": ("path", "sha256"),

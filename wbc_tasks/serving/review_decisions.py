@@ -19,6 +19,7 @@ from sqlalchemy.engine import Connection
 from wbc_tasks.core.errors import PermanentError
 from wbc_tasks.core.settings import Settings
 from wbc_tasks.core.vocabulary import CLASS_NAMES
+from wbc_tasks.serving.drop_summaries import refresh_after_write
 from wbc_tasks.serving.predictions import (
     UNREADABLE_SHA,
     files_seen,
@@ -121,6 +122,7 @@ def record_review(
         }
         inserted = connection.execute(reviews.insert().values(**row)).inserted_primary_key
         assert inserted is not None  # both backends return the new id
+        refresh_after_write(connection, hashes=[image["sha256"]])
         return {"id": int(inserted[0]), **row}
 
     # A database last migrated before reviews existed gets its table here (a no-op at head).

@@ -1,7 +1,7 @@
 """What people review, read from the predictions database: the files of a drop with their
-status, prediction and latest review; a drop's review queue; every drop with its counts; the
-latest review of each image. Also the blast rule and the reasons a prediction needs review,
-which the queue, the drops list and the report share.
+status, prediction and latest review; a drop's review queue; the latest review of each image.
+Also the blast rule and the reasons a prediction needs review, which the queue, the drops'
+counts (:mod:`wbc_tasks.serving.drop_summaries`) and the report share.
 
 A review is a row of ``reviews`` (migration 0003) and is never updated: a second opinion is a new
 row, and the latest one (by ``reviewed_at``, then id) counts. Reads only: recording a decision is
@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, inspect, select
+from sqlalchemy import inspect, select
 from sqlalchemy.engine import Connection, make_url
 
 from wbc_tasks.core.settings import Settings
@@ -56,7 +56,7 @@ def _reviews_table_exists(connection: Connection) -> bool:
     return inspect(connection).has_table(reviews.name)
 
 
-def _newest(rows: Iterable[dict[str, Any]], key: str, when: str) -> dict[Any, dict[str, Any]]:
+def newest_by(rows: Iterable[dict[str, Any]], key: str, when: str) -> dict[Any, dict[str, Any]]:
     """``row[key]`` -> the row with the latest ``(row[when], row["id"])`` (``when`` read as UTC)."""
     newest: dict[Any, dict[str, Any]] = {}
     for row in rows:
@@ -70,11 +70,11 @@ def _newest(rows: Iterable[dict[str, Any]], key: str, when: str) -> dict[Any, di
 def _reviews_of(connection: Connection, hashes: Sequence[str] | None) -> dict[str, dict[str, Any]]:
     """sha256 -> its latest review (every image with a review when ``hashes`` is None)."""
     if hashes is None:
-        return _newest((dict(r) for r in connection.execute(select(reviews)).mappings()), "sha256", "reviewed_at")
+        return newest_by((dict(r) for r in connection.execute(select(reviews)).mappings()), "sha256", "reviewed_at")
     rows: list[dict[str, Any]] = []
     for part in in_batches(sorted(set(hashes))):
         rows.extend(dict(r) for r in connection.execute(select(reviews).where(reviews.c.sha256.in_(part))).mappings())
-    return _newest(rows, "sha256", "reviewed_at")
+    return newest_by(rows, "sha256", "reviewed_at")
 
 
 def predictions_of(
@@ -91,7 +91,7 @@ def predictions_of(
     else:
         for part in in_batches(sorted(set(hashes) - {UNREADABLE_SHA})):
             found.extend(dict(r) for r in connection.execute(query.where(predictions.c.sha256.in_(part))).mappings())
-    return _newest(found, "sha256", "created_at")
+    return newest_by(found, "sha256", "created_at")
 
 
 def _rejected(connection: Connection, paths: list[str] | None) -> dict[tuple[str, str], str]:
@@ -112,7 +112,7 @@ def _cells(connection: Connection, drop: str | None, model_version: str | None) 
     query = select(files_seen.c.path, files_seen.c.drop, files_seen.c.sha256, files_seen.c.seen_at, files_seen.c.id)
     if drop is not None:
         query = query.where(files_seen.c.drop == drop)
-    newest = _newest((dict(r) for r in connection.execute(query).mappings()), "path", "seen_at")
+    newest = newest_by((dict(r) for r in connection.execute(query).mappings()), "path", "seen_at")
     files = sorted(newest.values(), key=lambda f: f["path"])
     hashes = None if drop is None else [f["sha256"] for f in files]
     rejected = _rejected(connection, None if drop is None else [f["path"] for f in files])
@@ -157,7 +157,7 @@ def drop_cells(settings: Settings, drop: str | None, *, model_version: str | int
 
 
 # --------------------------------------------------------------------------------------------
-# The queue, the drops, the latest reviews
+# The queue and the latest reviews
 # --------------------------------------------------------------------------------------------
 
 
@@ -223,89 +223,15 @@ def latest_reviews(settings: Settings, *, drop: str | None = None) -> list[dict[
             latest = _reviews_of(connection, list(hashes))
         return sorted(latest.values(), key=lambda r: (r["drop"], r["path"], r["id"]))
 
-    if not _database_exists(settings):
+    if not database_exists(settings):
         return []
     with open_engine(settings.predictions_db_url) as engine:
         return read_with_retries(settings, engine, read, what="reading the latest reviews")
 
 
-def _database_exists(settings: Settings) -> bool:
+def database_exists(settings: Settings) -> bool:
     """False for a SQLite file not made yet (reading must not create an empty one)."""
     url = make_url(settings.predictions_db_url)
     if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
         return True
     return Path(url.database).expanduser().is_file()
-
-
-def _counts(cells: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per drop of ``cells``: ``files``, ``cells`` (classified), ``rejected``, ``pending``,
-    ``needs_review`` (flagged or blast suspected), ``reviewed`` (cells with a review) and
-    ``blast_suspected``."""
-    by_drop: dict[str, dict[str, Any]] = {}
-    for cell in cells:
-        counts = by_drop.setdefault(
-            cell["drop"],
-            {
-                "drop": cell["drop"],
-                "files": 0,
-                "cells": 0,
-                "rejected": 0,
-                "pending": 0,
-                "needs_review": 0,
-                "reviewed": 0,
-                "blast_suspected": 0,
-            },
-        )
-        counts["files"] += 1
-        if cell["status"] != "classified":
-            counts[cell["status"]] += 1
-            continue
-        counts["cells"] += 1
-        prediction = cell["prediction"]
-        blast = is_blast_suspected(prediction)
-        counts["needs_review"] += int(bool(prediction["needs_review"]) or blast)
-        counts["blast_suspected"] += int(blast)
-        counts["reviewed"] += int(cell["review"] is not None)
-    return by_drop
-
-
-def list_drops(settings: Settings, *, limit: int | None = None, offset: int = 0) -> list[dict[str, Any]]:
-    """Drops with their counts (:func:`_counts`), newest drop name first: every drop (``limit``
-    None, the default), or the page of ``limit`` drops after the first ``offset``, which reads
-    only its own drops' rows (a page costs its drops, not the whole history)."""
-    if limit is None:
-        return sorted(_counts(drop_cells(settings, None)).values(), key=lambda d: d["drop"], reverse=True)
-    names = drop_names(settings, limit=limit, offset=offset)
-    if offset == 0 and len(names) < limit:
-        # The page holds every drop: one pass over the tables costs less than one look-up per
-        # drop (measured about 1.4x at 40,000 rows in 9 drops; bench/bench_scale.py).
-        return list_drops(settings)
-    return drop_counts(settings, names)
-
-
-def drop_names(settings: Settings, *, limit: int | None = None, offset: int = 0) -> list[str]:
-    """The drops' names, newest first (from the index on ``files_seen.drop``)."""
-    if not _database_exists(settings):
-        return []
-    query = select(files_seen.c.drop).distinct().order_by(files_seen.c.drop.desc()).offset(offset)
-    if limit is not None:
-        query = query.limit(limit)
-    with open_engine(settings.predictions_db_url) as engine:
-        return read_with_retries(settings, engine, lambda c: list(c.execute(query).scalars()), what="listing drops")
-
-
-def count_drops(settings: Settings) -> int:
-    """How many drops there are."""
-    if not _database_exists(settings):
-        return 0
-    query = select(func.count(func.distinct(files_seen.c.drop)))
-    with open_engine(settings.predictions_db_url) as engine:
-        return int(read_with_retries(settings, engine, lambda c: c.execute(query).scalar() or 0, what="counting drops"))
-
-
-def drop_counts(settings: Settings, drops: Sequence[str]) -> list[dict[str, Any]]:
-    """The counts of ``drops``, in that order, each read on its own (its own files only)."""
-    counts: list[dict[str, Any]] = []
-    for drop in drops:
-        counts.extend(_counts(drop_cells(settings, drop)).values())
-    return counts
