@@ -1,11 +1,12 @@
-"""One way to spread CPU-bound per-image work over the machine's cores."""
+"""One way to spread CPU-bound per-image work over the machine's cores: worker processes, or
+threads inside a Celery worker's task, whose daemonic process may not start children."""
 
 from __future__ import annotations
 
 import logging
 import multiprocessing
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import TypeVar
 
 log = logging.getLogger(__name__)
@@ -19,25 +20,27 @@ def parallel_map(fn: Callable[[T], R], items: Iterable[T], *, workers: int, chun
 
     Uses ``fork``: ``spawn``/``forkserver`` would re-run the caller's ``__main__`` (a script, or
     Airflow's task runner) in every worker. Callers keep TensorFlow out of these steps, so there
-    are no framework threads to inherit. Falls back to a serial loop where processes cannot be
-    started (a daemonic parent).
+    are no framework threads to inherit. In a daemonic process (a Celery worker's task on the
+    stack), which may not start children, ``workers`` threads run it instead: the per-image work
+    is decoding, resizing, hashing and array copies, which release the GIL (measured in
+    bench/bench_worker_parallel.py).
     """
     items = list(items)
     if workers <= 1 or len(items) < 2 * chunksize:
         yield from map(fn, items)
         return
+    pool: Executor
     if multiprocessing.current_process().daemon:
-        # A Celery worker's task (the stack): its pool process is daemonic, and multiprocessing
-        # refuses children only when the pool starts them, inside pool.map below.
-        log.warning("running in a daemonic process (a Celery worker's task): no worker processes; running serially")
-        yield from map(fn, items)
-        return
-    try:
-        context = multiprocessing.get_context("fork")
-        pool = ProcessPoolExecutor(max_workers=workers, mp_context=context)
-    except (OSError, ValueError, AssertionError) as exc:  # e.g. a daemonic parent process
-        log.warning("cannot start worker processes (%s); running serially", exc)
-        yield from map(fn, items)
-        return
+        # multiprocessing refuses a daemonic process's children only when the pool starts them,
+        # inside map below, so this is decided here.
+        log.info("in a daemonic process (a Celery worker's task): %d threads instead of processes", workers)
+        pool = ThreadPoolExecutor(max_workers=workers)
+    else:
+        try:
+            pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"))
+        except (OSError, ValueError, AssertionError) as exc:
+            log.warning("cannot start worker processes (%s); running serially", exc)
+            yield from map(fn, items)
+            return
     with pool:
         yield from pool.map(fn, items, chunksize=chunksize)

@@ -1,0 +1,117 @@
+"""The split checks, preprocess and augment steps inside a Celery worker's task (issue 31): the
+stack's prefork pool runs each task in a daemonic process, which may not start children, so
+``core.parallel.parallel_map`` ran these steps serially there. Now it runs them on threads. Timed
+side by side on the same data, in one script, rounds interleaved:
+
+- ``embedded``: the step in an ordinary process (worker processes), as the embedded default runs it;
+- ``daemonic-threads``: the same call in a daemonic process (what a Celery task is), now;
+- ``daemonic-serial``: the same in a daemonic process with one worker: what it was before.
+
+    .venv/bin/python bench/bench_worker_parallel.py [--data ../shared/data/wbc-bench/WBC] [--size 64]
+        [--rounds 3] [--out bench-worker-parallel.json]
+
+Prints the median seconds per step and mode, and each mode's ratio to ``embedded``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+DATA = REPO.parent / "shared" / "data" / "wbc-bench" / "WBC"
+MODES = {"embedded": (False, 0), "daemonic-threads": (True, 0), "daemonic-serial": (True, 1)}
+STEPS = ("split", "preprocess", "augment")
+
+
+def _steps(data: Path, work: Path, size: int, workers: int) -> dict[str, float]:
+    """The three steps on ``data`` into ``work``; seconds each."""
+    from tests.serving.conftest import base_settings
+    from wbc_tasks.core.workdir import run_step
+    from wbc_tasks.data.augment import augment_training_set
+    from wbc_tasks.data.dataset import split_dataset
+    from wbc_tasks.data.preprocess import preprocess_splits
+
+    settings = base_settings(work / "state").with_overrides(workers=workers)
+    builds = {
+        "split": lambda out: split_dataset(data, out, settings),
+        "preprocess": lambda out: preprocess_splits(work / "split", out, settings, size),
+        "augment": lambda out: augment_training_set(
+            work / "preprocess" / "train", out, per_class=400, seed=0, settings=settings
+        ),
+    }
+    seconds = {}
+    for step in STEPS:  # as the pipeline runs them: each in its step folder, marked complete
+        started = time.perf_counter()
+        run_step(work / step, builds[step])
+        seconds[step] = time.perf_counter() - started
+    return seconds
+
+
+def _child(queue: Any, data: str, work: str, size: int, workers: int) -> None:
+    try:
+        queue.put(_steps(Path(data), Path(work), size, workers))
+    except Exception as exc:  # noqa: BLE001 - reported to the parent
+        queue.put(repr(exc))
+
+
+def run_mode(mode: str, data: Path, size: int) -> dict[str, float]:
+    """One round of the three steps in ``mode``, in a fresh process and work folder."""
+    daemonic, workers = MODES[mode]
+    with tempfile.TemporaryDirectory() as tmp:
+        context = multiprocessing.get_context("fork")
+        queue = context.Queue()
+        process = context.Process(target=_child, args=(queue, str(data), tmp, size, workers), daemon=daemonic)
+        process.start()
+        result = queue.get(timeout=3600)
+        process.join(timeout=60)
+        shutil.rmtree(tmp, ignore_errors=True)
+    if isinstance(result, str):
+        raise RuntimeError(f"{mode}: {result}")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    times: dict[str, dict[str, list[float]]] = {m: {s: [] for s in STEPS} for m in MODES}
+    for round_ in range(args.rounds):
+        for mode in MODES:
+            for step, seconds in run_mode(mode, args.data, args.size).items():
+                times[mode][step].append(seconds)
+            print(json.dumps({"round": round_ + 1, mode: {s: round(v[-1], 2) for s, v in times[mode].items()}}))
+    median = {m: {s: statistics.median(v) for s, v in steps.items()} for m, steps in times.items()}
+    results = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "data": str(args.data),
+        "image_size": args.size,
+        "rounds": args.rounds,
+        "median_s": {m: {s: round(v, 2) for s, v in steps.items()} for m, steps in median.items()},
+        "ratio_to_embedded": {
+            m: {s: round(median[m][s] / median["embedded"][s], 2) for s in STEPS} for m in MODES if m != "embedded"
+        },
+    }
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=1))
+    print(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
