@@ -18,7 +18,9 @@ five after one warm-up:
 Then ``--files`` real images hard-linked into a classify folder of drops (100 files each), their
 ``files_seen`` rows and predictions recorded as a finished night would: the planning of a no-op
 night (``find_new_images``) with every drop read (the first night after this change, or
-``full_scan``) and then with the finished, unchanged drops skipped. Peak RSS is the process's.
+``full_scan``) and then with the finished, unchanged drops skipped; then 20,000 new files (half in
+100 new drops, half added to 100 old ones) and the planning of that night. Peak RSS is the
+process's.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +42,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
 from tests.serving.conftest import base_settings, make_prediction, throwaway_database  # noqa: E402
 from wbc_tasks.serving import predictions as db  # noqa: E402
@@ -48,6 +52,7 @@ ROWS_PER_DROP = 4_700
 BIG_DROP = 5_000
 CELLS_PER_REVIEW = 350
 FILES_PER_DROP = 100
+NEW_FILES = 20_000
 MODEL = {
     "name": "wbc-classifier",
     "version": "1",
@@ -151,7 +156,86 @@ def pages(url: str, n: int, folder: Path) -> dict[str, Any]:
     result["review_in_5000_cell_drop_s"] = timed(
         lambda: record_review(settings, f"{big}/cell-{1:08d}.jpg", "neutrophils", reviewer="tech")
     )
+    result.update(pages_while_a_night_commits(settings))
+    result.update(export_through_the_cli(url, folder))
     return result
+
+
+def pages_while_a_night_commits(settings: Any, seconds: float = 15.0) -> dict[str, Any]:
+    """The drops page (count and first 50) read again and again, quiet and then while another
+    thread commits chunks of 500 new cells into one drop as a night does: median and p95 ms."""
+    import threading
+
+    from wbc_tasks.serving.commit import write_rows
+    from wbc_tasks.serving.drop_summaries import count_drops, list_drops
+
+    def page_times(until: float) -> list[float]:
+        times = []
+        while time.perf_counter() < until:
+            started = time.perf_counter()
+            count_drops(settings)
+            list_drops(settings, limit=50)
+            times.append(time.perf_counter() - started)
+        return times
+
+    quiet = page_times(time.perf_counter() + seconds / 3)
+    stop, commits = threading.Event(), []
+
+    def night() -> None:
+        now, n = db.utcnow(), 0
+        with db.open_engine(settings.predictions_db_url) as engine:
+            while not stop.is_set():
+                shas = [hashlib.sha256(f"night-{n + i}".encode()).hexdigest() for i in range(500)]
+                seen = [
+                    {"path": f"2099-night/c-{n + i:08d}.jpg", "drop": "2099-night", "sha256": sha, "size": 1,
+                     "mtime": 1.0, "seen_at": now, "dag_run_id": "night"}
+                    for i, sha in enumerate(shas)
+                ]  # fmt: skip
+                started = time.perf_counter()
+                with engine.begin() as connection:
+                    write_rows(connection, predictions=[make_prediction(sha) for sha in shas], seen=seen)
+                commits.append(time.perf_counter() - started)
+                n += 500
+
+    writer = threading.Thread(target=night)
+    writer.start()
+    try:
+        busy = page_times(time.perf_counter() + seconds)
+    finally:
+        stop.set()
+        writer.join()
+
+    def ms(values: list[float], q: float) -> float:
+        return round(sorted(values)[min(len(values) - 1, round(q * (len(values) - 1)))] * 1e3, 1)
+
+    return {
+        "drops_page_quiet_ms": {"median": ms(quiet, 0.5), "p95": ms(quiet, 0.95)},
+        "drops_page_while_committing_ms": {"median": ms(busy, 0.5), "p95": ms(busy, 0.95), "max": ms(busy, 1.0)},
+        "night_commits_of_500": {"count": len(commits), "median_ms": ms(commits, 0.5)},
+    }
+
+
+def export_through_the_cli(url: str, folder: Path) -> dict[str, Any]:
+    """``wbc predictions`` (every row, CSV) as a user runs it: rows/s and its peak RSS."""
+    from bench_lab_api import PeakRss
+
+    out = folder / "export.csv"
+    env = {**os.environ, "WBC_HOME": str(folder / "cli-home"), "WBC_PREDICTIONS_DB_URL": url}
+    started = time.perf_counter()
+    child = subprocess.Popen(
+        [str(REPO / ".venv" / "bin" / "wbc"), "predictions", "--format", "csv", "--out", str(out)], env=env
+    )
+    with PeakRss(child.pid) as memory:
+        child.wait()
+    seconds = time.perf_counter() - started
+    with open(out, "rb") as handle:
+        rows = sum(1 for _ in handle) - 1
+    out.unlink()
+    return {
+        "export_cli_rows": rows,
+        "export_cli_rows_per_s": round(rows / seconds),
+        "export_cli_peak_rss_mb": round(memory.peak / 2**20),
+    }
 
 
 def no_op_night(folder: Path, n_files: int) -> dict[str, Any]:
@@ -189,12 +273,28 @@ def no_op_night(folder: Path, n_files: int) -> dict[str, Any]:
     record_finished(settings, "night", first)
     skipped = plan(False)
     assert skipped["drops_skipped_unchanged"] == first["drops_scanned"], skipped
-    return {
+    result = {
         "files": n_files,
         "drops": first["drops_scanned"],
         "every_drop_read_s": timed(lambda: plan(True), repeat=3),
         "finished_drops_skipped_s": timed(lambda: plan(False), repeat=3),
     }
+    # A busy night: 20,000 new files, half in 100 new drops, half added to 100 old drops.
+    old_drops = sorted({row["drop"] for row in seen})[:: max(1, len({row["drop"] for row in seen}) // 100)][:100]
+    for i in range(NEW_FILES):
+        source = sources[i % len(sources)]
+        drop = f"2026-{i // FILES_PER_DROP:05d}" if i < NEW_FILES // 2 else old_drops[i % len(old_drops)]
+        target = settings.classify_dir / drop / f"new-{i:08d}{source.suffix}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.link(source, target)
+    started = time.perf_counter()
+    busy = plan(False)
+    result["plan_20000_new_files_s"] = round(time.perf_counter() - started, 2)
+    # Hard links of a few hundred images: their content is known, so they are linked to the
+    # existing predictions rather than classified; they are listed, hashed and looked up all the same.
+    assert busy["files_found"] - busy["files_already_done"] == NEW_FILES, busy
+    result["plan_20000_new_files_drops_read"] = busy["drops_scanned"]
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
