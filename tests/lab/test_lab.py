@@ -21,7 +21,8 @@ import pytest
 from PIL import Image
 
 from tests.lab.conftest import DROP, HOSTILE_DROP, lab_url
-from wbc_tasks.serving.export import PredictionFilter, export_predictions
+from wbc_tasks.serving.export import PredictionFilter
+from wbc_tasks.serving.export_stream import export_predictions
 from wbc_tasks.serving.review_queue import latest_reviews, review_queue
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]

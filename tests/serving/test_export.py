@@ -13,7 +13,7 @@ from sqlalchemy import select
 
 from tests.serving.conftest import add_bad_files, copy_drop, make_prediction, make_seen
 from wbc_tasks.core.vocabulary import CLASS_NAMES
-from wbc_tasks.serving import export
+from wbc_tasks.serving import export, export_stream
 from wbc_tasks.serving import predictions as db
 from wbc_tasks.serving.commit import write_rows
 from wbc_tasks.serving.nightly import classify_new_images
@@ -80,7 +80,7 @@ def known_rows(db_settings):
 
 def test_export_lists_every_file_with_each_prediction_of_its_content(known_rows, tmp_path):
     out = tmp_path / "all.csv"
-    assert export.export_predictions(known_rows, fmt="csv", out=out) == 7
+    assert export_stream.export_predictions(known_rows, fmt="csv", out=out) == 7
     table = pd.read_csv(
         out,
         dtype={"model_version": str, "drop": str},
@@ -108,7 +108,7 @@ def test_export_lists_every_file_with_each_prediction_of_its_content(known_rows,
 def test_export_filters(known_rows, tmp_path):
     def rows(**filters):
         buffer = io.BytesIO()
-        n = export.export_predictions(known_rows, export.PredictionFilter(**filters), fmt="json", out=buffer)
+        n = export_stream.export_predictions(known_rows, export.PredictionFilter(**filters), fmt="json", out=buffer)
         records = json.loads(buffer.getvalue())
         assert len(records) == n
         return records
@@ -148,7 +148,7 @@ def test_export_filters(known_rows, tmp_path):
 def test_review_reasons_are_exported_as_lists_and_filter_rows(known_rows, tmp_path):
     def paths(**filters):
         buffer = io.BytesIO()
-        export.export_predictions(known_rows, export.PredictionFilter(**filters), fmt="json", out=buffer)
+        export_stream.export_predictions(known_rows, export.PredictionFilter(**filters), fmt="json", out=buffer)
         return {(r["path"], tuple(r["review_reasons"])) for r in json.loads(buffer.getvalue())}
 
     assert paths(review_reason="unfamiliar") == {("2026-11-24/b.jpg", ("low_confidence", "unfamiliar"))}
@@ -158,8 +158,8 @@ def test_review_reasons_are_exported_as_lists_and_filter_rows(known_rows, tmp_pa
     with pytest.raises(ValueError, match="unknown review reason 'tired'"):
         export.PredictionFilter(review_reason="tired")
     # CSV: the list as JSON text; parquet: a list column.
-    export.export_predictions(known_rows, fmt="csv", out=tmp_path / "x.csv")
-    export.export_predictions(known_rows, fmt="parquet", out=tmp_path / "x.parquet")
+    export_stream.export_predictions(known_rows, fmt="csv", out=tmp_path / "x.csv")
+    export_stream.export_predictions(known_rows, fmt="parquet", out=tmp_path / "x.parquet")
     csv = pd.read_csv(tmp_path / "x.csv", keep_default_na=False)
     assert json.loads(csv.set_index("path").loc["2026-11-24/b.jpg", "review_reasons"]) == [
         "low_confidence",
@@ -171,7 +171,7 @@ def test_review_reasons_are_exported_as_lists_and_filter_rows(known_rows, tmp_pa
 
 def test_export_formats_hold_the_same_rows(known_rows, tmp_path):
     for fmt in export.EXPORT_FORMATS:
-        export.export_predictions(known_rows, fmt=fmt, out=tmp_path / f"x.{fmt}")
+        export_stream.export_predictions(known_rows, fmt=fmt, out=tmp_path / f"x.{fmt}")
     csv = pd.read_csv(tmp_path / "x.csv", dtype={"model_version": str})
     parquet = pd.read_parquet(tmp_path / "x.parquet")
     records = json.loads((tmp_path / "x.json").read_text())
@@ -194,11 +194,11 @@ def test_export_formats_hold_the_same_rows(known_rows, tmp_path):
 
 
 def test_export_to_stdout_and_bad_format(known_rows, capsysbinary):
-    assert export.export_predictions(known_rows, export.PredictionFilter(drop="2026-11-25"), fmt="csv") == 2
+    assert export_stream.export_predictions(known_rows, export.PredictionFilter(drop="2026-11-25"), fmt="csv") == 2
     lines = capsysbinary.readouterr().out.decode().splitlines()
     assert lines[0].startswith("path,drop,status") and len(lines) == 3
     with pytest.raises(ValueError, match="unknown export format 'xlsx'"):
-        export.export_predictions(known_rows, fmt="xlsx")
+        export_stream.export_predictions(known_rows, fmt="xlsx")
 
 
 def test_export_in_every_format_matches_the_database(night, tmp_path):
@@ -224,7 +224,7 @@ def test_export_in_every_format_matches_the_database(night, tmp_path):
 
     for fmt in export.EXPORT_FORMATS:
         out = tmp_path / f"predictions.{fmt}"
-        assert export.export_predictions(settings, fmt=fmt, out=out) == 103
+        assert export_stream.export_predictions(settings, fmt=fmt, out=out) == 103
         if fmt == "json":
             records = json.loads(out.read_text())
             probs = {r["path"]: r["probabilities"] for r in records}
@@ -245,8 +245,8 @@ def test_export_in_every_format_matches_the_database(night, tmp_path):
 
     flagged = sum(r["needs_review"] for r in truth.values())
     review = export.PredictionFilter(needs_review=True)
-    assert export.export_predictions(settings, review, out=tmp_path / "review.csv") == flagged
+    assert export_stream.export_predictions(settings, review, out=tmp_path / "review.csv") == flagged
     some_class = next(iter(truth.values()))["predicted_class"]
     n_class = sum(r["predicted_class"] == some_class for r in truth.values())
     of_class = export.PredictionFilter(predicted_class=some_class)
-    assert export.export_predictions(settings, of_class, out=tmp_path / "c.csv") == n_class
+    assert export_stream.export_predictions(settings, of_class, out=tmp_path / "c.csv") == n_class

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from tests.serving.conftest import make_prediction, make_seen
-from wbc_tasks.serving import export
+from wbc_tasks.serving import export_stream
 from wbc_tasks.serving import predictions as db
 from wbc_tasks.serving.commit import write_rows
 from wbc_tasks.serving.export_stream import stream_csv, stream_predictions, stream_probability_columns
@@ -38,7 +38,7 @@ def _cells(text: str, column: str) -> list[str]:
 def test_csv_exports_neutralise_formulas_and_json_and_parquet_keep_the_names(hostile_rows, tmp_path):
     expected = sorted(f"'{DROP}/{n}" for n in NAMES)  # every path starts with the drop's '='
     cli_csv = tmp_path / "p.csv"
-    export.export_predictions(hostile_rows, out=cli_csv, fmt="csv")
+    export_stream.export_predictions(hostile_rows, out=cli_csv, fmt="csv")
     assert sorted(_cells(cli_csv.read_text(), "path")) == expected
     assert set(_cells(cli_csv.read_text(), "drop")) == {"'" + DROP}
 
@@ -47,10 +47,10 @@ def test_csv_exports_neutralise_formulas_and_json_and_parquet_keep_the_names(hos
     assert sorted(_cells(streamed, "path")) == expected
 
     as_json = tmp_path / "p.json"
-    export.export_predictions(hostile_rows, out=as_json, fmt="json")
+    export_stream.export_predictions(hostile_rows, out=as_json, fmt="json")
     assert sorted(r["path"] for r in json.loads(as_json.read_text())) == sorted(f"{DROP}/{n}" for n in NAMES)
     as_parquet = tmp_path / "p.parquet"
-    export.export_predictions(hostile_rows, out=as_parquet, fmt="parquet")
+    export_stream.export_predictions(hostile_rows, out=as_parquet, fmt="parquet")
     assert set(pd.read_parquet(as_parquet)["drop"]) == {DROP}
 
 

@@ -87,7 +87,8 @@ def cmd_classify_night(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_predictions(args: argparse.Namespace, settings: Settings) -> int:
-    from wbc_tasks.serving.export import PredictionFilter, export_predictions
+    from wbc_tasks.serving.export import PredictionFilter
+    from wbc_tasks.serving.export_stream import export_predictions
 
     where = PredictionFilter(
         drop=args.drop,

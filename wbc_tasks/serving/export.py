@@ -1,39 +1,29 @@
-"""The predictions table users fetch (``wbc predictions``): every file seen with each prediction
-of its content, the rows a :class:`PredictionFilter` selects, read whole into pandas and written
-as CSV, Parquet or JSON. The same SELECT, streamed for the lab's HTTP endpoint, is
-:mod:`wbc_tasks.serving.export_stream`. Reads only; every read retries like
-:mod:`wbc_tasks.serving.predictions`.
+"""The predictions table users fetch (``wbc predictions`` and the lab's HTTP endpoint): every file
+seen with each prediction of its content, the rows a :class:`PredictionFilter` selects, its
+columns and its one SELECT. Reading and writing it, row batch by row batch in CSV, JSON or
+Parquet, is :mod:`wbc_tasks.serving.export_stream`.
 """
 
 from __future__ import annotations
 
-import io
-import json
 import logging
-import sys
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Select, Text, and_, cast, or_, select
 from sqlalchemy.engine import Connection
 
-from wbc_tasks.core.settings import Settings
-from wbc_tasks.core.spreadsheet import spreadsheet_safe_frame
 from wbc_tasks.core.vocabulary import CLASS_NAMES, REVIEW_REASONS
 from wbc_tasks.serving.predictions import (
     UNREADABLE_SHA,
     files_seen,
-    open_engine,
     predictions,
-    read_with_retries,
     rejections,
 )
-from wbc_tasks.serving.queries import as_utc
 
 if TYPE_CHECKING:
-    import pandas as pd
+    pass
 
 log = logging.getLogger(__name__)
 
@@ -148,144 +138,7 @@ def since_clause(query: Select[Any], since_utc: datetime | None, connection: Con
     )
 
 
-def query_predictions(settings: Settings, where: PredictionFilter = ALL_ROWS) -> pd.DataFrame:
-    """One row per file seen and prediction of its content (long form: ``probabilities`` dict),
-    the rows ``where`` selects.
-
-    A file whose content was classified by two model versions has two rows (``where.latest``
-    keeps only the newest prediction per file). Rejected files appear with ``status``
-    ``rejected`` and their ``rejection_reason``.
-    """
-    import pandas as pd
-
-    query = export_query(where)
-    since_utc = as_utc(where.since)
-
-    def fetch(connection: Connection) -> list[dict[str, Any]]:
-        return [dict(row) for row in connection.execute(since_clause(query, since_utc, connection)).mappings()]
-
-    with open_engine(settings.predictions_db_url) as engine:
-        rows = read_with_retries(settings, engine, fetch, what="reading predictions")
-    table = pd.DataFrame(rows, columns=list(query.selected_columns.keys()))
-    for column in TIME_COLUMNS:
-        table[column] = pd.to_datetime(table[column], utc=True)
-    table["status"] = "pending"
-    table.loc[table["rejection_reason"].notna(), "status"] = "rejected"
-    table.loc[table["predicted_class"].notna(), "status"] = "classified"
-    table = table[[c for c in EXPORT_COLUMNS if c in table.columns]]
-    if where.latest and len(table):
-        table = (
-            table.sort_values(["path", "sha256", "predicted_at"], na_position="first")
-            .groupby(["path", "sha256"], sort=False)
-            .tail(1)
-            .sort_values(["path", "sha256"])
-        )
-    return table.reset_index(drop=True)
-
-
 def ordered_classes(seen: set[str]) -> list[str]:
     """Class names: the project's order first, then any other class a model gave, sorted."""
     known = [c for c in CLASS_NAMES if c in seen]
     return known + sorted(seen - set(known))
-
-
-def probability_columns(table: pd.DataFrame) -> list[str]:
-    """Class names across every prediction in ``table``: the project's order first, then others."""
-    seen: set[str] = set()
-    for probs in table["probabilities"].dropna():
-        seen.update(probs)
-    return ordered_classes(seen)
-
-
-def wide_table(table: pd.DataFrame) -> pd.DataFrame:
-    """``probabilities`` spread into one column per class, ``prob_<class>`` (NaN where absent)."""
-    classes = probability_columns(table)
-    wide = table.drop(columns=["probabilities"]).copy()
-    for name in classes:
-        wide[f"prob_{name}"] = [
-            probs.get(name) if isinstance(probs, dict) else None for probs in table["probabilities"]
-        ]
-    return wide
-
-
-def _iso_or_none(value: Any) -> Any:
-    """A timestamp as ISO 8601 text for JSON; None for a missing one."""
-    return value.isoformat() if hasattr(value, "isoformat") and not _is_null(value) else None
-
-
-def _is_null(value: Any) -> bool:
-    import pandas as pd
-
-    return value is None or (not isinstance(value, dict | list) and bool(pd.isna(value)))
-
-
-def _json_value(column: str, value: Any) -> Any:
-    if column in TIME_COLUMNS:
-        return _iso_or_none(value)
-    if isinstance(value, dict | list):
-        return value
-    if _is_null(value):
-        return None
-    if hasattr(value, "item"):
-        return value.item()  # numpy scalar
-    return value
-
-
-def _json_records(table: pd.DataFrame) -> list[dict[str, Any]]:
-    return [
-        {str(column): _json_value(str(column), value) for column, value in row.items()}
-        for row in table.to_dict("records")
-    ]
-
-
-def _payload(table: pd.DataFrame, fmt: str) -> bytes | str:
-    """``table`` as the bytes or text of an export in ``fmt``."""
-    if fmt == "json":
-        return json.dumps(_json_records(table), indent=1, ensure_ascii=False) + "\n"
-    if fmt == "csv":
-        wide = wide_table(table)
-        # A list cell as JSON text (pandas would write Python's repr).
-        wide["review_reasons"] = [json.dumps(v) if isinstance(v, list) else v for v in wide["review_reasons"]]
-        return spreadsheet_safe_frame(wide).to_csv(index=False, date_format="%Y-%m-%dT%H:%M:%S.%f%z")
-    buffer = io.BytesIO()
-    wide_table(table).to_parquet(buffer, index=False)
-    return buffer.getvalue()
-
-
-def export_predictions(
-    settings: Settings,
-    where: PredictionFilter = ALL_ROWS,
-    *,
-    fmt: str = "csv",
-    out: Path | str | IO | None = None,
-) -> int:
-    """Write the predictions of the files seen that ``where`` selects (as :func:`query_predictions`).
-
-    ``fmt``: ``csv`` and ``parquet`` are wide (one ``prob_<class>`` column per class); ``json``
-    is a list of records with ``probabilities`` as an object. ``out``: a file path, an open
-    file, or None for stdout. Returns the number of rows written.
-    """
-    if fmt not in EXPORT_FORMATS:
-        raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
-    table = query_predictions(settings, where)
-    _write(_payload(table, fmt), out)
-    log.info("exported %d rows as %s to %s", len(table), fmt, out or "stdout")
-    return len(table)
-
-
-def _write(payload: bytes | str, out: Path | str | IO | None) -> None:
-    data = payload.encode() if isinstance(payload, str) else payload
-    if out is None:
-        sys.stdout.flush()
-        sys.stdout.buffer.write(data)
-        sys.stdout.buffer.flush()
-    elif isinstance(out, (str, Path)):
-        path = Path(out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(data)
-        tmp.replace(path)
-    elif isinstance(out, io.TextIOBase):
-        out.write(data.decode())
-    else:
-        out.write(data)

@@ -1,15 +1,18 @@
-"""The predictions table streamed (the lab's HTTP endpoint): the rows of
-:func:`wbc_tasks.serving.export.query_predictions` read in batches from a server-side cursor and
-written as CSV, JSON or Parquet piece by piece, never all in memory. Same filter, order, columns
-and cell formats as the export.
+"""The predictions table read and written (``wbc predictions`` and the lab's HTTP endpoint): the
+rows of :func:`wbc_tasks.serving.export.export_query` read in batches from a server-side cursor
+and written as CSV, JSON or Parquet piece by piece, never all in memory (a year of a busy lab's
+rows is millions).
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
+import sys
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 from sqlalchemy import func, select
 from sqlalchemy.engine import Connection
@@ -19,6 +22,7 @@ from wbc_tasks.core.spreadsheet import spreadsheet_safe
 from wbc_tasks.serving.export import (
     ALL_ROWS,
     EXPORT_COLUMNS,
+    EXPORT_FORMATS,
     TIME_COLUMNS,
     PredictionFilter,
     export_query,
@@ -27,6 +31,8 @@ from wbc_tasks.serving.export import (
 )
 from wbc_tasks.serving.predictions import open_engine, predictions, read_with_retries
 from wbc_tasks.serving.queries import as_utc, in_batches
+
+log = logging.getLogger(__name__)
 
 #: Rows fetched from the database per round trip, and rows per written chunk (a Parquet row group).
 STREAM_BATCH = 5000
@@ -61,8 +67,8 @@ def _last_per_file(rows: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
 def stream_predictions(
     settings: Settings, where: PredictionFilter = ALL_ROWS, *, batch_size: int = STREAM_BATCH
 ) -> Iterator[dict[str, Any]]:
-    """The rows of :func:`~wbc_tasks.serving.export.query_predictions` (same filter, order and
-    columns; times UTC), one dict at a time: a server-side cursor on PostgreSQL, SQLite's own
+    """The rows ``where`` selects (:func:`~wbc_tasks.serving.export.export_query`: its filter,
+    order and columns, with ``status``; times UTC), one dict at a time: a server-side cursor on PostgreSQL, SQLite's own
     cursor, ``batch_size`` rows per fetch. ``where.latest`` keeps each file's last row: the query
     is ordered by path, content and prediction time, so a file's rows arrive together. Not
     retried: a lost connection ends the stream with the error (the client sees a cut-off
@@ -107,16 +113,33 @@ def _wide_row(row: dict[str, Any], classes: Sequence[str]) -> dict[str, Any]:
     return wide
 
 
-def _csv_cell(column: str, value: Any) -> Any:
-    # As pandas writes the same table (`wbc predictions`): ISO times with microseconds and
-    # +0000, lists as JSON, missing values empty.
-    if value is None:
-        return ""
+def _csv_time(value: Any) -> str:
+    return "" if value is None else value.strftime("%Y-%m-%dT%H:%M:%S.%f%z")
+
+
+def _csv_list(value: Any) -> str:
+    return "" if value is None else json.dumps(value)
+
+
+def _csv_number(value: Any) -> Any:
+    return "" if value is None else value
+
+
+def _csv_text(value: Any) -> Any:
+    return "" if value is None else spreadsheet_safe(value)
+
+
+def _csv_formatter(column: str) -> Any:
+    """How a column's cells are written, as pandas writes the same table: ISO times with
+    microseconds and +0000, lists as JSON, missing values empty, text that a spreadsheet would
+    run as a formula neutralised (numbers cannot be one). Chosen once per column, not per cell."""
     if column in TIME_COLUMNS:
-        return value.strftime("%Y-%m-%dT%H:%M:%S.%f%z")
-    if isinstance(value, list):
-        return json.dumps(value)
-    return spreadsheet_safe(value)
+        return _csv_time
+    if column == "review_reasons":
+        return _csv_list
+    if column in ("confidence", "unfamiliar_score", "size", "needs_review") or column.startswith("prob_"):
+        return _csv_number
+    return _csv_text
 
 
 def stream_csv(rows: Iterable[dict[str, Any]], classes: Sequence[str], *, chunk_rows: int = 1000) -> Iterator[bytes]:
@@ -124,6 +147,8 @@ def stream_csv(rows: Iterable[dict[str, Any]], classes: Sequence[str], *, chunk_
     import csv
 
     header = _wide_columns(classes)
+    base = [c for c in header if not c.startswith("prob_")]
+    formats = [_csv_formatter(c) for c in base]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)
@@ -132,8 +157,10 @@ def stream_csv(rows: Iterable[dict[str, Any]], classes: Sequence[str], *, chunk_
         buffer.seek(0)
         buffer.truncate()
         for row in chunk:
-            wide = _wide_row(row, classes)
-            writer.writerow([_csv_cell(c, wide[c]) for c in header])
+            probs = row["probabilities"] or {}
+            cells = [fmt(row[c]) for fmt, c in zip(formats, base, strict=True)]
+            cells.extend("" if (p := probs.get(name)) is None else p for name in classes)
+            writer.writerow(cells)
         yield buffer.getvalue().encode()
 
 
@@ -212,3 +239,62 @@ def stream_parquet(
             writer.write_table(pa.table(columns, schema=schema))
             yield sink.take()
     yield sink.take()
+
+
+def export_predictions(
+    settings: Settings,
+    where: PredictionFilter = ALL_ROWS,
+    *,
+    fmt: str = "csv",
+    out: Path | str | IO | None = None,
+) -> int:
+    """Write the rows ``where`` selects (as :func:`stream_predictions`) and return how many.
+
+    ``fmt``: ``csv`` and ``parquet`` are wide (one ``prob_<class>`` column per class of every model
+    version with predictions, or of ``where.model_version``); ``json`` is a list of records with
+    ``probabilities`` as an object. ``out``: a file path (written beside it and moved into place
+    when whole: an export cut off by a lost connection leaves no partial file), an open file, or
+    None for stdout. Read and written in batches, so memory does not grow with the table.
+    """
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+    counted = [0]
+
+    def rows() -> Iterator[dict[str, Any]]:
+        for row in stream_predictions(settings, where):
+            counted[0] += 1
+            yield row
+
+    if fmt == "json":
+        pieces = stream_json(rows())
+    else:
+        classes = stream_probability_columns(settings, model_version=where.model_version)
+        pieces = stream_csv(rows(), classes) if fmt == "csv" else stream_parquet(rows(), classes)
+    _write(pieces, out)
+    log.info("exported %d rows as %s to %s", counted[0], fmt, out or "stdout")
+    return counted[0]
+
+
+def _write(pieces: Iterable[bytes], out: Path | str | IO | None) -> None:
+    if out is None:
+        sys.stdout.flush()
+        for piece in pieces:
+            sys.stdout.buffer.write(piece)
+        sys.stdout.buffer.flush()
+    elif isinstance(out, str | Path):
+        path = Path(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            with open(tmp, "wb") as handle:
+                for piece in pieces:
+                    handle.write(piece)
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    elif isinstance(out, io.TextIOBase):
+        for piece in pieces:
+            out.write(piece.decode())
+    else:
+        for piece in pieces:
+            out.write(piece)
