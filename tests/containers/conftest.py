@@ -127,19 +127,26 @@ class ContainerStack:
         return json.loads(self.compose("config", "--format", "json", timeout=120).stdout)
 
 
+def compose_argv(env_file: Path) -> list[str]:
+    """The compose command of the test stack (its project, env file and compose files)."""
+    return [
+        str(compose_binary()), "--project-name", PROJECT, "--project-directory", str(REPO_ROOT),
+        "--env-file", str(env_file), "-f", str(REPO_ROOT / "docker-compose.yml"),
+        "-f", str(Path(__file__).with_name("compose.test.yml")),
+    ]  # fmt: skip
+
+
+def compose_env(engine: Engine) -> dict[str, str]:
+    """The engine's environment without COMPOSE_*/WBC_*/...: compose reads those before the env
+    file, and only the file must count."""
+    prefixes = ("COMPOSE_", "WBC_", "AIRFLOW", "MLFLOW", "POSTGRES")
+    return {k: v for k, v in engine.env.items() if not k.startswith(prefixes)}
+
+
 def compose(
     engine: Engine, env_file: Path, *args: str, timeout: float = 600, check: bool = True
 ) -> subprocess.CompletedProcess:
-    argv = [
-        str(compose_binary()), "--project-name", PROJECT, "--project-directory", str(REPO_ROOT),
-        "--env-file", str(env_file), "-f", str(REPO_ROOT / "docker-compose.yml"),
-        "-f", str(Path(__file__).with_name("compose.test.yml")), *args,
-    ]  # fmt: skip
-    # Compose reads COMPOSE_*/WBC_* from the environment before the env file: only the file counts.
-    env = {
-        k: v for k, v in engine.env.items() if not k.startswith(("COMPOSE_", "WBC_", "AIRFLOW", "MLFLOW", "POSTGRES"))
-    }
-    return run(argv, env=env, timeout=timeout, check=check)
+    return run([*compose_argv(env_file), *args], env=compose_env(engine), timeout=timeout, check=check)
 
 
 def copy_training_images(out: Path) -> None:

@@ -13,7 +13,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shlex
 import shutil
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -21,7 +24,7 @@ import pytest
 import requests
 
 from ..system.conftest import AirflowClient, assert_tasks_ran_on_their_queues
-from .conftest import DROP_NAME, DROP_SIZE, STATE_DIR, WEIGHTS_FILE, ContainerStack, generated_weights
+from .conftest import DROP_NAME, DROP_SIZE, PROJECT, STATE_DIR, WEIGHTS_FILE, ContainerStack, generated_weights
 
 pytestmark = [pytest.mark.containers, pytest.mark.timeout(3600)]
 
@@ -351,3 +354,118 @@ def test_a_failed_training_run_closes_its_mlflow_run_as_failed(
     )  # fmt: skip
     print(f"[containers] on_failure dag callback logged in the dag-processor: {where.stdout.strip() or 'not found'}")
     timed(container_stack, "failed training run and its MLflow run closed", started)
+
+
+# --------------------------------------------------------------------------------------------
+# Backup and restore drill (issue 28): last in this module, it replaces the stack with a restored one
+# --------------------------------------------------------------------------------------------
+
+DRILL_DROP = "2026-12-04-drill"
+DRILL_FILES = 192
+DRILL_CHUNK = 6
+
+
+def stack_psql(stack: ContainerStack, database: str, sql: str) -> list[str]:
+    done = stack.exec("postgres", "psql", "-U", stack.settings["POSTGRES_USER"], "-d", database, "-Atc", sql)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()
+
+
+def seen_in_drill_drop(stack: ContainerStack) -> int:
+    rows = stack_psql(stack, "predictions", f"SELECT count(*) FROM files_seen WHERE drop = '{DRILL_DROP}'")
+    return int(rows[0])
+
+
+def stack_backup(stack: ContainerStack, *args: str) -> dict[str, Any]:
+    """docker/stack_backup.py, as an operator runs it, with this stack's compose command."""
+    from .conftest import REPO_ROOT, compose_argv, compose_env
+
+    done = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "docker" / "stack_backup.py"), *args,
+         "--compose", shlex.join(compose_argv(stack.env_file)), "--env-file", str(stack.env_file)],
+        capture_output=True, text=True, env=compose_env(stack.engine), timeout=1800,
+    )  # fmt: skip
+    assert done.returncode == 0, f"stack_backup.py {args[0]} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
+    return json.loads(done.stdout)
+
+
+def test_backup_while_a_night_runs_then_restore_into_a_fresh_stack(
+    container_stack: ContainerStack, airflow: AirflowClient, training_run: dict[str, Any]
+) -> None:
+    """The documented backup of a running stack, taken while a nightly run is committing chunks,
+    restored after everything (volumes too) was removed: every table equal to the backup's,
+    the same champion and versions with loadable artifacts, the in-flight run marked failed, the
+    next night classifies exactly the files the backup had not seen, logins work with the
+    restored secrets, and the lab's pages answer."""
+    from .conftest import SHARED_DATA, wait_healthy
+
+    stack = container_stack
+    drop = stack.run_dir / "classify-images" / DRILL_DROP
+    drop.mkdir()
+    sources = sorted(p for c in sorted((SHARED_DATA / "wbc-bench" / "WBC").iterdir()) for p in sorted(c.iterdir()))
+    for i, source in enumerate(sources[:: len(sources) // DRILL_FILES][:DRILL_FILES]):
+        shutil.copy(source, drop / f"cell-{i:04d}{source.suffix}")
+        (drop / f"cell-{i:04d}{source.suffix}").chmod(0o644)
+    drop.chmod(0o755)
+    versions_before = mlflow_get(stack, "registered-models/get", name="wbc-classifier")["registered_model"]
+    champion_before = champion(stack)
+    seen_elsewhere = int(stack_psql(stack, "predictions", "SELECT count(*) FROM files_seen")[0])
+
+    in_flight = airflow.trigger("wbc_batch_classification", {"drop": DRILL_DROP, "chunk_size": DRILL_CHUNK})
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while time.monotonic() < deadline and seen_in_drill_drop(stack) == 0:
+        time.sleep(2)
+    assert 0 < seen_in_drill_drop(stack) < DRILL_FILES, "the backup must start while the night is committing"
+
+    started = time.monotonic()
+    backup_dir = STATE_DIR / "stack-backup"
+    shutil.rmtree(backup_dir, ignore_errors=True)
+    made = stack_backup(stack, "backup", str(backup_dir))
+    stack.times["stack backup (while a night ran)"] = round(time.monotonic() - started, 1)
+    state = airflow.get(f"/dags/wbc_batch_classification/dagRuns/{in_flight}")["state"]
+    assert state == "running", f"the night ended ({state}) before the backup finished: the drill proves nothing"
+    manifest = json.loads((backup_dir / "manifest.json").read_text())
+    seen_at_backup = manifest["databases"]["predictions"]["public.files_seen"]["rows"]
+    assert made["tables"] >= 4 and set(manifest["databases"]) >= {"airflow", "mlflow", "mlflow_auth", "predictions"}
+    drill_at_backup = seen_at_backup - seen_elsewhere  # only the night in flight wrote meanwhile
+    assert 0 < drill_at_backup < DRILL_FILES
+
+    # Everything goes: containers, networks and volumes.
+    stack.compose("down", "--volumes", "--timeout", "20", timeout=600)
+    label = f"label=com.docker.compose.project={PROJECT}"
+    assert not stack.engine.podman("volume", "ls", "-q", "--filter", label, check=False).stdout.split()
+
+    started = time.monotonic()
+    restored = stack_backup(stack, "restore", str(backup_dir))
+    wait_healthy(stack, stack.config()["services"], timeout=900)
+    stack.times["stack restore until every service is healthy"] = round(time.monotonic() - started, 1)
+    assert restored["tables_checked"] == made["tables"]
+    assert f"wbc_batch_classification/{in_flight}" in restored["runs_marked_failed"]
+
+    # Logins with the restored secrets; the same registry.
+    client = StackClient(
+        stack.api_url, stack.settings["AIRFLOW_ADMIN_USERNAME"], stack.settings["AIRFLOW_ADMIN_PASSWORD"]
+    )
+    assert client.get(f"/dags/wbc_batch_classification/dagRuns/{in_flight}")["state"] == "failed"
+    assert champion(stack) == champion_before
+    after = mlflow_get(stack, "registered-models/get", name="wbc-classifier")["registered_model"]
+    assert after["latest_versions"] == versions_before["latest_versions"]
+    assert seen_in_drill_drop(stack) == drill_at_backup
+
+    # The next night (loading the champion's restored artifacts) classifies exactly what the
+    # backup had not seen: every file once, nothing twice.
+    seen_before = int(stack_psql(stack, "predictions", "SELECT count(*) FROM files_seen")[0])
+    assert seen_before == seen_at_backup
+    next_night = client.trigger("wbc_batch_classification", {"drop": DRILL_DROP, "chunk_size": 30})
+    client.wait_for_run("wbc_batch_classification", next_night, timeout=RUN_TIMEOUT_S)
+    assert seen_in_drill_drop(stack) == DRILL_FILES
+    paths = stack_psql(stack, "predictions", f"SELECT path FROM files_seen WHERE drop = '{DRILL_DROP}'")
+    assert len(paths) == len(set(paths)) == DRILL_FILES
+    new_rows = int(stack_psql(stack, "predictions", "SELECT count(*) FROM files_seen")[0]) - seen_before
+    assert new_rows == DRILL_FILES - drill_at_backup
+    # The lab's pages answer from the restored database.
+    drops = client.session.get(f"{stack.api_url}/lab/api/drops", timeout=120)
+    assert drops.status_code == 200, drops.text[:500]
+    [counts] = [d for d in drops.json() if d["drop"] == DRILL_DROP]
+    assert counts["files"] == DRILL_FILES and counts["cells"] + counts["rejected"] == DRILL_FILES
+    print(f"[containers] drill: backup {made}, restore {restored}", flush=True)
