@@ -91,3 +91,26 @@ def test_reviewed_rows_get_their_guaranteed_share_of_every_batch_as_fresh_augmen
             assert not any(np.array_equal(image, store.images[r]) for r in reviewed)  # augmented, not copied
             repeats.append(image.tobytes())
     assert len(set(repeats)) == len(repeats)  # every repeat differs
+
+
+def test_the_reviewed_share_can_be_drawn_class_balanced(tmp_path):
+    """Issue 30: with 9 reviewed cells of one class and 1 of another, a uniform draw gives the rare
+    one about a tenth of the reviewed share; a class-balanced draw about half."""
+    stores = build_demo_stores(tmp_path, splits={"train": 2}, size=32, render_size=48)
+    store = open_store(stores["train"])
+    n = len(CLASS_NAMES)
+    common, rare = np.flatnonzero(store.labels == 4), np.flatnonzero(store.labels == 7)
+    reviewed = np.concatenate([np.resize(common, 9), rare[:1]])  # repeats of a row stand for copies of it
+
+    def rare_share(balanced: bool) -> float:
+        drawn = []
+        for seed in range(6):
+            for _images, y in make_dataset(
+                store, 8, n, shuffle=True, seed=seed, guaranteed_rows=reviewed, guaranteed_share=0.5,
+                guaranteed_balanced=balanced,
+            ):  # fmt: skip
+                drawn.extend(y.numpy()[8:].argmax(1) if len(y) > 8 else [])
+        return float(np.mean(np.asarray(drawn) == 7))
+
+    assert rare_share(False) < 0.25
+    assert 0.3 < rare_share(True) < 0.7

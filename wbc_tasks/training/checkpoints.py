@@ -77,6 +77,7 @@ def checkpoint_fingerprint(
         "weight_averaging": params.weight_averaging,
         "outlier_exposure": params.outlier_exposure,
         "reviewed_share": params.reviewed_share,
+        "reviewed_balance": params.reviewed_balance,
         "unfreeze_layers": params.unfreeze_layers,
         "seed": params.seed,
         "class_weights": class_weights,

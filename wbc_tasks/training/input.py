@@ -46,6 +46,7 @@ def make_dataset(
     outlier_share: float = 0.0,
     guaranteed_rows: np.ndarray | None = None,
     guaranteed_share: float = 0.0,
+    guaranteed_balanced: bool = False,
 ):
     """A ``tf.data`` pipeline of (uint8 images, one-hot labels) batches read from the memory map.
 
@@ -62,7 +63,8 @@ def make_dataset(
     ``guaranteed_share`` > 0 with ``guaranteed_rows`` (a new lab's reviewed images among thousands
     of labelled ones): each batch gets extra rows drawn from ``guaranteed_rows`` (with repeats, from
     (seed, epoch, batch)) so that they are about that share of it, each a fresh random
-    augmentation (stain jitter and an affine warp) so that repeats differ.
+    augmentation (stain jitter and an affine warp) so that repeats differ. ``guaranteed_balanced``
+    draws them class-balanced (each class of ``guaranteed_rows`` equally often) rather than uniformly.
     """
     import tensorflow as tf
 
@@ -72,6 +74,12 @@ def make_dataset(
 
     guaranteed = np.asarray(guaranteed_rows if guaranteed_rows is not None else [], dtype=np.int64)
     share = guaranteed_share if len(guaranteed) else 0.0
+    draw_weights = None
+    if guaranteed_balanced and len(guaranteed):
+        classes, per_class = np.unique(labels[guaranteed], return_counts=True)
+        counts = dict(zip(classes.tolist(), per_class.tolist(), strict=True))
+        draw_weights = np.array([1.0 / counts[int(c)] for c in labels[guaranteed]])
+        draw_weights /= draw_weights.sum()
 
     def index_batches():
         epoch = clock.epoch
@@ -81,7 +89,7 @@ def make_dataset(
             extra = np.empty(0, np.int64)
             if share > 0:
                 count = math.ceil(share * len(index) / (1 - share))
-                extra = np.random.default_rng([seed, epoch, number, 3]).choice(guaranteed, count)
+                extra = np.random.default_rng([seed, epoch, number, 3]).choice(guaranteed, count, p=draw_weights)
             yield np.int64(epoch), np.int64(number), index, extra
 
     def read(epoch: np.int64, number: np.int64, index: np.ndarray, extra: np.ndarray):

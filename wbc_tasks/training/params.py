@@ -163,6 +163,13 @@ TRAINING_PARAM_SPECS: dict[str, dict[str, Any]] = {
         "fresh random augmentation so repeats differ. 0: reviewed images count like any other. Needs "
         "include_reviewed; no effect without reviewed training images.",
     },
+    "reviewed_balance": {
+        "default": False,
+        "type": "boolean",
+        "description": "Draw the reviewed share class-balanced: each class among the reviewed training images "
+        "equally often, however few of it were reviewed (a new lab's rare class, e.g. 5 eosinophils among 100 "
+        "reviews), instead of uniformly over the reviewed images. No effect without reviewed_share.",
+    },
     "outlier_exposure": {
         "default": 0.0,
         "type": "number",
@@ -323,6 +330,7 @@ class TrainingParams:
     weight_averaging: str
     outlier_exposure: float
     reviewed_share: float
+    reviewed_balance: bool
     unfreeze_layers: int
     early_stopping_patience: int
     augment_per_class: int

@@ -352,6 +352,7 @@ def train_model(
         outlier_share=params.outlier_exposure,
         guaranteed_rows=reviewed_rows(train),
         guaranteed_share=params.reviewed_share,
+        guaranteed_balanced=params.reviewed_balance,
     )
     val_data = make_dataset(val, params.batch_size, n_classes, shuffle=False, seed=params.seed) if len(val) else None
     runner = _PhaseRunner(
