@@ -398,7 +398,7 @@ def markdown(homes: list[Path]) -> str:
             changed = {
                 k: v
                 for k, v in r["adapt"].items()
-                if k in ("epochs_finetune", "learning_rate_finetune", "reviewed_share")
+                if k in ("epochs_finetune", "learning_rate_finetune", "reviewed_share", "reviewed_balance")
             }
             lines.append(
                 f"| {r['label']} (N={r['n']}) | {changed} "
