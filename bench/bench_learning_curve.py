@@ -168,14 +168,16 @@ def held_out_figures(
     """``drop`` (the held-out fold; in tuning, ``only`` the pool's measured half) as classified by
     ``version``: per-class recall, shares, raw counts."""
     from wbc_tasks.core.settings import get_settings
-    from wbc_tasks.serving.export import PredictionFilter, query_predictions
+    from wbc_tasks.serving.export import PredictionFilter
+    from wbc_tasks.serving.export_stream import stream_predictions
 
-    table = query_predictions(get_settings(), PredictionFilter(drop=drop, model_version=version, latest=True))
-    rows = [
-        (truth[p], c, r)
-        for p, c, r in zip(table["path"], table["predicted_class"], table["review_reasons"])
-        if only is None or p in only
+    where = PredictionFilter(drop=drop, model_version=version, latest=True)
+    found = [
+        (r["path"], r["predicted_class"], r["review_reasons"])
+        for r in stream_predictions(get_settings(), where)
+        if only is None or r["path"] in only
     ]
+    rows = [(truth[p], c, r) for p, c, r in found]
     per_class = {c: {"n": 0, "right": 0} for c in MEASURED}
     unflagged = right_unflagged = unfamiliar = blasts = 0
     for true, predicted, reasons in rows:
@@ -190,11 +192,7 @@ def held_out_figures(
     recalls = [v["right"] / v["n"] for v in per_class.values() if v["n"]]
     return {
         # Each image: its true class, the class given and the review reasons (to compare runs).
-        "cells": {
-            p: [truth[p], c, list(r) if r is not None else []]
-            for p, c, r in zip(table["path"], table["predicted_class"], table["review_reasons"])
-            if only is None or p in only
-        },
+        "cells": {p: [truth[p], c, list(r) if r is not None else []] for p, c, r in found},
         "images": len(rows),
         "per_class": per_class,
         "balanced_accuracy": sum(recalls) / len(recalls) if recalls else None,

@@ -135,7 +135,8 @@ def run(args: argparse.Namespace) -> dict:
     from wbc_tasks.core.settings import get_settings
     from wbc_tasks.core.workdir import require_complete
     from wbc_tasks.pipelines import training as steps
-    from wbc_tasks.serving.export import PredictionFilter, query_predictions
+    from wbc_tasks.serving.export import PredictionFilter
+    from wbc_tasks.serving.export_stream import stream_predictions
     from wbc_tasks.serving.nightly import classify_new_images
 
     settings = get_settings()
@@ -157,7 +158,7 @@ def run(args: argparse.Namespace) -> dict:
     registered = require_complete(settings.run_dir(run_id) / "register")
     night = classify_new_images(settings, model=str(registered["version"]))
     timings["classify"] = round(time.perf_counter() - started, 1)
-    table = query_predictions(settings, PredictionFilter(latest=True))
+    table = pd.DataFrame(list(stream_predictions(settings, PredictionFilter(latest=True))))
     result = {
         "profile": args.profile,
         "params": params,

@@ -165,7 +165,8 @@ def test_batch_classification_writes_predictions_to_postgresql(
     airflow.wait_for_run("wbc_batch_classification", run_id, timeout=RUN_TIMEOUT_S)
     summary = airflow.xcom("wbc_batch_classification", run_id, "summarise")
 
-    from wbc_tasks.serving.export import PredictionFilter, export_predictions
+    from wbc_tasks.serving.export import PredictionFilter
+    from wbc_tasks.serving.export_stream import export_predictions
 
     out = tmp_path / "predictions.json"
     count = export_predictions(settings, PredictionFilter(drop=DROP_NAME), fmt="json", out=out)
