@@ -6,10 +6,9 @@ Parquet, is :mod:`wbc_tasks.serving.export_stream`.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import Select, Text, and_, cast, or_, select
 from sqlalchemy.engine import Connection
@@ -21,11 +20,6 @@ from wbc_tasks.serving.predictions import (
     predictions,
     rejections,
 )
-
-if TYPE_CHECKING:
-    pass
-
-log = logging.getLogger(__name__)
 
 EXPORT_FORMATS = ("csv", "parquet", "json")
 #: Columns of an export, in order (csv/parquet add one ``prob_<class>`` column per class).
