@@ -250,3 +250,37 @@ def test_export_in_every_format_matches_the_database(night, tmp_path):
     n_class = sum(r["predicted_class"] == some_class for r in truth.values())
     of_class = export.PredictionFilter(predicted_class=some_class)
     assert export_stream.export_predictions(settings, of_class, out=tmp_path / "c.csv") == n_class
+
+
+@pytest.mark.parametrize("latest", [False, True])
+def test_streamed_batches_of_any_size_hold_the_same_rows(known_rows, latest):
+    """A file's rows split across two fetched batches are still one file's rows (``latest`` keeps its last)."""
+    where = export.PredictionFilter(latest=latest)
+
+    def read(batch_size):
+        return [
+            (r["path"], r["model_version"], r["status"], r["review_reasons"], r["probabilities"])
+            for r in export_stream.stream_predictions(known_rows, where, batch_size=batch_size)
+        ]
+
+    whole = read(1000)
+    assert len(whole) == (5 if latest else 7)
+    assert read(1) == read(2) == read(3) == whole
+
+
+def test_csv_cells_as_a_csv_reader_sees_them(known_rows, tmp_path):
+    """The CSV's cells, read back with Python's csv module: booleans, times, lists, missing values."""
+    import csv
+
+    out = tmp_path / "x.csv"
+    export_stream.export_predictions(known_rows, fmt="csv", out=out)
+    with open(out, newline="") as handle:
+        rows = {(r["path"], r["model_version"]): r for r in csv.DictReader(handle)}
+    flagged = rows[("2026-11-24/b.jpg", "1")]
+    assert flagged["needs_review"] == "True" and flagged["status"] == "classified"
+    assert json.loads(flagged["review_reasons"]) == ["low_confidence", "unfamiliar"]
+    assert flagged["predicted_at"] == "2026-11-24T02:00:00.000000+0000"
+    assert float(flagged["prob_neutrophils"]) == pytest.approx(0.40) and flagged["prob_smudge"] == ""
+    rejected = rows[("2026-11-24/bad.jpg", "")]
+    assert rejected["status"] == "rejected" and rejected["needs_review"] == "" and rejected["confidence"] == ""
+    assert rejected["rejection_reason"] == "corrupt or truncated image"

@@ -14,7 +14,7 @@ from tests.serving.conftest import make_prediction, make_seen
 from wbc_tasks.serving import export_stream
 from wbc_tasks.serving import predictions as db
 from wbc_tasks.serving.commit import write_rows
-from wbc_tasks.serving.export_stream import stream_csv, stream_predictions, stream_probability_columns
+from wbc_tasks.serving.export_stream import stream_columns, stream_csv, stream_probability_columns
 from wbc_tasks.serving.report import differential_report
 from wbc_tasks.serving.report_rendering import render_report
 
@@ -43,7 +43,7 @@ def test_csv_exports_neutralise_formulas_and_json_and_parquet_keep_the_names(hos
     assert set(_cells(cli_csv.read_text(), "drop")) == {"'" + DROP}
 
     classes = stream_probability_columns(hostile_rows)
-    streamed = b"".join(stream_csv(stream_predictions(hostile_rows), classes)).decode()
+    streamed = b"".join(stream_csv(stream_columns(hostile_rows), classes)).decode()
     assert sorted(_cells(streamed, "path")) == expected
 
     as_json = tmp_path / "p.json"

@@ -139,6 +139,7 @@ def predictions(
 ) -> StreamingResponse:
     from wbc_tasks.serving.export import PredictionFilter
     from wbc_tasks.serving.export_stream import (
+        stream_columns,
         stream_csv,
         stream_json,
         stream_parquet,
@@ -156,12 +157,12 @@ def predictions(
         model_version=model_version,
         latest=latest,
     )
-    rows = stream_predictions(settings, where)
     if format == "json":
-        body = stream_json(rows)
+        body = stream_json(stream_predictions(settings, where))
     else:
         classes = stream_probability_columns(settings, model_version=model_version)
-        body = stream_csv(rows, classes) if format == "csv" else stream_parquet(rows, classes)
+        batches = stream_columns(settings, where)
+        body = stream_csv(batches, classes) if format == "csv" else stream_parquet(batches, classes)
     return StreamingResponse(
         body,
         media_type=_FORMATS[format],

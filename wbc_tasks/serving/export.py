@@ -76,10 +76,16 @@ class PredictionFilter:
 ALL_ROWS = PredictionFilter()
 
 
-def export_query(where: PredictionFilter) -> Select[Any]:
+def export_query(where: PredictionFilter, *, json_as_text: bool = False) -> Select[Any]:
     """The export's SELECT with the filters of ``where``, ordered by path, content and prediction
-    time (``since`` is added per connection by :func:`since_clause`: SQLite compares naive times)."""
+    time (``since`` is added per connection by :func:`since_clause`: SQLite compares naive times).
+    ``json_as_text``: ``review_reasons`` and ``probabilities`` as their stored JSON text, not
+    decoded row by row (a streamed export parses them a batch at a time)."""
     fs, p, r = files_seen, predictions, rejections
+
+    def json_column(column: Any) -> Any:
+        return cast(column, Text).label(column.name) if json_as_text else column
+
     query = (
         select(
             fs.c.path,
@@ -90,10 +96,10 @@ def export_query(where: PredictionFilter) -> Select[Any]:
             p.c.predicted_class,
             p.c.confidence,
             p.c.needs_review,
-            p.c.review_reasons,
+            json_column(p.c.review_reasons),
             p.c.unfamiliar_score,
             p.c.image_check,
-            p.c.probabilities,
+            json_column(p.c.probabilities),
             p.c.model_name,
             p.c.model_version,
             p.c.model_run_id,
