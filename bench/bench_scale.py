@@ -3,6 +3,7 @@ the predictions database and the classify folder grow, before and after paging a
 side by side in one process on the same data.
 
     .venv/bin/python bench/bench_scale.py --rows 10000 100000 [--postgresql] --files 20000 --out bench-scale.json
+        [--baseline-tree /path/to/an/earlier/checkout]
 
 Per size N (SQLite, and the local PostgreSQL with ``--postgresql``): N ``files_seen`` and prediction
 rows bulk-inserted across about N / 4,700 drops (7 million rows is 1,500 drops), the first drop
@@ -132,7 +133,7 @@ def fill(url: str, n: int) -> dict[str, Any]:
     return {"drops": len(drops), "big_drop": drops[0]}
 
 
-def pages(url: str, n: int, folder: Path) -> dict[str, Any]:
+def pages(url: str, n: int, folder: Path, baseline_tree: Path | None = None) -> dict[str, Any]:
     from wbc_tasks.serving.drop_summaries import count_drop, count_drops, drop_names, list_drops, recount_all
     from wbc_tasks.serving.report import differential_report
     from wbc_tasks.serving.review_decisions import record_review
@@ -164,7 +165,7 @@ def pages(url: str, n: int, folder: Path) -> dict[str, Any]:
         lambda: record_review(settings, f"{big}/cell-{1:08d}.jpg", "neutrophils", reviewer="tech")
     )
     result.update(pages_while_a_night_commits(settings))
-    result.update(export_through_the_cli(url, folder))
+    result.update(export_through_the_cli(url, folder, baseline_tree))
     return result
 
 
@@ -222,27 +223,35 @@ def pages_while_a_night_commits(settings: Any, seconds: float = 15.0) -> dict[st
     }
 
 
-def export_through_the_cli(url: str, folder: Path) -> dict[str, Any]:
-    """``wbc predictions`` (every row, CSV) as a user runs it: rows/s and its peak RSS."""
+def export_through_the_cli(url: str, folder: Path, baseline_tree: Path | None = None) -> dict[str, Any]:
+    """``wbc predictions`` (every row, CSV) as a user runs it: rows/s and its peak RSS; with
+    ``baseline_tree`` (a checkout of earlier code) the same command from that code first, on the
+    same database, so the two are timed side by side."""
     from bench_lab_api import PeakRss
 
-    out = folder / "export.csv"
-    env = {**os.environ, "WBC_HOME": str(folder / "cli-home"), "WBC_PREDICTIONS_DB_URL": url}
-    started = time.perf_counter()
-    child = subprocess.Popen(
-        [str(REPO / ".venv" / "bin" / "wbc"), "predictions", "--format", "csv", "--out", str(out)], env=env
-    )
-    with PeakRss(child.pid) as memory:
-        child.wait()
-    seconds = time.perf_counter() - started
-    with open(out, "rb") as handle:
-        rows = sum(1 for _ in handle) - 1
-    out.unlink()
-    return {
-        "export_cli_rows": rows,
-        "export_cli_rows_per_s": round(rows / seconds),
-        "export_cli_peak_rss_mb": round(memory.peak / 2**20),
-    }
+    def run(prefix: str, argv: list[str], extra_env: dict[str, str]) -> dict[str, Any]:
+        out = folder / "export.csv"
+        env = {**os.environ, "WBC_HOME": str(folder / "cli-home"), "WBC_PREDICTIONS_DB_URL": url, **extra_env}
+        started = time.perf_counter()
+        child = subprocess.Popen([*argv, "predictions", "--format", "csv", "--out", str(out)], env=env)
+        with PeakRss(child.pid) as memory:
+            child.wait()
+        seconds = time.perf_counter() - started
+        with open(out, "rb") as handle:
+            rows = sum(1 for _ in handle) - 1
+        out.unlink()
+        return {
+            f"{prefix}_rows": rows,
+            f"{prefix}_rows_per_s": round(rows / seconds),
+            f"{prefix}_peak_rss_mb": round(memory.peak / 2**20),
+        }
+
+    result: dict[str, Any] = {}
+    if baseline_tree is not None:
+        python = [str(REPO / ".venv" / "bin" / "python"), "-m", "wbc_tasks.cli"]
+        result.update(run("export_cli_baseline", python, {"PYTHONPATH": str(baseline_tree)}))
+    result.update(run("export_cli", [str(REPO / ".venv" / "bin" / "wbc")], {}))
+    return result
 
 
 def no_op_night(folder: Path, n_files: int) -> dict[str, Any]:
@@ -311,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only-postgresql", action="store_true", help="the local PostgreSQL alone")
     parser.add_argument("--files", type=int, default=20_000)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--baseline-tree", type=Path, help="a checkout of earlier code: its export timed beside")
     args = parser.parse_args(argv)
     import resource
 
@@ -319,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     for kind in kinds:
         for n in args.rows:
             with tempfile.TemporaryDirectory() as tmp, throwaway_database(kind, Path(tmp)) as url:
-                results.setdefault(kind, []).append(pages(url, n, Path(tmp)))
+                results.setdefault(kind, []).append(pages(url, n, Path(tmp), args.baseline_tree))
                 print(json.dumps({kind: results[kind][-1]}), flush=True)
     if args.files:
         with tempfile.TemporaryDirectory() as tmp:
