@@ -44,6 +44,12 @@ JSON_TEXT_COLUMNS = ("review_reasons", "probabilities")
 _FORMULA_FIRST = frozenset(FORMULA_STARTS)
 
 
+#: Distinct values a :class:`_Remembered` keeps (then it starts again): a few per night in real
+#: tables; a table whose every row has its own time gains nothing, and a large memory would cost
+#: tens of MB (measured: 100,000 kept times and their texts, 110 MB more).
+_REMEMBERED = 5_000
+
+
 class _Remembered:
     """``convert`` applied to whole columns (None stays None), remembering what it converted: a
     night's rows share few distinct times, so most values become a look-up."""
@@ -54,7 +60,7 @@ class _Remembered:
 
     def column(self, values: Sequence[Any]) -> list[Any]:
         new = set(values).difference(self._seen)
-        if len(self._seen) + len(new) > 100_000:
+        if len(self._seen) + len(new) > _REMEMBERED:
             self._seen = {None: None}
         self._seen.update((value, self._convert(value)) for value in new)
         seen = self._seen
