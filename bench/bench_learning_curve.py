@@ -2,7 +2,7 @@
 lab reviews, measured on `wbc-other-lab` cells that are never reviewed nor trained on.
 
     .venv/bin/python bench/bench_learning_curve.py --fold 1 --home /work/lc-f1 [--n 0 25 50 100 150]
-        [--order queue random spanning] [--adapt NAME=VALUE ...] [--scratch]
+        [--order queue random] [--adapt NAME=VALUE ...] [--scratch]
     .venv/bin/python bench/bench_learning_curve.py --summarise /work/lc-f1 /work/lc-f2 /work/lc-f3
     .venv/bin/python bench/bench_learning_curve.py --markdown /work/lc-f1 [...]     # the docs' tables
     .venv/bin/python bench/bench_learning_curve.py --fold 1 --home /work/lc-f1 --tune LABEL --n 50 [--adapt ...]
@@ -15,9 +15,7 @@ on); the other two are the lab's review pool. Per fold, in ``--home``:
 1. the `cpu`-profile champion is trained once on `wbc-bench` (the training labs), then one night
    classifies the review pool (drop ``review-pool``) and the held-out fold (drop ``held-out``);
    the review orders are fixed from that night: ``queue`` (the champion's review queue, as the
-   lab's page shows it), ``spanning`` (the same queue in its spanning order,
-   :mod:`wbc_tasks.serving.review_order`) and ``random`` (seeded); the state is backed up
-   (``wbc backup``);
+   lab's page shows it) and ``random`` (seeded); the state is backed up (``wbc backup``);
 2. for each N and order, the state is restored, the first N cells of the order are reviewed with
    their true class through the product's own ``record_review`` (as the review page does, with a
    user name), an adaptation run trains from the champion (``init_from=champion``, the reviews
@@ -121,31 +119,12 @@ def _cell_name(image: Path) -> str:
     return f"{hashlib.sha256(b'cell-name:' + image.read_bytes()).hexdigest()[:16]}{image.suffix.lower()}"
 
 
-def _queue_order(settings: Any, pool: list[str], order: str) -> list[str]:
-    """The pool's review queue in ``order`` as the lab's page shows it, then the cells the
-    champion did not flag."""
-    from wbc_tasks.serving.review_queue import review_queue
-
-    queue = [cell["path"] for cell in review_queue(settings, POOL, order=order)]
-    return queue + [p for p in pool if p not in set(queue)]
-
-
-def with_spanning_order(home: Path, prepared: dict[str, Any]) -> dict[str, Any]:
-    """A fold prepared before the spanning order existed, given it (from the champion's night)."""
-    if "spanning" in prepared["orders"]:
-        return prepared
-    settings = _restored_base(home)
-    pool = sorted(p for p in prepared["truth"] if p.startswith(f"{POOL}/"))
-    prepared["orders"]["spanning"] = _queue_order(settings, pool, "spanning")
-    (home / "prepared.json").write_text(json.dumps(prepared, indent=1, default=str))
-    return prepared
-
-
 def prepare(home: Path, fold: int, base: dict[str, Any]) -> dict[str, Any]:
     """Train the champion, classify the pool and the held-out fold, fix the orders, back up."""
     from wbc_tasks.core.settings import get_settings
     from wbc_tasks.ops.backup import backup_embedded
     from wbc_tasks.serving.nightly import classify_new_images
+    from wbc_tasks.serving.review_queue import review_queue
 
     state = home / "prepared.json"
     if state.is_file():
@@ -162,7 +141,9 @@ def prepare(home: Path, fold: int, base: dict[str, Any]) -> dict[str, Any]:
         truth[f"{drop}/{name}"] = image.parent.name
     steps, seconds = _train("champion", base)
     classify_new_images(settings)
+    queue = [cell["path"] for cell in review_queue(settings, POOL)]
     pool = sorted(p for p in truth if p.startswith(f"{POOL}/"))
+    unqueued = [p for p in pool if p not in set(queue)]  # cells the champion did not flag, last
     import numpy as np
 
     prepared = {
@@ -172,8 +153,7 @@ def prepare(home: Path, fold: int, base: dict[str, Any]) -> dict[str, Any]:
         "champion_seconds": round(seconds, 1),
         "truth": truth,
         "orders": {
-            "queue": _queue_order(settings, pool, "confidence"),
-            "spanning": _queue_order(settings, pool, "spanning"),
+            "queue": queue + unqueued,
             "random": [pool[i] for i in np.random.default_rng(fold).permutation(len(pool))],
         },
     }
@@ -480,7 +460,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fold", type=int, choices=range(1, FOLDS + 1), help="the held-out fold (1-3)")
     parser.add_argument("--home", type=Path, help="this fold's folder (kept: the run resumes)")
     parser.add_argument("--n", type=int, nargs="+", default=[0, 25, 50, 100, 150])
-    parser.add_argument("--order", nargs="+", default=["queue", "random"], choices=["queue", "random", "spanning"])
+    parser.add_argument("--order", nargs="+", default=["queue", "random"], choices=["queue", "random"])
     parser.add_argument("--adapt", action="append", default=[], metavar="NAME=VALUE", help="adaptation param")
     parser.add_argument("--scratch", action="store_true", help="also N=100 in queue order from scratch")
     parser.add_argument("--smoke", action="store_true", help="tiny settings: checks the code path in minutes")
@@ -511,8 +491,6 @@ def main(argv: list[str] | None = None) -> int:
     # The adapt profile (tuned with --tune on fold 1's review pool), then any --adapt overrides.
     adapt = {**PROFILES["adapt"], **(SMOKE if args.smoke else {}), **parse_params(args.adapt, training_param_specs())}
     prepared = prepare(args.home, args.fold - 1, base)
-    if "spanning" in args.order:
-        prepared = with_spanning_order(args.home, prepared)
     if args.tune:
         for n in args.n:
             print(tune(args.home, prepared, n, adapt, args.tune).read_text(), flush=True)

@@ -30,7 +30,6 @@ from wbc_tasks.serving.predictions import (
     reviews,
 )
 from wbc_tasks.serving.queries import as_utc, in_batches
-from wbc_tasks.serving.review_order import ordered
 
 
 def reasons_of(prediction: dict[str, Any]) -> list[str]:
@@ -182,7 +181,6 @@ def _queue_entry(cell: dict[str, Any], blast: bool) -> dict[str, Any]:
         "predicted_class": prediction["predicted_class"],
         "confidence": float(prediction["confidence"]),
         "top_classes": _top_classes(prediction["probabilities"]),
-        "probabilities": {name: float(p) for name, p in prediction["probabilities"].items()},
         "reasons": reasons_of(prediction),
         "blast_suspected": blast,
         "model_name": prediction["model_name"],
@@ -191,16 +189,13 @@ def _queue_entry(cell: dict[str, Any], blast: bool) -> dict[str, Any]:
     }
 
 
-def review_queue(settings: Settings, drop: str, *, order: str = "confidence") -> list[dict[str, Any]]:
+def review_queue(settings: Settings, drop: str) -> list[dict[str, Any]]:
     """The cells of ``drop`` to review: flagged ones and every suspected blast (a blast is an
-    emergency even when the model is sure), suspected blasts first, then by ``order``
-    (:mod:`wbc_tasks.serving.review_order`): lowest confidence first (``confidence``), or cells
-    that span what the model sees (``spanning``, for a lab's first reviews).
+    emergency even when the model is sure), suspected blasts first, then lowest confidence.
 
     Each dict: ``path``, ``drop``, ``sha256``, ``predicted_class``, ``confidence``,
-    ``top_classes`` (three ``{class, probability}``), ``probabilities`` (every class),
-    ``reasons``, ``blast_suspected``, ``model_name``, ``model_version`` and ``latest_review``
-    (None when not reviewed yet).
+    ``top_classes`` (three ``{class, probability}``), ``reasons``, ``blast_suspected``,
+    ``model_name``, ``model_version`` and ``latest_review`` (None when not reviewed yet).
     """
     queue = []
     for cell in drop_cells(settings, drop):
@@ -210,7 +205,8 @@ def review_queue(settings: Settings, drop: str, *, order: str = "confidence") ->
         blast = is_blast_suspected(prediction)
         if prediction["needs_review"] or blast:
             queue.append(_queue_entry(cell, blast))
-    return ordered(queue, order)
+    queue.sort(key=lambda q: (not q["blast_suspected"], q["confidence"], q["path"]))
+    return queue
 
 
 def latest_reviews(settings: Settings, *, drop: str | None = None) -> list[dict[str, Any]]:

@@ -1,0 +1,107 @@
+"""Does an order that spans what a new lab sees teach more per review (issue 30, item 5)? Measured
+before any training: which of the lab's classes the first N reviews would cover, per order, on a
+fold prepared by bench_learning_curve.py (its champion's night on the review pool; the pool's own
+classes only, never the held-out fold).
+
+    .venv/bin/python bench/bench_review_orders.py /work/lc-f1 [/work/lc-f2 ...]
+
+Orders: ``queue`` (the review page's: suspected blasts first, then least confident) and ``random``
+(seeded), as the learning curve reviews them; and candidate spanning orders, each starting from
+the least confident cell:
+- ``kcentre-hellinger``: farthest-first (greedy k-centre, the "core-set" selection of Sener and
+  Savarese, ICLR 2018) over the champion's class probabilities, Hellinger distance;
+- ``kcentre-rank``: the same over each class's log-probability ranked within the pool (spreads the
+  near-uniform outputs outlier exposure gives a foreign stain);
+- ``by-predicted-class``: one cell per predicted class in turn, least confident first in each;
+- ``queue+random``: the queue and the random order interleaved.
+
+The rule, named before the first table: the order with the highest smallest-class count among the
+first 50 reviews, then among the first 100, is the one worth an adaptation run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+POOL = "review-pool"
+MEASURED = ("eosinophils", "lymphocytes", "monocytes", "neutrophils")
+
+
+def kcentre(points: np.ndarray, first: int) -> list[int]:
+    """``first``, then each time the row farthest from every row chosen so far."""
+    chosen, nearest = [first], np.linalg.norm(points - points[first], axis=1)
+    while len(chosen) < len(points):
+        nearest[chosen] = -1.0
+        pick = int(np.argmax(nearest))
+        chosen.append(pick)
+        nearest = np.minimum(nearest, np.linalg.norm(points - points[pick], axis=1))
+    return chosen
+
+
+def interleaved(*orders: list[str]) -> list[str]:
+    out: list[str] = []
+    sources = [list(o) for o in orders]
+    while any(sources):
+        for source in sources:
+            while source and source[0] in out:
+                source.pop(0)
+            if source:
+                out.append(source.pop(0))
+    return out
+
+
+def candidate_orders(home: Path) -> tuple[dict[str, list[str]], dict[str, str]]:
+    os.environ["WBC_HOME"] = str(home / "wbc")
+    from wbc_tasks.core.settings import get_settings
+    from wbc_tasks.serving.review_queue import drop_cells
+
+    prepared = json.loads((home / "prepared.json").read_text())
+    cells = [c for c in drop_cells(get_settings(), POOL, model_version="1") if c["prediction"]]
+    classes = sorted(cells[0]["prediction"]["probabilities"])
+    probs = np.array([[c["prediction"]["probabilities"][k] for k in classes] for c in cells])
+    paths = [c["path"] for c in cells]
+    confidence = np.array([c["prediction"]["confidence"] for c in cells])
+    least = int(np.lexsort((paths, confidence))[0])
+    logs = np.log(np.clip(probs, 1e-12, 1.0))
+    ranks = logs.argsort(0).argsort(0) / len(logs)
+    groups: dict[str, list[str]] = {}
+    for i in np.lexsort((paths, confidence)):
+        groups.setdefault(cells[i]["prediction"]["predicted_class"], []).append(paths[i])
+    orders = {
+        "queue": prepared["orders"]["queue"],
+        "random": prepared["orders"]["random"],
+        "kcentre-hellinger": [paths[i] for i in kcentre(np.sqrt(probs), least)],
+        "kcentre-rank": [paths[i] for i in kcentre(ranks, least)],
+        "by-predicted-class": interleaved(*sorted(groups.values(), key=len, reverse=True)),
+        "queue+random": interleaved(prepared["orders"]["queue"], prepared["orders"]["random"]),
+    }
+    return orders, prepared["truth"]
+
+
+def main(homes: list[Path]) -> None:
+    for home in homes:
+        orders, truth = candidate_orders(home)
+        pool = Counter(truth[p] for p in orders["queue"])
+        print(f"\n{home}: pool {dict(pool)}")
+        print("| order | first 25: eos / lym / mono / neu | first 50 | first 100 | smallest class at 50 / 100 |")
+        print("|---|---|---|---|---|")
+        for name, order in orders.items():
+            cells = []
+            for n in (25, 50, 100):
+                counts = Counter(truth[p] for p in order[:n])
+                cells.append(" / ".join(str(counts[k]) for k in MEASURED))
+            smallest = [min(Counter(truth[p] for p in order[:n])[k] for k in MEASURED) for n in (50, 100)]
+            print(f"| {name} | {cells[0]} | {cells[1]} | {cells[2]} | {smallest[0]} / {smallest[1]} |")
+
+
+if __name__ == "__main__":
+    main([Path(p) for p in sys.argv[1:]])
