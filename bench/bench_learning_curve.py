@@ -2,7 +2,7 @@
 lab reviews, measured on `wbc-other-lab` cells that are never reviewed nor trained on.
 
     .venv/bin/python bench/bench_learning_curve.py --fold 1 --home /work/lc-f1 [--n 0 25 50 100 150]
-        [--order queue random] [--adapt NAME=VALUE ...] [--scratch]
+        [--order queue random] [--adapt NAME=VALUE ...] [--setting NAME=VALUE ...] [--scratch]
     .venv/bin/python bench/bench_learning_curve.py --summarise /work/lc-f1 /work/lc-f2 /work/lc-f3
     .venv/bin/python bench/bench_learning_curve.py --markdown /work/lc-f1 [...]     # the docs' tables
     .venv/bin/python bench/bench_learning_curve.py --fold 1 --home /work/lc-f1 --tune LABEL --n 50 [--adapt ...]
@@ -60,6 +60,8 @@ SMOKE = {
     "min_class_recall": 0.0,
     "min_blast_recall": 0.0,
 }
+#: The ``--setting`` values of this invocation, recorded in each result.
+SETTINGS: dict[str, str] = {}
 STEPS = ("split", "preprocess", "augment", "balance", "train", "calibrate", "evaluate", "export", "register", "promote")
 
 
@@ -246,6 +248,7 @@ def tune(home: Path, prepared: dict[str, Any], n: int, adapt: dict[str, Any], la
         "label": label,
         "n": n,
         "adapt": adapt,
+        "settings": dict(SETTINGS),
         "seconds": round(seconds, 1),
         "measured": held_out_figures(version, prepared["truth"], POOL, measured),
         "champion_on_measured": held_out_figures("1", prepared["truth"], POOL, measured),
@@ -268,7 +271,13 @@ def variant(home: Path, prepared: dict[str, Any], n: int, order: str, adapt: dic
     if out.is_file():
         return out
     settings = _restored_base(home)
-    result: dict[str, Any] = {"fold": prepared["fold"], "n": n, "order": order, "scratch": scratch}
+    result: dict[str, Any] = {
+        "fold": prepared["fold"],
+        "n": n,
+        "order": order,
+        "scratch": scratch,
+        "settings": dict(SETTINGS),
+    }
     if n == 0:
         result["held_out"] = held_out_figures("1", prepared["truth"])
     else:
@@ -462,6 +471,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--n", type=int, nargs="+", default=[0, 25, 50, 100, 150])
     parser.add_argument("--order", nargs="+", default=["queue", "random"], choices=["queue", "random"])
     parser.add_argument("--adapt", action="append", default=[], metavar="NAME=VALUE", help="adaptation param")
+    parser.add_argument(
+        "--setting",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a WBC_ setting, e.g. reviewed_test_fraction=0.2",
+    )
     parser.add_argument("--scratch", action="store_true", help="also N=100 in queue order from scratch")
     parser.add_argument("--smoke", action="store_true", help="tiny settings: checks the code path in minutes")
     parser.add_argument("--summarise", nargs="+", type=Path, metavar="HOME")
@@ -483,6 +499,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args.home.mkdir(parents=True, exist_ok=True)
     _environment(args.home, _smoke_data(args.home) if args.smoke else BENCH)
+    for setting in args.setting:  # after the fold's preparation these change only the runs
+        name, _, value = setting.partition("=")
+        os.environ[f"WBC_{name.upper()}"] = value
+        SETTINGS[name] = value
     from wbc_tasks.cli.params import parse_params
     from wbc_tasks.pipelines.params import training_param_specs
     from wbc_tasks.training.profiles import PROFILES
