@@ -3,7 +3,7 @@ the predictions database and the classify folder grow, before and after paging a
 side by side in one process on the same data.
 
     .venv/bin/python bench/bench_scale.py --rows 10000 100000 [--postgresql] --files 20000 --out bench-scale.json
-        [--baseline-tree /path/to/an/earlier/checkout]
+        [--baseline-tree /path/to/an/earlier/checkout] [--export-only]
 
 Per size N (SQLite, and the local PostgreSQL with ``--postgresql``): N ``files_seen`` and prediction
 rows bulk-inserted across about N / 4,700 drops (7 million rows is 1,500 drops), the first drop
@@ -320,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only-postgresql", action="store_true", help="the local PostgreSQL alone")
     parser.add_argument("--files", type=int, default=20_000)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--export-only", action="store_true", help="fill, then time the CLI export alone")
     parser.add_argument("--baseline-tree", type=Path, help="a checkout of earlier code: its export timed beside")
     args = parser.parse_args(argv)
     import resource
@@ -329,7 +330,11 @@ def main(argv: list[str] | None = None) -> int:
     for kind in kinds:
         for n in args.rows:
             with tempfile.TemporaryDirectory() as tmp, throwaway_database(kind, Path(tmp)) as url:
-                results.setdefault(kind, []).append(pages(url, n, Path(tmp), args.baseline_tree))
+                if args.export_only:
+                    measured = {"rows": n, **fill(url, n), **export_through_the_cli(url, Path(tmp), args.baseline_tree)}
+                else:
+                    measured = pages(url, n, Path(tmp), args.baseline_tree)
+                results.setdefault(kind, []).append(measured)
                 print(json.dumps({kind: results[kind][-1]}), flush=True)
     if args.files:
         with tempfile.TemporaryDirectory() as tmp:
