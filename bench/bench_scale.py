@@ -229,11 +229,11 @@ def export_through_the_cli(url: str, folder: Path, baseline_tree: Path | None = 
     same database, so the two are timed side by side."""
     from bench_lab_api import PeakRss
 
-    def run(prefix: str, argv: list[str], extra_env: dict[str, str]) -> dict[str, Any]:
+    def run(prefix: str, argv: list[str], cwd: Path) -> dict[str, Any]:
         out = folder / "export.csv"
-        env = {**os.environ, "WBC_HOME": str(folder / "cli-home"), "WBC_PREDICTIONS_DB_URL": url, **extra_env}
+        env = {**os.environ, "WBC_HOME": str(folder / "cli-home"), "WBC_PREDICTIONS_DB_URL": url}
         started = time.perf_counter()
-        child = subprocess.Popen([*argv, "predictions", "--format", "csv", "--out", str(out)], env=env)
+        child = subprocess.Popen([*argv, "predictions", "--format", "csv", "--out", str(out)], env=env, cwd=cwd)
         with PeakRss(child.pid) as memory:
             child.wait()
         seconds = time.perf_counter() - started
@@ -247,10 +247,10 @@ def export_through_the_cli(url: str, folder: Path, baseline_tree: Path | None = 
         }
 
     result: dict[str, Any] = {}
-    if baseline_tree is not None:
+    if baseline_tree is not None:  # `python -m` imports from its working folder first
         python = [str(REPO / ".venv" / "bin" / "python"), "-m", "wbc_tasks.cli"]
-        result.update(run("export_cli_baseline", python, {"PYTHONPATH": str(baseline_tree)}))
-    result.update(run("export_cli", [str(REPO / ".venv" / "bin" / "wbc")], {}))
+        result.update(run("export_cli_baseline", python, baseline_tree))
+    result.update(run("export_cli", [str(REPO / ".venv" / "bin" / "python"), "-m", "wbc_tasks.cli"], REPO))
     return result
 
 
