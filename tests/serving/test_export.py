@@ -284,3 +284,14 @@ def test_csv_cells_as_a_csv_reader_sees_them(known_rows, tmp_path):
     rejected = rows[("2026-11-24/bad.jpg", "")]
     assert rejected["status"] == "rejected" and rejected["needs_review"] == "" and rejected["confidence"] == ""
     assert rejected["rejection_reason"] == "corrupt or truncated image"
+
+
+def test_a_stream_closed_early_stops_reading(known_rows):
+    """A client that hangs up mid-download: the stream's read-ahead thread ends with it."""
+    import threading
+
+    stream = export_stream.stream_columns(known_rows, batch_size=1)
+    assert len(next(stream)["path"]) == 1
+    stream.close()
+    assert not [t for t in threading.enumerate() if t.name == "export-read-ahead"]
+    assert len(list(export_stream.stream_predictions(known_rows))) == 7  # the database is free for the next
