@@ -14,7 +14,8 @@ from tests.serving.conftest import make_prediction, make_seen
 from wbc_tasks.serving import export_stream
 from wbc_tasks.serving import predictions as db
 from wbc_tasks.serving.commit import write_rows
-from wbc_tasks.serving.export_stream import stream_columns, stream_csv, stream_probability_columns
+from wbc_tasks.serving.export_formats import stream_csv
+from wbc_tasks.serving.export_stream import stream_columns, stream_probability_columns
 from wbc_tasks.serving.report import differential_report
 from wbc_tasks.serving.report_rendering import render_report
 

@@ -138,14 +138,8 @@ def predictions(
     latest: Annotated[bool, Query(description="Only each file's newest prediction")] = False,
 ) -> StreamingResponse:
     from wbc_tasks.serving.export import PredictionFilter
-    from wbc_tasks.serving.export_stream import (
-        stream_columns,
-        stream_csv,
-        stream_json,
-        stream_parquet,
-        stream_predictions,
-        stream_probability_columns,
-    )
+    from wbc_tasks.serving.export_formats import stream_csv, stream_json, stream_parquet
+    from wbc_tasks.serving.export_stream import stream_columns, stream_predictions, stream_probability_columns
 
     settings = get_settings()
     where = PredictionFilter(

@@ -1,13 +1,12 @@
 """The predictions table read and written (``wbc predictions`` and the lab's HTTP endpoint): the
 rows of :func:`wbc_tasks.serving.export.export_query` read in batches from a server-side cursor
-and written as CSV, JSON or Parquet piece by piece, never all in memory (a year of a busy lab's
-rows is millions).
+and written as CSV, JSON or Parquet (:mod:`wbc_tasks.serving.export_formats`) piece by piece,
+never all in memory (a year of a busy lab's rows is millions).
 """
 
 from __future__ import annotations
 
 import io
-import json
 import logging
 import queue
 import sys
@@ -20,7 +19,6 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Connection
 
 from wbc_tasks.core.settings import Settings
-from wbc_tasks.core.spreadsheet import FORMULA_STARTS
 from wbc_tasks.serving.export import (
     ALL_ROWS,
     EXPORT_COLUMNS,
@@ -31,6 +29,15 @@ from wbc_tasks.serving.export import (
     ordered_classes,
     since_clause,
 )
+from wbc_tasks.serving.export_formats import (
+    JSON_TEXT_COLUMNS,
+    Columns,
+    Remembered,
+    parsed_json,
+    stream_csv,
+    stream_json,
+    stream_parquet,
+)
 from wbc_tasks.serving.predictions import open_engine, predictions, read_with_retries
 from wbc_tasks.serving.queries import as_utc, in_batches
 
@@ -38,35 +45,6 @@ log = logging.getLogger(__name__)
 
 #: Rows fetched from the database per round trip, and rows per written chunk (a Parquet row group).
 STREAM_BATCH = 5000
-
-
-Columns = dict[str, list[Any]]
-#: Columns read as their stored JSON text (:func:`stream_columns`).
-JSON_TEXT_COLUMNS = ("review_reasons", "probabilities")
-_FORMULA_FIRST = frozenset(FORMULA_STARTS)
-
-
-#: Distinct values a :class:`_Remembered` keeps (then it starts again): a few per night in real
-#: tables; a table whose every row has its own time gains nothing, and a large memory would cost
-#: tens of MB (measured: 100,000 kept times and their texts, 110 MB more).
-_REMEMBERED = 5_000
-
-
-class _Remembered:
-    """``convert`` applied to whole columns (None stays None), remembering what it converted: a
-    night's rows share few distinct times, so most values become a look-up."""
-
-    def __init__(self, convert: Any) -> None:
-        self._convert = convert
-        self._seen: dict[Any, Any] = {None: None}
-
-    def column(self, values: Sequence[Any]) -> list[Any]:
-        new = set(values).difference(self._seen)
-        if len(self._seen) + len(new) > _REMEMBERED:
-            self._seen = {None: None}
-        self._seen.update((value, self._convert(value)) for value in new)
-        seen = self._seen
-        return [seen[value] for value in values]
 
 
 def _last_per_file(rows: Iterable[Any], path: int, sha256: int) -> Iterator[Any]:
@@ -115,7 +93,7 @@ def _read_ahead(parts: Iterable[Sequence[Any]], depth: int = 2) -> Iterator[Sequ
         fetcher.join()
 
 
-def _export_columns(names: Sequence[str], rows: Sequence[Any], to_utc: _Remembered) -> Columns:
+def _export_columns(names: Sequence[str], rows: Sequence[Any], to_utc: Remembered) -> Columns:
     """One batch of the SELECT's rows as the export's columns, in order: times UTC, ``status`` added."""
     read = dict(zip(names, (list(values) for values in zip(*rows, strict=True)), strict=True))
     for column in TIME_COLUMNS:
@@ -139,7 +117,7 @@ def stream_columns(
     stream with the error (the client sees a cut-off download and asks again)."""
     query = export_query(where, json_as_text=True)
     since_utc = as_utc(where.since)
-    to_utc = _Remembered(as_utc)
+    to_utc = Remembered(as_utc)
     with open_engine(settings.predictions_db_url) as engine, engine.connect() as connection:
         result = connection.execution_options(stream_results=True, yield_per=batch_size).execute(
             since_clause(query, since_utc, connection)
@@ -155,10 +133,6 @@ def stream_columns(
             yield _export_columns(names, part, to_utc)
 
 
-def _parsed_json(text: str | None) -> Any:
-    return None if text is None else json.loads(text)
-
-
 def stream_predictions(
     settings: Settings, where: PredictionFilter = ALL_ROWS, *, batch_size: int = STREAM_BATCH
 ) -> Iterator[dict[str, Any]]:
@@ -169,7 +143,7 @@ def stream_predictions(
         for values in zip(*columns.values(), strict=True):
             row = dict(zip(names, values, strict=True))
             for column in JSON_TEXT_COLUMNS:
-                row[column] = _parsed_json(row[column])
+                row[column] = parsed_json(row[column])
             yield row
 
 
@@ -190,168 +164,6 @@ def stream_probability_columns(settings: Settings, *, model_version: str | int |
 
     with open_engine(settings.predictions_db_url) as engine:
         return read_with_retries(settings, engine, read, what="reading the class names of the predictions")
-
-
-def _wide_columns(classes: Sequence[str]) -> list[str]:
-    return [c for c in EXPORT_COLUMNS if c != "probabilities"] + [f"prob_{name}" for name in classes]
-
-
-def _probability_arrays(texts: Sequence[str | None], classes: Sequence[str]) -> list[Any]:
-    """Each class's probabilities in a batch (null where a row has none), parsed from the rows'
-    JSON text by Arrow's JSON reader in one call rather than row by row."""
-    import pyarrow as pa
-    import pyarrow.json as pajson
-
-    if not classes:
-        return []
-    # json.dumps, which wrote them, escapes line breaks: one object per line.
-    lines = "\n".join("{}" if text is None or text == "null" else text for text in texts).encode()
-    options = pajson.ParseOptions(
-        explicit_schema=pa.schema([(name, pa.float64()) for name in classes]), unexpected_field_behavior="ignore"
-    )
-    table = pajson.read_json(io.BytesIO(lines), parse_options=options)
-    return [table.column(name) for name in classes]
-
-
-def _csv_time(value: Any) -> str:
-    return value.strftime("%Y-%m-%dT%H:%M:%S.%f%z")
-
-
-def _spreadsheet_safe_column(values: Sequence[Any]) -> list[Any]:
-    """:func:`~wbc_tasks.core.spreadsheet.spreadsheet_safe` on a column of text (a comprehension:
-    importing ``pyarrow.compute`` costs a second, more than a whole export of a drop)."""
-    return [v if not v or v[0] not in _FORMULA_FIRST else "'" + v for v in values]
-
-
-def _csv_batch(columns: Columns, classes: Sequence[str], times: _Remembered) -> Any:
-    """One batch as an Arrow table of the wide CSV's columns, each cell as the CSV shows it:
-    ISO times with microseconds and +0000, lists as JSON, ``True``/``False``, missing values
-    empty, text that a spreadsheet would run as a formula neutralised (numbers cannot be one)."""
-    import pyarrow as pa
-
-    arrays = []
-    for name in EXPORT_COLUMNS:
-        values = columns[name]
-        if name == "probabilities":
-            continue
-        if name in TIME_COLUMNS:
-            arrays.append(pa.array(times.column(values), pa.string()))
-        elif name == "review_reasons":
-            arrays.append(pa.array([None if v == "null" else v for v in values], pa.string()))
-        elif name == "needs_review":
-            arrays.append(pa.array([None if v is None else str(bool(v)) for v in values], pa.string()))
-        elif name in ("confidence", "unfamiliar_score"):
-            arrays.append(pa.array(values, pa.float64()))
-        elif name == "size":
-            arrays.append(pa.array(values, pa.int64()))
-        else:
-            arrays.append(pa.array(_spreadsheet_safe_column(values), pa.string()))
-    arrays.extend(_probability_arrays(columns["probabilities"], classes))
-    return pa.Table.from_arrays(arrays, names=_wide_columns(classes))
-
-
-def stream_csv(batches: Iterable[Columns], classes: Sequence[str]) -> Iterator[bytes]:
-    """The wide CSV of :func:`stream_columns`' ``batches`` (header first), a piece per batch,
-    written by Arrow's CSV writer (text quoted; a third of the time of Python's ``csv`` per row)."""
-    import csv
-
-    import pyarrow as pa
-    import pyarrow.csv as pacsv
-
-    header = io.StringIO()
-    csv.writer(header, lineterminator="\n").writerow(_wide_columns(classes))
-    yield header.getvalue().encode()
-    options = pacsv.WriteOptions(include_header=False, quoting_style="needed")
-    times = _Remembered(_csv_time)
-    for columns in batches:
-        sink = pa.BufferOutputStream()
-        pacsv.write_csv(_csv_batch(columns, classes, times), sink, options)
-        yield sink.getvalue().to_pybytes()
-
-
-def stream_json(rows: Iterable[dict[str, Any]], *, chunk_rows: int = 1000) -> Iterator[bytes]:
-    """A JSON list of records (``probabilities`` an object, times ISO 8601), written as it is read."""
-    yield b"["
-    first = True
-    for chunk in in_batches(rows, chunk_rows):
-        parts = []
-        for row in chunk:
-            record = {k: (v.isoformat() if k in TIME_COLUMNS and v is not None else v) for k, v in row.items()}
-            parts.append(("\n" if first else ",\n") + json.dumps(record, ensure_ascii=False))
-            first = False
-        yield "".join(parts).encode()
-    yield b"\n]\n"
-
-
-class _Drain(io.RawIOBase):
-    """A write-only file that keeps what was written until :meth:`take` (Parquet's sink)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._parts: list[bytes] = []
-        self._written = 0
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data: Any) -> int:
-        chunk = bytes(data)
-        self._parts.append(chunk)
-        self._written += len(chunk)
-        return len(chunk)
-
-    def tell(self) -> int:
-        return self._written
-
-    def take(self) -> bytes:
-        data, self._parts = b"".join(self._parts), []
-        return data
-
-
-def _parquet_schema(classes: Sequence[str]) -> tuple[Any, set[str]]:
-    """The wide table's Arrow schema, and the columns whose values keep their type (others become text)."""
-    import pyarrow as pa
-
-    text = pa.string()
-    types: dict[str, Any] = {
-        "size": pa.int64(),
-        "confidence": pa.float64(),
-        "unfamiliar_score": pa.float64(),
-        "needs_review": pa.bool_(),
-        "review_reasons": pa.list_(text),
-        **{c: pa.timestamp("us", tz="UTC") for c in TIME_COLUMNS},
-        **{f"prob_{name}": pa.float64() for name in classes},
-    }
-    return pa.schema([(name, types.get(name, text)) for name in _wide_columns(classes)]), set(types)
-
-
-def _parquet_batch(columns: Columns, classes: Sequence[str], schema: Any, typed: set[str]) -> Any:
-    import pyarrow as pa
-
-    table: dict[str, Any] = {}
-    for name in EXPORT_COLUMNS:
-        values = columns[name]
-        if name == "review_reasons":
-            table[name] = [_parsed_json(v) for v in values]
-        elif name != "probabilities":
-            table[name] = values if name in typed else [None if v is None else str(v) for v in values]
-    probabilities = _probability_arrays(columns["probabilities"], classes)
-    table.update({f"prob_{name}": array for name, array in zip(classes, probabilities, strict=True)})
-    return pa.table(table, schema=schema)
-
-
-def stream_parquet(batches: Iterable[Columns], classes: Sequence[str]) -> Iterator[bytes]:
-    """The wide table of :func:`stream_columns`' ``batches`` as Parquet, one row group per
-    batch, each sent once written."""
-    import pyarrow.parquet as pq
-
-    schema, typed = _parquet_schema(classes)
-    sink = _Drain()
-    with pq.ParquetWriter(sink, schema) as writer:
-        for columns in batches:
-            writer.write_table(_parquet_batch(columns, classes, schema, typed))
-            yield sink.take()
-    yield sink.take()
 
 
 def export_predictions(
