@@ -286,12 +286,15 @@ def test_csv_cells_as_a_csv_reader_sees_them(known_rows, tmp_path):
     assert rejected["rejection_reason"] == "corrupt or truncated image"
 
 
-def test_a_stream_closed_early_stops_reading(known_rows):
+@pytest.mark.parametrize("batch_size", [1, 3])  # 3: the last batch read ahead while the client hangs up
+def test_a_stream_closed_early_stops_reading(known_rows, batch_size):
     """A client that hangs up mid-download: the stream's read-ahead thread ends with it."""
     import threading
+    import time
 
-    stream = export_stream.stream_columns(known_rows, batch_size=1)
-    assert len(next(stream)["path"]) == 1
+    stream = export_stream.stream_columns(known_rows, batch_size=batch_size)
+    assert len(next(stream)["path"]) == batch_size
+    time.sleep(0.5)  # the thread reads ahead as far as it may
     stream.close()
     assert not [t for t in threading.enumerate() if t.name == "export-read-ahead"]
     assert len(list(export_stream.stream_predictions(known_rows))) == 7  # the database is free for the next

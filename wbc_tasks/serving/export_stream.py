@@ -66,20 +66,24 @@ def _read_ahead(parts: Iterable[Sequence[Any]], depth: int = 2) -> Iterator[Sequ
     stop = threading.Event()
     done = object()
 
+    def offer(item: Any) -> bool:
+        """Hand ``item`` over, unless the reader stops first (then nobody would take it)."""
+        while not stop.is_set():
+            try:
+                handoff.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def fetch() -> None:
         try:
             for part in parts:
-                while not stop.is_set():
-                    try:
-                        handoff.put(part, timeout=0.2)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not offer(part):
                     return
-            handoff.put(done)
+            offer(done)
         except BaseException as exc:  # handed to the reader, raised there
-            handoff.put(exc)
+            offer(exc)
 
     fetcher = threading.Thread(target=fetch, name="export-read-ahead", daemon=True)
     fetcher.start()
