@@ -32,11 +32,12 @@ from wbc_tasks.serving.export import (
 from wbc_tasks.serving.export_formats import (
     JSON_TEXT_COLUMNS,
     Columns,
-    Remembered,
     parsed_json,
+    python_times,
     stream_csv,
     stream_json,
     stream_parquet,
+    utc_times,
 )
 from wbc_tasks.serving.predictions import open_engine, predictions, read_with_retries
 from wbc_tasks.serving.queries import as_utc, in_batches
@@ -97,11 +98,11 @@ def _read_ahead(parts: Iterable[Sequence[Any]], depth: int = 2) -> Iterator[Sequ
         fetcher.join()
 
 
-def _export_columns(names: Sequence[str], rows: Sequence[Any], to_utc: Remembered) -> Columns:
+def _export_columns(names: Sequence[str], rows: Sequence[Any]) -> Columns:
     """One batch of the SELECT's rows as the export's columns, in order: times UTC, ``status`` added."""
     read = dict(zip(names, (list(values) for values in zip(*rows, strict=True)), strict=True))
     for column in TIME_COLUMNS:
-        read[column] = to_utc.column(read[column])
+        read[column] = utc_times(read[column])
     read["status"] = [
         "classified" if predicted is not None else "pending" if rejected is None else "rejected"
         for predicted, rejected in zip(read["predicted_class"], read["rejection_reason"], strict=True)
@@ -113,15 +114,15 @@ def stream_columns(
     settings: Settings, where: PredictionFilter = ALL_ROWS, *, batch_size: int = STREAM_BATCH
 ) -> Iterator[Columns]:
     """The rows ``where`` selects (:func:`~wbc_tasks.serving.export.export_query`: its filter,
-    order and columns, with ``status``; times UTC) in batches of ``batch_size``, each a dict of
-    column lists in the export's order; ``review_reasons`` and ``probabilities`` are their JSON
-    text (None where missing). A server-side cursor on PostgreSQL, SQLite's own cursor.
+    order and columns, with ``status``) in batches of ``batch_size``, each a dict of columns in
+    the export's order: times as Arrow arrays of UTC instants, the rest lists; ``review_reasons``
+    and ``probabilities`` are their JSON text (None where missing).
+    A server-side cursor on PostgreSQL, SQLite's own cursor.
     ``where.latest`` keeps each file's last row: the query is ordered by path, content and
     prediction time, so a file's rows arrive together. Not retried: a lost connection ends the
     stream with the error (the client sees a cut-off download and asks again)."""
     query = export_query(where, json_as_text=True)
     since_utc = as_utc(where.since)
-    to_utc = Remembered(as_utc)
     with open_engine(settings.predictions_db_url) as engine, engine.connect() as connection:
         result = connection.execution_options(stream_results=True, yield_per=batch_size).execute(
             since_clause(query, since_utc, connection)
@@ -134,7 +135,7 @@ def stream_columns(
         if connection.dialect.name == "postgresql":  # measured: +10-30 % there, nothing on SQLite
             parts = _read_ahead(parts)
         for part in parts:
-            yield _export_columns(names, part, to_utc)
+            yield _export_columns(names, part)
 
 
 def stream_predictions(
@@ -143,6 +144,8 @@ def stream_predictions(
     """The rows of :func:`stream_columns`, one dict at a time, ``review_reasons`` and
     ``probabilities`` decoded (a list and a dict)."""
     for columns in stream_columns(settings, where, batch_size=batch_size):
+        for column in TIME_COLUMNS:
+            columns[column] = python_times(columns[column])
         names = list(columns)
         for values in zip(*columns.values(), strict=True):
             row = dict(zip(names, values, strict=True))
