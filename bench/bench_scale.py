@@ -317,7 +317,7 @@ def no_op_night(folder: Path, n_files: int) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000])
+    parser.add_argument("--rows", type=int, nargs="*", default=[10_000, 100_000], help="none: the files alone")
     parser.add_argument("--postgresql", action="store_true", help="also the local PostgreSQL")
     parser.add_argument("--only-postgresql", action="store_true", help="the local PostgreSQL alone")
     parser.add_argument("--files", type=int, default=20_000)
