@@ -298,3 +298,18 @@ def test_a_stream_closed_early_stops_reading(known_rows, batch_size):
     stream.close()
     assert not [t for t in threading.enumerate() if t.name == "export-read-ahead"]
     assert len(list(export_stream.stream_predictions(known_rows))) == 7  # the database is free for the next
+
+
+def test_times_read_in_any_zone_are_exported_as_utc():
+    """SQLite gives naive UTC times, PostgreSQL aware ones in the session's zone: both columns
+    come out as the same UTC instants, as datetimes and as the CSV's text."""
+    from zoneinfo import ZoneInfo
+
+    from wbc_tasks.serving.export_formats import _csv_times, python_times, utc_times
+
+    paris = datetime(2026, 7, 1, 4, 30, 15, 250, tzinfo=ZoneInfo("Europe/Paris"))  # 02:30:15 UTC
+    times = utc_times([datetime(2026, 7, 1, 2, 30, 15, 250), paris, None])
+    expected = datetime(2026, 7, 1, 2, 30, 15, 250, tzinfo=UTC)
+    assert python_times(times) == [expected, expected, None]
+    assert all(t is None or t.utcoffset() == timedelta(0) for t in python_times(times))
+    assert _csv_times(times).to_pylist() == ["2026-07-01T02:30:15.000250+0000"] * 2 + [None]
