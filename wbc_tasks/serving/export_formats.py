@@ -73,7 +73,7 @@ def _csv_times(times: Any) -> Any:
     import pyarrow as pa
 
     instants = times.to_numpy(zero_copy_only=False)
-    text = np.strings.add(np.datetime_as_string(instants, unit="us"), "+0000")
+    text = np.char.add(np.datetime_as_string(instants, unit="us"), "+0000")
     return pa.array(text, pa.string(), mask=np.isnat(instants))
 
 
