@@ -338,3 +338,24 @@ def test_bad_input_night_reads_only_and_accounts_for_every_entry(bad_input_night
     rejected_files = sum(len(r) for r in night["rejected"].values())
     assert sum(s["files_rejected"] for s in night["summaries"]) == rejected_files
     assert night["again"]["images_classified"] == 0 and night["again"]["files_rejected"] == 0
+
+
+def test_names_that_are_not_utf8_are_rejected_by_name_and_the_night_goes_on(night):
+    """A file or a drop folder whose name is not UTF-8 (copied from an old Windows share, say)
+    cannot be stored as text: it is rejected with its name escaped, and the rest is classified."""
+    settings = night
+    good = copy_drop("2026-11-24", settings)
+    shutil.copy(good / "cell_0001.jpg", os.fsdecode(bytes(good) + b"/cell-\xff.jpg"))
+    odd_drop = Path(os.fsdecode(bytes(settings.classify_dir) + b"/slide-\xe9"))
+    odd_drop.mkdir()
+    shutil.copy(good / "cell_0002.jpg", odd_drop / "cell.jpg")
+
+    summary = classify_new_images(settings)
+
+    rejected = {r["path"]: r["reason"] for r in table_rows(settings, db.rejections)}
+    assert set(rejected) == {"2026-11-24/cell-\\xff.jpg", "slide-\\xe9/cell.jpg"}
+    assert all("not valid UTF-8" in reason for reason in rejected.values()), rejected
+    assert summary["images_classified"] == 100 and summary["files_rejected"] == 2
+    # Recorded as seen: the next night neither rejects nor classifies them again.
+    again = classify_new_images(settings)
+    assert again["images_classified"] == 0 and again["files_rejected"] == 0
