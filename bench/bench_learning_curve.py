@@ -174,11 +174,12 @@ def held_out_figures(
     from wbc_tasks.serving.export_stream import stream_predictions
 
     where = PredictionFilter(drop=drop, model_version=version, latest=True)
-    found = [
-        (r["path"], r["predicted_class"], r["review_reasons"])
-        for r in stream_predictions(get_settings(), where)
-        if only is None or r["path"] in only
-    ]
+    streamed = [r for r in stream_predictions(get_settings(), where) if only is None or r["path"] in only]
+    found = [(r["path"], r["predicted_class"], r["review_reasons"]) for r in streamed]
+    # Each cell's probabilities too: what a decision rule tried later is computed from.
+    probabilities = {
+        r["path"]: {k: round(float(v), 5) for k, v in (r["probabilities"] or {}).items()} for r in streamed
+    }
     rows = [(truth[p], c, r) for p, c, r in found]
     per_class = {c: {"n": 0, "right": 0} for c in MEASURED}
     unflagged = right_unflagged = unfamiliar = blasts = 0
@@ -195,6 +196,7 @@ def held_out_figures(
     return {
         # Each image: its true class, the class given and the review reasons (to compare runs).
         "cells": {p: [truth[p], c, list(r) if r is not None else []] for p, c, r in found},
+        "probabilities": probabilities,
         "images": len(rows),
         "per_class": per_class,
         "balanced_accuracy": sum(recalls) / len(recalls) if recalls else None,
