@@ -138,7 +138,8 @@ def run_stack(conf: dict[str, Any], root: Path) -> dict[str, Any]:
     common = ["--prefix", prefix, "--state-dir", str(state)]
     try:
         started = subprocess.run(
-            [str(REPO / "stack" / "start"), *common, "--classify-dir", str(classify), "--timeout", str(START_TIMEOUT_S)],
+            [str(REPO / "stack" / "start"), *common, "--classify-dir", str(classify),
+             "--timeout", str(START_TIMEOUT_S)],
             env=env, capture_output=True, text=True, timeout=START_TIMEOUT_S + 60, check=False,
         )  # fmt: skip
         if started.returncode != 0:
