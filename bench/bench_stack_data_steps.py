@@ -89,10 +89,12 @@ def _train_once(client: Any, conf: dict[str, Any]) -> dict[str, Any]:
     client.wait_for_dag("wbc_training", timeout=300)
     run_id = client.trigger("wbc_training", conf)
     client.wait_for_run("wbc_training", run_id, timeout=RUN_TIMEOUT_S)
-    tis = client.task_instances("wbc_training", run_id)
+    tis = [ti for ti in client.task_instances("wbc_training", run_id) if ti["task_id"] in STEPS]
     return {
         "seconds": _durations(client, run_id),
-        "hosts": {ti["task_id"]: ti.get("hostname") for ti in tis if ti["task_id"] in STEPS},
+        "hosts": {ti["task_id"]: ti.get("hostname") for ti in tis},
+        # Where a task's time went: its log lines carry their times.
+        "logs": {ti["task_id"]: client.task_log("wbc_training", run_id, ti) for ti in tis},
     }
 
 
@@ -169,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     conf = _conf(args.data.resolve(), args.size, args.augment)
     times: dict[str, dict[str, list[float]]] = {s: {step: [] for step in STEPS} for s in SETUPS}
     hosts: dict[str, Any] = {}
+    logs: dict[str, list[Any]] = {s: [] for s in SETUPS}
     runs = {"embedded": run_embedded, "stack": run_stack}
     for round_ in range(args.rounds):
         for setup in SETUPS:
@@ -177,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             for step, seconds in result["seconds"].items():
                 times[setup][step].append(seconds)
             hosts[setup] = result["hosts"]
+            logs[setup].append(result.pop("logs"))
             print(json.dumps({"round": round_ + 1, setup: result}), flush=True)
     median = {s: {step: statistics.median(v) for step, v in steps.items()} for s, steps in times.items()}
     results = {
@@ -189,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         "median_s": {s: {step: round(v, 2) for step, v in steps.items()} for s, steps in median.items()},
         "stack_to_embedded": {step: round(median["stack"][step] / median["embedded"][step], 2) for step in STEPS},
     }
+    if args.out:
+        args.out.with_suffix(".logs.json").write_text(json.dumps(logs, indent=1))
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))
     print(json.dumps(results, indent=1))
