@@ -130,7 +130,7 @@ def run_embedded(conf: dict[str, Any], root: Path) -> dict[str, Any]:
 
 def run_stack(conf: dict[str, Any], root: Path) -> dict[str, Any]:
     """``stack/start`` with a throwaway prefix; one training run; stopped, databases dropped."""
-    from tests.system.conftest import AirflowClient, read_env_file
+    from tests.system.conftest import AirflowClient, _kill_leftover_groups, _run_stack, read_env_file
 
     prefix = f"wbcb_{secrets.token_hex(4)}"
     state = root / "stack-state"
@@ -139,10 +139,9 @@ def run_stack(conf: dict[str, Any], root: Path) -> dict[str, Any]:
     env = _clean_env({"WBC_ALLOWED_ROOTS": conf["data_dir"]})
     common = ["--prefix", prefix, "--state-dir", str(state)]
     try:
-        started = subprocess.run(
-            [str(REPO / "stack" / "start"), *common, "--classify-dir", str(classify),
-             "--timeout", str(START_TIMEOUT_S)],
-            env=env, capture_output=True, text=True, timeout=START_TIMEOUT_S + 60, check=False,
+        started = _run_stack(
+            "start", *common, "--classify-dir", str(classify), "--timeout", str(START_TIMEOUT_S),
+            timeout=START_TIMEOUT_S + 60, env=env,
         )  # fmt: skip
         if started.returncode != 0:
             raise RuntimeError(f"stack/start failed:\n{started.stdout[-2000:]}\n{started.stderr[-2000:]}")
@@ -152,10 +151,10 @@ def run_stack(conf: dict[str, Any], root: Path) -> dict[str, Any]:
         )
         return _train_once(client, conf)
     finally:
-        subprocess.run(
-            [str(REPO / "stack" / "stop"), *common, "--drop-databases"],
-            env=env, capture_output=True, text=True, timeout=300, check=False,
-        )  # fmt: skip
+        try:  # as the system tests stop their stack: the script, then its process groups if need be
+            _run_stack("stop", *common, "--drop-databases", timeout=300, env=env)
+        finally:
+            _kill_leftover_groups(state)
 
 
 def main(argv: list[str] | None = None) -> int:

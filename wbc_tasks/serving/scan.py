@@ -40,6 +40,8 @@ from wbc_tasks.data.images import (
     sha256_of_file,
 )
 
+_by_name = attrgetter("name")
+
 #: The rejection of a file whose path is not valid UTF-8.
 NOT_UTF8 = "file name is not valid UTF-8 (its odd bytes are shown as \\xNN): rename it to classify it"
 
@@ -124,7 +126,7 @@ def drops_in(settings: Settings) -> list[str]:
     archive = settings.archive_dir.resolve() if settings.archive_dir else None
     drops = []
     loose = False
-    for entry in sorted(os.scandir(_scan_root(settings, None)), key=lambda e: e.name):
+    for entry in sorted(os.scandir(_scan_root(settings, None)), key=_by_name):
         if entry.is_dir():
             if storable(entry.name) and (archive is None or Path(entry.path).resolve() != archive):
                 drops.append(entry.name)
@@ -135,9 +137,6 @@ def drops_in(settings: Settings) -> list[str]:
 
 #: The drop of files lying directly in the classify folder.
 LOOSE = ""
-
-
-_by_name = attrgetter("name")
 
 
 def drop_fingerprint(settings: Settings, drop: str) -> str | None:
