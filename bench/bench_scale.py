@@ -27,7 +27,9 @@ process's.
 from __future__ import annotations
 
 import argparse
+import csv
 import hashlib
+import io
 import json
 import os
 import platform
@@ -77,6 +79,32 @@ def timed(fn: Callable[[], Any], repeat: int = 5) -> float:
     return statistics.median(times)
 
 
+def _copy(connection: Any, table: Any, rows: list[dict[str, Any]]) -> None:
+    """Bulk-load ``rows`` into ``table``: PostgreSQL's ``COPY`` (row inserts took about 80 minutes
+    for 7 M rows here, loaded), elsewhere the product's own insert."""
+    if connection.dialect.name != "postgresql":
+        db.insert_ignore(connection, table, rows)
+        return
+    columns = list(rows[0])
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    for row in rows:
+        writer.writerow(
+            ""
+            if v is None
+            else json.dumps(v)
+            if isinstance(v, dict | list)
+            else v.isoformat()
+            if hasattr(v, "isoformat")
+            else v
+            for v in (row[c] for c in columns)
+        )
+    buffer.seek(0)
+    quoted = ", ".join(f'"{c}"' for c in columns)
+    cursor = connection.connection.driver_connection.cursor()
+    cursor.copy_expert(f'COPY "{table.name}" ({quoted}) FROM STDIN WITH (FORMAT csv)', buffer)
+
+
 def fill(url: str, n: int) -> dict[str, Any]:
     """``n`` files seen with their predictions in ``1 + (n - BIG_DROP) / ROWS_PER_DROP`` drops."""
     db.upgrade_database(url)
@@ -120,8 +148,8 @@ def fill(url: str, n: int) -> dict[str, Any]:
                 )
             if len(batch_seen) == 20_000 or i == n - 1:
                 with engine.begin() as connection:
-                    db.insert_ignore(connection, db.files_seen, batch_seen)
-                    db.insert_ignore(connection, db.predictions, batch_pred)
+                    _copy(connection, db.files_seen, batch_seen)
+                    _copy(connection, db.predictions, batch_pred)
                     if batch_reviews:
                         connection.execute(db.reviews.insert(), batch_reviews)
                 batch_seen, batch_pred, batch_reviews = [], [], []

@@ -1,11 +1,12 @@
 """The split checks, preprocess and augment steps inside a Celery worker's task (issue 31): the
-stack's prefork pool runs each task in a daemonic process, which may not start children, so
-``core.parallel.parallel_map`` ran these steps serially there. Now it runs them on threads. Timed
-side by side on the same data, in one script, rounds interleaved:
+stack's prefork pool runs each task in a daemonic process, where ``multiprocessing`` may not start
+children, so ``core.parallel.parallel_map`` ran these steps serially there, then on threads; now it
+uses billiard's pool, whose worker processes a daemonic process may start. Timed side by side on
+the same data, in one script, rounds interleaved:
 
 - ``embedded``: the step in an ordinary process (worker processes), as the embedded default runs it;
-- ``daemonic-threads``: the same call in a daemonic process (what a Celery task is), now;
-- ``daemonic-serial``: the same in a daemonic process with one worker: what it was before.
+- ``daemonic``: the same call in a daemonic billiard process (what a Celery prefork task is), now;
+- ``daemonic-serial``: the same in a daemonic process with one worker: what it was at first.
 
     .venv/bin/python bench/bench_worker_parallel.py [--data ../shared/data/wbc-bench/WBC] [--size 64]
         [--rounds 3] [--out bench-worker-parallel.json]
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import platform
 import shutil
@@ -28,11 +28,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import billiard
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 DATA = REPO.parent / "shared" / "data" / "wbc-bench" / "WBC"
-MODES = {"embedded": (False, 0), "daemonic-threads": (True, 0), "daemonic-serial": (True, 1)}
+MODES = {"embedded": (False, 0), "daemonic": (True, 0), "daemonic-serial": (True, 1)}
 STEPS = ("split", "preprocess", "augment")
 
 
@@ -71,7 +73,7 @@ def run_mode(mode: str, data: Path, size: int) -> dict[str, float]:
     """One round of the three steps in ``mode``, in a fresh process and work folder."""
     daemonic, workers = MODES[mode]
     with tempfile.TemporaryDirectory() as tmp:
-        context = multiprocessing.get_context("fork")
+        context = billiard.get_context("fork")  # Celery's: its daemonic processes are the workers' own
         queue = context.Queue()
         process = context.Process(target=_child, args=(queue, str(data), tmp, size, workers), daemon=daemonic)
         process.start()

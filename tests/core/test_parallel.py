@@ -1,10 +1,13 @@
-"""parallel_map: in order, over processes, and over threads where processes cannot be started."""
+"""parallel_map: in order, over worker processes, also where the caller is a daemonic process."""
 
 from __future__ import annotations
 
 import multiprocessing
-import threading
+import os
 import time
+
+import billiard
+import pytest
 
 from wbc_tasks.core.parallel import parallel_map
 
@@ -13,47 +16,66 @@ def _square(x: int) -> int:
     return x * x
 
 
-def _in_a_daemonic_process(queue) -> None:
+def _pid_of(_: int) -> int:
+    time.sleep(0.005)  # as long as an image's decoding: both workers get items
+    return os.getpid()
+
+
+def _fails_on_seven(x: int) -> int:
+    if x == 7:
+        raise ValueError("cell-7.jpg is not an image")
+    return x
+
+
+def _spread(queue) -> None:
     try:
-        queue.put(list(parallel_map(_square, range(40), workers=2, chunksize=2)))
+        used = list(parallel_map(_pid_of, range(64), workers=2, chunksize=1))
+        squares = list(parallel_map(_square, range(40), workers=2, chunksize=2))
+        queue.put((len(set(used)), os.getpid() in used, squares == [x * x for x in range(40)]))
     except Exception as exc:  # noqa: BLE001 - reported to the test
         queue.put(repr(exc))
 
 
-def test_results_come_back_in_order_over_processes() -> None:
+def _forked_task(queue) -> None:
+    """What Airflow's supervisor does inside a Celery prefork worker: a plain fork runs the task."""
+    child = os.fork()
+    if child == 0:
+        _spread(queue)
+        queue.close()
+        queue.join_thread()
+        os._exit(0)
+    os.waitpid(child, 0)
+
+
+def test_results_come_back_in_order_over_worker_processes() -> None:
     assert list(parallel_map(_square, range(40), workers=2, chunksize=2)) == [x * x for x in range(40)]
+    used = list(parallel_map(_pid_of, range(64), workers=2, chunksize=1))
+    assert len(set(used)) == 2 and os.getpid() not in used
 
 
-def test_a_daemonic_parent_runs_instead_of_failing() -> None:
-    """A task of a Celery worker (the stack) runs in a daemonic process, which may not start
-    children: found on the first real start of the compose stack ("daemonic processes are not
-    allowed to have children" from split_dataset)."""
-    context = multiprocessing.get_context("fork")
+def test_a_worker_s_error_reaches_the_caller_as_raised() -> None:
+    with pytest.raises(ValueError, match="cell-7.jpg"):
+        list(parallel_map(_fails_on_seven, range(40), workers=2, chunksize=2))
+
+
+@pytest.mark.parametrize(
+    ("library", "target"),
+    [
+        (multiprocessing, _spread),  # a daemonic process of the standard library
+        (billiard, _spread),  # a Celery prefork worker's pool process
+        (billiard, _forked_task),  # Airflow's task process, forked inside one (the stack's case)
+    ],
+    ids=["multiprocessing-daemon", "celery-pool-process", "airflow-task-in-celery-worker"],
+)
+def test_a_daemonic_parent_still_uses_worker_processes(library, target) -> None:
+    """A Celery worker's task runs in a process marked daemonic, where ``multiprocessing`` refuses
+    to start children: found on the first real start of the compose stack ("daemonic processes
+    are not allowed to have children" from split_dataset); then threads ran the steps there
+    (issue 31), now worker processes do, as in the embedded default."""
+    context = library.get_context("fork")
     queue = context.Queue()
-    process = context.Process(target=_in_a_daemonic_process, args=(queue,), daemon=True)
+    process = context.Process(target=target, args=(queue,), daemon=True)
     process.start()
     result = queue.get(timeout=60)
     process.join(timeout=60)
-    assert result == [x * x for x in range(40)]
-
-
-def _thread_of(_: int) -> int:
-    time.sleep(0.005)  # as long as an image's decoding, with the GIL released
-    return threading.get_ident()
-
-
-def _threads_used(queue) -> None:
-    used = list(parallel_map(_thread_of, range(64), workers=2, chunksize=1))
-    queue.put((len(set(used)), threading.get_ident() in used))
-
-
-def test_a_daemonic_parent_spreads_the_work_over_threads() -> None:
-    """Inside a Celery worker's task the steps still use ``workers`` cores: threads, not the
-    caller's thread alone (issue 31; before, it ran serially)."""
-    context = multiprocessing.get_context("fork")
-    queue = context.Queue()
-    process = context.Process(target=_threads_used, args=(queue,), daemon=True)
-    process.start()
-    threads, caller_used = queue.get(timeout=60)
-    process.join(timeout=60)
-    assert threads == 2 and not caller_used
+    assert result == (2, False, True)

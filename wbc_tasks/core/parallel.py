@@ -1,13 +1,13 @@
-"""One way to spread CPU-bound per-image work over the machine's cores: worker processes, or
-threads inside a Celery worker's task, whose daemonic process may not start children."""
+"""One way to spread CPU-bound per-image work over the machine's cores: worker processes, in the
+embedded default and inside a Celery worker's task alike."""
 
 from __future__ import annotations
 
 import logging
-import multiprocessing
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import TypeVar
+
+import billiard
 
 log = logging.getLogger(__name__)
 
@@ -18,29 +18,24 @@ R = TypeVar("R")
 def parallel_map(fn: Callable[[T], R], items: Iterable[T], *, workers: int, chunksize: int = 8) -> Iterator[R]:
     """``map(fn, items)`` in order, over ``workers`` processes (serially when 1).
 
-    Uses ``fork``: ``spawn``/``forkserver`` would re-run the caller's ``__main__`` (a script, or
-    Airflow's task runner) in every worker. Callers keep TensorFlow out of these steps, so there
-    are no framework threads to inherit. In a daemonic process (a Celery worker's task on the
-    stack), which may not start children, ``workers`` threads run it instead: the per-image work
-    is decoding, resizing, hashing and array copies, which release the GIL (measured in
-    bench/bench_worker_parallel.py).
+    The pool is billiard's (Celery's fork of ``multiprocessing``), not the standard library's: a
+    Celery prefork worker marks its processes daemonic, and Airflow's task process, forked from
+    one, inherits the mark, so ``multiprocessing`` refuses to start children there ("daemonic
+    processes are not allowed to have children"); billiard has no such rule. So a step uses the
+    machine's cores on the stack's workers as in the embedded default (issue 31; threads before,
+    bench/bench_worker_parallel.py). Uses ``fork``: ``spawn``/``forkserver`` would re-run the
+    caller's ``__main__`` (a script, or Airflow's task runner) in every worker. Callers keep
+    TensorFlow out of these steps, so there are no framework threads to inherit.
     """
     items = list(items)
     if workers <= 1 or len(items) < 2 * chunksize:
         yield from map(fn, items)
         return
-    pool: Executor
-    if multiprocessing.current_process().daemon:
-        # multiprocessing refuses a daemonic process's children only when the pool starts them,
-        # inside map below, so this is decided here.
-        log.info("in a daemonic process (a Celery worker's task): %d threads instead of processes", workers)
-        pool = ThreadPoolExecutor(max_workers=workers)
-    else:
-        try:
-            pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"))
-        except (OSError, ValueError, AssertionError) as exc:
-            log.warning("cannot start worker processes (%s); running serially", exc)
-            yield from map(fn, items)
-            return
+    try:
+        pool = billiard.get_context("fork").Pool(processes=workers)
+    except OSError as exc:
+        log.warning("cannot start worker processes (%s); running serially", exc)
+        yield from map(fn, items)
+        return
     with pool:
-        yield from pool.map(fn, items, chunksize=chunksize)
+        yield from pool.imap(fn, items, chunksize=chunksize)
