@@ -72,3 +72,14 @@ def test_a_run_trained_on_the_reviews_by_hand_counts_as_an_adaptation(db_setting
     assert not request_adaptation(settings, "night-1").requested
     _review(settings, 1, start=5)
     assert request_adaptation(settings, "night-2").requested
+
+
+def test_a_run_that_found_no_new_review_records_nothing(db_settings):
+    settings = db_settings.with_overrides(adapt_after_reviews=2)
+    add_known_drop(settings)
+    record_training_on_reviews(settings, "manual__before-any-review", review_backlog(settings))
+    _review(settings, 2)
+    record_training_on_reviews(settings, "manual__learned-two", review_backlog(settings))
+    record_training_on_reviews(settings, "manual__nothing-new", review_backlog(settings))
+    rows = [(r["run_id"], r["reviews"]) for r in table_rows(settings, db.adaptation_requests)]
+    assert rows == [("manual__learned-two", 2)]

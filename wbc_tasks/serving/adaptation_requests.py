@@ -132,7 +132,10 @@ def request_adaptation(settings: Settings, run_id: str) -> AdaptationRequest:
 
 def record_training_on_reviews(settings: Settings, run_id: str, seen: ReviewBacklog) -> None:
     """Move the watermark to ``seen`` (read before the run read the reviews): training run
-    ``run_id`` learns every review up to it. Idempotent per run."""
+    ``run_id`` learns every review up to it. Idempotent per run; nothing is recorded when no review
+    is new (the watermark would not move, and the lab's page would list a run that learned none)."""
+    if seen.reviews == 0:
+        return
     _migrated(settings)
     with open_engine(settings.predictions_db_url) as engine:
         transaction(
