@@ -48,6 +48,7 @@ def test_a_tiny_adaptation_learns_a_new_labs_reviews_and_records_why_it_was_deci
     from wbc_tasks.data.demo import generate_demo_dataset
     from wbc_tasks.registry.client import configure_mlflow
     from wbc_tasks.serving.adaptation_requests import review_backlog
+    from wbc_tasks.serving.lab_learning import learning_status
     from wbc_tasks.serving.nightly import classify_new_images
     from wbc_tasks.serving.review_decisions import record_review
 
@@ -96,3 +97,11 @@ def test_a_tiny_adaptation_learns_a_new_labs_reviews_and_records_why_it_was_deci
     assert ("better on the lab's reviewed images" in decision["reason"]) or ("not better" in decision["reason"])
     # Every review so far is learned: the night does not ask for these again.
     assert review_backlog(settings).reviews == 0
+    # The lab's learning page: the version, what it learned and from which version, its decision.
+    status = learning_status(settings)
+    newest = status.versions[0]
+    assert (newest["version"], newest["init_from_version"]) == ("2", "1")
+    assert sum(newest["reviewed_images"].values()) == len(truth)
+    assert newest["decision"]["outcome"] == decision["decision"] and newest["decision"]["groups"] == groups
+    assert status.since_last_adaptation == 0
+    assert [(r["kind"], r["reviews"]) for r in status.requests] == [("training", len(truth))]

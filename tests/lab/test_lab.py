@@ -57,7 +57,8 @@ def test_anonymous_requests_get_401_or_the_login_page(lab):
         assert fetch(lab_url(lab, path))[0] == 401, path
     assert decide(lab, "", f"{DROP}/x.jpg", "blasts")[0] == 401
     assert fetch(lab_url(lab, "/api/predictions"), token="not-a-jwt")[0] in (401, 403)
-    for page in ("/drops", f"/drops/{DROP}/review", f"/drops/{DROP}/report"):
+    assert fetch(lab_url(lab, "/api/learning"))[0] == 401
+    for page in ("/drops", f"/drops/{DROP}/review", f"/drops/{DROP}/report", "/learning"):
         status, headers, _ = fetch(lab_url(lab, page))
         assert status == 303, page
         assert headers["location"].startswith("/auth/login?next="), headers["location"]
@@ -367,3 +368,30 @@ def test_drops_and_queues_come_in_pages_and_unpaged_callers_get_everything_as_be
     status, _, body = fetch(lab_url(lab, f"/drops/{DROP}/review?page=1"), token=token)
     assert status == 200 and f"{len(queue)} cells to review".encode() in body
     assert fetch(lab_url(lab, "/drops?page=0"), token=token)[0] == 422
+
+
+def test_the_learning_page_shows_the_reviews_the_trigger_and_the_versions_from_the_registry(lab):
+    """Issue 30: how the model learns the lab's reviews, for a reader (a viewer), as HTML and JSON:
+    the same counts as the database, the trigger's state, the registry's versions and aliases."""
+    from wbc_tasks.serving.lab_learning import learning_status
+
+    token = lab.token("viewer")
+    status, headers, body = fetch(lab_url(lab, "/api/learning"), token=token)
+    assert status == 200, body
+    served = json.loads(body)
+    expected = json.loads(json.dumps(learning_status(lab.settings).as_dict(), default=str))
+    assert {k: served[k] for k in ("reviews", "reviewed_cells", "since_last_adaptation", "adapt_after_reviews")} == {
+        k: expected[k] for k in ("reviews", "reviewed_cells", "since_last_adaptation", "adapt_after_reviews")
+    }
+    assert served["registry_error"] is None
+    assert [(v["version"], v["aliases"]) for v in served["versions"]] == [("1", ["champion"])]
+
+    status, _, body = fetch(lab_url(lab, "/learning"), token=token)
+    page = body.decode()
+    assert status == 200 and "Learning your lab's cells" in page
+    assert f'<b id="since">{served["since_last_adaptation"]}</b>' in page
+    assert "Automatic adaptation is off" in page  # the embedded default: WBC_ADAPT_AFTER_REVIEWS=0
+    assert re.search(r'<tr data-version="1">\s*<td><b>1</b> <span class="alias">@champion</span>', page)
+    assert "labelled\nimages only" in page and "not decided yet" in page
+    status, _, body = fetch(lab_url(lab, "/drops"), token=token)
+    assert b'/lab/learning">Learning</a>' in body  # every page links to it

@@ -1,5 +1,6 @@
 """The lab's endpoints for programs and the pages' scripts: a cell's thumbnail (read from the
-original file through the allowed-folder checks), the drops and a drop's review queue as JSON,
+original file through the allowed-folder checks), the drops, a drop's review queue and the lab's
+learning status as JSON,
 recording a decision (edit access, JSON from this origin only) and the predictions table
 streamed as CSV, JSON or Parquet. Every one answers 401/403 rather than redirecting. Handlers
 that touch the database are plain ``def``: FastAPI runs them in its thread pool."""
@@ -91,6 +92,14 @@ def queue_api(drop: str, who: Reader, limit: Limit = None, offset: Offset = 0) -
     queue = review_queue(get_settings(), drop)
     page = queue[offset : None if limit is None else offset + limit]
     return JSONResponse(jsonable_encoder(page), headers={"X-Total-Count": str(len(queue))})
+
+
+@router.get("/api/learning", name="learning_api", summary="The lab's reviews and the versions that learned them")
+def learning_api(who: Reader) -> JSONResponse:
+    from wbc_tasks.serving.lab_learning import learning_status
+
+    found = learning_status(get_settings()).as_dict()
+    return JSONResponse(jsonable_encoder(found), headers={"Cache-Control": "no-store"})
 
 
 @router.post(

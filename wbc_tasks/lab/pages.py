@@ -1,8 +1,9 @@
-"""The lab's HTML pages: the drops (all, or those of one nightly run), a drop's review queue and
-its differential report, rendered from the Jinja2 templates in ``templates/`` beside this module
-(autoescaped: every value from the database or a URL is escaped, none is marked safe). Anonymous
-readers are sent to the login page. Handlers that touch the database are plain ``def``: FastAPI
-runs them in its thread pool, so a slow query never blocks the API server's event loop."""
+"""The lab's HTML pages: the drops (all, or those of one nightly run), a drop's review queue, its
+differential report and how the model learns the lab's reviews, rendered from the Jinja2 templates
+in ``templates/`` beside this module (autoescaped: every value from the database or a URL is
+escaped, none is marked safe). Anonymous readers are sent to the login page. Handlers that touch
+the database are plain ``def``: FastAPI runs them in its thread pool, so a slow query never blocks
+the API server's event loop."""
 
 from __future__ import annotations
 
@@ -30,6 +31,14 @@ QUEUE_THUMBNAIL_SIDE = 256
 #: once, whatever a year of drops or a 50,000-file drop holds.
 DROPS_PER_PAGE = 50
 QUEUE_PER_PAGE = 100
+#: A promotion outcome in the lab's words.
+OUTCOME_WORDS = {
+    "promoted": "promoted",
+    "kept_champion": "refused: the version in use stayed",
+    "rejected": "refused: below a quality floor",
+    "already_champion": "already in use",
+    "error": "not applied (the registry failed; nothing changed)",
+}
 
 router = APIRouter()
 
@@ -49,6 +58,8 @@ def _links(request: Request, drop: str | None = None) -> dict[str, str]:
     base = str(request.url_for("predictions"))
     links = {
         "drops": str(request.url_for("drops_page")),
+        "learning": str(request.url_for("learning_page")),
+        "learning_json": str(request.url_for("learning_api")),
         "api_docs": str(request.url_for("api_schema")),
         "csv": f"{base}?format=csv",
         "json": f"{base}?format=json",
@@ -172,6 +183,22 @@ def review_page(request: Request, drop: str, who: PageReader, page: Annotated[in
         labels=_review_labels(),
         keymap=SHORTCUTS,
         review_endpoint=str(request.url_for("record_decision")),
+    )
+
+
+@router.get("/learning", response_class=HTMLResponse, name="learning_page", summary="Learning the lab's cells (HTML)")
+def learning_page(request: Request, who: PageReader) -> HTMLResponse:
+    from wbc_tasks.serving.lab_learning import learning_status
+
+    settings = get_settings()
+    return _page(
+        request,
+        who,
+        "learning",
+        "Learning",
+        status=learning_status(settings),
+        outcomes=OUTCOME_WORDS,
+        champion_alias=settings.champion_alias,
     )
 
 

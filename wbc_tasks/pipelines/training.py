@@ -11,6 +11,7 @@ that already completed in this run returns its recorded summary instead of runni
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -284,6 +285,20 @@ def engine_tags(engine: dict) -> dict[str, str]:
     return {"engine": "keras", "engine.reason": f"export refused: {engine.get('reason', '')}"[:5000]}
 
 
+def _origin_tags(split: dict[str, Any]) -> dict[str, str]:
+    """What a version learned from beyond the labelled folder: the lab's reviewed images per split
+    and the version it started from (what the lab's learning page lists)."""
+    from wbc_tasks.registry.tags import TAG_INIT_FROM_VERSION, TAG_REVIEWED_IMAGES
+
+    tags = {}
+    reviewed = split.get("reviewed", {})
+    if reviewed.get("included"):
+        tags[TAG_REVIEWED_IMAGES] = json.dumps(reviewed["per_split"], sort_keys=True)
+    if split.get("init_from_version") is not None:
+        tags[TAG_INIT_FROM_VERSION] = str(split["init_from_version"])
+    return tags
+
+
 def register_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
     """Log the model with its signature and model card; register a new version, tagged with the
     engine the export step accepted (or why it refused it)."""
@@ -317,7 +332,7 @@ def register_step(run_id: str, params: dict[str, Any] | None = None) -> dict:
             metrics=evaluated["metrics"],
             data_summary=data_summary,
             params=p.as_dict(),
-            extra_tags=engine_tags(engine),
+            extra_tags={**engine_tags(engine), **_origin_tags(split)},
         )
         return {
             "model_name": ref.name,

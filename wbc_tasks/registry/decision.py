@@ -90,6 +90,22 @@ class PromotionDecision:
         }
 
 
+def recorded_decision(tags: Mapping[str, str]) -> dict[str, Any] | None:
+    """What :meth:`PromotionDecision.as_tags` recorded on a version, read back (None: not decided):
+    the outcome, rule, reason, the version compared with, when, and the paired groups."""
+    if "promotion.decision" not in tags:
+        return None
+    compared = tags.get("promotion.compared_with_version", "none")
+    return {
+        "outcome": tags["promotion.decision"],
+        "rule": tags.get("promotion.rule", LABELLED_RULE),
+        "reason": tags.get("promotion.reason", ""),
+        "compared_with_version": None if compared == "none" else compared,
+        "decided_at": tags.get("promotion.decided_at"),
+        "groups": json.loads(tags["promotion.groups"]) if "promotion.groups" in tags else {},
+    }
+
+
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 

@@ -1,6 +1,7 @@
 """The text this project writes on MLflow runs and model versions, and how it reads it back.
 
-Owns the tag names (``image_size``, ``class_names``, ``airflow_run_id``), the metric <-> tag
+Owns the tag names (``image_size``, ``class_names``, ``airflow_run_id``, ``reviewed_images``,
+``init_from_version``), the metric <-> tag
 codec (headline test metrics as ``metric.<name>``, per-class ones as ``<kind>.<class>``, which
 promotion reads back) and how a param value is written as text. Pure functions on dicts: no
 MLflow import, no I/O, so the codec can be checked without a tracking server.
@@ -16,6 +17,10 @@ TAG_IMAGE_SIZE = "image_size"
 TAG_CLASS_NAMES = "class_names"
 #: Run tag (and version tag) naming the Airflow DAG run that produced it.
 TAG_AIRFLOW_RUN_ID = "airflow_run_id"
+#: Version tag: the lab's reviewed images the version's run added, per split (JSON), when it did.
+TAG_REVIEWED_IMAGES = "reviewed_images"
+#: Version tag: the registered version its training started from (absent: from scratch).
+TAG_INIT_FROM_VERSION = "init_from_version"
 #: Version tag prefix of headline test metrics (``metric.balanced_accuracy``).
 METRIC_TAG_PREFIX = "metric."
 #: Per-class metric kinds stored as version tags ``<kind>.<class>`` (``recall.blasts``).

@@ -5,14 +5,15 @@ and class names travel with the version (tags ``image_size`` and ``class_names``
 logged model's metadata), never in a second place. :func:`resolve_model` turns an alias (default:
 the champion) or a version number into a ``ModelRef``; :func:`load_keras_model` loads one, only
 from the configured registry; :func:`current_aliases`, :func:`version_metrics` and
-:func:`wait_until_ready` read a version's aliases, test metrics and registration status.
-Nothing here writes to the registry.
+:func:`wait_until_ready` read a version's aliases, test metrics and registration status, and
+:func:`recent_versions` the newest versions with their tags. Nothing here writes to the registry.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +152,41 @@ def current_aliases(settings: Settings) -> dict[str, str]:
             return {}
         raise
     return {alias: str(version) for alias, version in (model.aliases or {}).items()}
+
+
+@dataclass(frozen=True)
+class VersionRecord:
+    """A registered version as the registry holds it: number, registration time (UTC), aliases, tags."""
+
+    version: str
+    registered_at: datetime
+    aliases: tuple[str, ...]
+    tags: dict[str, str]
+
+
+def recent_versions(settings: Settings, limit: int) -> list[VersionRecord]:
+    """The ``limit`` newest versions of the registered model, newest first (none before the first)."""
+    client = configure_mlflow(settings)
+    found = call_with_retries(
+        settings,
+        client.search_model_versions,
+        f"name='{settings.model_name}'",
+        max_results=limit,
+        order_by=["version_number DESC"],
+    )
+    # A search answers without the aliases (MLflow 3.17's SQL store): they come from the model.
+    aliases: dict[str, list[str]] = {}
+    for alias, version in current_aliases(settings).items():
+        aliases.setdefault(version, []).append(alias)
+    return [
+        VersionRecord(
+            version=str(v.version),
+            registered_at=datetime.fromtimestamp(v.creation_timestamp / 1000, UTC),
+            aliases=tuple(sorted(aliases.get(str(v.version), ()))),
+            tags=dict(v.tags or {}),
+        )
+        for v in found
+    ]
 
 
 def version_metrics(settings: Settings, version: str) -> dict[str, Any]:
