@@ -170,8 +170,10 @@ def held_out_figures(
     """``drop`` (the held-out fold; in tuning, ``only`` the pool's measured half) as classified by
     ``version``: per-class recall, shares, raw counts."""
     from wbc_tasks.core.settings import get_settings
+    from wbc_tasks.registry.versions import resolve_model
     from wbc_tasks.serving.export import PredictionFilter
     from wbc_tasks.serving.export_stream import stream_predictions
+    from wbc_tasks.serving.model import load_policy
 
     where = PredictionFilter(drop=drop, model_version=version, latest=True)
     streamed = [r for r in stream_predictions(get_settings(), where) if only is None or r["path"] in only]
@@ -181,6 +183,7 @@ def held_out_figures(
         r["path"]: {k: round(float(v), 5) for k, v in (r["probabilities"] or {}).items()} for r in streamed
     }
     rows = [(truth[p], c, r) for p, c, r in found]
+    policy, _ = load_policy(get_settings(), resolve_model(get_settings(), version))
     per_class = {c: {"n": 0, "right": 0} for c in MEASURED}
     unflagged = right_unflagged = unfamiliar = blasts = 0
     for true, predicted, reasons in rows:
@@ -197,6 +200,10 @@ def held_out_figures(
         # Each image: its true class, the class given and the review reasons (to compare runs).
         "cells": {p: [truth[p], c, list(r) if r is not None else []] for p, c, r in found},
         "probabilities": probabilities,
+        # The version's thresholds: what a decision rule tried later decides flags with.
+        "trust": None
+        if policy is None
+        else {k: getattr(policy, k) for k in ("review_threshold", "blast_flag_probability", "training_class_mix")},
         "images": len(rows),
         "per_class": per_class,
         "balanced_accuracy": sum(recalls) / len(recalls) if recalls else None,
