@@ -14,7 +14,8 @@ five after one warm-up:
 - the drops page: a page of 50 drops counted from their rows (as before the summaries), and read
   from the summaries (``count_drops`` and ``list_drops(limit=50)``), and every drop's summary;
 - the 5,000-cell drop's review queue (``review_queue``, which the page then slices), its report,
-  and recording a review there (which recounts that drop in its transaction).
+  and recording a review there (which recounts that drop in its transaction); with
+  ``--baseline-tree``, the queue and report of that earlier code too, in turns with this code's.
 
 Then ``--files`` real images hard-linked into a classify folder of drops (100 files each), their
 ``files_seen`` rows and predictions recorded as a finished night would: the planning of a no-op
@@ -180,8 +181,14 @@ def pages(url: str, n: int, folder: Path, baseline_tree: Path | None = None) -> 
     result["drops_page_s"] = timed(lambda: (count_drops(settings), list_drops(settings, limit=50)))
     result["every_drop_s"] = timed(lambda: list_drops(settings))
     big = filled["big_drop"]
-    result["queue_5000_cells_s"] = timed(lambda: review_queue(settings, big))
-    result["report_5000_cells_s"] = timed(lambda: differential_report(settings, big))
+    for round_ in (1, 2):  # the earlier code and this one in turns, on the same database
+        if baseline_tree is not None:
+            for key, seconds in queue_and_report_by(baseline_tree, url, big, folder).items():
+                result[f"{key}_baseline_round{round_}"] = seconds
+        result[f"queue_5000_cells_s_round{round_}"] = timed(lambda: review_queue(settings, big))
+        result[f"report_5000_cells_s_round{round_}"] = timed(lambda: differential_report(settings, big))
+    result["queue_5000_cells_s"] = result.pop("queue_5000_cells_s_round2")
+    result["report_5000_cells_s"] = result.pop("report_5000_cells_s_round2")
     # A review recounts its drop (5,000 cells here) in its own transaction.
     result["review_in_5000_cell_drop_s"] = timed(
         lambda: record_review(settings, f"{big}/cell-{1:08d}.jpg", "neutrophils", reviewer="tech")
@@ -189,6 +196,36 @@ def pages(url: str, n: int, folder: Path, baseline_tree: Path | None = None) -> 
     result.update(pages_while_a_night_commits(settings))
     result.update(export_through_the_cli(url, folder, baseline_tree))
     return result
+
+
+_TIMED_BY_ANOTHER_TREE = """
+import json, statistics, sys, time
+from pathlib import Path
+from tests.serving.conftest import base_settings
+from wbc_tasks.serving.report import differential_report
+from wbc_tasks.serving.review_queue import review_queue
+url, drop, folder = sys.argv[1:4]
+settings = base_settings(Path(folder)).with_overrides(predictions_db_url=url)
+def timed(fn):
+    fn()
+    times = []
+    for _ in range(5):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+print(json.dumps({"queue_5000_cells_s": timed(lambda: review_queue(settings, drop)),
+                  "report_5000_cells_s": timed(lambda: differential_report(settings, drop))}))
+"""
+
+
+def queue_and_report_by(tree: Path, url: str, drop: str, folder: Path) -> dict[str, float]:
+    """The queue and report of ``drop`` timed as :func:`timed` does by the code in ``tree`` (an
+    earlier checkout), in a child process importing from it, on the same database."""
+    python = str(REPO / ".venv" / "bin" / "python")
+    argv = [python, "-c", _TIMED_BY_ANOTHER_TREE, url, drop, str(folder / "baseline-home")]
+    out = subprocess.run(argv, cwd=tree, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def pages_while_a_night_commits(settings: Any, seconds: float = 15.0) -> dict[str, Any]:
@@ -354,7 +391,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--files", type=int, default=20_000)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--export-only", action="store_true", help="fill, then time the CLI export alone")
-    parser.add_argument("--baseline-tree", type=Path, help="a checkout of earlier code: its export timed beside")
+    parser.add_argument(
+        "--baseline-tree", type=Path, help="a checkout of earlier code: its export, queue and report timed beside"
+    )
     args = parser.parse_args(argv)
     import resource
 

@@ -3,9 +3,13 @@ known rows (SQLite and PostgreSQL)."""
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 
-from tests.serving.conftest import KNOWN_DROP, add_known_drop
+from tests.serving.conftest import KNOWN_DROP, add_known_drop, known_sha, make_prediction
+from wbc_tasks.core.vocabulary import CLASS_NAMES
+from wbc_tasks.serving import predictions as db
 from wbc_tasks.serving.drop_summaries import count_drops, drop_names, list_drops
 from wbc_tasks.serving.review_decisions import record_review
 from wbc_tasks.serving.review_queue import review_queue
@@ -31,6 +35,23 @@ def test_queue_lists_flagged_cells_and_every_suspected_blast_blasts_first_then_l
     assert queue[3]["reasons"] == ["low_confidence"]
     assert all(q["latest_review"] is None for q in queue)
     assert review_queue(db_settings, "no-such-drop") == []
+
+
+def test_a_cell_classified_again_is_queued_with_its_newest_prediction_and_that_ones_probabilities(db_settings):
+    add_known_drop(db_settings)
+    sha = known_sha(_path("n1.jpg"))  # confident (0.9, not queued) under version 1
+    later = db.utcnow() + timedelta(hours=1)
+    again = make_prediction(
+        sha, "2", best=CLASS_NAMES.index("eosinophils"), confidence=0.4, created_at=later, review=True
+    )
+    with db.open_engine(db_settings.predictions_db_url) as engine, engine.begin() as connection:
+        db.insert_ignore(connection, db.predictions, [again])
+
+    entry = next(q for q in review_queue(db_settings, KNOWN_DROP) if q["path"] == _path("n1.jpg"))
+
+    assert (entry["model_version"], entry["predicted_class"]) == ("2", "eosinophils")
+    assert entry["reasons"] == ["low_confidence"]
+    assert entry["top_classes"][0] == {"class": "eosinophils", "probability": pytest.approx(0.4)}
 
 
 def test_drops_list_counts_cells_flagged_and_reviewed(db_settings):

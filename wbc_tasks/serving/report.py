@@ -164,7 +164,7 @@ def differential_report(settings: Settings, drop: str, *, model_version: str | i
     predictions database: with ``model_version``, that version's predictions (files it did not
     classify count as pending), else each image's newest prediction. :class:`ReportError` when
     the database holds no file of ``drop``."""
-    cells = drop_cells(settings, drop, model_version=model_version)
+    cells = drop_cells(settings, drop, model_version=model_version, with_probabilities=False)
     if not cells:
         raise ReportError(f"drop {drop!r} has no files in the predictions database {_shown_url(settings)}")
     classified = [c for c in cells if c["status"] == "classified"]

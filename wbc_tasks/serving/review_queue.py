@@ -77,12 +77,21 @@ def _reviews_of(connection: Connection, hashes: Sequence[str] | None) -> dict[st
     return newest_by(rows, "sha256", "reviewed_at")
 
 
+#: A prediction's columns but its probabilities: what the report reads of every cell (it never
+#: shows them, so it need not fetch and decode each cell's JSON).
+_WITHOUT_PROBABILITIES = [c for c in predictions.columns if c.name != "probabilities"]
+
+
 def predictions_of(
-    connection: Connection, hashes: Sequence[str] | None, model_version: str | None
+    connection: Connection,
+    hashes: Sequence[str] | None,
+    model_version: str | None,
+    *,
+    with_probabilities: bool = True,
 ) -> dict[str, dict[str, Any]]:
     """sha256 -> the prediction a report or review uses: ``model_version``'s, else the newest
-    (of every image when ``hashes`` is None)."""
-    query = select(predictions)
+    (of every image when ``hashes`` is None); without ``probabilities`` unless asked."""
+    query = select(predictions) if with_probabilities else select(*_WITHOUT_PROBABILITIES)
     if model_version is not None:
         query = query.where(predictions.c.model_version == str(model_version))
     found: list[dict[str, Any]] = []
@@ -106,7 +115,9 @@ def _rejected(connection: Connection, paths: list[str] | None) -> dict[tuple[str
     return rejected
 
 
-def _cells(connection: Connection, drop: str | None, model_version: str | None) -> list[dict[str, Any]]:
+def _cells(
+    connection: Connection, drop: str | None, model_version: str | None, *, with_probabilities: bool = True
+) -> list[dict[str, Any]]:
     """One dict per file of ``drop`` (every drop when None) as it is now (a file that changed
     counts with its newest content): status ``classified``, ``rejected`` or ``pending``."""
     query = select(files_seen.c.path, files_seen.c.drop, files_seen.c.sha256, files_seen.c.seen_at, files_seen.c.id)
@@ -116,7 +127,7 @@ def _cells(connection: Connection, drop: str | None, model_version: str | None) 
     files = sorted(newest.values(), key=lambda f: f["path"])
     hashes = None if drop is None else [f["sha256"] for f in files]
     rejected = _rejected(connection, None if drop is None else [f["path"] for f in files])
-    chosen = predictions_of(connection, hashes, model_version)
+    chosen = predictions_of(connection, hashes, model_version, with_probabilities=with_probabilities)
     latest = _reviews_of(connection, hashes) if _reviews_table_exists(connection) else {}
     cells = []
     for f in files:
@@ -141,18 +152,28 @@ def _cells(connection: Connection, drop: str | None, model_version: str | None) 
     return cells
 
 
-def drop_cells(settings: Settings, drop: str | None, *, model_version: str | int | None = None) -> list[dict[str, Any]]:
+def drop_cells(
+    settings: Settings,
+    drop: str | None,
+    *,
+    model_version: str | int | None = None,
+    with_probabilities: bool = True,
+) -> list[dict[str, Any]]:
     """The files of ``drop`` (every drop when None) with status, prediction and latest review.
 
     Each dict: ``path`` (relative to the classify folder), ``drop``, ``sha256``, ``status``
     (``classified``, ``rejected``, ``pending``), ``rejection_reason``, ``prediction`` (the row of
-    ``model_version``, else the newest; None unless classified) and ``review`` (the latest
-    review of the image's content, or None).
+    ``model_version``, else the newest, its ``probabilities`` left out unless
+    ``with_probabilities``; None unless classified) and ``review`` (the latest review of the
+    image's content, or None).
     """
     version = None if model_version is None else str(model_version)
     with open_engine(settings.predictions_db_url) as engine:
         return read_with_retries(
-            settings, engine, lambda c: _cells(c, drop, version), what=f"reading the cells of drop {drop!r}"
+            settings,
+            engine,
+            lambda c: _cells(c, drop, version, with_probabilities=with_probabilities),
+            what=f"reading the cells of drop {drop!r}",
         )
 
 
