@@ -16,3 +16,12 @@ Layers, lowest first; a module imports only from its own layer or lower ones (th
     lab        the Airflow plugin: review pages, report pages, predictions over HTTP
     cli        the ``wbc`` command
 """
+
+import os
+
+# TensorFlow turns its oneDNN CPU kernels on by itself only on CPUs with AVX512 VNNI/BF16 or AMX.
+# Elsewhere (an AVX2 AMD EPYC here) they train the project's VGG16 1.4 times and predict 1.2 times
+# as fast (bench/bench_onednn.py, docs/benchmarks.md). TensorFlow reads the variable once, when it loads,
+# so it is set here, before any module of this package imports it; a value already set wins
+# (TF_ENABLE_ONEDNN_OPTS=0 turns the kernels off).
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")

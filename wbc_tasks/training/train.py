@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +60,8 @@ def _log_plan(
 ) -> None:
     """What this training will do, and the warnings its params and data call for."""
     log.info(
-        "training on %d images %s; validating on %d %s; %s px, weights=%s, phases %s, batch %d, policy %s, XLA %s (%s)",
+        "training on %d images %s; validating on %d %s; %s px, weights=%s, phases %s, batch %d, policy %s, "
+        "XLA %s (%s), TF_ENABLE_ONEDNN_OPTS=%s",
         len(train),
         train.class_counts(CLASS_NAMES),
         len(val),
@@ -71,6 +73,7 @@ def _log_plan(
         choice.policy,
         choice.xla,
         choice.reason,
+        os.environ.get("TF_ENABLE_ONEDNN_OPTS", "unset"),
     )
     if params.outlier_exposure:
         log.info(
