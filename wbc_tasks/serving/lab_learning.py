@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import distinct, func, select
 from sqlalchemy.engine import Connection
@@ -22,6 +22,9 @@ from sqlalchemy.engine import Connection
 from wbc_tasks.core.settings import Settings
 from wbc_tasks.serving.adaptation_requests import review_backlog
 from wbc_tasks.serving.predictions import adaptation_requests, open_engine, read_with_retries, reviews
+
+if TYPE_CHECKING:
+    from wbc_tasks.registry.versions import VersionRecord
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +73,7 @@ def _review_counts(connection: Connection, requests_shown: int) -> tuple[tuple[i
     return (int(counts[0]), int(counts[1]), int(counts[2])), [dict(r) for r in rows]
 
 
-def _version_entry(record: Any) -> dict[str, Any]:
+def _version_entry(record: VersionRecord) -> dict[str, Any]:
     """One version as the page lists it: when, aliases, its run, what it learned, its decision."""
     from wbc_tasks.registry.decision import recorded_decision
     from wbc_tasks.registry.tags import TAG_AIRFLOW_RUN_ID, TAG_INIT_FROM_VERSION, TAG_REVIEWED_IMAGES
