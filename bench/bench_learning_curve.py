@@ -2,7 +2,7 @@
 lab reviews, measured on `wbc-other-lab` cells that are never reviewed nor trained on.
 
     .venv/bin/python bench/bench_learning_curve.py --fold 1 --home /work/lc-f1 [--n 0 25 50 100 150]
-        [--order queue random] [--adapt NAME=VALUE ...] [--setting NAME=VALUE ...] [--scratch]
+        [--order queue random spanning] [--adapt NAME=VALUE ...] [--setting NAME=VALUE ...] [--scratch]
     .venv/bin/python bench/bench_learning_curve.py --summarise /work/lc-f1 /work/lc-f2 /work/lc-f3
     .venv/bin/python bench/bench_learning_curve.py --markdown /work/lc-f1 [...]     # the docs' tables
     .venv/bin/python bench/bench_learning_curve.py --fold 1 --home /work/lc-f1 --tune LABEL --n 50 [--adapt ...]
@@ -16,6 +16,8 @@ on); the other two are the lab's review pool. Per fold, in ``--home``:
    classifies the review pool (drop ``review-pool``) and the held-out fold (drop ``held-out``);
    the review orders are fixed from that night: ``queue`` (the champion's review queue, as the
    lab's page shows it) and ``random`` (seeded); the state is backed up (``wbc backup``);
+   ``spanning`` (farthest-first over the champion's features of the pool, see
+   bench_review_orders.py) is added to the fold the first time it is asked for;
 2. for each N and order, the state is restored, the first N cells of the order are reviewed with
    their true class through the product's own ``record_review`` (as the review page does, with a
    user name), an adaptation run trains from the champion (``init_from=champion``, the reviews
@@ -161,6 +163,17 @@ def prepare(home: Path, fold: int, base: dict[str, Any]) -> dict[str, Any]:
     }
     backup_embedded(settings, home / "base-backup")
     state.write_text(json.dumps(prepared, indent=1, default=str))
+    return prepared
+
+
+def with_spanning_order(home: Path, prepared: dict[str, Any]) -> dict[str, Any]:
+    """``prepared`` with the ``spanning`` order added and saved: farthest-first over the champion's
+    features of the pool (``kcentre-features`` of bench_review_orders.py, which chose it)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_review_orders import feature_order
+
+    prepared["orders"]["spanning"] = feature_order(home)
+    (home / "prepared.json").write_text(json.dumps(prepared, indent=1, default=str))
     return prepared
 
 
@@ -478,7 +491,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fold", type=int, choices=range(1, FOLDS + 1), help="the held-out fold (1-3)")
     parser.add_argument("--home", type=Path, help="this fold's folder (kept: the run resumes)")
     parser.add_argument("--n", type=int, nargs="+", default=[0, 25, 50, 100, 150])
-    parser.add_argument("--order", nargs="+", default=["queue", "random"], choices=["queue", "random"])
+    parser.add_argument("--order", nargs="+", default=["queue", "random"], choices=["queue", "random", "spanning"])
     parser.add_argument("--adapt", action="append", default=[], metavar="NAME=VALUE", help="adaptation param")
     parser.add_argument(
         "--setting",
@@ -520,6 +533,8 @@ def main(argv: list[str] | None = None) -> int:
     # The adapt profile (tuned with --tune on fold 1's review pool), then any --adapt overrides.
     adapt = {**PROFILES["adapt"], **(SMOKE if args.smoke else {}), **parse_params(args.adapt, training_param_specs())}
     prepared = prepare(args.home, args.fold - 1, base)
+    if "spanning" in args.order and "spanning" not in prepared["orders"]:
+        prepared = with_spanning_order(args.home, prepared)
     if args.tune:
         for n in args.n:
             print(tune(args.home, prepared, n, adapt, args.tune).read_text(), flush=True)

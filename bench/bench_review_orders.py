@@ -13,7 +13,12 @@ the least confident cell:
 - ``kcentre-rank``: the same over each class's log-probability ranked within the pool (spreads the
   near-uniform outputs outlier exposure gives a foreign stain);
 - ``by-predicted-class``: one cell per predicted class in turn, least confident first in each;
-- ``queue+random``: the queue and the random order interleaved.
+- ``queue+random``: the queue and the random order interleaved;
+- ``kcentre-features``: farthest-first over the champion's pooled top features (the layer the
+  unfamiliar score measures), in the metric of its fitted shared precision (Mahalanobis), which
+  the nightly run computes but does not store (added later: the probabilities did not separate
+  a foreign lab's cells);
+- ``kcentre-features-cosine``: the same features, cosine distance (L2-normalised rows).
 
 The rule, named before the first table: the order with the highest smallest-class count among the
 first 50 reviews, then among the first 100, is the one worth an adaptation run.
@@ -59,6 +64,30 @@ def interleaved(*orders: list[str]) -> list[str]:
     return out
 
 
+def champion_features(paths: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The champion's (version 1) pooled top features of the pool's images: as they are, and
+    whitened by its fitted shared precision (Euclidean distance is then its Mahalanobis one)."""
+    from wbc_tasks.core.settings import get_settings
+    from wbc_tasks.data.images import load_image
+    from wbc_tasks.registry.versions import load_keras_model, resolve_model
+    from wbc_tasks.serving.model import load_policy
+    from wbc_tasks.training.outputs import outputs_model, predict_all
+
+    settings = get_settings()
+    ref = resolve_model(settings, "1")
+    _, stats = load_policy(settings, ref)
+    images = np.stack(
+        [load_image(settings.classify_dir / p, ref.image_size, max_pixels=settings.max_image_pixels) for p in paths]
+    )
+    top = predict_all(outputs_model(load_keras_model(settings, ref)), images, 32)["top"]
+    return top, top @ np.linalg.cholesky(stats.precision_top)
+
+
+def feature_order(home: Path) -> list[str]:
+    """The pool in ``kcentre-features`` order."""
+    return candidate_orders(home)[0]["kcentre-features"]
+
+
 def candidate_orders(home: Path) -> tuple[dict[str, list[str]], dict[str, str]]:
     os.environ["WBC_HOME"] = str(home / "wbc")
     from wbc_tasks.core.settings import get_settings
@@ -84,6 +113,10 @@ def candidate_orders(home: Path) -> tuple[dict[str, list[str]], dict[str, str]]:
         "by-predicted-class": interleaved(*sorted(groups.values(), key=len, reverse=True)),
         "queue+random": interleaved(prepared["orders"]["queue"], prepared["orders"]["random"]),
     }
+    top, whitened = champion_features(paths)
+    unit = top / np.maximum(np.linalg.norm(top, axis=1, keepdims=True), 1e-12)
+    orders["kcentre-features"] = [paths[i] for i in kcentre(whitened, least)]
+    orders["kcentre-features-cosine"] = [paths[i] for i in kcentre(unit, least)]
     return orders, prepared["truth"]
 
 
