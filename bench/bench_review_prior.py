@@ -19,6 +19,9 @@ has ``U_c`` = 0.133 > 1/9). ``m_c`` is the model's own prior: SMOTE balances the
 (1/K each), and with a reviewed share ``s`` of each batch the model also saw the reviews' mix, so
 ``m_c = (1 - s) / K + s * n_c / N`` ("implicit"); "uniform" uses 1/K alone (stronger).
 
+Tuning runs (``<home>/tuning/``: the pool's first half reviewed, its second half measured) are
+rows too, ordered ``tuning <label>``: a rule is to be decided on them, never on the held-out fold.
+
 The review threshold of each version comes from the result (``held_out.trust``, recorded since this
 bench was written) or, for older results, from the ``trust.json`` files in ``--trust-dir`` whose
 threshold agrees with the stored ``low_confidence`` flags.
@@ -36,7 +39,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_learning_curve import MEASURED, wilson  # noqa: E402
+from bench_learning_curve import MEASURED, tuning_halves, wilson  # noqa: E402
 
 BLASTS = "blasts"
 RULES = ("as served", "implicit", "uniform")
@@ -77,7 +80,7 @@ def _threshold(result: dict[str, Any], trust_files: list[Path]) -> float:
 def evaluate(result: dict[str, Any], prepared: dict[str, Any], threshold: float, rule: str) -> dict[str, Any]:
     """The held-out fold's figures after the rule's weights."""
     held = result["held_out"]
-    reviewed = prepared["orders"][result["order"]][: result["n"]]
+    reviewed = result.get("reviewed") or prepared["orders"][result["order"]][: result["n"]]
     counts = Counter(prepared["truth"][p] for p in reviewed)
     classes = sorted(next(iter(held["probabilities"].values())))
     share = float(result.get("params", {}).get("reviewed_share", 0.0))
@@ -108,13 +111,28 @@ def evaluate(result: dict[str, Any], prepared: dict[str, Any], threshold: float,
     }
 
 
+def _tuning_as_result(path: Path, prepared: dict[str, Any]) -> dict[str, Any]:
+    """A tuning run (the pool's first half reviewed in queue order, its second half measured) in
+    the shape of a learning-curve result: where a rule is decided without the held-out fold."""
+    tuned = json.loads(path.read_text())
+    return {
+        "fold": prepared["fold"],
+        "n": tuned["n"],
+        "order": f"tuning {tuned['label']}",
+        "reviewed": tuning_halves(prepared)[0][: tuned["n"]],
+        "params": tuned["adapt"],
+        "held_out": tuned["measured"],
+    }
+
+
 def collect(homes: list[Path], trust_dir: Path | None) -> list[dict[str, Any]]:
     trust_files = sorted(trust_dir.glob("*")) if trust_dir else []
     rows = []
     for home in homes:
         prepared = json.loads((home / "prepared.json").read_text())
-        for path in sorted((home / "results").glob("adapt-*.json")):
-            result = json.loads(path.read_text())
+        runs = [(p, json.loads(p.read_text())) for p in sorted((home / "results").glob("adapt-*.json"))]
+        runs += [(p, _tuning_as_result(p, prepared)) for p in sorted((home / "tuning").glob("*.json"))]
+        for path, result in runs:
             if result["n"] == 0 or "probabilities" not in result["held_out"]:
                 continue
             threshold = _threshold(result, trust_files)
