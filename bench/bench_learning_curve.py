@@ -64,6 +64,8 @@ SMOKE = {
 }
 #: The ``--setting`` values of this invocation, recorded in each result.
 SETTINGS: dict[str, str] = {}
+#: The params the tuning table shows.
+TUNED = ("epochs_finetune", "learning_rate_finetune", "reviewed_share", "reviewed_balance", "outlier_exposure")
 STEPS = ("split", "preprocess", "augment", "balance", "train", "calibrate", "evaluate", "export", "register", "promote")
 
 
@@ -424,11 +426,7 @@ def markdown(homes: list[Path]) -> str:
         for path in sorted((home / "tuning").glob("*.json")):
             r = json.loads(path.read_text())
             m, c, g = r["measured"], r["champion_on_measured"], r["guard"]
-            changed = {
-                k: v
-                for k, v in r["adapt"].items()
-                if k in ("epochs_finetune", "learning_rate_finetune", "reviewed_share", "reviewed_balance")
-            }
+            changed = {k: v for k, v in r["adapt"].items() if k in TUNED}
             lines.append(
                 f"| {r['label']} (N={r['n']}) | {changed} "
                 f"| {m['balanced_accuracy']:.3f} (champion {c['balanced_accuracy']:.3f}) "
