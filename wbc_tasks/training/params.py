@@ -181,9 +181,7 @@ TRAINING_PARAM_SPECS: dict[str, dict[str, Any]] = {
         "unlike the training labs' is met with doubt rather than with the class whose lab it resembles. 0: off. "
         "The extra rows cost the same share of training time. The cpu profile uses 0.25 (measured over three seeds: "
         "a third lab's cells called blasts 2.9 % against 17.3 %, at a mean confidence of 0.31 against 0.84-0.97, "
-        "with the same balanced accuracy on the training labs); not yet measured when fine-tuning ImageNet weights. "
-        "The adapt profile uses 0: learning a lab's reviews, it would go on teaching that the lab's own stain "
-        "deserves doubt (on one review pool 0.712 balanced accuracy against 0.602 with 0.25).",
+        "with the same balanced accuracy on the training labs); not yet measured when fine-tuning ImageNet weights.",
     },
     "unfreeze_layers": {
         "default": 4,
