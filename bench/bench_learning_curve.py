@@ -65,7 +65,14 @@ SMOKE = {
 #: The ``--setting`` values of this invocation, recorded in each result.
 SETTINGS: dict[str, str] = {}
 #: The params the tuning table shows.
-TUNED = ("epochs_finetune", "learning_rate_finetune", "reviewed_share", "reviewed_balance", "outlier_exposure")
+TUNED = (
+    "epochs_finetune",
+    "batch_size",
+    "learning_rate_finetune",
+    "reviewed_share",
+    "reviewed_balance",
+    "outlier_exposure",
+)
 STEPS = ("split", "preprocess", "augment", "balance", "train", "calibrate", "evaluate", "export", "register", "promote")
 
 
@@ -92,18 +99,21 @@ def _environment(home: Path, data_dir: Path) -> None:
     )
 
 
-def _train(run_id: str, params: dict[str, Any]) -> tuple[dict, float]:
+def _train(run_id: str, params: dict[str, Any]) -> tuple[dict, float, dict[str, float]]:
+    """Run the training DAG's steps in order: their markers, the total seconds and each step's."""
     from wbc_tasks.core.settings import get_settings
     from wbc_tasks.core.workdir import read_marker
     from wbc_tasks.pipelines import training as steps
 
     started = time.perf_counter()
+    step_seconds = {}
     for step in STEPS:
+        step_started = time.perf_counter()
         getattr(steps, f"{step}_step")(run_id, params)
+        step_seconds[step] = round(time.perf_counter() - step_started, 1)
     run = get_settings().run_dir(run_id)
-    return {
-        step: read_marker(run / step) for step in ("evaluate", "register", "promote")
-    }, time.perf_counter() - started
+    markers = {step: read_marker(run / step) for step in ("evaluate", "register", "promote")}
+    return markers, time.perf_counter() - started, step_seconds
 
 
 def _smoke_data(home: Path) -> Path:
@@ -145,7 +155,7 @@ def prepare(home: Path, fold: int, base: dict[str, Any]) -> dict[str, Any]:
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(image, target)
         truth[f"{drop}/{name}"] = image.parent.name
-    steps, seconds = _train("champion", base)
+    steps, seconds, step_seconds = _train("champion", base)
     classify_new_images(settings)
     queue = [cell["path"] for cell in review_queue(settings, POOL)]
     pool = sorted(p for p in truth if p.startswith(f"{POOL}/"))
@@ -157,6 +167,7 @@ def prepare(home: Path, fold: int, base: dict[str, Any]) -> dict[str, Any]:
         "params": base,
         "champion": steps,
         "champion_seconds": round(seconds, 1),
+        "champion_step_seconds": step_seconds,
         "truth": truth,
         "orders": {
             "queue": queue + unqueued,
@@ -265,7 +276,7 @@ def tune(home: Path, prepared: dict[str, Any], n: int, adapt: dict[str, Any], la
     for path in queue[:n]:
         record_review(settings, path, prepared["truth"][path], reviewer=REVIEWER)
     params = {**prepared["params"], **adapt}
-    steps, seconds = _train(f"tune-{label}-{n}", params)
+    steps, seconds, step_seconds = _train(f"tune-{label}-{n}", params)
     version = str(steps["register"]["version"])
     classify_new_images(settings, model=version, drop=POOL, reclassify=True)
     result = {
@@ -274,6 +285,7 @@ def tune(home: Path, prepared: dict[str, Any], n: int, adapt: dict[str, Any], la
         "adapt": adapt,
         "settings": dict(SETTINGS),
         "seconds": round(seconds, 1),
+        "step_seconds": step_seconds,
         "measured": held_out_figures(version, prepared["truth"], POOL, measured),
         "champion_on_measured": held_out_figures("1", prepared["truth"], POOL, measured),
         "candidate_test": steps["evaluate"]["metrics"],
@@ -310,11 +322,12 @@ def variant(home: Path, prepared: dict[str, Any], n: int, order: str, adapt: dic
         params = {**prepared["params"], **adapt}
         if scratch:  # what starting from the champion buys: the champion's own recipe, the same reviews
             params = {**prepared["params"], "include_reviewed": True, "reviewed_share": adapt["reviewed_share"]}
-        steps, seconds = _train(name, params)
+        steps, seconds, step_seconds = _train(name, params)
         version = str(steps["register"]["version"])
         # Already seen by the champion's night: classified again, by this version.
         classify_new_images(settings, model=version, drop=HELD_OUT, reclassify=True)
-        result.update(params=params, seconds=round(seconds, 1), version=version, promotion=steps["promote"])
+        result.update(params=params, seconds=round(seconds, 1), step_seconds=step_seconds, version=version)
+        result["promotion"] = steps["promote"]
         result["held_out"] = held_out_figures(version, prepared["truth"])
         result["candidate_test"] = steps["evaluate"]["metrics"]
     out.parent.mkdir(parents=True, exist_ok=True)
