@@ -8,7 +8,7 @@ import numpy as np
 from tests.demo_stores import build_demo_stores
 from wbc_tasks.core.vocabulary import CLASS_NAMES
 from wbc_tasks.data.store import open_store
-from wbc_tasks.training.input import EpochClock, make_dataset
+from wbc_tasks.training.input import EpochClock, batch_rows, make_dataset
 
 
 def test_dataset_batches_one_hot_and_reshuffles_per_epoch(tmp_path):
@@ -91,6 +91,25 @@ def test_reviewed_rows_get_their_guaranteed_share_of_every_batch_as_fresh_augmen
             assert not any(np.array_equal(image, store.images[r]) for r in reviewed)  # augmented, not copied
             repeats.append(image.tobytes())
     assert len(set(repeats)) == len(repeats)  # every repeat differs
+
+
+def test_a_batch_with_reviewed_rows_and_outlier_exposure_has_the_rows_batch_rows_says(tmp_path):
+    """The training log states each batch's make-up from ``batch_rows``: reviewed rows first make
+    their share, then outlier copies are drawn from the whole batch, reviewed rows included."""
+    stores = build_demo_stores(tmp_path, splits={"train": 2}, size=32, render_size=48)
+    store = open_store(stores["train"])
+    n = len(CLASS_NAMES)
+    reviewed = np.flatnonzero(store.labels == 4)
+    both = make_dataset(
+        store, 8, n, shuffle=True, seed=3, outlier_share=0.25, guaranteed_rows=reviewed, guaranteed_share=0.5
+    )
+    assert batch_rows(8, 0.5, 0.25) == (8, 4) and batch_rows(2, 0.5, 0.25) == (2, 1)
+    assert batch_rows(8, 0.0, 0.0) == (0, 0) and batch_rows(8, 0.25, 0.0) == (3, 0)
+    sizes, outliers = [], []
+    for x, y in both:
+        sizes.append(len(x))
+        outliers.append(int(np.isclose(y.numpy(), 1 / n).all(1).sum()))
+    assert sizes == [8 + 8 + 4, 8 + 8 + 4, 2 + 2 + 1] and outliers == [4, 4, 1]
 
 
 def test_the_reviewed_share_can_be_drawn_class_balanced(tmp_path):

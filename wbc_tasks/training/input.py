@@ -24,6 +24,14 @@ def reviewed_rows(store: ImageStore) -> np.ndarray:
     return np.flatnonzero(store.records["source"].to_numpy() == SOURCE_REVIEW).astype(np.int64)
 
 
+def batch_rows(labelled: int, reviewed_share: float, outlier_share: float) -> tuple[int, int]:
+    """The reviewed and outlier-exposure rows a batch of ``labelled`` rows gets added: reviewed ones
+    to make ``reviewed_share`` of the batch, then outlier copies of ``outlier_share`` of it all."""
+    reviewed = math.ceil(reviewed_share * labelled / (1 - reviewed_share)) if reviewed_share > 0 else 0
+    outliers = math.ceil(outlier_share * (labelled + reviewed)) if outlier_share > 0 else 0
+    return reviewed, outliers
+
+
 class EpochClock:
     """The epoch the input pipeline is producing; set by the monitor at each epoch start.
 
@@ -88,7 +96,7 @@ def make_dataset(
             index = order[start : start + batch_size].astype(np.int64)
             extra = np.empty(0, np.int64)
             if share > 0:
-                count = math.ceil(share * len(index) / (1 - share))
+                count, _ = batch_rows(len(index), share, 0.0)
                 extra = np.random.default_rng([seed, epoch, number, 3]).choice(guaranteed, count, p=draw_weights)
             yield np.int64(epoch), np.int64(number), index, extra
 
@@ -109,7 +117,7 @@ def make_dataset(
         batch_labels = labels[index]
         if outlier_share > 0:
             rng = np.random.default_rng([seed, int(epoch), int(number), 2])
-            picks = rng.choice(len(index), math.ceil(outlier_share * len(index)), replace=False)
+            picks = rng.choice(len(index), batch_rows(len(index), 0.0, outlier_share)[1], replace=False)
             batch = np.concatenate([batch, stain_outliers(batch[picks], rng)])
             batch_labels = np.concatenate([batch_labels, np.full(len(picks), _OUTLIER, np.int32)])
         return batch, batch_labels
