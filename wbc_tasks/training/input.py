@@ -4,12 +4,15 @@ the same batches."""
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
 
 from wbc_tasks.data.store import ImageStore, release_pages
 from wbc_tasks.data.transforms import augment_image, stain_outliers
+
+log = logging.getLogger(__name__)
 
 #: The label of an outlier row inside ``read``: its target is uniform over the classes.
 _OUTLIER = -1
@@ -30,6 +33,27 @@ def batch_rows(labelled: int, reviewed_share: float, outlier_share: float) -> tu
     reviewed = math.ceil(reviewed_share * labelled / (1 - reviewed_share)) if reviewed_share > 0 else 0
     outliers = math.ceil(outlier_share * (labelled + reviewed)) if outlier_share > 0 else 0
     return reviewed, outliers
+
+
+def _log_batch_makeup(batch_size: int, reviewed_share: float, outlier_share: float) -> None:
+    """Say what each training batch holds beyond its own rows (nothing when it holds nothing more)."""
+    reviewed, outliers = batch_rows(batch_size, reviewed_share, outlier_share)
+    if reviewed or outliers:
+        log.info(
+            "each batch of %d rows gets %d reviewed rows added, then %d copies of its rows in a foreign stain "
+            "with uniform targets (outlier exposure)",
+            batch_size,
+            reviewed,
+            outliers,
+        )
+
+
+def _class_balanced_weights(labels: np.ndarray) -> np.ndarray:
+    """Draw probabilities that give each class of ``labels`` the same total."""
+    classes, per_class = np.unique(labels, return_counts=True)
+    counts = dict(zip(classes.tolist(), per_class.tolist(), strict=True))
+    weights = np.array([1.0 / counts[int(c)] for c in labels])
+    return weights / weights.sum()
 
 
 class EpochClock:
@@ -82,12 +106,8 @@ def make_dataset(
 
     guaranteed = np.asarray(guaranteed_rows if guaranteed_rows is not None else [], dtype=np.int64)
     share = guaranteed_share if len(guaranteed) else 0.0
-    draw_weights = None
-    if guaranteed_balanced and len(guaranteed):
-        classes, per_class = np.unique(labels[guaranteed], return_counts=True)
-        counts = dict(zip(classes.tolist(), per_class.tolist(), strict=True))
-        draw_weights = np.array([1.0 / counts[int(c)] for c in labels[guaranteed]])
-        draw_weights /= draw_weights.sum()
+    _log_batch_makeup(batch_size, share, outlier_share)
+    draw_weights = _class_balanced_weights(labels[guaranteed]) if guaranteed_balanced and len(guaranteed) else None
 
     def index_batches():
         epoch = clock.epoch

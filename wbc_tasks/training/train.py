@@ -19,7 +19,7 @@ from wbc_tasks.core.settings import Settings
 from wbc_tasks.core.vocabulary import CLASS_NAMES
 from wbc_tasks.data.store import ImageStore, open_store
 from wbc_tasks.training.checkpoints import HISTORY_COLUMNS, Checkpoints, checkpoint_fingerprint, epoch_monitor_class
-from wbc_tasks.training.input import EpochClock, batch_rows, make_dataset, reviewed_rows
+from wbc_tasks.training.input import EpochClock, make_dataset, reviewed_rows
 from wbc_tasks.training.model import build_model, float32_copy, set_trainable, start_from_weights
 from wbc_tasks.training.params import LearningRateSchedule, TrainingParams, WeightAveraging, Weights
 from wbc_tasks.training.precision import PrecisionChoice, choose_precision, compile_model
@@ -74,16 +74,6 @@ def _log_plan(
         choice.reason,
         os.environ.get("TF_ENABLE_ONEDNN_OPTS", "unset"),
     )
-    reviewed_share = params.reviewed_share if len(reviewed_rows(train)) else 0.0
-    reviewed, outliers = batch_rows(params.batch_size, reviewed_share, params.outlier_exposure)
-    if reviewed:
-        log.info("each batch of %d labelled rows gets %d reviewed rows added", params.batch_size, reviewed)
-    if outliers:
-        log.info(
-            "outlier exposure: %d copies in a foreign stain, with uniform targets, added to each batch of %d",
-            outliers,
-            params.batch_size + reviewed,
-        )
     if not len(val):
         log.warning("validation store %s is empty: early stopping watches the training loss", val_store)
     if params.weights == Weights.NONE and params.learning_rate_finetune < SCRATCH_LR_HINT:
