@@ -2,7 +2,7 @@
 lab reviews, measured on `wbc-other-lab` cells that are never reviewed nor trained on.
 
     .venv/bin/python bench/bench_learning_curve.py --fold 1 --home /work/lc-f1 [--n 0 25 50 100 150]
-        [--order queue random spanning] [--adapt NAME=VALUE ...] [--setting NAME=VALUE ...] [--scratch]
+        [--order queue random spanning interleaved] [--adapt NAME=VALUE ...] [--setting NAME=VALUE ...] [--scratch]
     .venv/bin/python bench/bench_learning_curve.py --summarise /work/lc-f1 /work/lc-f2 /work/lc-f3
     .venv/bin/python bench/bench_learning_curve.py --markdown /work/lc-f1 [...]     # the docs' tables
     .venv/bin/python bench/bench_learning_curve.py --fold 1 --home /work/lc-f1 --tune LABEL --n 50 [--adapt ...]
@@ -17,7 +17,8 @@ on); the other two are the lab's review pool. Per fold, in ``--home``:
    the review orders are fixed from that night: ``queue`` (the champion's review queue, as the
    lab's page shows it) and ``random`` (seeded); the state is backed up (``wbc backup``);
    ``spanning`` (farthest-first over the champion's features of the pool, see
-   bench_review_orders.py) is added to the fold the first time it is asked for;
+   bench_review_orders.py) and ``interleaved`` (the queue and the random order taken in turn) are
+   added to the fold the first time they are asked for;
 2. for each N and order, the state is restored, the first N cells of the order are reviewed with
    their true class through the product's own ``record_review`` (as the review page does, with a
    user name), an adaptation run trains from the champion (``init_from=champion``, the reviews
@@ -52,6 +53,8 @@ FOLDS = 3
 #: The held-out classes with enough images to measure (basophils: 1 image in the whole set).
 MEASURED = ("eosinophils", "lymphocytes", "monocytes", "neutrophils")
 REVIEWER = "bench-lab"
+#: Orders fixed from the champion's night, and orders derived from them when first asked for.
+BASE_ORDERS, DERIVED_ORDERS = ("queue", "random"), ("spanning", "interleaved")
 SMOKE = {
     "image_size": 32,
     "epochs_finetune": 1,
@@ -179,13 +182,15 @@ def prepare(home: Path, fold: int, base: dict[str, Any]) -> dict[str, Any]:
     return prepared
 
 
-def with_spanning_order(home: Path, prepared: dict[str, Any]) -> dict[str, Any]:
-    """``prepared`` with the ``spanning`` order added and saved: farthest-first over the champion's
-    features of the pool (``kcentre-features`` of bench_review_orders.py, which chose it)."""
+def with_derived_order(home: Path, prepared: dict[str, Any], order: str) -> dict[str, Any]:
+    """``prepared`` with a derived order added and saved: ``spanning``, farthest-first over the
+    champion's features of the pool (``kcentre-features`` of bench_review_orders.py, which chose
+    it), or ``interleaved``, the queue and the random order in turn (its ``queue+random``)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_review_orders import feature_order
+    from bench_review_orders import feature_order, interleaved
 
-    prepared["orders"]["spanning"] = feature_order(home)
+    orders = prepared["orders"]
+    orders[order] = feature_order(home) if order == "spanning" else interleaved(orders["queue"], orders["random"])
     (home / "prepared.json").write_text(json.dumps(prepared, indent=1, default=str))
     return prepared
 
@@ -502,7 +507,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fold", type=int, choices=range(1, FOLDS + 1), help="the held-out fold (1-3)")
     parser.add_argument("--home", type=Path, help="this fold's folder (kept: the run resumes)")
     parser.add_argument("--n", type=int, nargs="+", default=[0, 25, 50, 100, 150])
-    parser.add_argument("--order", nargs="+", default=["queue", "random"], choices=["queue", "random", "spanning"])
+    parser.add_argument("--order", nargs="+", default=["queue", "random"], choices=[*BASE_ORDERS, *DERIVED_ORDERS])
     parser.add_argument("--adapt", action="append", default=[], metavar="NAME=VALUE", help="adaptation param")
     parser.add_argument(
         "--setting",
@@ -544,8 +549,8 @@ def main(argv: list[str] | None = None) -> int:
     # The adapt profile (tuned with --tune on fold 1's review pool), then any --adapt overrides.
     adapt = {**PROFILES["adapt"], **(SMOKE if args.smoke else {}), **parse_params(args.adapt, training_param_specs())}
     prepared = prepare(args.home, args.fold - 1, base)
-    if "spanning" in args.order and "spanning" not in prepared["orders"]:
-        prepared = with_spanning_order(args.home, prepared)
+    for order in set(args.order) & set(DERIVED_ORDERS) - set(prepared["orders"]):
+        prepared = with_derived_order(args.home, prepared, order)
     if args.tune:
         for n in args.n:
             print(tune(args.home, prepared, n, adapt, args.tune).read_text(), flush=True)
