@@ -25,6 +25,9 @@ on); the other two are the lab's review pool. Per fold, in ``--home``:
    included, ``--adapt`` params over the `cpu` profile), and the held-out fold is classified by the
    nightly code with the new version (whether it was promoted or not; the promotion is recorded).
 
+One file over 400 lines on purpose: it is one benchmark's whole protocol (folds, champion, orders,
+reviews, adaptation, figures, tables), read top to bottom next to docs/benchmarks.md.
+
 Results: one JSON per (N, order) in ``<home>/results/``; ``--summarise`` pools the folds with Wilson
 95 % intervals. Resumable: finished steps and results are kept and skipped.
 """
