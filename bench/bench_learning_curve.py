@@ -190,10 +190,12 @@ def with_derived_order(home: Path, prepared: dict[str, Any], order: str) -> dict
     champion's features of the pool (``kcentre-features`` of bench_review_orders.py, which chose
     it), or ``interleaved``, the queue and the random order in turn (its ``queue+random``)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_review_orders import feature_order, interleaved
+    from bench_review_orders import feature_order
+
+    from wbc_tasks.serving.review_orders import interleave
 
     orders = prepared["orders"]
-    orders[order] = feature_order(home) if order == "spanning" else interleaved(orders["queue"], orders["random"])
+    orders[order] = feature_order(home) if order == "spanning" else interleave(orders["queue"], orders["random"])
     (home / "prepared.json").write_text(json.dumps(prepared, indent=1, default=str))
     return prepared
 

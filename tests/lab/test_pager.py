@@ -12,6 +12,9 @@ def test_the_pager_knows_its_neighbours_and_the_last_page_is_short():
     assert middle["previous_url"] == "/lab/drops?page=1" and middle["next_url"] == "/lab/drops?page=3"
     last = _pager("/lab/drops", 3, 120, 50)
     assert (last["first"], last["last"], last["next_url"]) == (100, 120, None)
+    ordered = _pager("/lab/drops/d/review", 2, 250, 100, {"order": "onboarding"})
+    assert ordered["previous_url"] == "/lab/drops/d/review?order=onboarding&page=1"
+    assert ordered["next_url"] == "/lab/drops/d/review?order=onboarding&page=3"
     alone = _pager("/lab/drops", 1, 0, 50)
     assert (alone["pages"], alone["previous_url"], alone["next_url"]) == (1, None, None)
 
