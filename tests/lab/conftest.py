@@ -22,6 +22,15 @@ DROP = "2026-11-24"
 #: element with an event handler (a canary rather than ``alert``, so a test can read it).
 HOSTILE_DROP = 'evil"><svg onload=window.__pwned=1>'
 USERS = {"admin": "admin", "tech": "user", "viewer": "viewer"}
+#: The navigation links every page renders, for tests that render a template without a server.
+PAGE_LINKS = {
+    "drops": "/lab/drops",
+    "learning": "/lab/learning",
+    "csv": "c",
+    "json": "j",
+    "parquet": "p",
+    "api_docs": "a",
+}
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 

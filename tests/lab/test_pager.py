@@ -3,6 +3,7 @@ page shows (a year of drops or a 50,000-cell queue is never one page)."""
 
 from __future__ import annotations
 
+from tests.lab.conftest import PAGE_LINKS
 from wbc_tasks.lab.pages import DROPS_PER_PAGE, _pager, render
 
 
@@ -26,14 +27,7 @@ def test_the_drops_page_says_which_drops_it_shows_and_links_both_ways():
         "drops",
         title="Drops",
         heading="Drops",
-        links={
-            "drops": "/lab/drops",
-            "learning": "/lab/learning",
-            "csv": "c",
-            "json": "j",
-            "parquet": "p",
-            "api_docs": "a",
-        },
+        links=PAGE_LINKS,
         user="tech",
         can_review=False,
         drop=None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.lab.conftest import PAGE_LINKS
 from wbc_tasks.lab.pages import render
 
 URLS = {"urgent": "/lab/drops/d/review", "onboarding": "/lab/drops/d/review?order=onboarding"}
@@ -14,16 +15,7 @@ def _page(order: str, unfamiliar: int, cells: int = 10) -> str:
     return render(
         "review",
         title="Review d",
-        links={
-            "drops": "/lab/drops",
-            "learning": "/lab/learning",
-            "review": "/lab/drops/d/review",
-            "report": "/lab/drops/d/report",
-            "csv": "c",
-            "json": "j",
-            "parquet": "p",
-            "api_docs": "a",
-        },
+        links={**PAGE_LINKS, "review": "/lab/drops/d/review", "report": "/lab/drops/d/report"},
         user="tech",
         can_review=True,
         drop="d",
