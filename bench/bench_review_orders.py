@@ -36,7 +36,6 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from wbc_tasks.serving.review_orders import interleave  # noqa: E402 - after the repository is on the path
 
 POOL = "review-pool"
 MEASURED = ("eosinophils", "lymphocytes", "monocytes", "neutrophils")
@@ -51,6 +50,18 @@ def kcentre(points: np.ndarray, first: int) -> list[int]:
         chosen.append(pick)
         nearest = np.minimum(nearest, np.linalg.norm(points - points[pick], axis=1))
     return chosen
+
+
+def interleaved(*orders: list[str]) -> list[str]:
+    out: list[str] = []
+    sources = [list(o) for o in orders]
+    while any(sources):
+        for source in sources:
+            while source and source[0] in out:
+                source.pop(0)
+            if source:
+                out.append(source.pop(0))
+    return out
 
 
 def champion_features(paths: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -99,8 +110,8 @@ def candidate_orders(home: Path) -> tuple[dict[str, list[str]], dict[str, str]]:
         "random": prepared["orders"]["random"],
         "kcentre-hellinger": [paths[i] for i in kcentre(np.sqrt(probs), least)],
         "kcentre-rank": [paths[i] for i in kcentre(ranks, least)],
-        "by-predicted-class": interleave(*sorted(groups.values(), key=len, reverse=True)),
-        "queue+random": interleave(prepared["orders"]["queue"], prepared["orders"]["random"]),
+        "by-predicted-class": interleaved(*sorted(groups.values(), key=len, reverse=True)),
+        "queue+random": interleaved(prepared["orders"]["queue"], prepared["orders"]["random"]),
     }
     top, whitened = champion_features(paths)
     unit = top / np.maximum(np.linalg.norm(top, axis=1, keepdims=True), 1e-12)

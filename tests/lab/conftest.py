@@ -15,22 +15,13 @@ import pytest
 
 from tests.cli.test_embedded_commands import WBC, Started, answers, http_json, plain_shell_env
 from tests.conftest import free_port, skip_unless_required
-from tests.serving.conftest import KNOWN_DROP, THRESHOLD, add_known_drop, base_settings, copy_drop, register_tiny_model
+from tests.serving.conftest import THRESHOLD, base_settings, copy_drop, register_tiny_model
 
 DROP = "2026-11-24"
 #: The stored XSS of issue 28 as found: a drop folder whose name closes an attribute and adds an
 #: element with an event handler (a canary rather than ``alert``, so a test can read it).
 HOSTILE_DROP = 'evil"><svg onload=window.__pwned=1>'
 USERS = {"admin": "admin", "tech": "user", "viewer": "viewer"}
-#: The navigation links every page renders, for tests that render a template without a server.
-PAGE_LINKS = {
-    "drops": "/lab/drops",
-    "learning": "/lab/learning",
-    "csv": "c",
-    "json": "j",
-    "parquet": "p",
-    "api_docs": "a",
-}
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 
@@ -84,18 +75,6 @@ def lab(tmp_path_factory) -> Lab:
         yield Lab(f"http://localhost:{port}", settings, passwords, ui, folder)
     finally:
         ui.kill_all()
-
-
-@pytest.fixture
-def known_drop(lab: Lab) -> str:
-    """The serving tests' known drop added to the lab's database (rows only: its thumbnails do not
-    load). The tiny model calls every real cell a blast, so the real drop's queue is all suspected
-    blasts, which every order puts first; this one has two blasts and three other flagged cells."""
-    from wbc_tasks.serving.drop_summaries import drop_names
-
-    if KNOWN_DROP not in drop_names(lab.settings):
-        add_known_drop(lab.settings)
-    return KNOWN_DROP
 
 
 def lab_url(lab: Lab, route: str, **params: object) -> str:

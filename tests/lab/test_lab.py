@@ -21,10 +21,8 @@ import pytest
 from PIL import Image
 
 from tests.lab.conftest import DROP, HOSTILE_DROP, lab_url
-from wbc_tasks.lab.pages import QUEUE_PER_PAGE
 from wbc_tasks.serving.export import PredictionFilter
 from wbc_tasks.serving.export_stream import export_predictions
-from wbc_tasks.serving.review_orders import ReviewOrder
 from wbc_tasks.serving.review_queue import latest_reviews, review_queue
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -370,60 +368,6 @@ def test_drops_and_queues_come_in_pages_and_unpaged_callers_get_everything_as_be
     status, _, body = fetch(lab_url(lab, f"/drops/{DROP}/review?page=1"), token=token)
     assert status == 200 and f"{len(queue)} cells to review".encode() in body
     assert fetch(lab_url(lab, "/drops?page=0"), token=token)[0] == 422
-
-
-def test_the_queue_comes_in_onboarding_order_over_http_and_on_the_page_and_an_unknown_order_is_refused(lab, known_drop):
-    """Issue 30, item 5: ``order=onboarding`` gives the serving layer's onboarding order as JSON and
-    as the page's cells; the page links back to the urgent order."""
-    token = lab.token("viewer")
-    onboarding = [c["path"] for c in review_queue(lab.settings, known_drop, ReviewOrder.ONBOARDING)]
-    assert onboarding != [c["path"] for c in review_queue(lab.settings, known_drop)]
-
-    status, _, body = fetch(lab_url(lab, f"/api/drops/{known_drop}/queue", order="onboarding"), token=token)
-    assert status == 200 and [c["path"] for c in json.loads(body)] == onboarding
-    status, _, body = fetch(lab_url(lab, f"/drops/{known_drop}/review", order="onboarding"), token=token)
-    assert status == 200 and b"(onboarding order)" in body
-    assert re.findall(r'data-path="([^"]+)"', body.decode()) == onboarding[:QUEUE_PER_PAGE]
-    assert f'id="order-switch" href="{lab.url}/lab/drops/{known_drop}/review"'.encode() in body
-    assert fetch(lab_url(lab, f"/api/drops/{known_drop}/queue", order="sideways"), token=token)[0] == 422
-
-
-def test_a_technologist_switches_to_the_onboarding_order_reviews_and_finds_the_same_order_again(
-    lab, browser, tmp_path, known_drop
-):
-    """Issue 30, item 5, in a real browser: the link switches the order, a decision is saved in it,
-    and the page reloaded shows the same cells in the same order with the decision marked."""
-    from selenium.webdriver.common.action_chains import ActionChains
-    from selenium.webdriver.common.by import By
-
-    shots = tmp_path / "screenshots"
-    shots.mkdir()
-    log_in(browser, lab, "tech", f"/drops/{known_drop}/review", shots, "onboarding")
-    wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "section.cell"), "the queue's cells")
-    browser.find_element(By.ID, "order-switch").click()
-    wait_for(lambda: "order=onboarding" in browser.current_url, "the onboarding order's page")
-
-    def shown() -> list[str]:
-        return [c.get_attribute("data-path") for c in browser.find_elements(By.CSS_SELECTOR, "section.cell")]
-
-    expected = [c["path"] for c in review_queue(lab.settings, known_drop, ReviewOrder.ONBOARDING)][:QUEUE_PER_PAGE]
-    assert wait_for(lambda: shown() == expected, "the cells in onboarding order")
-    current = browser.find_element(By.CSS_SELECTOR, "section.cell.current").get_attribute("data-path")
-    ActionChains(browser).send_keys("4").perform()  # 4 = eosinophils
-    wait_for(
-        lambda: (
-            "done"
-            in browser.find_element(By.CSS_SELECTOR, f'section.cell[data-path="{current}"]').get_attribute("class")
-        ),
-        "the decided cell marked reviewed",
-    )
-    browser.save_screenshot(str(shots / "onboarding-after.png"))
-    browser.refresh()
-    assert wait_for(lambda: shown() == expected, "the same order after a reload")
-    again = browser.find_element(By.CSS_SELECTOR, f'section.cell[data-path="{current}"]')
-    assert "done" in again.get_attribute("class")
-    latest = {r["path"]: r for r in latest_reviews(lab.settings)}
-    assert (latest[current]["label"], latest[current]["reviewer"]) == ("eosinophils", "tech")
 
 
 def test_the_learning_page_shows_the_reviews_the_trigger_and_the_versions_from_the_registry(lab):

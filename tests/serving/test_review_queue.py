@@ -12,7 +12,6 @@ from wbc_tasks.core.vocabulary import CLASS_NAMES
 from wbc_tasks.serving import predictions as db
 from wbc_tasks.serving.drop_summaries import count_drops, drop_names, list_drops
 from wbc_tasks.serving.review_decisions import record_review
-from wbc_tasks.serving.review_orders import ReviewOrder
 from wbc_tasks.serving.review_queue import review_queue
 
 
@@ -36,18 +35,6 @@ def test_queue_lists_flagged_cells_and_every_suspected_blast_blasts_first_then_l
     assert queue[3]["reasons"] == ["low_confidence"]
     assert all(q["latest_review"] is None for q in queue)
     assert review_queue(db_settings, "no-such-drop") == []
-
-
-def test_the_onboarding_order_reads_the_same_cells_blasts_first_then_least_confident_and_random_in_turn(db_settings):
-    add_known_drop(db_settings)
-    urgent = review_queue(db_settings, KNOWN_DROP)
-    onboarding = review_queue(db_settings, KNOWN_DROP, ReviewOrder.ONBOARDING)
-
-    rest = [_path(n) for n in ("o1.jpg", "n4.jpg")]  # after the blasts and the least confident (l2)
-    drawn = min(rest, key=lambda p: known_sha(p))
-    expected = [_path("o2.jpg"), _path("x1.jpg"), _path("l2.jpg"), drawn, *(p for p in rest if p != drawn)]
-    assert [q["path"] for q in onboarding] == expected != [q["path"] for q in urgent]
-    assert sorted(map(str, onboarding)) == sorted(map(str, urgent))  # the same entries, only reordered
 
 
 def test_a_cell_classified_again_is_queued_with_its_newest_prediction_and_that_ones_probabilities(db_settings):

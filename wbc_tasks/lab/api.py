@@ -20,7 +20,6 @@ from wbc_tasks.core.vocabulary import REVIEW_REASONS
 from wbc_tasks.lab import auth
 from wbc_tasks.lab.auth import Reader, same_origin_json
 from wbc_tasks.serving.review_decisions import REVIEW_LABELS
-from wbc_tasks.serving.review_orders import ReviewOrder
 
 THUMBNAIL_SIDES = (128, 256, 512)
 _FORMATS: dict[str, str] = {
@@ -71,13 +70,6 @@ Limit = Annotated[
     int | None, Query(ge=1, le=10_000, description="At most this many (default: all; the total is in X-Total-Count)")
 ]
 Offset = Annotated[int, Query(ge=0, description="Skip this many first")]
-QueueOrder = Annotated[
-    ReviewOrder,
-    Query(
-        description="urgent: suspected blasts first, then the least confident; onboarding (a lab the model has "
-        "not learned yet): suspected blasts first, then the least confident and a random cell in turn"
-    ),
-]
 
 
 @router.get("/api/drops", summary="The drops with their counts, newest first (paged with limit and offset)")
@@ -94,12 +86,10 @@ def drops_api(response: Response, who: Reader, limit: Limit = None, offset: Offs
 
 
 @router.get("/api/drops/{drop}/queue", summary="A drop's review queue (paged with limit and offset)")
-def queue_api(
-    drop: str, who: Reader, limit: Limit = None, offset: Offset = 0, order: QueueOrder = ReviewOrder.URGENT
-) -> JSONResponse:
+def queue_api(drop: str, who: Reader, limit: Limit = None, offset: Offset = 0) -> JSONResponse:
     from wbc_tasks.serving.review_queue import review_queue
 
-    queue = review_queue(get_settings(), drop, order)
+    queue = review_queue(get_settings(), drop)
     page = queue[offset : None if limit is None else offset + limit]
     return JSONResponse(jsonable_encoder(page), headers={"X-Total-Count": str(len(queue))})
 

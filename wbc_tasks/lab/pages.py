@@ -16,13 +16,11 @@ from sqlalchemy import select
 
 from wbc_tasks.core.html import render_template
 from wbc_tasks.core.settings import get_settings
-from wbc_tasks.core.vocabulary import CLASS_NAMES, ReviewReason
+from wbc_tasks.core.vocabulary import CLASS_NAMES
 from wbc_tasks.lab import auth
 from wbc_tasks.lab.auth import LabUser, PageReader
 from wbc_tasks.lab.security import csp_nonce
-from wbc_tasks.serving.report import MOSTLY_UNFAMILIAR_PERCENT
 from wbc_tasks.serving.review_decisions import UNUSABLE
-from wbc_tasks.serving.review_orders import ReviewOrder
 
 #: Keyboard shortcuts: 1-9 the nine classes in the project's order, 0 or u unusable.
 SHORTCUTS: dict[str, str] = {str(i + 1): name for i, name in enumerate(CLASS_NAMES)}
@@ -89,20 +87,18 @@ def _page(
     return HTMLResponse(html, headers={"Cache-Control": "no-store"})
 
 
-def _pager(url: str, page: int, total: int, per_page: int, params: dict[str, str] | None = None) -> dict[str, Any]:
-    """Where page ``page`` of ``total`` items lies, and the links to its neighbours (with
-    ``params``, e.g. the queue's order, kept)."""
+def _pager(url: str, page: int, total: int, per_page: int) -> dict[str, Any]:
+    """Where page ``page`` of ``total`` items lies, and the links to its neighbours."""
     pages = max(1, -(-total // per_page))
     first = (page - 1) * per_page
-    kept = params or {}
     return {
         "page": page,
         "pages": pages,
         "first": first,
         "last": min(first + per_page, total),
         "total": total,
-        "previous_url": f"{url}?{urlencode({**kept, 'page': page - 1})}" if page > 1 else None,
-        "next_url": f"{url}?{urlencode({**kept, 'page': page + 1})}" if page < pages else None,
+        "previous_url": f"{url}?{urlencode({'page': page - 1})}" if page > 1 else None,
+        "next_url": f"{url}?{urlencode({'page': page + 1})}" if page < pages else None,
     }
 
 
@@ -164,24 +160,12 @@ def run_page(request: Request, run_id: str, who: PageReader) -> HTMLResponse:
 
 
 @router.get("/drops/{drop}/review", response_class=HTMLResponse, name="review_page", summary="Review queue (HTML)")
-def review_page(
-    request: Request,
-    drop: str,
-    who: PageReader,
-    page: Annotated[int, Query(ge=1)] = 1,
-    order: ReviewOrder = ReviewOrder.URGENT,
-) -> HTMLResponse:
-    from wbc_tasks.serving.drop_summaries import drop_counts
+def review_page(request: Request, drop: str, who: PageReader, page: Annotated[int, Query(ge=1)] = 1) -> HTMLResponse:
     from wbc_tasks.serving.review_queue import review_queue
 
-    settings = get_settings()
-    whole = review_queue(settings, drop, order)
-    url = drop_url(request, "review_page", drop)
-    kept = {} if order is ReviewOrder.URGENT else {"order": order.value}
-    pager = _pager(url, page, len(whole), QUEUE_PER_PAGE, kept)
+    whole = review_queue(get_settings(), drop)
+    pager = _pager(drop_url(request, "review_page", drop), page, len(whole), QUEUE_PER_PAGE)
     queue = whole[pager["first"] : pager["last"]]
-    cells = sum(c["cells"] for c in drop_counts(settings, [drop]))
-    unfamiliar = sum(ReviewReason.UNFAMILIAR.value in c["reasons"] for c in whole)
     image = str(request.url_for("thumbnail"))
     for cell in queue:
         cell["name"] = cell["path"].rsplit("/", 1)[-1]
@@ -194,13 +178,6 @@ def review_page(
         drop,
         queue=queue,
         queued=len(whole),
-        order=order.value,
-        order_urls={
-            o.value: url if o is ReviewOrder.URGENT else f"{url}?{urlencode({'order': o.value})}" for o in ReviewOrder
-        },
-        unfamiliar=unfamiliar,
-        cells=cells,
-        mostly_unfamiliar=bool(cells) and 100 * unfamiliar / cells > MOSTLY_UNFAMILIAR_PERCENT,
         pager=pager,
         reviewed=sum(1 for c in whole if c["latest_review"]),
         labels=_review_labels(),

@@ -7,8 +7,8 @@ Modules, lowest first: ``predictions`` (tables, migrations, writes) and ``querie
 look-ups); ``export`` (the predictions table as CSV, Parquet or JSON) and ``export_stream`` (the
 same, streamed); ``model`` (which version a run uses); ``scan`` (what lies in the classify
 folder); ``archive``; ``infer`` (decode and predict); ``commit`` (rows, the chunk task); ``plan``
-(what is new, chunk files); ``review_orders`` (the queue's orders: urgent, onboarding);
-``review_queue`` (what people review: a drop's cells, the queue, the drops), ``review_decisions`` (recording a decision), ``review_export`` (reviewed images as files)
+(what is new, chunk files); ``review_queue`` (what people review: a drop's cells, the queue, the
+drops), ``review_decisions`` (recording a decision), ``review_export`` (reviewed images as files)
 and ``report`` (the differential of a drop, its HTML from ``templates/report.html``); ``drift``
 (a drop against the training labs); ``summary``; ``nightly`` (one run in one process) and
 ``single`` (``wbc classify``). The DAG's tasks are ``model.resolve_run_model``,

@@ -30,7 +30,6 @@ from wbc_tasks.serving.predictions import (
     reviews,
 )
 from wbc_tasks.serving.queries import as_utc, in_batches
-from wbc_tasks.serving.review_orders import ReviewOrder, in_order
 
 
 def reasons_of(prediction: dict[str, Any]) -> list[str]:
@@ -211,11 +210,9 @@ def _queue_entry(cell: dict[str, Any], blast: bool) -> dict[str, Any]:
     }
 
 
-def review_queue(settings: Settings, drop: str, order: ReviewOrder = ReviewOrder.URGENT) -> list[dict[str, Any]]:
+def review_queue(settings: Settings, drop: str) -> list[dict[str, Any]]:
     """The cells of ``drop`` to review: flagged ones and every suspected blast (a blast is an
-    emergency even when the model is sure), suspected blasts first, then lowest confidence; in
-    ``onboarding`` order the least confident and a random cell in turn after the blasts
-    (:mod:`wbc_tasks.serving.review_orders`).
+    emergency even when the model is sure), suspected blasts first, then lowest confidence.
 
     Each dict: ``path``, ``drop``, ``sha256``, ``predicted_class``, ``confidence``,
     ``top_classes`` (three ``{class, probability}``), ``reasons``, ``blast_suspected``,
@@ -230,7 +227,7 @@ def review_queue(settings: Settings, drop: str, order: ReviewOrder = ReviewOrder
         if prediction["needs_review"] or blast:
             queue.append(_queue_entry(cell, blast))
     queue.sort(key=lambda q: (not q["blast_suspected"], q["confidence"], q["path"]))
-    return in_order(queue, order)
+    return queue
 
 
 def latest_reviews(settings: Settings, *, drop: str | None = None) -> list[dict[str, Any]]:
