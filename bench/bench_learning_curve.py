@@ -2,7 +2,8 @@
 lab reviews, measured on `wbc-other-lab` cells that are never reviewed nor trained on.
 
     .venv/bin/python bench/bench_learning_curve.py --fold 1 --home /work/lc-f1 [--n 0 25 50 100 150]
-        [--order queue random spanning interleaved] [--adapt NAME=VALUE ...] [--setting NAME=VALUE ...] [--scratch]
+        [--order queue random spanning interleaved onboarding] [--adapt NAME=VALUE ...]
+        [--setting NAME=VALUE ...] [--scratch]
     .venv/bin/python bench/bench_learning_curve.py --summarise /work/lc-f1 /work/lc-f2 /work/lc-f3
     .venv/bin/python bench/bench_learning_curve.py --markdown /work/lc-f1 [...]     # the docs' tables
     .venv/bin/python bench/bench_learning_curve.py --fold 1 --home /work/lc-f1 --tune LABEL --n 50 [--adapt ...]
@@ -17,8 +18,9 @@ on); the other two are the lab's review pool. Per fold, in ``--home``:
    the review orders are fixed from that night: ``queue`` (the champion's review queue, as the
    lab's page shows it) and ``random`` (seeded); the state is backed up (``wbc backup``);
    ``spanning`` (farthest-first over the champion's features of the pool, see
-   bench_review_orders.py) and ``interleaved`` (the queue and the random order taken in turn) are
-   added to the fold the first time they are asked for;
+   bench_review_orders.py), ``interleaved`` (the queue and the random order taken in turn) and
+   ``onboarding`` (blasts first, then the queue and a content-hash draw in turn) are added to the
+   fold the first time they are asked for;
 2. for each N and order, the state is restored, the first N cells of the order are reviewed with
    their true class through the product's own ``record_review`` (as the review page does, with a
    user name), an adaptation run trains from the champion (``init_from=champion``, the reviews
@@ -57,7 +59,7 @@ FOLDS = 3
 MEASURED = ("eosinophils", "lymphocytes", "monocytes", "neutrophils")
 REVIEWER = "bench-lab"
 #: Orders fixed from the champion's night, and orders derived from them when first asked for.
-BASE_ORDERS, DERIVED_ORDERS = ("queue", "random"), ("spanning", "interleaved")
+BASE_ORDERS, DERIVED_ORDERS = ("queue", "random"), ("spanning", "interleaved", "onboarding")
 SMOKE = {
     "image_size": 32,
     "epochs_finetune": 1,
@@ -188,12 +190,26 @@ def prepare(home: Path, fold: int, base: dict[str, Any]) -> dict[str, Any]:
 def with_derived_order(home: Path, prepared: dict[str, Any], order: str) -> dict[str, Any]:
     """``prepared`` with a derived order added and saved: ``spanning``, farthest-first over the
     champion's features of the pool (``kcentre-features`` of bench_review_orders.py, which chose
-    it), or ``interleaved``, the queue and the random order in turn (its ``queue+random``)."""
+    it); ``interleaved``, the queue and the random order in turn (its ``queue+random``); or
+    ``onboarding``, the order the review page would have offered (measured, not kept): the pool's
+    queue as the champion's night left it, suspected blasts first, then the rest of the queue and
+    a draw of it by content hash in turn, then the cells it did not flag."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_review_orders import feature_order, interleaved
 
+    from wbc_tasks.serving.review_queue import review_queue
+
     orders = prepared["orders"]
-    orders[order] = feature_order(home) if order == "spanning" else interleaved(orders["queue"], orders["random"])
+    if order == "spanning":
+        orders[order] = feature_order(home)
+    elif order == "interleaved":
+        orders[order] = interleaved(orders["queue"], orders["random"])
+    else:
+        queue = review_queue(_restored_base(home), POOL)
+        rest = [c for c in queue if not c["blast_suspected"]]
+        drawn = [c["path"] for c in sorted(rest, key=lambda c: (c["sha256"], c["path"]))]
+        queued = [c["path"] for c in queue if c["blast_suspected"]] + interleaved([c["path"] for c in rest], drawn)
+        orders[order] = queued + [p for p in orders["queue"] if p not in set(queued)]
     (home / "prepared.json").write_text(json.dumps(prepared, indent=1, default=str))
     return prepared
 
