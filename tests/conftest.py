@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import faulthandler
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -37,6 +39,26 @@ def airflow_db() -> Path:
 #: CI sets this: a missing prerequisite (real images, PostgreSQL, root) then fails the test
 #: instead of skipping it, so a green CI cannot hide a silently skipped half of the suite.
 REQUIRE_ALL = os.environ.get("WBC_TESTS_REQUIRE_ALL", "") == "1"
+
+
+@pytest.fixture(autouse=True)
+def faults_stay_fatal():
+    """Airflow's DAG-file import sets a Python SIGSEGV handler and leaves it. A Python handler
+    returns to the faulting instruction, so a crash later in this process (or a worker forked
+    from it) would spin at full CPU instead of failing; the handler is put back after each test."""
+    before = signal.getsignal(signal.SIGSEGV)
+    yield
+    if signal.getsignal(signal.SIGSEGV) is before:
+        return
+    if before is not None:
+        signal.signal(signal.SIGSEGV, before)
+        return
+    # Set outside Python (pytest's faulthandler, or the default): the default, then the
+    # traceback dump again where pytest had it on.
+    signal.signal(signal.SIGSEGV, signal.SIG_DFL)
+    if faulthandler.is_enabled():
+        faulthandler.disable()
+        faulthandler.enable(file=sys.__stderr__)
 
 
 def skip_unless_required(reason: str) -> NoReturn:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import time
 
 import billiard
 import pytest
 
-from wbc_tasks.core.parallel import parallel_map
+from wbc_tasks.core.parallel import FATAL_SIGNALS, parallel_map
 
 
 def _square(x: int) -> int:
@@ -19,6 +20,11 @@ def _square(x: int) -> int:
 def _pid_of(_: int) -> int:
     time.sleep(0.005)  # as long as an image's decoding: both workers get items
     return os.getpid()
+
+
+def _fault_handlers(_: int) -> list[object]:
+    time.sleep(0.005)
+    return [signal.getsignal(fault) for fault in FATAL_SIGNALS]
 
 
 def _fails_on_seven(x: int) -> int:
@@ -51,6 +57,20 @@ def test_results_come_back_in_order_over_worker_processes() -> None:
     assert list(parallel_map(_square, range(40), workers=2, chunksize=2)) == [x * x for x in range(40)]
     used = list(parallel_map(_pid_of, range(64), workers=2, chunksize=1))
     assert len(set(used)) == 2 and os.getpid() not in used
+
+
+def test_workers_die_on_a_fault_even_where_the_caller_set_a_python_handler_for_it() -> None:
+    """Airflow's DAG-file import leaves a Python SIGSEGV handler in the process; inherited by a
+    worker, it would turn a crash into an endless loop."""
+    before = {fault: signal.getsignal(fault) for fault in FATAL_SIGNALS}
+    try:
+        for fault in FATAL_SIGNALS:
+            signal.signal(fault, lambda *_: None)
+        handlers = list(parallel_map(_fault_handlers, range(8), workers=2, chunksize=1))
+    finally:
+        for fault, handler in before.items():
+            signal.signal(fault, handler)
+    assert handlers == [[signal.SIG_DFL] * len(FATAL_SIGNALS)] * 8
 
 
 def test_a_worker_s_error_reaches_the_caller_as_raised() -> None:
