@@ -9,8 +9,9 @@ import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import numpy as np
 import pytest
@@ -41,6 +42,16 @@ def airflow_db() -> Path:
 REQUIRE_ALL = os.environ.get("WBC_TESTS_REQUIRE_ALL", "") == "1"
 
 
+def put_back_fault_handlers(before: Mapping[int, Any]) -> None:
+    """Each signal's handler as ``signal.getsignal`` gave it before (the default where it gave
+    None), then pytest's traceback dump (faulthandler) installed over them again where it is on."""
+    for fault, handler in before.items():
+        signal.signal(fault, signal.SIG_DFL if handler is None else handler)
+    if faulthandler.is_enabled() and sys.__stderr__ is not None:
+        faulthandler.disable()
+        faulthandler.enable(file=sys.__stderr__)
+
+
 @pytest.fixture(autouse=True)
 def faults_stay_fatal():
     """Airflow's DAG-file import sets a Python SIGSEGV handler and leaves it. A Python handler
@@ -48,17 +59,8 @@ def faults_stay_fatal():
     from it) would spin at full CPU instead of failing; the handler is put back after each test."""
     before = signal.getsignal(signal.SIGSEGV)
     yield
-    if signal.getsignal(signal.SIGSEGV) is before:
-        return
-    if before is not None:
-        signal.signal(signal.SIGSEGV, before)
-        return
-    # Set outside Python (pytest's faulthandler, or the default): the default, then the
-    # traceback dump again where pytest had it on.
-    signal.signal(signal.SIGSEGV, signal.SIG_DFL)
-    if faulthandler.is_enabled():
-        faulthandler.disable()
-        faulthandler.enable(file=sys.__stderr__)
+    if signal.getsignal(signal.SIGSEGV) is not before:
+        put_back_fault_handlers({signal.SIGSEGV: before})
 
 
 def skip_unless_required(reason: str) -> NoReturn:

@@ -6,10 +6,12 @@ import multiprocessing
 import os
 import signal
 import time
+from typing import Any
 
 import billiard
 import pytest
 
+from tests.conftest import put_back_fault_handlers
 from wbc_tasks.core.parallel import FATAL_SIGNALS, parallel_map
 
 
@@ -62,14 +64,13 @@ def test_results_come_back_in_order_over_worker_processes() -> None:
 def test_workers_die_on_a_fault_even_where_the_caller_set_a_python_handler_for_it() -> None:
     """Airflow's DAG-file import leaves a Python SIGSEGV handler in the process; inherited by a
     worker, it would turn a crash into an endless loop."""
-    before = {fault: signal.getsignal(fault) for fault in FATAL_SIGNALS}
+    before: dict[int, Any] = {fault: signal.getsignal(fault) for fault in FATAL_SIGNALS}
     try:
         for fault in FATAL_SIGNALS:
             signal.signal(fault, lambda *_: None)
         handlers = list(parallel_map(_fault_handlers, range(8), workers=2, chunksize=1))
     finally:
-        for fault, handler in before.items():
-            signal.signal(fault, handler)
+        put_back_fault_handlers(before)
     assert handlers == [[signal.SIG_DFL] * len(FATAL_SIGNALS)] * 8
 
 
