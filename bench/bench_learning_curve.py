@@ -209,7 +209,8 @@ def with_derived_order(home: Path, prepared: dict[str, Any], order: str) -> dict
         rest = [c for c in queue if not c["blast_suspected"]]
         drawn = [c["path"] for c in sorted(rest, key=lambda c: (c["sha256"], c["path"]))]
         queued = [c["path"] for c in queue if c["blast_suspected"]] + interleaved([c["path"] for c in rest], drawn)
-        orders[order] = queued + [p for p in orders["queue"] if p not in set(queued)]
+        seen = set(queued)
+        orders[order] = queued + [p for p in orders["queue"] if p not in seen]
     (home / "prepared.json").write_text(json.dumps(prepared, indent=1, default=str))
     return prepared
 
