@@ -7,8 +7,8 @@ recorded it (task start-up included, the same for both).
   in an ordinary process, so ``parallel_map`` uses worker processes;
 - ``stack``: ``stack/start`` (CeleryExecutor, Redis, PostgreSQL, MLflow server, a ``cpu`` and a
   ``gpu`` worker), the processes the compose stack runs in its containers: a task runs under a
-  Celery prefork worker, a daemonic process, where ``parallel_map`` uses billiard's worker
-  processes (threads before 7ea082e).
+  Celery prefork worker, a daemonic process, where ``parallel_map`` uses worker processes too
+  (threads before 7ea082e, billiard's pool until e4a3e0f).
 
 The rest of the run is kept small (one epoch, no ImageNet weights): only the data steps are timed.
 Rounds alternate between the two. Needs PostgreSQL and Redis on localhost, as the system tests do.

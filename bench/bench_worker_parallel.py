@@ -1,11 +1,13 @@
 """The split checks, preprocess and augment steps inside a Celery worker's task (issue 31): the
 stack's prefork pool runs each task in a daemonic process, where ``multiprocessing`` may not start
-children, so ``core.parallel.parallel_map`` ran these steps serially there, then on threads; now it
-uses billiard's pool, whose worker processes a daemonic process may start. Timed side by side on
-the same data, in one script, rounds interleaved:
+children, so ``core.parallel.parallel_map`` ran these steps serially there, then on threads, then
+on billiard's pool; now on the standard library's pool, with the daemonic mark lifted while it
+starts its workers. Timed side by side on the same data, in one script, rounds interleaved:
 
 - ``embedded``: the step in an ordinary process (worker processes), as the embedded default runs it;
 - ``daemonic``: the same call in a daemonic billiard process (what a Celery prefork task is), now;
+- ``daemonic-billiard``: the same with billiard's pool (``billiard_map`` below, as ``parallel_map``
+  was from 7ea082e to e4a3e0f), the baseline for the change away from it;
 - ``daemonic-serial``: the same in a daemonic process with one worker: what it was at first.
 
     .venv/bin/python bench/bench_worker_parallel.py [--data ../shared/data/wbc-bench/WBC] [--size 64]
@@ -25,8 +27,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import billiard
 
@@ -34,8 +37,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 DATA = REPO.parent / "shared" / "data" / "wbc-bench" / "WBC"
-MODES = {"embedded": (False, 0), "daemonic": (True, 0), "daemonic-serial": (True, 1)}
+MODES = {"embedded": (False, 0), "daemonic": (True, 0), "daemonic-billiard": (True, 0), "daemonic-serial": (True, 1)}
 STEPS = ("split", "preprocess", "augment")
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def _steps(data: Path, work: Path, size: int, workers: int) -> dict[str, float]:
@@ -62,7 +67,22 @@ def _steps(data: Path, work: Path, size: int, workers: int) -> dict[str, float]:
     return seconds
 
 
-def _child(queue: Any, data: str, work: str, size: int, workers: int) -> None:
+def billiard_map(fn: Callable[[T], R], items: Iterable[T], *, workers: int, chunksize: int = 8) -> Iterator[R]:
+    """``parallel_map`` as it was on billiard's pool (minus its fault-handler initializer)."""
+    items = list(items)
+    if workers <= 1 or len(items) < 2 * chunksize:
+        yield from map(fn, items)
+        return
+    with billiard.get_context("fork").Pool(processes=workers) as pool:
+        yield from pool.imap(fn, items, chunksize=chunksize)
+
+
+def _child(queue: Any, data: str, work: str, size: int, workers: int, baseline: bool) -> None:
+    if baseline:  # this process only: a fresh fork per round
+        from wbc_tasks.data import augment, dataset, preprocess
+
+        for module in (augment, dataset, preprocess):
+            module.parallel_map = billiard_map  # type: ignore[assignment]
     try:
         queue.put(_steps(Path(data), Path(work), size, workers))
     except Exception as exc:  # noqa: BLE001 - reported to the parent
@@ -75,7 +95,8 @@ def run_mode(mode: str, data: Path, size: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         context = billiard.get_context("fork")  # Celery's: its daemonic processes are the workers' own
         queue = context.Queue()
-        process = context.Process(target=_child, args=(queue, str(data), tmp, size, workers), daemon=daemonic)
+        args = (queue, str(data), tmp, size, workers, mode == "daemonic-billiard")
+        process = context.Process(target=_child, args=args, daemon=daemonic)
         process.start()
         result = queue.get(timeout=3600)
         process.join(timeout=60)
