@@ -66,7 +66,9 @@ def _slow_pid(_: int) -> int:
 
 def _report_workers_then_wait(queue) -> None:
     results = parallel_map(_slow_pid, range(400), workers=2, chunksize=1)
-    pids = {next(results) for _ in range(12)}
+    pids: set[int] = set()
+    while len(pids) < 2:  # both workers busy (on a loaded machine one may start late)
+        pids.add(next(results))
     queue.put(sorted(pids))
     time.sleep(600)  # killed by the test while its workers are busy
 
@@ -146,8 +148,9 @@ def test_workers_die_with_a_killed_caller() -> None:
     queue = context.Queue()
     caller = context.Process(target=_report_workers_then_wait, args=(queue,))
     caller.start()
-    workers = queue.get(timeout=60)
+    workers: list[int] = []
     try:
+        workers = queue.get(timeout=60)
         assert len(workers) == 2 and all(_running(pid) for pid in workers)
         os.kill(caller.pid, signal.SIGKILL)
         caller.join(timeout=10)
@@ -155,10 +158,11 @@ def test_workers_die_with_a_killed_caller() -> None:
         while any(_running(pid) for pid in workers) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not any(_running(pid) for pid in workers)
-    finally:  # orphans left by a failure would hold pytest's output pipe open
-        for pid in workers:
+    finally:  # a caller or orphans left by a failure would keep pytest waiting
+        for pid in (caller.pid, *workers):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        caller.join(timeout=10)
 
 
 def _running(pid: int) -> bool:
