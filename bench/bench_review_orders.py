@@ -53,14 +53,19 @@ def kcentre(points: np.ndarray, first: int) -> list[int]:
 
 
 def interleaved(*orders: list[str]) -> list[str]:
+    """Each order's next item not yet taken, the orders in turn, until all are used up: every
+    item once, in the first place any order reaches it."""
     out: list[str] = []
-    sources = [list(o) for o in orders]
-    while any(sources):
-        for source in sources:
-            while source and source[0] in out:
-                source.pop(0)
-            if source:
-                out.append(source.pop(0))
+    taken: set[str] = set()
+    sources = [iter(o) for o in orders]
+    while sources:
+        for source in list(sources):
+            item = next((i for i in source if i not in taken), None)
+            if item is None:
+                sources.remove(source)
+            else:
+                out.append(item)
+                taken.add(item)
     return out
 
 
